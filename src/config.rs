@@ -1,0 +1,424 @@
+//! The command line and the config file, resolved into one checked `Config`.
+//!
+//! The flags and the TOML file share one struct (`ServeArgs`), so they have the
+//! same keys by construction: `--dedup-window-secs` on the command line is
+//! `dedup_window_secs` in the file. A flag wins over the file, and the file
+//! wins over the defaults in `limits.rs`. Every value is range-checked here, at
+//! start, so nothing later has to wonder whether a bound holds.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::limits;
+use crate::placement::{parse_core_list, PlacementMode};
+
+/// shardgate: thread-per-core intake of game action events into Redis,
+/// each event stored exactly once and acked only after the write.
+#[derive(Debug, Parser)]
+#[command(name = "shardgate", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server: one shard per listed core, until SIGTERM or SIGINT.
+    Serve(ServeArgs),
+}
+
+/// Every setting of `serve`. All are optional here so that a flag can be told
+/// apart from a value in the config file; defaults are applied in `resolve`.
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeArgs {
+    /// Cores to run one shard each on: a list and/or ranges, e.g. `0,1` or `0-3`. [required]
+    #[arg(long, value_name = "LIST")]
+    pub cores: Option<String>,
+
+    /// UDP address every shard binds with SO_REUSEPORT. Port 0 picks one free port for all. [required]
+    #[arg(long, value_name = "ADDR")]
+    pub udp: Option<SocketAddr>,
+
+    /// TCP address every shard listens on with SO_REUSEPORT; may equal --udp. [required]
+    #[arg(long, value_name = "ADDR")]
+    pub tcp: Option<SocketAddr>,
+
+    /// Redis to store events in, e.g. `redis://127.0.0.1:6379`. [required]
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+
+    /// TOML file with these same keys in snake_case; flags win over it.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// `pinned`: each shard fixed to its core. `fenced`: shards may move within the listed cores. [default: pinned]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub placement: Option<PlacementMode>,
+
+    /// Prefix of every Redis key. [default: sg]
+    #[arg(long, value_name = "PREFIX")]
+    pub prefix: Option<String>,
+
+    /// Streams per prefix; an event goes to `player_id % partitions`. [default: 16]
+    #[arg(long, value_name = "N")]
+    pub partitions: Option<u32>,
+
+    /// How long Redis remembers an event id (the marker's TTL). [default: 600]
+    #[arg(long, value_name = "SECS")]
+    pub dedup_window_secs: Option<u64>,
+
+    /// Event ids each shard's dedup cache holds before it evicts. [default: 1048576]
+    #[arg(long, value_name = "N")]
+    pub dedup_capacity: Option<usize>,
+
+    /// Serve Prometheus metrics on this address. [not supported yet]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
+    /// Write HDR latency histograms here on shutdown (more files beside it). [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub hdr_out: Option<PathBuf>,
+
+    /// File holding the secret that signs players' frames. [not supported yet]
+    #[arg(long, value_name = "FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+
+    /// Most events in one Redis script call. [default: 256]
+    #[arg(long, value_name = "N")]
+    pub batch_events_max: Option<usize>,
+
+    /// Longest time an open batch waits for more events. [default: 200]
+    #[arg(long, value_name = "MICROS")]
+    pub batch_linger_us: Option<u64>,
+
+    /// Script calls each shard keeps in flight; past it, frames get RETRY. [default: 8]
+    #[arg(long, value_name = "N")]
+    pub batches_in_flight_max: Option<usize>,
+
+    /// Timeout of one Redis script call; its events then get RETRY. [default: 1000]
+    #[arg(long, value_name = "MILLIS")]
+    pub redis_timeout_ms: Option<u64>,
+
+    /// On SIGTERM/SIGINT, how long to wait for in-flight writes. [default: 5000]
+    #[arg(long, value_name = "MILLIS")]
+    pub drain_timeout_ms: Option<u64>,
+
+    /// TCP connections each shard accepts at once; more are closed at accept. [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub tcp_connections_per_shard: Option<usize>,
+}
+
+/// The resolved, range-checked settings a server runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub cores: Vec<usize>,
+    pub placement: PlacementMode,
+    pub udp: SocketAddr,
+    pub tcp: SocketAddr,
+    pub redis_url: String,
+    pub prefix: String,
+    pub partitions: u32,
+    pub dedup_window_secs: u64,
+    pub dedup_capacity: usize,
+    pub hdr_out: Option<PathBuf>,
+    pub batch_events_max: usize,
+    pub batch_linger_us: u64,
+    pub batches_in_flight_max: usize,
+    pub redis_timeout_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub tcp_connections_per_shard: usize,
+}
+
+/// Why the settings cannot run. The message names the setting and the rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    pub(crate) fn new(message: impl Into<String>) -> ConfigError {
+        ConfigError(message.into())
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ServeArgs {
+    /// Fills every setting the flags left unset from `file`.
+    pub fn or(self, file: ServeArgs) -> ServeArgs {
+        ServeArgs {
+            cores: self.cores.or(file.cores),
+            udp: self.udp.or(file.udp),
+            tcp: self.tcp.or(file.tcp),
+            redis: self.redis.or(file.redis),
+            config: self.config,
+            placement: self.placement.or(file.placement),
+            prefix: self.prefix.or(file.prefix),
+            partitions: self.partitions.or(file.partitions),
+            dedup_window_secs: self.dedup_window_secs.or(file.dedup_window_secs),
+            dedup_capacity: self.dedup_capacity.or(file.dedup_capacity),
+            metrics: self.metrics.or(file.metrics),
+            hdr_out: self.hdr_out.or(file.hdr_out),
+            auth_secret_file: self.auth_secret_file.or(file.auth_secret_file),
+            batch_events_max: self.batch_events_max.or(file.batch_events_max),
+            batch_linger_us: self.batch_linger_us.or(file.batch_linger_us),
+            batches_in_flight_max: self.batches_in_flight_max.or(file.batches_in_flight_max),
+            redis_timeout_ms: self.redis_timeout_ms.or(file.redis_timeout_ms),
+            drain_timeout_ms: self.drain_timeout_ms.or(file.drain_timeout_ms),
+            tcp_connections_per_shard: self.tcp_connections_per_shard.or(file.tcp_connections_per_shard),
+        }
+    }
+
+    /// Reads `--config`, if given, and merges it under the flags.
+    pub fn with_config_file(self) -> Result<ServeArgs, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|error| ConfigError::new(format!("cannot read config file {}: {error}", path.display())))?;
+        let file: ServeArgs = toml::from_str(&text)
+            .map_err(|error| ConfigError::new(format!("invalid config file {}: {error}", path.display())))?;
+        Ok(self.or(file))
+    }
+
+    /// Applies defaults and checks every bound.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        if self.metrics.is_some() {
+            return Err(ConfigError::new(
+                "--metrics is not supported yet (it lands with the observability issue)",
+            ));
+        }
+        if self.auth_secret_file.is_some() {
+            return Err(ConfigError::new(
+                "--auth-secret-file is not supported yet (it lands with the hardening issue)",
+            ));
+        }
+        let cores = parse_core_list(&required(self.cores, "cores")?)?;
+        if cores.len() > limits::SHARDS_MAX {
+            return Err(ConfigError::new(format!(
+                "--cores lists {} cores; at most {} shards are supported",
+                cores.len(),
+                limits::SHARDS_MAX
+            )));
+        }
+        let redis_url = required(self.redis, "redis")?;
+        fred::prelude::Config::from_url(&redis_url)
+            .map_err(|error| ConfigError::new(format!("invalid --redis url {redis_url:?}: {error}")))?;
+        let prefix = self.prefix.unwrap_or_else(|| "sg".to_string());
+        check_prefix(&prefix)?;
+        Ok(Config {
+            cores,
+            placement: self.placement.unwrap_or(PlacementMode::Pinned),
+            udp: required(self.udp, "udp")?,
+            tcp: required(self.tcp, "tcp")?,
+            redis_url,
+            prefix,
+            partitions: in_range(
+                "partitions",
+                self.partitions,
+                limits::PARTITIONS_DEFAULT,
+                1,
+                limits::PARTITIONS_MAX,
+            )?,
+            dedup_window_secs: in_range(
+                "dedup-window-secs",
+                self.dedup_window_secs,
+                limits::DEDUP_WINDOW_SECS_DEFAULT,
+                1,
+                limits::DEDUP_WINDOW_SECS_MAX,
+            )?,
+            dedup_capacity: in_range(
+                "dedup-capacity",
+                self.dedup_capacity,
+                limits::DEDUP_CAPACITY_DEFAULT,
+                limits::DEDUP_CAPACITY_MIN,
+                limits::DEDUP_CAPACITY_MAX,
+            )?,
+            hdr_out: self.hdr_out,
+            batch_events_max: in_range(
+                "batch-events-max",
+                self.batch_events_max,
+                limits::BATCH_EVENTS_DEFAULT,
+                1,
+                limits::BATCH_EVENTS_MAX,
+            )?,
+            batch_linger_us: in_range(
+                "batch-linger-us",
+                self.batch_linger_us,
+                limits::BATCH_LINGER_US_DEFAULT,
+                0,
+                limits::BATCH_LINGER_US_MAX,
+            )?,
+            batches_in_flight_max: in_range(
+                "batches-in-flight-max",
+                self.batches_in_flight_max,
+                limits::BATCHES_IN_FLIGHT_DEFAULT,
+                1,
+                limits::BATCHES_IN_FLIGHT_MAX,
+            )?,
+            redis_timeout_ms: in_range(
+                "redis-timeout-ms",
+                self.redis_timeout_ms,
+                limits::REDIS_TIMEOUT_MS_DEFAULT,
+                1,
+                limits::REDIS_TIMEOUT_MS_MAX,
+            )?,
+            drain_timeout_ms: in_range(
+                "drain-timeout-ms",
+                self.drain_timeout_ms,
+                limits::DRAIN_TIMEOUT_MS_DEFAULT,
+                0,
+                limits::DRAIN_TIMEOUT_MS_MAX,
+            )?,
+            tcp_connections_per_shard: in_range(
+                "tcp-connections-per-shard",
+                self.tcp_connections_per_shard,
+                limits::TCP_CONNECTIONS_PER_SHARD_DEFAULT,
+                1,
+                limits::TCP_CONNECTIONS_PER_SHARD_MAX,
+            )?,
+        })
+    }
+}
+
+impl Config {
+    /// Events one shard may hold in its open batch and its sent batches.
+    pub fn inflight_events_max(&self) -> usize {
+        self.batch_events_max * (self.batches_in_flight_max + 1)
+    }
+}
+
+fn required<T>(value: Option<T>, name: &str) -> Result<T, ConfigError> {
+    value.ok_or_else(|| {
+        ConfigError::new(format!(
+            "--{name} is required (as a flag or `{}` in --config)",
+            name.replace('-', "_")
+        ))
+    })
+}
+
+fn in_range<T>(name: &str, value: Option<T>, default: T, min: T, max: T) -> Result<T, ConfigError>
+where
+    T: PartialOrd + fmt::Display + Copy,
+{
+    let value = value.unwrap_or(default);
+    if value < min || value > max {
+        return Err(ConfigError::new(format!(
+            "--{name} {value} is out of range {min}..={max}"
+        )));
+    }
+    Ok(value)
+}
+
+/// Keys are `<prefix>:{<p>}:...`; a brace in the prefix would move the hash tag.
+fn check_prefix(prefix: &str) -> Result<(), ConfigError> {
+    let valid = !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix
+            .bytes()
+            .all(|byte| byte.is_ascii_graphic() && byte != b'{' && byte != b'}');
+    if !valid {
+        return Err(ConfigError::new(format!(
+            "--prefix {prefix:?} must be 1..=64 printable ascii characters without spaces or braces"
+        )));
+    }
+    Ok(())
+}
+
+impl ValueEnum for PlacementMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[PlacementMode::Pinned, PlacementMode::Fenced]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> ServeArgs {
+        ServeArgs {
+            cores: Some("0".into()),
+            udp: Some("127.0.0.1:7000".parse().unwrap()),
+            tcp: Some("127.0.0.1:7000".parse().unwrap()),
+            redis: Some("redis://127.0.0.1:6379".into()),
+            ..ServeArgs::default()
+        }
+    }
+
+    /// The defaults come from limits.rs when nothing is set.
+    #[test]
+    fn defaults_apply() {
+        let config = minimal().resolve().unwrap();
+        assert_eq!(config.partitions, limits::PARTITIONS_DEFAULT);
+        assert_eq!(config.prefix, "sg");
+        assert_eq!(config.placement, PlacementMode::Pinned);
+        assert_eq!(config.batch_events_max, limits::BATCH_EVENTS_DEFAULT);
+    }
+
+    /// A flag wins over the file, and the file fills what the flags left unset.
+    #[test]
+    fn flags_win_over_file() {
+        let file: ServeArgs = toml::from_str("prefix = \"file\"\npartitions = 4\ncores = \"0-1\"").unwrap();
+        let flags = ServeArgs {
+            prefix: Some("flag".into()),
+            ..minimal()
+        };
+        let config = flags.or(file).resolve().unwrap();
+        assert_eq!(config.prefix, "flag");
+        assert_eq!(config.partitions, 4);
+        assert_eq!(config.cores, vec![0]);
+    }
+
+    /// Unknown keys in the file are an error, not silently ignored.
+    #[test]
+    fn unknown_file_key_fails() {
+        assert!(toml::from_str::<ServeArgs>("partitons = 4").is_err());
+    }
+
+    /// Out-of-range values and later-issue flags fail with a message naming them.
+    #[test]
+    fn bad_values_fail_clearly() {
+        let error = ServeArgs {
+            partitions: Some(0),
+            ..minimal()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(error.to_string().contains("--partitions 0"), "{error}");
+        let error = ServeArgs {
+            metrics: Some("127.0.0.1:9".parse().unwrap()),
+            ..minimal()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(error.to_string().contains("not supported yet"), "{error}");
+        let error = ServeArgs {
+            prefix: Some("a{b}".into()),
+            ..minimal()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(error.to_string().contains("--prefix"), "{error}");
+        let error = ServeArgs {
+            redis: None,
+            ..minimal()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(error.to_string().contains("--redis is required"), "{error}");
+    }
+}

@@ -1,0 +1,182 @@
+//! HDR latency histograms, and the files they are written to on shutdown.
+//!
+//! Each shard records two histograms in microseconds: intake to ack (from the
+//! moment a datagram or read completed to the moment its answer was handed to
+//! the socket) and the Redis round trip of each script call. Recording is a
+//! few arithmetic operations into memory allocated at shard start.
+//!
+//! Files, for `--hdr-out DIR/NAME.hgrm`:
+//! - `NAME.hgrm`: intake to ack, all shards merged, in HdrHistogram's
+//!   percentile-distribution text format (what its plotter reads);
+//! - `NAME.redis.hgrm`: Redis round trip, merged;
+//! - `NAME.shard<N>.hgrm` and `NAME.shard<N>.redis.hgrm`: the same per shard;
+//! - `NAME.hlog`: every histogram above in one V2 interval log, tagged
+//!   `ack`, `redis`, `ack-shard<N>`, `redis-shard<N>`, one interval each
+//!   covering the whole run.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+use hdrhistogram::serialization::V2Serializer;
+use hdrhistogram::Histogram;
+
+use crate::limits::{HISTOGRAM_HIGHEST_US, HISTOGRAM_SIGNIFICANT_DIGITS};
+
+/// Quantile steps per half-distance in the percentile output, as HdrHistogram's default.
+const TICKS_PER_HALF_DISTANCE: u32 = 5;
+
+#[derive(Clone)]
+pub struct Latency {
+    pub intake_to_ack_us: Histogram<u64>,
+    pub redis_round_trip_us: Histogram<u64>,
+}
+
+impl Default for Latency {
+    fn default() -> Latency {
+        Latency {
+            intake_to_ack_us: new_histogram(),
+            redis_round_trip_us: new_histogram(),
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HISTOGRAM_HIGHEST_US, HISTOGRAM_SIGNIFICANT_DIGITS)
+        .expect("the bounds are constants that hdrhistogram accepts")
+}
+
+impl Latency {
+    pub fn record_intake_to_ack(&mut self, received_at: Instant, now: Instant) {
+        self.intake_to_ack_us.saturating_record(elapsed_us(received_at, now));
+    }
+
+    pub fn record_redis_round_trip(&mut self, round_trip: Duration) {
+        self.redis_round_trip_us
+            .saturating_record(round_trip.as_micros().clamp(1, u128::from(u64::MAX)) as u64);
+    }
+
+    pub fn merge(&mut self, other: &Latency) {
+        // Same bounds everywhere, so adding never fails.
+        self.intake_to_ack_us
+            .add(&other.intake_to_ack_us)
+            .expect("histograms share bounds");
+        self.redis_round_trip_us
+            .add(&other.redis_round_trip_us)
+            .expect("histograms share bounds");
+    }
+}
+
+fn elapsed_us(start: Instant, end: Instant) -> u64 {
+    end.saturating_duration_since(start)
+        .as_micros()
+        .clamp(1, u128::from(u64::MAX)) as u64
+}
+
+/// HdrHistogram's percentile-distribution text, values in microseconds.
+pub fn percentile_distribution(histogram: &Histogram<u64>) -> String {
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    for step in histogram.iter_quantiles(TICKS_PER_HALF_DISTANCE) {
+        let quantile = step.quantile_iterated_to();
+        let value = step.value_iterated_to() as f64;
+        let total_count = histogram.count_between(0, step.value_iterated_to());
+        if quantile < 1.0 {
+            let _ = writeln!(
+                text,
+                "{value:12.3} {quantile:2.12} {total_count:10} {:14.2}",
+                1.0 / (1.0 - quantile)
+            );
+        } else {
+            let _ = writeln!(text, "{value:12.3} {quantile:2.12} {total_count:10}");
+        }
+    }
+    let _ = writeln!(
+        text,
+        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
+        histogram.mean(),
+        histogram.stdev()
+    );
+    let _ = writeln!(
+        text,
+        "#[Max     = {:12.3}, Total count    = {:12}]",
+        histogram.max() as f64,
+        histogram.len()
+    );
+    let _ = writeln!(
+        text,
+        "#[Buckets = {:12}, SubBuckets     = {:12}]",
+        histogram.buckets(),
+        histogram.distinct_values()
+    );
+    text
+}
+
+/// The files for one run; see the module doc for their names.
+pub fn write_files(
+    path: &Path,
+    merged: &Latency,
+    shards: &[Latency],
+    started: SystemTime,
+) -> std::io::Result<Vec<PathBuf>> {
+    let sibling = |suffix: &str| -> PathBuf {
+        let stem = path
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        path.with_file_name(format!("{stem}{suffix}"))
+    };
+    let mut written = Vec::new();
+    let mut write = |target: PathBuf, histogram: &Histogram<u64>| -> std::io::Result<()> {
+        std::fs::write(&target, percentile_distribution(histogram))?;
+        written.push(target);
+        Ok(())
+    };
+    write(path.to_path_buf(), &merged.intake_to_ack_us)?;
+    write(sibling(".redis.hgrm"), &merged.redis_round_trip_us)?;
+    for (index, shard) in shards.iter().enumerate() {
+        write(sibling(&format!(".shard{index}.hgrm")), &shard.intake_to_ack_us)?;
+        write(
+            sibling(&format!(".shard{index}.redis.hgrm")),
+            &shard.redis_round_trip_us,
+        )?;
+    }
+    let log_path = sibling(".hlog");
+    write_interval_log(&log_path, merged, shards, started)?;
+    written.push(log_path);
+    Ok(written)
+}
+
+fn write_interval_log(path: &Path, merged: &Latency, shards: &[Latency], started: SystemTime) -> std::io::Result<()> {
+    let invalid = |error: String| std::io::Error::new(std::io::ErrorKind::InvalidData, error);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut serializer = V2Serializer::new();
+    let run_duration = SystemTime::now().duration_since(started).unwrap_or_default();
+    let mut writer = IntervalLogWriterBuilder::new()
+        .with_start_time(started)
+        .with_base_time(started)
+        .with_max_value_divisor(1.0)
+        .begin_log_with(&mut file, &mut serializer)
+        .map_err(|error| invalid(format!("cannot start interval log: {error:?}")))?;
+    let mut entries: Vec<(String, &Histogram<u64>)> = vec![
+        ("ack".into(), &merged.intake_to_ack_us),
+        ("redis".into(), &merged.redis_round_trip_us),
+    ];
+    for (index, shard) in shards.iter().enumerate() {
+        entries.push((format!("ack-shard{index}"), &shard.intake_to_ack_us));
+        entries.push((format!("redis-shard{index}"), &shard.redis_round_trip_us));
+    }
+    for (tag, histogram) in &entries {
+        let tag = Tag::new(tag).ok_or_else(|| invalid(format!("invalid interval log tag {tag}")))?;
+        writer
+            .write_histogram(histogram, Duration::ZERO, run_duration, Some(tag))
+            .map_err(|error| invalid(format!("cannot write interval log: {error:?}")))?;
+    }
+    file.flush()
+}

@@ -1,0 +1,56 @@
+//! shardgate: a thread-per-core io_uring server that takes game players'
+//! action events over UDP and TCP, drops duplicates, stores each event exactly
+//! once in Redis, and acks the client only after Redis confirmed the write.
+//!
+//! # The data path: socket -> frame -> dedup -> batch -> redis -> ack
+//! Follow one event:
+//! 1. **socket** (`udp.rs`, `tcp.rs`): every shard binds the same UDP and TCP
+//!    address with SO_REUSEPORT; the kernel spreads clients over shards.
+//! 2. **frame** (`frame.rs`): `check` finds a frame's length from its header;
+//!    `parse` verifies the crc and flags. Bad frames are REJECTED, bytes that
+//!    are not a frame get no answer (UDP) or close the connection (TCP).
+//! 3. **dedup** (`shard.rs` `admit`, `dedup.rs`): an id this shard or another
+//!    shard confirmed stored is answered DUPLICATE at once; a copy of an id
+//!    still in flight, or any frame while Redis is down or the shard is at its
+//!    bound, gets RETRY at once.
+//! 4. **batch** (`batch.rs`, `script.rs`): the event joins the shard's open
+//!    batch, which is sent when full or after a short linger.
+//! 5. **redis** (`store.rs`): one `EVALSHA` per batch marks and appends each
+//!    new event atomically, and says per event whether it was new.
+//! 6. **ack** (`shard.rs` `complete`/`answer`, `reply.rs`): confirmed ids go
+//!    into the cache, then every copy gets its answer: ACCEPTED, DUPLICATE, or
+//!    RETRY if the call failed.
+//!
+//! # The modules
+//! - `config`: command line and TOML file -> a checked `Config`.
+//! - `limits`: every bound and why it has its value.
+//! - `placement`: which cores, pinned or fenced.
+//! - `server`: start the shards, take signals, drain, write histograms.
+//! - `shard`: one core's state and the fate of each frame.
+//! - `udp`, `tcp`: the two transports.
+//! - `frame`, `auth`: the wire codec and the optional auth tag.
+//! - `dedup`: the per-shard cache of stored ids, single writer, lock-free readers.
+//! - `batch`, `script`, `store`: the batch, the Lua script and its blob, the Redis client.
+//! - `reply`: where answers go and how UDP answers are coalesced.
+//! - `latency`, `stats`: HDR histograms and counters.
+//! - `notify`: shard-local wake-ups.
+//! - `sys`: the one small module with `unsafe`.
+
+pub mod auth;
+pub mod batch;
+pub mod config;
+pub mod dedup;
+pub mod frame;
+pub mod latency;
+pub mod limits;
+pub mod notify;
+pub mod placement;
+pub mod reply;
+pub mod script;
+pub mod server;
+pub mod shard;
+pub mod stats;
+pub mod store;
+pub mod sys;
+pub mod tcp;
+pub mod udp;

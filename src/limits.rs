@@ -1,0 +1,115 @@
+//! Every bound in shardgate, in one place, with the reason for its value.
+//!
+//! A production server that takes bursts from 100k players must never grow
+//! without limit: each queue, batch, buffer and connection count below is
+//! fixed at shard start. Operator-tunable values have a default here and a
+//! `*_MAX`/`*_MIN` range that `config.rs` enforces; the rest are constants.
+//! Bounds that depend on each other are tied together with `const` asserts at
+//! the bottom, so a change that breaks one relation fails to compile.
+
+use crate::frame::{ACK_BYTES, FRAME_BYTES_MAX, FRAME_BYTES_MIN, PAYLOAD_BYTES_MAX};
+
+/// Shards (cores) one process may run. Far above any host we deploy on; the
+/// bound exists so per-shard tables sized by it stay small.
+pub const SHARDS_MAX: usize = 256;
+
+/// Events in one script call. A bigger batch spreads fred's ~4 µs per command
+/// and Redis's per-call overhead further, but a longer script blocks Redis for
+/// other clients: 256 events run in well under a millisecond.
+pub const BATCH_EVENTS_DEFAULT: usize = 256;
+pub const BATCH_EVENTS_MAX: usize = 1024;
+
+/// How long an open batch may wait for more events before it is sent anyway.
+/// 200 µs is a small share of the 5 ms p99.9 budget and, at 50k events/s on
+/// one shard, gathers about 10 events per call at low load.
+pub const BATCH_LINGER_US_DEFAULT: u64 = 200;
+pub const BATCH_LINGER_US_MAX: u64 = 100_000;
+
+/// Script calls one shard keeps in flight on its connection. Auto-pipelining
+/// sends the next batch while earlier ones run; more than a few only queue
+/// inside Redis, which runs scripts one at a time.
+pub const BATCHES_IN_FLIGHT_DEFAULT: usize = 8;
+pub const BATCHES_IN_FLIGHT_MAX: usize = 64;
+
+/// Longest encoded record of one event in a batch blob: six length-prefixed
+/// decimal fields (partition, player, seq, type, ts, recv_us) and a u16
+/// length-prefixed payload. See `script.rs` for the layout.
+pub const BATCH_RECORD_BYTES_MAX: usize = (1 + 4) + (1 + 20) * 2 + (1 + 5) + (1 + 20) * 2 + 2 + PAYLOAD_BYTES_MAX;
+
+/// Partitions (streams) per prefix. 1024 keeps the partition field of a record
+/// to four decimal digits.
+pub const PARTITIONS_DEFAULT: u32 = 16;
+pub const PARTITIONS_MAX: u32 = 1024;
+
+/// Dedup window: Redis markers live this long, and with auth on it bounds how
+/// old a frame may be.
+pub const DEDUP_WINDOW_SECS_DEFAULT: u64 = 600;
+pub const DEDUP_WINDOW_SECS_MAX: u64 = 7 * 24 * 3600;
+
+/// Entries in each shard's dedup cache. 2^20 ids cost about 32 MiB per shard
+/// and hold at least 20 s of a 50k/s shard: retries come within seconds, and anything older
+/// still meets the Redis marker, which has the final say.
+pub const DEDUP_CAPACITY_DEFAULT: usize = 1 << 20;
+pub const DEDUP_CAPACITY_MIN: usize = 64;
+pub const DEDUP_CAPACITY_MAX: usize = 1 << 30;
+
+/// Timeout of one script call. Past it the events get RETRY; the call may still
+/// run later, which is safe because the script is idempotent per event id.
+pub const REDIS_TIMEOUT_MS_DEFAULT: u64 = 1_000;
+pub const REDIS_TIMEOUT_MS_MAX: u64 = 60_000;
+
+/// How long shutdown waits for in-flight batches before answering RETRY.
+pub const DRAIN_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub const DRAIN_TIMEOUT_MS_MAX: u64 = 60_000;
+
+/// Largest UDP datagram read. 64 KiB is the IPv4 maximum, so nothing is cut.
+pub const DATAGRAM_BYTES_MAX: usize = 65_536;
+
+/// Largest reply datagram of coalesced acks: under a typical 1500-byte MTU so
+/// a reply is never fragmented.
+pub const REPLY_DATAGRAM_BYTES_MAX: usize = 1_400;
+pub const REPLY_ACKS_MAX: usize = REPLY_DATAGRAM_BYTES_MAX / ACK_BYTES;
+
+/// Kernel socket buffers for the UDP socket: a burst of 120k/s for 20 ms of
+/// executor stall is ~2400 frames, ~250 KiB; 4 MiB leaves room for much worse.
+pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// TCP connections per shard. A game server forwards for many players over a
+/// few connections; thousands of direct clients is not a shape we serve.
+pub const TCP_CONNECTIONS_PER_SHARD_DEFAULT: usize = 1_024;
+pub const TCP_CONNECTIONS_PER_SHARD_MAX: usize = 65_536;
+
+/// TCP read buffer per connection: a few maximum frames, so a read that ends
+/// mid-frame always leaves room to complete it.
+pub const TCP_READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Frames a TCP connection may have unanswered before the shard stops reading
+/// from it, which pushes back on the sender through TCP's own window. One read
+/// may add up to a buffer's worth of frames past the bound, so the outbox is
+/// sized for both and can never overflow: 40 KiB per connection.
+pub const TCP_UNACKED_FRAMES_MAX: usize = 1_024;
+pub const TCP_OUTBOX_BYTES: usize = (TCP_UNACKED_FRAMES_MAX + TCP_READ_BUFFER_BYTES / FRAME_BYTES_MIN) * ACK_BYTES;
+
+/// How often each shard looks at the process-wide shutdown flag.
+pub const SHUTDOWN_POLL_MS: u64 = 5;
+
+/// HDR histograms record 1 µs .. 60 s with 3 significant digits.
+pub const HISTOGRAM_HIGHEST_US: u64 = 60_000_000;
+pub const HISTOGRAM_SIGNIFICANT_DIGITS: u8 = 3;
+
+const _: () = assert!(BATCH_EVENTS_DEFAULT <= BATCH_EVENTS_MAX);
+const _: () = assert!(BATCHES_IN_FLIGHT_DEFAULT <= BATCHES_IN_FLIGHT_MAX);
+const _: () = assert!(PARTITIONS_DEFAULT <= PARTITIONS_MAX);
+const _: () = assert!(DEDUP_CAPACITY_MIN <= DEDUP_CAPACITY_DEFAULT && DEDUP_CAPACITY_DEFAULT <= DEDUP_CAPACITY_MAX);
+// The partition field is written with at most four digits.
+const _: () = assert!(PARTITIONS_MAX <= 9_999);
+// The payload length is written as a u16.
+const _: () = assert!(PAYLOAD_BYTES_MAX <= u16::MAX as usize);
+// A whole frame always fits a read buffer, so a TCP stream can always make progress.
+const _: () = assert!(TCP_READ_BUFFER_BYTES >= 2 * FRAME_BYTES_MAX);
+// A whole frame always fits a datagram buffer.
+const _: () = assert!(DATAGRAM_BYTES_MAX >= FRAME_BYTES_MAX);
+// One reply datagram holds at least one ack.
+const _: () = assert!(REPLY_ACKS_MAX >= 1);
+// An in-flight entry per event held in every open or sent batch.
+const _: () = assert!(BATCH_EVENTS_MAX * BATCHES_IN_FLIGHT_MAX <= 1 << 20);

@@ -1,0 +1,153 @@
+//! The atomic dedup-and-append script, and the batch blob it reads.
+//!
+//! One `EVALSHA` carries a whole batch. Measured with redis-benchmark -P 64, a
+//! script call costs about as much as three plain commands, so the per-call
+//! cost has to be spread over many events. The events travel as one binary
+//! blob argument rather than five arguments each: fred then encodes four
+//! arguments per call instead of thousands, and the shard builds the blob in a
+//! buffer it reuses, without allocating per event.
+//!
+//! # The blob
+//! Records back to back, one per event, each
+//! `[u8 len][partition][u8 len][player][u8 len][seq][u8 len][type][u8 len][ts][u8 len][recv_us][u16 LE len][payload]`
+//! with every number in decimal ASCII, which is how the stream stores it. Lua
+//! numbers are doubles and cannot hold a u64, so the script never turns them
+//! into numbers: it only concatenates strings. `struct.unpack`'s `c0` reads a
+//! string whose length is the integer just before it: one C call per event.
+//!
+//! # The script, per event
+//! `SET <prefix>:{p}:seen:<player>:<seq> 1 NX EX <window>`. If it was set, the
+//! event is new: `XADD <prefix>:{p}:events * player .. payload ..`. If that
+//! XADD fails the marker is deleted again and the call fails, so each event is
+//! both marked and appended or neither. Events earlier in a failed batch stay
+//! stored; the whole batch gets RETRY and those copies come back DUPLICATE, so
+//! a failure never loses or doubles an event. The reply is one string with a
+//! byte per event: `A` appended (ACCEPTED) or `D` already marked (DUPLICATE).
+//!
+//! The script touches keys of several partitions and declares none in KEYS:
+//! that is allowed on a standalone Redis, which is what shardgate targets (see
+//! docs/design.md on Redis Cluster).
+
+use bytes::{BufMut, BytesMut};
+
+use crate::frame::PAYLOAD_BYTES_MAX;
+use crate::limits::BATCH_RECORD_BYTES_MAX;
+
+/// ARGV: prefix, window seconds, event count, blob.
+pub const DEDUP_APPEND_LUA: &str = r#"
+local prefix = ARGV[1]
+local window_secs = ARGV[2]
+local count = tonumber(ARGV[3])
+local blob = ARGV[4]
+local outcomes = {}
+local position = 1
+for index = 1, count do
+  local partition, player, seq, action_type, ts, recv_us, payload
+  partition, player, seq, action_type, ts, recv_us, payload, position =
+    struct.unpack('<Bc0Bc0Bc0Bc0Bc0Bc0I2c0', blob, position)
+  local tag = prefix .. ':{' .. partition .. '}:'
+  local marker = tag .. 'seen:' .. player .. ':' .. seq
+  if redis.call('SET', marker, '1', 'NX', 'EX', window_secs) then
+    local appended = redis.pcall('XADD', tag .. 'events', '*', 'player', player, 'seq', seq,
+      'type', action_type, 'ts', ts, 'recv_us', recv_us, 'payload', payload)
+    if type(appended) == 'table' and appended.err then
+      redis.call('DEL', marker)
+      return redis.error_reply('xadd failed: ' .. appended.err)
+    end
+    outcomes[index] = 'A'
+  else
+    outcomes[index] = 'D'
+  end
+end
+if position ~= #blob + 1 then
+  return redis.error_reply('batch blob has trailing bytes')
+end
+return table.concat(outcomes)
+"#;
+
+/// Outcome bytes of the script's reply.
+pub const OUTCOME_APPENDED: u8 = b'A';
+pub const OUTCOME_ALREADY_STORED: u8 = b'D';
+
+/// One event's fields as the script stores them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub partition: u32,
+    pub player_id: u64,
+    pub seq: u64,
+    pub action_type: u16,
+    pub client_time_us: u64,
+    pub recv_us: u64,
+    pub payload: &'a [u8],
+}
+
+/// Appends one record to the blob. Never allocates when `blob` has
+/// `BATCH_RECORD_BYTES_MAX` spare capacity, which the batch guarantees.
+pub fn append_record(record: &Record<'_>, blob: &mut BytesMut) {
+    assert!(
+        record.payload.len() <= PAYLOAD_BYTES_MAX,
+        "frames were checked before batching"
+    );
+    let length_before = blob.len();
+    append_decimal(u64::from(record.partition), blob);
+    append_decimal(record.player_id, blob);
+    append_decimal(record.seq, blob);
+    append_decimal(u64::from(record.action_type), blob);
+    append_decimal(record.client_time_us, blob);
+    append_decimal(record.recv_us, blob);
+    blob.put_u16_le(record.payload.len() as u16);
+    blob.put_slice(record.payload);
+    debug_assert!(blob.len() - length_before <= BATCH_RECORD_BYTES_MAX);
+}
+
+fn append_decimal(value: u64, blob: &mut BytesMut) {
+    let mut buffer = itoa::Buffer::new();
+    let digits = buffer.format(value).as_bytes();
+    debug_assert!(digits.len() <= 20);
+    blob.put_u8(digits.len() as u8);
+    blob.put_slice(digits);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record layout is the one the script's struct.unpack format reads.
+    #[test]
+    fn record_layout() {
+        let mut blob = BytesMut::new();
+        let record = Record {
+            partition: 3,
+            player_id: u64::MAX,
+            seq: 42,
+            action_type: 7,
+            client_time_us: 0,
+            recv_us: 5,
+            payload: b"ab",
+        };
+        append_record(&record, &mut blob);
+        let mut expected = Vec::new();
+        expected.extend_from_slice(b"\x013\x1418446744073709551615\x0242\x017\x010\x015");
+        expected.extend_from_slice(&[2, 0]);
+        expected.extend_from_slice(b"ab");
+        assert_eq!(&blob[..], &expected[..]);
+    }
+
+    /// The largest record fits the bound every batch reserves per event.
+    #[test]
+    fn largest_record_fits_bound() {
+        let payload = [0u8; PAYLOAD_BYTES_MAX];
+        let record = Record {
+            partition: 9_999,
+            player_id: u64::MAX,
+            seq: u64::MAX,
+            action_type: u16::MAX,
+            client_time_us: u64::MAX,
+            recv_us: u64::MAX,
+            payload: &payload,
+        };
+        let mut blob = BytesMut::new();
+        append_record(&record, &mut blob);
+        assert_eq!(blob.len(), BATCH_RECORD_BYTES_MAX);
+    }
+}

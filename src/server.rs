@@ -1,0 +1,448 @@
+//! Starting the shards, stopping them, and what the process says about it.
+//!
+//! Start: check the cores, raise RLIMIT_MEMLOCK, pick the shared ports, start
+//! one executor per core. Each shard binds its UDP socket and builds its state,
+//! then waits at a start gate; only when every shard is ready do they listen on
+//! TCP, so the TCP port accepts connections once every shard is serving. Then
+//! one line `shardgate: serving shards=N udp=ADDR tcp=ADDR` goes to stderr.
+//!
+//! Stop: SIGTERM and SIGINT are blocked in every thread and taken by a
+//! dedicated thread with `sigwait`, which sets one flag. Each shard notices it
+//! within `SHUTDOWN_POLL_MS`, stops reading, drains what is in flight (bounded
+//! by `drain_timeout_ms`), answers every copy, and returns its statistics and
+//! histograms; the histograms are then written to `--hdr-out`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use glommio::LocalExecutorBuilder;
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::config::Config;
+use crate::dedup::{new_cache, DedupReader, DedupWriter};
+use crate::latency::{self, Latency};
+use crate::placement;
+use crate::shard::Shard;
+use crate::stats::Stats;
+use crate::store::{Store, TimeDriver};
+
+/// Glommio's default io_uring buffer memory per shard, plus headroom.
+const MEMLOCK_BYTES_PER_SHARD: u64 = 16 << 20;
+
+/// Why the server could not start, or stopped with an error.
+#[derive(Debug)]
+pub struct ServerError(String);
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+impl From<crate::config::ConfigError> for ServerError {
+    fn from(error: crate::config::ConfigError) -> ServerError {
+        ServerError(error.to_string())
+    }
+}
+
+/// What a shard hands back when it stops.
+pub struct ShardReport {
+    pub stats: Stats,
+    pub latency: Latency,
+    pub drained_events: usize,
+    pub cache_events: usize,
+}
+
+/// Runs until SIGTERM/SIGINT, then drains and writes the histograms.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    let started = SystemTime::now();
+    let signals = block_stop_signals()?;
+    placement::check_cores_available(&config.cores)?;
+    raise_memlock(config.cores.len());
+    let ports = SharedPorts::pick(config.udp, config.tcp)?;
+    let config = Arc::new(Config {
+        udp: ports.udp,
+        tcp: ports.tcp,
+        ..config
+    });
+    let time_driver =
+        TimeDriver::start().map_err(|error| ServerError(format!("cannot start timer thread: {error}")))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (events, event_receiver) = mpsc::channel();
+    spawn_signal_thread(signals, Arc::clone(&stop), events.clone())?;
+
+    let gate = Arc::new(StartGate::default());
+    let shards = start_shards(&config, &time_driver, &stop, &gate, &events)?;
+    let serving = wait_until_serving(&config, &event_receiver, &gate, &stop);
+    drop(ports);
+    if serving.is_ok() {
+        eprintln!(
+            "shardgate: serving shards={} udp={} tcp={} placement={} redis={}",
+            config.cores.len(),
+            config.udp,
+            config.tcp,
+            config.placement.name(),
+            config.redis_url
+        );
+    }
+    let mut reports = Vec::with_capacity(shards.len());
+    for (index, handle) in shards.into_iter().enumerate() {
+        match handle.join() {
+            Ok(Ok(report)) => reports.push(report),
+            Ok(Err(error)) => eprintln!("shardgate: shard {index} failed: {error}"),
+            Err(error) => eprintln!("shardgate: shard {index} panicked: {error}"),
+        }
+    }
+    serving?;
+    finish(&config, &reports, started)
+}
+
+/// Merges the shards' reports, writes the histograms, prints the summary.
+fn finish(config: &Config, reports: &[ShardReport], started: SystemTime) -> Result<(), ServerError> {
+    if reports.len() != config.cores.len() {
+        return Err(ServerError(format!(
+            "{} of {} shards failed",
+            config.cores.len() - reports.len(),
+            config.cores.len()
+        )));
+    }
+    let mut stats = Stats::default();
+    let mut merged = Latency::default();
+    for report in reports {
+        stats += report.stats;
+        merged.merge(&report.latency);
+    }
+    let drained: usize = reports.iter().map(|report| report.drained_events).sum();
+    if let Some(path) = &config.hdr_out {
+        let shards: Vec<Latency> = reports.iter().map(|report| report.latency.clone()).collect();
+        let files = latency::write_files(path, &merged, &shards, started)
+            .map_err(|error| ServerError(format!("cannot write histograms to {}: {error}", path.display())))?;
+        eprintln!(
+            "shardgate: wrote {} histogram files beside {}",
+            files.len(),
+            path.display()
+        );
+    }
+    let ack = &merged.intake_to_ack_us;
+    eprintln!(
+        "shardgate: stopped frames={} accepted={} duplicate={} retry={} rejected={} unparseable={} \
+         drained_events={drained} batches={} redis_errors={} ack_p50_us={} ack_p99_us={} ack_p999_us={} ack_max_us={}",
+        stats.frames_received,
+        stats.accepted,
+        stats.duplicate(),
+        stats.retry(),
+        stats.rejected,
+        stats.unparseable,
+        stats.batches_sent,
+        stats.redis_errors,
+        ack.value_at_quantile(0.5),
+        ack.value_at_quantile(0.99),
+        ack.value_at_quantile(0.999),
+        ack.max(),
+    );
+    eprintln!("shardgate: stats {stats:?}");
+    Ok(())
+}
+
+/// Startup messages from shards to the main thread.
+enum StartEvent {
+    Prepared,
+    Listening,
+    Failed(usize, String),
+    Signal(Signal),
+}
+
+/// Holds every shard until all have prepared, so none listens on TCP before
+/// the others can serve. Startup only: never on the data path.
+#[derive(Default)]
+struct StartGate {
+    decision: Mutex<Option<bool>>,
+    decided: Condvar,
+}
+
+impl StartGate {
+    fn decide(&self, go: bool) {
+        let mut decision = self.decision.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        decision.get_or_insert(go);
+        self.decided.notify_all();
+    }
+
+    fn wait(&self) -> bool {
+        let mut decision = self.decision.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        loop {
+            if let Some(go) = *decision {
+                return go;
+            }
+            decision = self
+                .decided
+                .wait(decision)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+}
+
+struct ShardInit {
+    index: usize,
+    config: Arc<Config>,
+    dedup: DedupWriter,
+    peers: Vec<DedupReader>,
+    stop: Arc<AtomicBool>,
+    gate: Arc<StartGate>,
+    events: mpsc::Sender<StartEvent>,
+    timers: tokio::runtime::Handle,
+}
+
+type ShardHandle = glommio::ExecutorJoinHandle<Result<ShardReport, String>>;
+
+fn start_shards(
+    config: &Arc<Config>,
+    time_driver: &TimeDriver,
+    stop: &Arc<AtomicBool>,
+    gate: &Arc<StartGate>,
+    events: &mpsc::Sender<StartEvent>,
+) -> Result<Vec<ShardHandle>, ServerError> {
+    let (writers, readers): (Vec<DedupWriter>, Vec<DedupReader>) =
+        config.cores.iter().map(|_| new_cache(config.dedup_capacity)).unzip();
+    let mut handles = Vec::with_capacity(config.cores.len());
+    for (index, dedup) in writers.into_iter().enumerate() {
+        let core = config.cores[index];
+        let peers = readers
+            .iter()
+            .enumerate()
+            .filter(|(peer, _)| *peer != index)
+            .map(|(_, reader)| reader.clone());
+        let init = ShardInit {
+            index,
+            config: Arc::clone(config),
+            dedup,
+            peers: peers.collect(),
+            stop: Arc::clone(stop),
+            gate: Arc::clone(gate),
+            events: events.clone(),
+            timers: time_driver.handle(),
+        };
+        let placement = placement::placement_for(config.placement, core, &config.cores)?;
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{index}"))
+            .spawn(move || run_shard(init))
+            .map_err(|error| ServerError(format!("cannot start shard {index} on core {core}: {error}")))?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+fn wait_until_serving(
+    config: &Config,
+    events: &mpsc::Receiver<StartEvent>,
+    gate: &StartGate,
+    stop: &AtomicBool,
+) -> Result<(), ServerError> {
+    let shard_count = config.cores.len();
+    let abort = |message: String| {
+        stop.store(true, Ordering::Relaxed);
+        gate.decide(false);
+        Err(ServerError(message))
+    };
+    for phase in [Phase::Prepared, Phase::Listening] {
+        let mut ready = 0;
+        while ready < shard_count {
+            match events.recv() {
+                Ok(StartEvent::Prepared) if phase == Phase::Prepared => ready += 1,
+                Ok(StartEvent::Listening) if phase == Phase::Listening => ready += 1,
+                Ok(StartEvent::Failed(index, error)) => return abort(format!("shard {index} cannot start: {error}")),
+                Ok(StartEvent::Signal(signal)) => return abort(format!("stopped by {signal} while starting")),
+                Ok(_) | Err(_) => return abort("shards stopped while starting".into()),
+            }
+        }
+        if phase == Phase::Prepared {
+            gate.decide(true);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Prepared,
+    Listening,
+}
+
+async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
+    let _timers = init.timers.enter();
+    let failed = |error: String| {
+        let _ = init.events.send(StartEvent::Failed(init.index, error.clone()));
+        error
+    };
+    let udp = crate::udp::bind(init.config.udp)
+        .map_err(|error| failed(format!("cannot bind udp {}: {error}", init.config.udp)))?;
+    let store = Store::new(&init.config).map_err(|error| failed(error.to_string()))?;
+    store.connect();
+    let shard = Rc::new(Shard::new(
+        init.index,
+        Arc::clone(&init.config),
+        udp,
+        store,
+        init.dedup,
+        init.peers,
+    ));
+    let _ = init.events.send(StartEvent::Prepared);
+    if !init.gate.wait() {
+        return Err("start aborted".into());
+    }
+    let listener = crate::tcp::bind(init.config.tcp)
+        .map_err(|error| failed(format!("cannot listen on tcp {}: {error}", init.config.tcp)))?;
+    let _ = init.events.send(StartEvent::Listening);
+
+    let udp_task = glommio::spawn_local(crate::udp::serve(Rc::clone(&shard)));
+    let tcp_task = glommio::spawn_local(crate::tcp::serve(Rc::clone(&shard), listener));
+    let linger_task = glommio::spawn_local(Rc::clone(&shard).linger_loop());
+    Rc::clone(&shard).tick_loop(Arc::clone(&init.stop)).await;
+
+    // Stopping: intake ends, in-flight work drains, then connections flush.
+    udp_task.await;
+    tcp_task.await;
+    let deadline = Instant::now() + Duration::from_millis(init.config.drain_timeout_ms);
+    let drained_events = shard.drain(deadline).await;
+    linger_task.await;
+    while shard.tcp_connections_open.get() > 0 && Instant::now() < deadline + Duration::from_millis(500) {
+        futures_lite::future::or(
+            shard.tcp_closed.wait(),
+            glommio::timer::sleep(Duration::from_millis(50)),
+        )
+        .await;
+    }
+    shard.store.quit().await;
+    let report = ShardReport {
+        stats: *shard.stats.borrow(),
+        latency: shard.latency.borrow().clone(),
+        drained_events,
+        cache_events: shard.dedup_len_events(),
+    };
+    Ok(report)
+}
+
+/// Blocks SIGTERM and SIGINT in this thread and every thread it starts later,
+/// so only the signal thread's `sigwait` receives them.
+fn block_stop_signals() -> Result<SigSet, ServerError> {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals
+        .thread_block()
+        .map_err(|error| ServerError(format!("cannot block signals: {error}")))?;
+    Ok(signals)
+}
+
+fn spawn_signal_thread(
+    signals: SigSet,
+    stop: Arc<AtomicBool>,
+    events: mpsc::Sender<StartEvent>,
+) -> Result<(), ServerError> {
+    std::thread::Builder::new()
+        .name("shardgate-signals".into())
+        .spawn(move || {
+            if let Ok(signal) = signals.wait() {
+                eprintln!("shardgate: {signal} received, draining");
+                stop.store(true, Ordering::Relaxed);
+                let _ = events.send(StartEvent::Signal(signal));
+            }
+        })
+        .map(|_| ())
+        .map_err(|error| ServerError(format!("cannot start signal thread: {error}")))
+}
+
+/// Raises RLIMIT_MEMLOCK for glommio's io_uring buffers. Kernels since 5.12
+/// charge io_uring memory to the cgroup instead, so a refusal is a warning
+/// that names the limit needed, not an error.
+fn raise_memlock(shard_count: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let needed_bytes = MEMLOCK_BYTES_PER_SHARD * shard_count as u64;
+    let Ok((soft_bytes, hard_bytes)) = getrlimit(Resource::RLIMIT_MEMLOCK) else {
+        return;
+    };
+    if soft_bytes >= needed_bytes {
+        return;
+    }
+    if setrlimit(Resource::RLIMIT_MEMLOCK, needed_bytes, hard_bytes.max(needed_bytes)).is_ok() {
+        return;
+    }
+    let raised_bytes = hard_bytes.min(needed_bytes);
+    let _ = setrlimit(Resource::RLIMIT_MEMLOCK, raised_bytes, hard_bytes);
+    if raised_bytes < needed_bytes {
+        eprintln!(
+            "shardgate: warning: RLIMIT_MEMLOCK is {} KiB but {shard_count} shards want {} KiB of locked memory for \
+             io_uring; raise it (systemd LimitMEMLOCK={}, or `ulimit -l {}`). Continuing: kernels >= 5.12 do not need it.",
+            raised_bytes / 1024,
+            needed_bytes / 1024,
+            needed_bytes,
+            needed_bytes / 1024
+        );
+    }
+}
+
+/// Port 0 means "pick one": the same port must then be shared by all shards,
+/// so it is picked once here and held by a placeholder socket in the same
+/// SO_REUSEPORT group until the shards have bound it.
+struct SharedPorts {
+    udp: SocketAddr,
+    tcp: SocketAddr,
+    _placeholders: Vec<socket2::Socket>,
+}
+
+impl SharedPorts {
+    fn pick(udp: SocketAddr, tcp: SocketAddr) -> Result<SharedPorts, ServerError> {
+        let mut placeholders = Vec::new();
+        let udp = hold_port(udp, socket2::Type::DGRAM, &mut placeholders)?;
+        // Same address for both with port 0: use one port number for both.
+        let tcp = if tcp.port() == 0 && tcp.ip() == udp.ip() {
+            reserve(udp, socket2::Type::STREAM, &mut placeholders)
+                .or_else(|_| reserve(tcp, socket2::Type::STREAM, &mut placeholders))?
+        } else {
+            hold_port(tcp, socket2::Type::STREAM, &mut placeholders)?
+        };
+        Ok(SharedPorts {
+            udp,
+            tcp,
+            _placeholders: placeholders,
+        })
+    }
+}
+
+fn hold_port(
+    address: SocketAddr,
+    kind: socket2::Type,
+    placeholders: &mut Vec<socket2::Socket>,
+) -> Result<SocketAddr, ServerError> {
+    if address.port() != 0 {
+        return Ok(address);
+    }
+    reserve(address, kind, placeholders)
+}
+
+/// Binds a placeholder on `address` (port 0 picks one) and returns the bound address.
+fn reserve(
+    address: SocketAddr,
+    kind: socket2::Type,
+    placeholders: &mut Vec<socket2::Socket>,
+) -> Result<SocketAddr, ServerError> {
+    let bind = || -> std::io::Result<(socket2::Socket, SocketAddr)> {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(address), kind, None)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&address.into())?;
+        let bound = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("not an inet address"))?;
+        Ok((socket, bound))
+    };
+    let (socket, bound) = bind().map_err(|error| ServerError(format!("cannot pick a port on {address}: {error}")))?;
+    placeholders.push(socket);
+    Ok(bound)
+}

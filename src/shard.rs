@@ -1,0 +1,351 @@
+//! One shard: the state a core owns, and the decision each frame gets.
+//!
+//! A shard is a glommio executor on one core. Everything in `Shard` is touched
+//! only by that thread (`Cell`/`RefCell`, no locks, no atomics), except the
+//! dedup cache, which other shards read through their `DedupReader`s.
+//!
+//! # One event, top to bottom
+//! 1. `udp.rs`/`tcp.rs` read bytes and `frame::check` finds a frame.
+//! 2. `take_frame` parses it (REJECTED if invalid) and `admit` decides:
+//!    - DUPLICATE now, if this shard's or another shard's cache holds the id:
+//!      the cache only ever holds ids Redis confirmed stored;
+//!    - RETRY now, if a copy of the id is already in flight here (its outcome
+//!      is unknown, so DUPLICATE would be a lie if that write fails), if Redis
+//!      is down, if the shard is at its in-flight bound, or if it is stopping;
+//!    - otherwise it joins the open batch and answers later.
+//! 3. The batch is sent when full, or when `batch_linger_us` has passed since
+//!    its first event (`linger_loop`), as one script call (`store.rs`).
+//! 4. `complete` reads the outcome per event (ACCEPTED, DUPLICATE, or RETRY
+//!    for all on error), records confirmed ids in the cache, clears them from
+//!    the in-flight set, and sends the answers (`reply.rs`).
+//!
+//! # Bounds
+//! At most `batches_in_flight_max` batches are in Redis and one is open, so
+//! at most `inflight_events_max` events are held; past that frames get RETRY
+//! at once. All batches and the in-flight set are allocated at start.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::net::UdpSocket;
+
+use crate::batch::Batch;
+use crate::config::Config;
+use crate::dedup::{DedupReader, DedupWriter};
+use crate::frame::{parse, EventId, Header, Status};
+use crate::latency::Latency;
+use crate::notify::{Latch, Notify};
+use crate::reply::{Route, UdpReply};
+use crate::stats::Stats;
+use crate::store::{Outcome, Store};
+
+pub struct Shard {
+    pub index: usize,
+    pub config: Arc<Config>,
+    pub udp: UdpSocket,
+    pub store: Store,
+    dedup: RefCell<DedupWriter>,
+    peers: Vec<DedupReader>,
+    in_flight: RefCell<HashSet<EventId>>,
+    open: RefCell<Batch>,
+    spare: RefCell<Vec<Batch>>,
+    batches_in_flight: Cell<usize>,
+    pub stats: RefCell<Stats>,
+    pub latency: RefCell<Latency>,
+    redis_up: Cell<bool>,
+    /// Opened when the shard stops taking frames.
+    pub stopping: Latch,
+    /// Opened when the drain deadline passes: calls still in Redis are answered RETRY.
+    abandon: Latch,
+    /// Wakes `linger_loop` when a batch opens or a call completes.
+    linger: Notify,
+    /// Wakes the drain when the last batch completes.
+    drained: Notify,
+    pub tcp_connections_open: Cell<usize>,
+    pub tcp_closed: Notify,
+}
+
+impl Shard {
+    pub fn new(
+        index: usize,
+        config: Arc<Config>,
+        udp: UdpSocket,
+        store: Store,
+        dedup: DedupWriter,
+        peers: Vec<DedupReader>,
+    ) -> Shard {
+        let batches: Vec<Batch> = (0..config.batches_in_flight_max)
+            .map(|_| Batch::new(config.batch_events_max))
+            .collect();
+        let in_flight = HashSet::with_capacity(config.inflight_events_max());
+        Shard {
+            index,
+            udp,
+            store,
+            dedup: RefCell::new(dedup),
+            peers,
+            in_flight: RefCell::new(in_flight),
+            open: RefCell::new(Batch::new(config.batch_events_max)),
+            spare: RefCell::new(batches),
+            batches_in_flight: Cell::new(0),
+            stats: RefCell::new(Stats::default()),
+            latency: RefCell::new(Latency::default()),
+            redis_up: Cell::new(false),
+            stopping: Latch::default(),
+            abandon: Latch::default(),
+            linger: Notify::default(),
+            drained: Notify::default(),
+            tcp_connections_open: Cell::new(0),
+            tcp_closed: Notify::default(),
+            config,
+        }
+    }
+
+    /// Parses one whole frame and decides its fate: `Some` is the answer to
+    /// send now, `None` means it joined a batch and is answered later.
+    pub fn take_frame(
+        self: &Rc<Self>,
+        frame: &[u8],
+        header: Header,
+        route: &Route,
+        received_at: Instant,
+        recv_us: u64,
+    ) -> Option<Status> {
+        debug_assert_eq!(frame.len(), header.frame_bytes);
+        match parse(frame) {
+            Ok(action) => {
+                debug_assert_eq!(action.id, header.id);
+                self.admit(&action, route, received_at, recv_us)
+            }
+            Err(_reason) => {
+                self.stats.borrow_mut().rejected += 1;
+                Some(Status::Rejected)
+            }
+        }
+    }
+
+    fn admit(
+        self: &Rc<Self>,
+        action: &crate::frame::Action<'_>,
+        route: &Route,
+        received_at: Instant,
+        recv_us: u64,
+    ) -> Option<Status> {
+        let id = action.id;
+        let mut stats = self.stats.borrow_mut();
+        if self.stopping.is_open() {
+            stats.retry_shutting_down += 1;
+            return Some(Status::Retry);
+        }
+        if self.dedup.borrow_mut().contains(id) {
+            stats.duplicate_own_cache += 1;
+            return Some(Status::Duplicate);
+        }
+        if self.in_flight.borrow().contains(&id) {
+            stats.retry_in_flight_copy += 1;
+            return Some(Status::Retry);
+        }
+        if self.peers.iter().any(|peer| peer.contains(id)) {
+            stats.duplicate_peer_cache += 1;
+            return Some(Status::Duplicate);
+        }
+        if !self.redis_up.get() {
+            stats.retry_redis += 1;
+            return Some(Status::Retry);
+        }
+        if self.open.borrow().is_full() {
+            // Full and not sent: every in-flight slot is taken.
+            stats.retry_overload += 1;
+            return Some(Status::Retry);
+        }
+        drop(stats);
+        let partition = (id.player_id % u64::from(self.config.partitions)) as u32;
+        let mut open = self.open.borrow_mut();
+        open.push(action, partition, recv_us, route.clone(), received_at);
+        let (is_full, is_first) = (open.is_full(), open.len() == 1);
+        drop(open);
+        let inserted = self.in_flight.borrow_mut().insert(id);
+        assert!(inserted, "an id in flight was answered RETRY above");
+        debug_assert!(self.in_flight.borrow().len() <= self.config.inflight_events_max());
+        if is_full {
+            self.flush();
+        } else if is_first {
+            self.linger.notify();
+        }
+        None
+    }
+
+    /// Sends the open batch if it has events and an in-flight slot is free.
+    pub fn flush(self: &Rc<Self>) {
+        if self.open.borrow().is_empty() || self.batches_in_flight.get() >= self.config.batches_in_flight_max {
+            return;
+        }
+        let spare = self
+            .spare
+            .borrow_mut()
+            .pop()
+            .expect("one spare batch per free in-flight slot");
+        let batch = self.open.replace(spare);
+        self.batches_in_flight.set(self.batches_in_flight.get() + 1);
+        let shard = Rc::clone(self);
+        glommio::spawn_local(async move { shard.send(batch).await }).detach();
+    }
+
+    async fn send(self: Rc<Self>, mut batch: Batch) {
+        let blob = batch.take_blob();
+        let event_count = batch.len();
+        let started = Instant::now();
+        let mut outcomes = std::mem::take(batch.outcomes_mut());
+        let call = self.store.dedup_append(event_count, blob, &mut outcomes);
+        let abandoned = async {
+            self.abandon.wait().await;
+            Err(crate::store::StoreError::abandoned())
+        };
+        let result = futures_lite::future::or(call, abandoned).await;
+        self.latency.borrow_mut().record_redis_round_trip(started.elapsed());
+        *batch.outcomes_mut() = outcomes;
+        {
+            let mut stats = self.stats.borrow_mut();
+            stats.batches_sent += 1;
+            stats.batch_events_total += event_count as u64;
+            stats.redis_errors += u64::from(result.is_err());
+        }
+        self.complete(&mut batch, result.is_ok());
+        self.answer(&batch).await;
+        batch.finish();
+        self.spare.borrow_mut().push(batch);
+        self.batches_in_flight.set(self.batches_in_flight.get() - 1);
+        if self.batches_in_flight.get() == 0 {
+            self.drained.notify();
+        }
+        self.linger.notify();
+    }
+
+    /// Bookkeeping for a finished call, before any answer goes out: a copy
+    /// arriving while answers are being sent already sees the cache.
+    fn complete(&self, batch: &mut Batch, stored: bool) {
+        let mut dedup = self.dedup.borrow_mut();
+        let mut in_flight = self.in_flight.borrow_mut();
+        let mut stats = self.stats.borrow_mut();
+        let (events, outcomes, statuses) = batch.resolution_parts();
+        statuses.clear();
+        for (index, event) in events.iter().enumerate() {
+            let removed = in_flight.remove(&event.id);
+            assert!(removed, "every batched id is in flight until its call completes");
+            let status = match (stored, outcomes.get(index)) {
+                (true, Some(Outcome::Appended)) => Status::Accepted,
+                (true, Some(Outcome::AlreadyStored)) => Status::Duplicate,
+                _ => Status::Retry,
+            };
+            match status {
+                Status::Accepted => stats.accepted += 1,
+                Status::Duplicate => stats.duplicate_redis += 1,
+                _ => stats.retry_redis += 1,
+            }
+            if status != Status::Retry {
+                dedup.insert(event.id);
+            }
+            statuses.push(status);
+        }
+        debug_assert_eq!(statuses.len(), events.len());
+    }
+
+    /// Sends every answer of a completed batch, coalescing UDP acks per source.
+    async fn answer(&self, batch: &Batch) {
+        let mut reply = UdpReply::default();
+        let now = Instant::now();
+        for (event, &status) in batch.events().iter().zip(batch.statuses()) {
+            self.latency.borrow_mut().record_intake_to_ack(event.received_at, now);
+            match &event.route {
+                Route::Udp(source) => {
+                    if !reply.accepts(*source) {
+                        self.send_udp_reply(&mut reply).await;
+                    }
+                    reply.push(*source, status, event.id);
+                }
+                Route::Tcp(connection) => connection.push_ack(status, event.id),
+            }
+        }
+        self.send_udp_reply(&mut reply).await;
+    }
+
+    pub async fn send_udp_reply(&self, reply: &mut UdpReply) {
+        if let Some((destination, bytes)) = reply.take() {
+            if self.udp.send_to(bytes, destination).await.is_err() {
+                self.stats.borrow_mut().reply_errors += 1;
+            }
+        }
+    }
+
+    /// Sends the open batch once it has lingered long enough. Full batches are
+    /// sent by `admit` at once; this catches the quiet periods.
+    pub async fn linger_loop(self: Rc<Self>) {
+        let linger = Duration::from_micros(self.config.batch_linger_us);
+        loop {
+            let opened_at = self.open.borrow().opened_at();
+            let Some(opened_at) = opened_at else {
+                if self.stopping.is_open() && self.batches_in_flight.get() == 0 {
+                    return;
+                }
+                self.linger.wait().await;
+                continue;
+            };
+            let due = opened_at + linger;
+            let now = Instant::now();
+            if now < due && !self.stopping.is_open() {
+                glommio::timer::sleep(due - now).await;
+                continue;
+            }
+            self.flush();
+            if !self.open.borrow().is_empty() {
+                // Every slot is taken; a completing call wakes us.
+                self.linger.wait().await;
+            }
+        }
+    }
+
+    /// Keeps the Redis-up flag fresh and notices the process-wide stop.
+    pub async fn tick_loop(self: Rc<Self>, stop: Arc<std::sync::atomic::AtomicBool>) {
+        let period = Duration::from_millis(crate::limits::SHUTDOWN_POLL_MS);
+        loop {
+            self.redis_up.set(self.store.is_connected());
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                self.stopping.open();
+                self.linger.notify();
+                return;
+            }
+            glommio::timer::sleep(period).await;
+        }
+    }
+
+    /// After intake stopped: waits for calls in flight, up to the drain
+    /// deadline, then answers RETRY for whatever is left.
+    pub async fn drain(self: &Rc<Self>, deadline: Instant) -> usize {
+        debug_assert!(self.stopping.is_open());
+        let held_events = self.in_flight.borrow().len();
+        loop {
+            self.flush();
+            if self.batches_in_flight.get() == 0 && self.open.borrow().is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.abandon.open();
+            }
+            if self.abandon.is_open() {
+                self.drained.wait().await;
+            } else {
+                futures_lite::future::or(self.drained.wait(), glommio::timer::sleep(deadline - now)).await;
+            }
+        }
+        debug_assert!(self.in_flight.borrow().is_empty());
+        held_events
+    }
+
+    pub fn dedup_len_events(&self) -> usize {
+        self.dedup.borrow().len_events()
+    }
+}

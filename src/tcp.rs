@@ -1,0 +1,212 @@
+//! TCP intake: a stream of frames per connection, acks back on the same one.
+//!
+//! A connection may carry many players (a game server forwarding for them), so
+//! frames span reads and answers come back in any order. Each connection has a
+//! reader and a writer task on two handles of the same socket (`sys.rs`).
+//!
+//! Bounds: the reader stops reading once `TCP_UNACKED_FRAMES_MAX` frames are
+//! unanswered, which pushes back on the sender through TCP's window and caps
+//! the outbox; a shard holds at most `tcp_connections_per_shard` connections
+//! and closes any more at accept. A header that does not parse, or a
+//! payload_len over the limit, ends the connection: the stream cannot be
+//! resynced. Answers already owed are still written first.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::frame::{check, encode_ack, CheckError, EventId, Status, ACK_BYTES};
+use crate::limits::{TCP_OUTBOX_BYTES, TCP_READ_BUFFER_BYTES, TCP_UNACKED_FRAMES_MAX};
+use crate::notify::Notify;
+use crate::reply::Route;
+use crate::shard::Shard;
+use crate::udp::unix_now_us;
+
+/// A peer that does not read its acks for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The state a connection's reader, writer and in-flight batches share.
+pub struct Connection {
+    outbox: RefCell<Vec<u8>>,
+    /// Frames read whose answer is not yet written to the socket.
+    unacked_frames: Cell<usize>,
+    reading_done: Cell<bool>,
+    broken: Cell<bool>,
+    writer_wake: Notify,
+    reader_wake: Notify,
+}
+
+impl Connection {
+    fn new() -> Connection {
+        Connection {
+            outbox: RefCell::new(Vec::with_capacity(TCP_OUTBOX_BYTES)),
+            unacked_frames: Cell::new(0),
+            reading_done: Cell::new(false),
+            broken: Cell::new(false),
+            writer_wake: Notify::default(),
+            reader_wake: Notify::default(),
+        }
+    }
+
+    /// Queues one answer. Never grows the outbox: the reader's bound on
+    /// unanswered frames keeps it within its capacity.
+    pub fn push_ack(&self, status: Status, id: EventId) {
+        if self.broken.get() {
+            return;
+        }
+        let mut outbox = self.outbox.borrow_mut();
+        assert!(
+            outbox.len() + ACK_BYTES <= TCP_OUTBOX_BYTES,
+            "unacked frames are bounded below the outbox"
+        );
+        outbox.extend_from_slice(&encode_ack(status, id));
+        drop(outbox);
+        self.writer_wake.notify();
+    }
+}
+
+/// A listener in the shared SO_REUSEPORT group (glommio sets the option).
+pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(address).map_err(std::io::Error::from)
+}
+
+/// Accepts until the shard stops.
+pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        let accept = async { Some(listener.accept().await) };
+        let stop = async {
+            shard.stopping.wait().await;
+            None
+        };
+        let Some(accepted) = futures_lite::future::or(stop, accept).await else {
+            return;
+        };
+        let Ok(stream) = accepted else {
+            // Out of descriptors or a connection reset before accept: back off
+            // briefly instead of spinning.
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+            continue;
+        };
+        if shard.tcp_connections_open.get() >= shard.config.tcp_connections_per_shard {
+            shard.stats.borrow_mut().tcp_refused_at_limit += 1;
+            continue;
+        }
+        shard.stats.borrow_mut().tcp_accepted += 1;
+        shard.tcp_connections_open.set(shard.tcp_connections_open.get() + 1);
+        glommio::spawn_local(serve_connection(Rc::clone(&shard), stream)).detach();
+    }
+}
+
+async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let connection = Rc::new(Connection::new());
+    if let Ok(writer_stream) = crate::sys::duplicate_stream(&stream) {
+        let _ = writer_stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        let writer = glommio::spawn_local(write_acks(Rc::clone(&connection), writer_stream));
+        read_frames(&shard, &connection, stream).await;
+        connection.reading_done.set(true);
+        connection.writer_wake.notify();
+        writer.await;
+    }
+    shard.tcp_connections_open.set(shard.tcp_connections_open.get() - 1);
+    shard.tcp_closed.notify();
+}
+
+/// Reads and admits frames until the peer closes, the stream breaks, the
+/// bytes stop making sense, or the shard stops.
+async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream: TcpStream) {
+    let route = Route::Tcp(Rc::clone(connection));
+    let mut buffer = vec![0u8; TCP_READ_BUFFER_BYTES];
+    let mut filled_bytes = 0;
+    loop {
+        while connection.unacked_frames.get() >= TCP_UNACKED_FRAMES_MAX && !connection.broken.get() {
+            let stop = shard.stopping.wait();
+            futures_lite::future::or(connection.reader_wake.wait(), stop).await;
+            if shard.stopping.is_open() {
+                return;
+            }
+        }
+        let read = async { Some(stream.read(&mut buffer[filled_bytes..]).await) };
+        let stop = async {
+            shard.stopping.wait().await;
+            None
+        };
+        let Some(Ok(read_bytes)) = futures_lite::future::or(stop, read).await else {
+            return;
+        };
+        if read_bytes == 0 || connection.broken.get() {
+            return;
+        }
+        shard.stats.borrow_mut().bytes_received += read_bytes as u64;
+        filled_bytes += read_bytes;
+        let Some(consumed_bytes) = take_frames(shard, connection, &route, &buffer[..filled_bytes]) else {
+            shard.stats.borrow_mut().unparseable += 1;
+            return;
+        };
+        buffer.copy_within(consumed_bytes..filled_bytes, 0);
+        filled_bytes -= consumed_bytes;
+    }
+}
+
+/// Admits every whole frame at the front of `data`; returns the bytes used,
+/// or `None` if the stream cannot go on.
+fn take_frames(shard: &Rc<Shard>, connection: &Connection, route: &Route, data: &[u8]) -> Option<usize> {
+    let received_at = Instant::now();
+    let recv_us = unix_now_us();
+    let mut offset = 0;
+    let mut frames = 0;
+    let result = loop {
+        let rest = &data[offset..];
+        match check(rest) {
+            Ok(header) => {
+                frames += 1;
+                connection.unacked_frames.set(connection.unacked_frames.get() + 1);
+                let frame = &rest[..header.frame_bytes];
+                if let Some(status) = shard.take_frame(frame, header, route, received_at, recv_us) {
+                    connection.push_ack(status, header.id);
+                }
+                offset += header.frame_bytes;
+            }
+            Err(CheckError::HeaderIncomplete | CheckError::FrameIncomplete(_)) => break Some(offset),
+            Err(CheckError::Unparseable | CheckError::PayloadTooLong(_)) => break None,
+        }
+    };
+    shard.stats.borrow_mut().frames_received += frames;
+    result
+}
+
+/// Writes answers as they come, until the reader is done and nothing is owed.
+async fn write_acks(connection: Rc<Connection>, mut stream: TcpStream) {
+    let mut sending: Vec<u8> = Vec::with_capacity(TCP_OUTBOX_BYTES);
+    loop {
+        if connection.outbox.borrow().is_empty() {
+            if connection.reading_done.get() && connection.unacked_frames.get() == 0 {
+                break;
+            }
+            connection.writer_wake.wait().await;
+            continue;
+        }
+        std::mem::swap(&mut *connection.outbox.borrow_mut(), &mut sending);
+        if stream.write_all(&sending).await.is_err() {
+            connection.broken.set(true);
+            connection.reader_wake.notify();
+            return;
+        }
+        debug_assert_eq!(sending.len() % ACK_BYTES, 0);
+        let acks_written = sending.len() / ACK_BYTES;
+        assert!(
+            acks_written <= connection.unacked_frames.get(),
+            "every ack answers a frame read"
+        );
+        connection
+            .unacked_frames
+            .set(connection.unacked_frames.get() - acks_written);
+        sending.clear();
+        connection.reader_wake.notify();
+    }
+    let _ = stream.close().await;
+}

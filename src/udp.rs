@@ -1,0 +1,115 @@
+//! UDP intake: datagrams in, frames out, immediate answers back.
+//!
+//! A datagram carries one or more whole frames. Each frame the header of which
+//! parses gets exactly one answer; the first bytes that do not form a frame end
+//! the datagram: unparseable bytes get no answer (counted), and a frame that is
+//! too long or cut short is REJECTED by its id. Immediate answers for one
+//! datagram are coalesced into as few reply datagrams as the MTU allows.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Instant, SystemTime};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::frame::{check, CheckError, EventId, Status};
+use crate::limits::{DATAGRAM_BYTES_MAX, UDP_SOCKET_BUFFER_BYTES};
+use crate::reply::{Route, UdpReply};
+use crate::shard::Shard;
+
+/// A UDP socket in the shared SO_REUSEPORT group on `address`.
+pub fn bind(address: SocketAddr) -> std::io::Result<glommio::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(address), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
+    // Larger buffers absorb a burst while the shard is busy; the kernel caps
+    // them at net.core.{r,w}mem_max, which scripts/tune-host.sh raises.
+    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES);
+    socket.bind(&address.into())?;
+    Ok(glommio::net::UdpSocket::from(socket))
+}
+
+pub fn unix_now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Receives until the shard stops.
+pub async fn serve(shard: Rc<Shard>) {
+    let mut datagram = vec![0u8; DATAGRAM_BYTES_MAX];
+    let mut reply = Box::<UdpReply>::default();
+    loop {
+        let receive = async { Some(shard.udp.recv_from(&mut datagram).await) };
+        let stop = async {
+            shard.stopping.wait().await;
+            None
+        };
+        let Some(received) = futures_lite::future::or(stop, receive).await else {
+            return;
+        };
+        let Ok((length_bytes, source)) = received else {
+            // ICMP errors from earlier replies surface here; they concern one
+            // client, never the socket.
+            continue;
+        };
+        let data = &datagram[..length_bytes];
+        handle_datagram(&shard, data, source, &mut reply).await;
+    }
+}
+
+async fn handle_datagram(shard: &Rc<Shard>, data: &[u8], source: SocketAddr, reply: &mut UdpReply) {
+    let received_at = Instant::now();
+    let recv_us = unix_now_us();
+    let route = Route::Udp(source);
+    let mut offset = 0;
+    let mut frames = 0u64;
+    while offset < data.len() {
+        let rest = &data[offset..];
+        let (answer, consumed_bytes) = match check(rest) {
+            Ok(header) => {
+                frames += 1;
+                let frame = &rest[..header.frame_bytes];
+                let status = shard.take_frame(frame, header, &route, received_at, recv_us);
+                (status.map(|status| (status, header.id)), header.frame_bytes)
+            }
+            Err(error) => {
+                let rejected = rejected_id(error);
+                let mut stats = shard.stats.borrow_mut();
+                match rejected {
+                    Some(_) => {
+                        frames += 1;
+                        stats.rejected += 1;
+                    }
+                    None => stats.unparseable += 1,
+                }
+                (rejected.map(|id| (Status::Rejected, id)), rest.len())
+            }
+        };
+        offset += consumed_bytes;
+        if let Some((status, id)) = answer {
+            if !reply.accepts(source) {
+                shard.send_udp_reply(reply).await;
+            }
+            reply.push(source, status, id);
+        }
+    }
+    debug_assert_eq!(offset, data.len());
+    {
+        let mut stats = shard.stats.borrow_mut();
+        stats.frames_received += frames;
+        stats.bytes_received += data.len() as u64;
+    }
+    shard.send_udp_reply(reply).await;
+}
+
+/// The bytes that end a datagram get a REJECTED answer by id when the header
+/// parsed, and no answer when it did not.
+fn rejected_id(error: CheckError) -> Option<EventId> {
+    match error {
+        CheckError::FrameIncomplete(header) => Some(header.id),
+        CheckError::PayloadTooLong(id) => Some(id),
+        CheckError::HeaderIncomplete | CheckError::Unparseable => None,
+    }
+}
