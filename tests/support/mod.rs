@@ -1279,7 +1279,7 @@ pub fn deliver_all(
         let frames = frames.clone();
         let known = known.clone();
         let opts = opts.clone();
-        let seed = opts.seed ^ ((ch as u64 + 1) * 0x9E37_79B9_7F4A_7C15);
+        let seed = opts.seed ^ (ch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let events_keys: Vec<Key> = mine.iter().map(|&(_, ei)| events[ei].key()).collect();
         handles.push(thread::spawn(move || {
             run_channel(
@@ -1631,7 +1631,7 @@ impl Firehose {
         let mut readers = Vec::new();
         let per_chan_rate = (opts.rate_per_sec as f64 / n_chans as f64).max(1.0);
         for ch in 0..n_chans {
-            let seed = opts.seed ^ ((ch as u64 + 1) * 0xA076_1D64_78BD_642F);
+            let seed = opts.seed ^ (ch as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F);
             let opts = opts.clone();
             let shared2 = shared.clone();
             let stop2 = stop_send.clone();
