@@ -150,12 +150,14 @@ impl fmt::Display for Status {
 /// Why `check` could not find a whole frame at the front of a buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CheckError {
-    /// Fewer than HEADER_BYTES bytes: more may arrive (TCP); on UDP it is a truncated tail (no ack).
+    /// Fewer than HEADER_BYTES bytes, all consistent with a frame so far: more may arrive (TCP);
+    /// on UDP it is a truncated tail (no ack).
     HeaderIncomplete,
     /// Header whole and valid, frame not: `Header::frame_bytes` says how long it will be.
     /// TCP: read more. UDP: answer REJECTED (length) using header.id, drop the rest of the datagram.
     FrameIncomplete(Header),
-    /// Wrong magic, version or kind: no boundary can be trusted. UDP: no ack, drop rest. TCP: close.
+    /// Wrong magic, version or kind (seen as soon as those bytes are present): no boundary can be
+    /// trusted. UDP: no ack, drop rest. TCP: close.
     Unparseable,
     /// payload_len > PAYLOAD_BYTES_MAX. UDP: REJECTED (length) with this id, drop rest. TCP: close.
     PayloadTooLong(EventId),
@@ -276,9 +278,20 @@ pub fn crc(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
 }
 
+/// magic, version and kind: the first four bytes of every ACTION frame.
+const PREFIX: [u8; 4] = [MAGIC[0], MAGIC[1], VERSION, KIND_ACTION];
+
 /// Cheap structural check (magic, version, kind, payload_len, flags' auth bit for the length):
-/// reads only the fixed header fields, no CRC. Never panics on any input.
+/// reads only the fixed header fields, no CRC. Never panics on any input. Fewer than
+/// `HEADER_BYTES` bytes are `HeaderIncomplete` unless the bytes present already show a wrong
+/// magic, version or kind, which is `Unparseable` at once.
 pub fn check(buf: &[u8]) -> Result<Header, CheckError> {
+    // Garbage is known as soon as its first bytes arrive: a TCP peer that sends
+    // a few wrong bytes and waits is closed at once instead of held open.
+    let visible_bytes = buf.len().min(PREFIX.len());
+    if buf[..visible_bytes] != PREFIX[..visible_bytes] {
+        return Err(CheckError::Unparseable);
+    }
     let Some(header_bytes) = buf.first_chunk::<HEADER_BYTES>() else {
         return Err(CheckError::HeaderIncomplete);
     };

@@ -113,9 +113,14 @@ pub fn percentile_distribution(histogram: &Histogram<u64>) -> String {
         text,
         "#[Buckets = {:12}, SubBuckets     = {:12}]",
         histogram.buckets(),
-        histogram.distinct_values()
+        sub_bucket_count()
     );
     text
+}
+
+/// HdrHistogram's sub-bucket count for our precision, as its footer reports it.
+fn sub_bucket_count() -> u64 {
+    (2 * 10u64.pow(u32::from(HISTOGRAM_SIGNIFICANT_DIGITS))).next_power_of_two()
 }
 
 /// The files for one run; see the module doc for their names.

@@ -249,7 +249,8 @@ fn readers_on_other_threads_see_published_ids_and_never_see_absent_ids_during_ch
     const CHURN_STEPS_MAX: u64 = 3_000_000;
     const WRITER_TIME_MAX: Duration = Duration::from_secs(3);
     const PROTECTED_IDS: usize = 40_000;
-    const HOT_PROTECTED_IDS: usize = 64;
+    const HOT_PROTECTED_IDS: usize = 8;
+    const TOUCHES_PER_STEP: usize = 1;
     const READER_THREADS: u64 = 2;
 
     let seed = TestSeed::new();
@@ -302,9 +303,9 @@ fn readers_on_other_threads_see_published_ids_and_never_see_absent_ids_during_ch
                     published += 1;
                     published_count.store(published, Ordering::Release);
                 }
-                if step % 2 == 0 && published > 0 {
-                    // Reorders a protected bucket under the readers' feet.
-                    let range = if rng.gen() {
+                for _ in 0..TOUCHES_PER_STEP.min(published) {
+                    // Reorders a protected bucket under the readers' feet, mostly a few hot ones.
+                    let range = if rng.gen_ratio(3, 4) {
                         published.min(HOT_PROTECTED_IDS)
                     } else {
                         published
@@ -332,7 +333,7 @@ fn readers_on_other_threads_see_published_ids_and_never_see_absent_ids_during_ch
                 while !writer_done.load(Ordering::Acquire) {
                     let published = published_count.load(Ordering::Acquire);
                     if published > 0 {
-                        let range = if rng.gen() {
+                        let range = if rng.gen_ratio(3, 4) {
                             published.min(HOT_PROTECTED_IDS)
                         } else {
                             published

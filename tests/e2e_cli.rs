@@ -33,11 +33,9 @@ const FLAGS: &[(&str, Option<&str>)] = &[
 /// The help block of one flag: its line and the indented lines after it, up to the next flag.
 fn flag_block(help: &str, flag: &str) -> Option<String> {
     let lines: Vec<&str> = help.lines().collect();
-    let start = lines.iter().position(|l| {
-        l.trim_start()
-            .split([' ', ',', '='])
-            .any(|word| word == flag)
-    })?;
+    let start = lines
+        .iter()
+        .position(|l| l.trim_start().split([' ', ',', '=']).any(|word| word == flag))?;
     let mut block = vec![lines[start]];
     for l in &lines[start + 1..] {
         let t = l.trim_start();
@@ -51,8 +49,7 @@ fn flag_block(help: &str, flag: &str) -> Option<String> {
 
 fn assert_help_lists_flags(help: &str, what: &str) {
     for (flag, default) in FLAGS {
-        let block = flag_block(help, flag)
-            .unwrap_or_else(|| panic!("{what} does not mention {flag}:\n{help}"));
+        let block = flag_block(help, flag).unwrap_or_else(|| panic!("{what} does not mention {flag}:\n{help}"));
         if let Some(d) = default {
             let words: HashSet<&str> = block
                 .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
@@ -65,7 +62,10 @@ fn assert_help_lists_flags(help: &str, what: &str) {
     }
     for mode in ["pinned", "fenced"] {
         let block = flag_block(help, "--placement").expect("--placement");
-        assert!(block.contains(mode), "{what}: --placement does not name {mode}:\n{block}");
+        assert!(
+            block.contains(mode),
+            "{what}: --placement does not name {mode}:\n{block}"
+        );
     }
 }
 
@@ -190,10 +190,7 @@ fn core_range_runs_one_shard_per_core() {
     let url = format!("redis://127.0.0.1:{}", free_port());
     let mut server = Server::builder(&url).cores("0-1").start();
     assert_eq!(server.shards(), 2, "serving line: {:?}", server.stderr_lines());
-    let fenced = Server::builder(&url)
-        .cores("0,1")
-        .arg("--placement", "fenced")
-        .start();
+    let fenced = Server::builder(&url).cores("0,1").arg("--placement", "fenced").start();
     assert_eq!(fenced.shards(), 2);
     server.terminate();
     assert!(server.wait_exit(Duration::from_secs(10)).success());
@@ -275,8 +272,7 @@ fn config_file_is_honoured_and_flags_win() {
     );
     let keys = stream_keys(&mut conn);
     assert!(
-        keys.iter()
-            .all(|k| k.starts_with("cfg:{") || k.starts_with("flg:{")),
+        keys.iter().all(|k| k.starts_with("cfg:{") || k.starts_with("flg:{")),
         "unexpected streams: {keys:?}"
     );
 }
@@ -347,10 +343,7 @@ fn harness_redis_kill_restart_keeps_aof() {
     redis.restart();
     assert_eq!(redis.port(), port);
     let mut conn = redis.connection();
-    let n: u64 = redis::cmd("XLEN")
-        .arg("t:{0}:events")
-        .query(&mut conn)
-        .expect("XLEN");
+    let n: u64 = redis::cmd("XLEN").arg("t:{0}:events").query(&mut conn).expect("XLEN");
     assert_eq!(n, 50, "AOF did not keep acknowledged writes; log:\n{}", redis.log());
 
     redis.pause();

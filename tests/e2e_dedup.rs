@@ -49,7 +49,11 @@ fn every_event_stored_exactly_once_across_shards_and_transports() {
     );
     let ctx = format!("seed {seed}; {}", report.summary());
 
-    assert!(report.foreign_acks.is_empty(), "acks for ids never sent: {:?}; {ctx}", &report.foreign_acks[..report.foreign_acks.len().min(5)]);
+    assert!(
+        report.foreign_acks.is_empty(),
+        "acks for ids never sent: {:?}; {ctx}",
+        &report.foreign_acks[..report.foreign_acks.len().min(5)]
+    );
     assert_eq!(report.counts.rejected, 0, "valid frames were REJECTED; {ctx}");
     let unresolved = report.unresolved();
     assert!(

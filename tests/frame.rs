@@ -209,13 +209,19 @@ fn vector_ack_duplicate() {
 
 // ---- CheckError variants ----
 
-// Anything shorter than the header is HeaderIncomplete, even when it is garbage.
+// A valid prefix shorter than the header is HeaderIncomplete; a short prefix that is already wrong is Unparseable.
 #[test]
 fn check_header_incomplete() {
     let frame = hex(VECTOR_2_DIG);
     assert_eq!(check(&[]), Err(CheckError::HeaderIncomplete));
-    assert_eq!(check(&frame[..HEADER_BYTES - 1]), Err(CheckError::HeaderIncomplete));
-    assert_eq!(check(&[0xFF; 10]), Err(CheckError::HeaderIncomplete));
+    for length in 1..HEADER_BYTES {
+        assert_eq!(check(&frame[..length]), Err(CheckError::HeaderIncomplete), "prefix of {length} bytes");
+    }
+    assert_eq!(check(&[0xFF; 10]), Err(CheckError::Unparseable));
+    assert_eq!(check(b"S"), Err(CheckError::HeaderIncomplete));
+    assert_eq!(check(b"SX"), Err(CheckError::Unparseable));
+    assert_eq!(check(&[b'S', b'G', 2]), Err(CheckError::Unparseable));
+    assert_eq!(check(&[b'S', b'G', 1, 2]), Err(CheckError::Unparseable));
 }
 
 // A whole header with a cut body is FrameIncomplete carrying the id and the full length.

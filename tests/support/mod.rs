@@ -432,11 +432,7 @@ impl ServerBuilder {
     }
 }
 
-fn spawn_line_reader<R: Read + Send + 'static>(
-    pipe: R,
-    sink: Arc<Mutex<Vec<String>>>,
-    tag: String,
-) -> JoinHandle<()> {
+fn spawn_line_reader<R: Read + Send + 'static>(pipe: R, sink: Arc<Mutex<Vec<String>>>, tag: String) -> JoinHandle<()> {
     thread::spawn(move || {
         let mut reader = BufReader::new(pipe);
         let mut buf = Vec::new();
@@ -445,9 +441,7 @@ fn spawn_line_reader<R: Read + Send + 'static>(
             match reader.read_until(b'\n', &mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\n', '\r'])
-                        .to_string();
+                    let line = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_string();
                     eprintln!("{tag} {line}");
                     sink.lock().expect("lines lock").push(line);
                 }
@@ -479,17 +473,11 @@ impl Server {
     fn parse_serving_line(&mut self, line: &str) {
         for token in line.split_whitespace() {
             if let Some(v) = token.strip_prefix("udp=") {
-                self.udp = v
-                    .parse()
-                    .unwrap_or_else(|e| panic!("bad udp= in {line:?}: {e}"));
+                self.udp = v.parse().unwrap_or_else(|e| panic!("bad udp= in {line:?}: {e}"));
             } else if let Some(v) = token.strip_prefix("tcp=") {
-                self.tcp = v
-                    .parse()
-                    .unwrap_or_else(|e| panic!("bad tcp= in {line:?}: {e}"));
+                self.tcp = v.parse().unwrap_or_else(|e| panic!("bad tcp= in {line:?}: {e}"));
             } else if let Some(v) = token.strip_prefix("shards=") {
-                self.shards = v
-                    .parse()
-                    .unwrap_or_else(|e| panic!("bad shards= in {line:?}: {e}"));
+                self.shards = v.parse().unwrap_or_else(|e| panic!("bad shards= in {line:?}: {e}"));
             }
         }
         assert!(
@@ -855,8 +843,8 @@ pub fn parse_acks(bytes: &[u8]) -> Vec<AckMsg> {
     bytes
         .chunks(frame::ACK_BYTES)
         .map(|chunk| {
-            let ack = frame::decode_ack(chunk)
-                .unwrap_or_else(|e| panic!("server sent an invalid ack ({e}): {}", hex(chunk)));
+            let ack =
+                frame::decode_ack(chunk).unwrap_or_else(|e| panic!("server sent an invalid ack ({e}): {}", hex(chunk)));
             AckMsg {
                 status: match ack.status {
                     frame::Status::Accepted => St::Accepted,
@@ -1237,12 +1225,7 @@ struct ChanResult {
 /// Sends every event (each `min..=max` copies, spread over UDP sockets and TCP connections)
 /// and resends every copy that got RETRY or no answer, with backoff, until each copy was
 /// answered ACCEPTED or DUPLICATE (or REJECTED, which is final) or `total_timeout` passed.
-pub fn deliver_all(
-    udp: SocketAddr,
-    tcp: SocketAddr,
-    events: &[Event],
-    opts: &DeliverOpts,
-) -> DeliveryReport {
+pub fn deliver_all(udp: SocketAddr, tcp: SocketAddr, events: &[Event], opts: &DeliverOpts) -> DeliveryReport {
     let started = Instant::now();
     let n_chans = opts.udp_sockets + opts.tcp_conns;
     assert!(n_chans > 0, "deliver_all needs a UDP socket or a TCP connection");
@@ -1282,16 +1265,7 @@ pub fn deliver_all(
         let seed = opts.seed ^ (ch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let events_keys: Vec<Key> = mine.iter().map(|&(_, ei)| events[ei].key()).collect();
         handles.push(thread::spawn(move || {
-            run_channel(
-                chan,
-                mine,
-                events_keys,
-                frames,
-                known,
-                &opts,
-                deadline,
-                seed,
-            )
+            run_channel(chan, mine, events_keys, frames, known, &opts, deadline, seed)
         }));
     }
     let mut report = DeliveryReport {
@@ -1364,8 +1338,7 @@ fn run_channel(
     };
     let mut last_timeout_scan = Instant::now();
     let mut batch = Vec::new();
-    while (!ready.is_empty() || !delayed.is_empty() || inflight_n > 0) && Instant::now() < deadline
-    {
+    while (!ready.is_empty() || !delayed.is_empty() || inflight_n > 0) && Instant::now() < deadline {
         let now = Instant::now();
         delayed.retain(|&(at, li)| {
             if at <= now {
@@ -1478,8 +1451,7 @@ fn run_channel(
                 res.foreign.push(ack);
                 continue;
             }
-            let Some(li) = inflight.get_mut(&key).and_then(VecDeque::pop_front).map(|x| x.0)
-            else {
+            let Some(li) = inflight.get_mut(&key).and_then(VecDeque::pop_front).map(|x| x.0) else {
                 res.stray += 1;
                 continue;
             };
@@ -1517,11 +1489,7 @@ fn run_channel(
     if let Chan::Udp(client) = &chan {
         res.udp_drops = client.drops();
     }
-    res.finals = mine
-        .iter()
-        .enumerate()
-        .map(|(li, &(ci, _))| (ci, finals[li]))
-        .collect();
+    res.finals = mine.iter().enumerate().map(|(li, &(ci, _))| (ci, finals[li])).collect();
     res
 }
 
@@ -1638,8 +1606,7 @@ impl Firehose {
             if ch < opts.udp_sockets {
                 let sock = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
                 set_rcvbuf(sock.as_raw_fd(), 4 << 20);
-                sock.set_read_timeout(Some(Duration::from_millis(20)))
-                    .expect("timeout");
+                sock.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
                 let rsock = sock.try_clone().expect("clone udp");
                 let shared3 = shared.clone();
                 let stop_r = stop_read.clone();
@@ -1690,9 +1657,7 @@ impl Firehose {
                             Err(e)
                                 if matches!(
                                     e.kind(),
-                                    io::ErrorKind::WouldBlock
-                                        | io::ErrorKind::TimedOut
-                                        | io::ErrorKind::Interrupted
+                                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
                                 ) => {}
                             Err(_) => {
                                 shared3.tcp_closed_by_server.fetch_add(1, Ordering::Relaxed);
@@ -1741,9 +1706,7 @@ impl Firehose {
         for h in self.readers {
             drops += h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
         }
-        let shared = Arc::try_unwrap(self.shared)
-            .ok()
-            .expect("firehose threads are gone");
+        let shared = Arc::try_unwrap(self.shared).ok().expect("firehose threads are gone");
         FirehoseResult {
             events: shared.events.into_inner().expect("lock"),
             answers: shared.answers.into_inner().expect("lock"),
@@ -1803,12 +1766,7 @@ fn fire_loop(
                 Some(e) => e,
                 None => {
                     let i = shared.next.fetch_add(1, Ordering::Relaxed);
-                    let e = Event::random(
-                        &mut rng,
-                        opts.player_base + i % opts.players,
-                        i,
-                        opts.max_payload,
-                    );
+                    let e = Event::random(&mut rng, opts.player_base + i % opts.players, i, opts.max_payload);
                     shared.events.lock().expect("lock").push(e.clone());
                     e
                 }
@@ -1857,14 +1815,12 @@ fn bulk(v: &redis::Value, what: &str) -> Vec<u8> {
 }
 
 fn decimal<T: std::str::FromStr>(bytes: &[u8], what: &str) -> T {
-    let s = std::str::from_utf8(bytes)
-        .unwrap_or_else(|_| panic!("{what}: not UTF-8: {}", hex(bytes)));
+    let s = std::str::from_utf8(bytes).unwrap_or_else(|_| panic!("{what}: not UTF-8: {}", hex(bytes)));
     assert!(
         !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0')),
         "{what}: not canonical decimal ASCII: {s:?}"
     );
-    s.parse()
-        .unwrap_or_else(|_| panic!("{what}: out of range: {s:?}"))
+    s.parse().unwrap_or_else(|_| panic!("{what}: out of range: {s:?}"))
 }
 
 /// Every entry of `<prefix>:{p}:events` for p in 0..partitions (XRANGE - +, paged).
@@ -1891,7 +1847,7 @@ pub fn read_events(conn: &mut redis::Connection, prefix: &str, partitions: u64) 
             }
             for entry in &entries {
                 let (id, ev) = parse_entry(entry, &key, p);
-                start = format!("({id})");
+                start = format!("({id}");
                 out.push(ev);
             }
             if entries.len() < 1000 {
@@ -2152,18 +2108,12 @@ pub fn parse_hdr_percentiles(text: &str) -> Result<HdrSummary, String> {
     }
     let max = max.ok_or("no `#[Max = ...` footer")?;
     let total_count = match (footer_total, last) {
-        (Some(t), Some((_, _, c))) if t != c => {
-            return Err(format!("footer total count {t} != last row's count {c}"))
-        }
+        (Some(t), Some((_, _, c))) if t != c => return Err(format!("footer total count {t} != last row's count {c}")),
         (Some(t), _) => t,
         (None, Some((_, _, c))) => c,
         (None, None) => 0,
     };
-    Ok(HdrSummary {
-        rows,
-        total_count,
-        max,
-    })
+    Ok(HdrSummary { rows, total_count, max })
 }
 
 // ---------------------------------------------------------------------------------------
