@@ -215,7 +215,11 @@ fn check_header_incomplete() {
     let frame = hex(VECTOR_2_DIG);
     assert_eq!(check(&[]), Err(CheckError::HeaderIncomplete));
     for length in 1..HEADER_BYTES {
-        assert_eq!(check(&frame[..length]), Err(CheckError::HeaderIncomplete), "prefix of {length} bytes");
+        assert_eq!(
+            check(&frame[..length]),
+            Err(CheckError::HeaderIncomplete),
+            "prefix of {length} bytes"
+        );
     }
     assert_eq!(check(&[0xFF; 10]), Err(CheckError::Unparseable));
     assert_eq!(check(b"S"), Err(CheckError::HeaderIncomplete));
