@@ -1,0 +1,108 @@
+//! The hot path does not allocate: decoding a frame, the dedup lookups and
+//! inserts, encoding acks, and adding an event to a batch, checked with a
+//! counting global allocator over many thousands of operations.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use shardgate::batch::Batch;
+use shardgate::dedup::new_cache;
+use shardgate::frame::{check, encode_action, encode_ack, parse, ActionFields, EventId, Status};
+use shardgate::reply::{Route, UdpReply};
+
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every method forwards to the system allocator unchanged; the counter
+// is a side effect that does not touch the memory handed out.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(pointer, layout) }
+    }
+
+    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(pointer, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+/// Allocations made by this thread's test body are what we count; the test
+/// harness runs tests on other threads, so this file holds a single test.
+fn allocations_during(work: impl FnOnce()) -> u64 {
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    work();
+    ALLOCATIONS.load(Ordering::Relaxed) - before
+}
+
+fn prime(batch: &mut Batch, frames: &[u8]) {
+    let header = check(frames).expect("valid frames");
+    let action = parse(&frames[..header.frame_bytes]).expect("valid frames");
+    batch.push(&action, 0, 1, Route::Udp("127.0.0.1:9".parse().unwrap()), Instant::now());
+    drop(batch.take_blob());
+    batch.finish();
+}
+
+// Decode, dedup, ack encoding and batching of 20 000 events make zero heap allocations.
+#[test]
+fn hot_path_makes_no_allocations() {
+    const EVENTS: u64 = 20_000;
+    let payload = [7u8; 64];
+    let mut frames = Vec::with_capacity(EVENTS as usize * 104);
+    for seq in 0..EVENTS {
+        let fields =
+            ActionFields { id: EventId { player_id: seq % 997, seq }, client_time_us: seq, action_type: 3, payload: &payload };
+        encode_action(&fields, &mut frames);
+    }
+    let (mut writer, reader) = new_cache(1 << 16);
+    let batch_events_max = 256;
+    let mut batch = Batch::new(batch_events_max);
+    // The first send turns the blob buffer into a shared one (one allocation per batch, at start).
+    prime(&mut batch, &frames);
+    let route = Route::Udp("127.0.0.1:9".parse().unwrap());
+    let destination = "127.0.0.1:9".parse().unwrap();
+    let mut reply = UdpReply::default();
+    let received_at = Instant::now();
+    let mut acks_checksum = 0u64;
+
+    let allocations = allocations_during(|| {
+        let mut offset = 0;
+        while offset < frames.len() {
+            let header = check(&frames[offset..]).expect("valid frames");
+            let action = parse(&frames[offset..offset + header.frame_bytes]).expect("valid frames");
+            offset += header.frame_bytes;
+            if writer.contains(action.id) || reader.contains(action.id) {
+                continue;
+            }
+            batch.push(&action, (action.id.player_id % 16) as u32, 1, route.clone(), received_at);
+            writer.insert(action.id);
+            if !reply.accepts(destination) {
+                acks_checksum += reply.take().map(|(_, bytes)| bytes.len() as u64).unwrap_or(0);
+            }
+            reply.push(destination, Status::Accepted, action.id);
+            acks_checksum += u64::from(encode_ack(Status::Duplicate, action.id)[4]);
+            if batch.is_full() {
+                // What a send does: lend the blob to the Redis client, get it back after the call.
+                let blob = batch.take_blob();
+                acks_checksum += blob.len() as u64;
+                drop(blob);
+                batch.finish();
+            }
+        }
+    });
+    assert_eq!(allocations, 0, "the hot path allocated {allocations} times for {EVENTS} events");
+    assert!(acks_checksum > 0, "the loop did its work");
+    assert_eq!(writer.len_events() as u64, EVENTS.min(writer.capacity_events() as u64));
+}
