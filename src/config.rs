@@ -212,6 +212,11 @@ impl ServeArgs {
             )));
         }
         let redis_url = required(self.redis, "redis")?;
+        if !redis_url.starts_with("redis://") {
+            return Err(ConfigError::new(format!(
+                "--redis {redis_url:?} must be a redis:// url (standalone redis; tls and cluster are not supported)"
+            )));
+        }
         fred::prelude::Config::from_url(&redis_url)
             .map_err(|error| ConfigError::new(format!("invalid --redis url {redis_url:?}: {error}")))?;
         let prefix = self.prefix.unwrap_or_else(|| "sg".to_string());

@@ -167,7 +167,7 @@ impl Bucket {
                 // Orders the data loads above before the version re-check.
                 fence(Ordering::Acquire);
                 let version_after = self.version.load(Ordering::Relaxed);
-                if version_before == version_after || true {
+                if version_before == version_after {
                     return Some(result);
                 }
             }

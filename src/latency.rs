@@ -1,8 +1,9 @@
 //! HDR latency histograms, and the files they are written to on shutdown.
 //!
 //! Each shard records two histograms in microseconds: intake to ack (from the
-//! moment a datagram or read completed to the moment its answer was handed to
-//! the socket) and the Redis round trip of each script call. Recording is a
+//! moment a datagram or read completed to the moment its answer was decided:
+//! at once for cache hits, RETRY and REJECTED, after the Redis call for the
+//! rest, just before the answers are handed to the socket) and the Redis round trip of each script call. Recording is a
 //! few arithmetic operations into memory allocated at shard start.
 //!
 //! Files, for `--hdr-out DIR/NAME.hgrm`:

@@ -2,13 +2,13 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use shardgate::config::{Cli, Command};
 
 fn main() -> ExitCode {
     let Cli {
         command: Command::Serve(arguments),
-    } = Cli::parse();
+    } = parse_command_line();
     let config = match arguments.with_config_file().and_then(|arguments| arguments.resolve()) {
         Ok(config) => config,
         Err(error) => {
@@ -23,4 +23,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Clap's parse, with `serve`'s flags and defaults shown under `shardgate --help`
+/// too: operators look there first.
+fn parse_command_line() -> Cli {
+    let mut command = Cli::command();
+    let serve_help = command
+        .find_subcommand_mut("serve")
+        .map(|serve| serve.render_long_help().to_string());
+    if let Some(serve_help) = serve_help {
+        command = command.after_long_help(format!("`shardgate serve` options:\n\n{serve_help}"));
+    }
+    let matches = command.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
 }

@@ -115,7 +115,7 @@ impl Shard {
         recv_us: u64,
     ) -> Option<Status> {
         debug_assert_eq!(frame.len(), header.frame_bytes);
-        match parse(frame) {
+        let answer = match parse(frame) {
             Ok(action) => {
                 debug_assert_eq!(action.id, header.id);
                 self.admit(&action, route, received_at, recv_us)
@@ -124,7 +124,14 @@ impl Shard {
                 self.stats.borrow_mut().rejected += 1;
                 Some(Status::Rejected)
             }
+        };
+        if answer.is_some() {
+            // Answered now: the ack goes out with the rest of this read's answers.
+            self.latency
+                .borrow_mut()
+                .record_intake_to_ack(received_at, Instant::now());
         }
+        answer
     }
 
     fn admit(

@@ -32,6 +32,7 @@ use crate::script::{DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED};
 const RECONNECT_DELAY_MS_MIN: u32 = 10;
 const RECONNECT_DELAY_MS_MAX: u32 = 1_000;
 const CONNECT_TIMEOUT_MS: u64 = 1_000;
+const QUIT_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Keeps a Tokio time driver running for fred; see the module doc.
 pub struct TimeDriver {
@@ -153,8 +154,13 @@ impl Store {
         decode_outcomes(&reply, event_count, outcomes)
     }
 
+    /// Closes the connection; bounded, since a client still trying to connect
+    /// would otherwise wait out its connect timeout.
     pub async fn quit(&self) {
-        let _ = self.client.quit().await;
+        let quit = async {
+            let _ = self.client.quit().await;
+        };
+        futures_lite::future::or(quit, glommio::timer::sleep(QUIT_TIMEOUT)).await;
     }
 }
 

@@ -1,9 +1,12 @@
 //! UDP intake: datagrams in, frames out, immediate answers back.
 //!
-//! A datagram carries one or more whole frames. Each frame the header of which
-//! parses gets exactly one answer; the first bytes that do not form a frame end
-//! the datagram: unparseable bytes get no answer (counted), and a frame that is
-//! too long or cut short is REJECTED by its id. Immediate answers for one
+//! A datagram carries one or more whole frames. Each whole frame gets exactly
+//! one answer. The first bytes that do not form a whole frame end the
+//! datagram: a header announcing a payload over the limit is REJECTED by its
+//! id (the protocol's "length" reason); anything else (unparseable bytes, or a
+//! tail cut short, even after a whole header) gets no answer and is counted.
+//! A cut frame is not REJECTED because REJECTED tells a client never to resend
+//! it unchanged, and the same bytes, whole, would be a valid event. Immediate answers for one
 //! datagram are coalesced into as few reply datagrams as the MTU allows.
 
 use std::net::SocketAddr;
@@ -104,12 +107,11 @@ async fn handle_datagram(shard: &Rc<Shard>, data: &[u8], source: SocketAddr, rep
     shard.send_udp_reply(reply).await;
 }
 
-/// The bytes that end a datagram get a REJECTED answer by id when the header
-/// parsed, and no answer when it did not.
+/// The bytes that end a datagram get a REJECTED answer only when the header
+/// parsed and announces a payload over the limit; see the module doc.
 fn rejected_id(error: CheckError) -> Option<EventId> {
     match error {
-        CheckError::FrameIncomplete(header) => Some(header.id),
         CheckError::PayloadTooLong(id) => Some(id),
-        CheckError::HeaderIncomplete | CheckError::Unparseable => None,
+        CheckError::FrameIncomplete(_) | CheckError::HeaderIncomplete | CheckError::Unparseable => None,
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use shardgate::batch::Batch;
 use shardgate::dedup::new_cache;
-use shardgate::frame::{check, encode_action, encode_ack, parse, ActionFields, EventId, Status};
+use shardgate::frame::{check, encode_ack, encode_action, parse, ActionFields, EventId, Status};
 use shardgate::reply::{Route, UdpReply};
 
 struct CountingAllocator;
@@ -50,7 +50,13 @@ fn allocations_during(work: impl FnOnce()) -> u64 {
 fn prime(batch: &mut Batch, frames: &[u8]) {
     let header = check(frames).expect("valid frames");
     let action = parse(&frames[..header.frame_bytes]).expect("valid frames");
-    batch.push(&action, 0, 1, Route::Udp("127.0.0.1:9".parse().unwrap()), Instant::now());
+    batch.push(
+        &action,
+        0,
+        1,
+        Route::Udp("127.0.0.1:9".parse().unwrap()),
+        Instant::now(),
+    );
     drop(batch.take_blob());
     batch.finish();
 }
@@ -62,8 +68,15 @@ fn hot_path_makes_no_allocations() {
     let payload = [7u8; 64];
     let mut frames = Vec::with_capacity(EVENTS as usize * 104);
     for seq in 0..EVENTS {
-        let fields =
-            ActionFields { id: EventId { player_id: seq % 997, seq }, client_time_us: seq, action_type: 3, payload: &payload };
+        let fields = ActionFields {
+            id: EventId {
+                player_id: seq % 997,
+                seq,
+            },
+            client_time_us: seq,
+            action_type: 3,
+            payload: &payload,
+        };
         encode_action(&fields, &mut frames);
     }
     let (mut writer, reader) = new_cache(1 << 16);
@@ -86,7 +99,13 @@ fn hot_path_makes_no_allocations() {
             if writer.contains(action.id) || reader.contains(action.id) {
                 continue;
             }
-            batch.push(&action, (action.id.player_id % 16) as u32, 1, route.clone(), received_at);
+            batch.push(
+                &action,
+                (action.id.player_id % 16) as u32,
+                1,
+                route.clone(),
+                received_at,
+            );
             writer.insert(action.id);
             if !reply.accepts(destination) {
                 acks_checksum += reply.take().map(|(_, bytes)| bytes.len() as u64).unwrap_or(0);
@@ -102,7 +121,10 @@ fn hot_path_makes_no_allocations() {
             }
         }
     });
-    assert_eq!(allocations, 0, "the hot path allocated {allocations} times for {EVENTS} events");
+    assert_eq!(
+        allocations, 0,
+        "the hot path allocated {allocations} times for {EVENTS} events"
+    );
     assert!(acks_checksum > 0, "the loop did its work");
     assert_eq!(writer.len_events() as u64, EVENTS.min(writer.capacity_events() as u64));
 }

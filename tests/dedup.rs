@@ -243,14 +243,13 @@ fn reader_lookups_do_not_refresh_recency() {
     );
 }
 
-// Proves cross-thread safety: while one writer churns millions of inserts, readers always find ids published before their lookup (never "absent") and never find ids never inserted.
+// Proves cross-thread safety: while one writer churns up to 3 million inserts for 3 s, readers never answer "absent" for an id published before their lookup nor "found" for an id never inserted.
 #[test]
 fn readers_on_other_threads_see_published_ids_and_never_see_absent_ids_during_churn() {
     const CHURN_STEPS_MAX: u64 = 3_000_000;
     const WRITER_TIME_MAX: Duration = Duration::from_secs(3);
     const PROTECTED_IDS: usize = 40_000;
-    const HOT_PROTECTED_IDS: usize = 8;
-    const TOUCHES_PER_STEP: usize = 1;
+    const HOT_PROTECTED_IDS: usize = 2 * WAYS;
     const READER_THREADS: u64 = 2;
 
     let seed = TestSeed::new();
@@ -259,8 +258,18 @@ fn readers_on_other_threads_see_published_ids_and_never_see_absent_ids_during_ch
     // churn ids only in odd ones: so protected ids can never be evicted,
     // while their buckets still get rewritten whenever the writer touches them.
     let is_protected_bucket = |bucket: usize| bucket % 2 == 0;
+    // The hot ids fill two whole protected buckets, published first: touching
+    // one of them almost always moves it to the front, a real bucket rewrite.
+    let hot_buckets = [0, 2];
+    let mut protected_ids: Vec<EventId> = hot_buckets
+        .iter()
+        .flat_map(|bucket| ids_in_bucket(&writer, 4, *bucket, WAYS))
+        .collect();
     let mut protected_per_bucket = vec![0_usize; writer.capacity_events() / WAYS];
-    let protected: Arc<Vec<EventId>> = Arc::new(
+    for bucket in hot_buckets {
+        protected_per_bucket[bucket] = WAYS;
+    }
+    protected_ids.extend(
         (0..)
             .map(|seq| event(2, seq))
             .filter(|id| {
@@ -269,9 +278,9 @@ fn readers_on_other_threads_see_published_ids_and_never_see_absent_ids_during_ch
                 protected_per_bucket[bucket] += usize::from(has_room);
                 has_room
             })
-            .take(PROTECTED_IDS)
-            .collect(),
+            .take(PROTECTED_IDS - HOT_PROTECTED_IDS),
     );
+    let protected = Arc::new(protected_ids);
     let published_count = Arc::new(AtomicUsize::new(0));
     let writer_done = Arc::new(AtomicBool::new(false));
 
@@ -303,7 +312,7 @@ fn readers_on_other_threads_see_published_ids_and_never_see_absent_ids_during_ch
                     published += 1;
                     published_count.store(published, Ordering::Release);
                 }
-                for _ in 0..TOUCHES_PER_STEP.min(published) {
+                if published > 0 {
                     // Reorders a protected bucket under the readers' feet, mostly a few hot ones.
                     let range = if rng.gen_ratio(3, 4) {
                         published.min(HOT_PROTECTED_IDS)
@@ -365,9 +374,12 @@ fn readers_on_other_threads_see_published_ids_and_never_see_absent_ids_during_ch
             "reader: {published_lookups} published lookups ({contended_lookups} contended), {absent_lookups} absent lookups"
         );
         assert!(published_lookups > 1_000, "reader barely overlapped the writer");
+        // Giving up is the designed answer when a bucket keeps changing; here
+        // the writer hammers two buckets and may be preempted mid-update (three
+        // threads on two cores), so some lookups give up, but far from most.
         assert!(
-            contended_lookups * 100 <= published_lookups,
-            "giving up is meant to be rare: {contended_lookups} of {published_lookups}"
+            contended_lookups * 4 < published_lookups,
+            "{contended_lookups} of {published_lookups} lookups gave up"
         );
     }
     eprintln!(

@@ -10,38 +10,33 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use support::*;
 
-// ~3000 events x 1-4 copies over 6 UDP sockets and 3 TCP connections on 2 shards: each id is
-// stored once with its exact fields, and ACCEPTED is answered exactly once per id.
-#[test]
-fn every_event_stored_exactly_once_across_shards_and_transports() {
-    let seed = test_seed("every_event_stored_exactly_once_across_shards_and_transports");
+/// Starts Redis and a 2-shard server (plus `extra` flags), delivers `n` random events with
+/// `opts`, and checks: every copy ends ACCEPTED or DUPLICATE; every id is stored exactly once
+/// with exactly its fields, in stream `sg:{player % 16}:events`; exactly one ACCEPTED per id.
+fn run_exactly_once(name: &str, n: usize, extra: &[(&str, &str)], opts: DeliverOpts) {
+    let seed = test_seed(name);
     let mut rng = StdRng::seed_from_u64(seed);
     let redis = RedisServer::start();
-    let server = Server::builder(&redis.url()).cores("0,1").start();
+    let mut builder = Server::builder(&redis.url()).cores("0,1");
+    for (flag, value) in extra {
+        builder = builder.arg(flag, value);
+    }
+    let server = builder.start();
     assert_eq!(server.shards(), 2);
 
-    let events = random_events(&mut rng, 3000, 1024);
+    let events = random_events(&mut rng, n, 1024);
     let t0 = unix_us();
     let report = deliver_all(
         server.udp_addr(),
         server.tcp_addr(),
         &events,
-        &DeliverOpts {
-            seed,
-            udp_sockets: 6,
-            tcp_conns: 3,
-            min_copies: 1,
-            max_copies: 4,
-            total_timeout: Duration::from_secs(60),
-            ..DeliverOpts::default()
-        },
+        &DeliverOpts { seed, ..opts },
     );
     let t1 = unix_us();
     let rate = events.len() as f64 / report.elapsed.as_secs_f64();
-    println!("e2e_dedup: {}", report.summary());
+    println!("{name}: {}", report.summary());
     eprintln!(
-        "e2e_dedup: {} distinct events ({} copies) stored in {:.2?}: {rate:.0} events/s \
-         (debug={})",
+        "{name}: {} distinct events ({} copies) stored in {:.2?}: {rate:.0} events/s (debug build: {})",
         events.len(),
         report.copies,
         report.elapsed,
@@ -98,14 +93,73 @@ fn every_event_stored_exactly_once_across_shards_and_transports() {
         assert_eq!(
             report.counts.accepted,
             events.len(),
-            "ACCEPTED answers != distinct events with no ack lost; {ctx}"
+            "ACCEPTED answers != distinct events, and no ack was lost; {ctx}"
         );
     } else {
         eprintln!(
-            "e2e_dedup: {} datagrams dropped at client sockets; ACCEPTED count {} <= {} checked only",
-            report.udp_client_drops,
-            report.counts.accepted,
-            events.len()
+            "{name}: {} datagrams dropped at client sockets; only ACCEPTED <= events checked",
+            report.udp_client_drops
         );
     }
+}
+
+// ~3000 events x 1-4 copies over 6 UDP sockets (several frames per datagram) and 3 TCP
+// connections (writes cut at random offsets) on 2 shards: each id stored once, exactly.
+#[test]
+fn every_event_stored_exactly_once_across_shards_and_transports() {
+    run_exactly_once(
+        "every_event_stored_exactly_once_across_shards_and_transports",
+        3000,
+        &[],
+        DeliverOpts {
+            udp_sockets: 6,
+            tcp_conns: 3,
+            min_copies: 1,
+            max_copies: 4,
+            total_timeout: Duration::from_secs(60),
+            ..DeliverOpts::default()
+        },
+    );
+}
+
+// Four copies of each event go out at the same moment on four different sockets or
+// connections (so on both shards, in flight together, some in 16 KB datagrams): still one.
+#[test]
+fn simultaneous_copies_race_across_shards() {
+    run_exactly_once(
+        "simultaneous_copies_race_across_shards",
+        1500,
+        &[],
+        DeliverOpts {
+            udp_sockets: 4,
+            tcp_conns: 2,
+            min_copies: 4,
+            max_copies: 4,
+            copy_spread: Some(1),
+            distinct_channels: true,
+            udp_max_datagram: 16_000,
+            udp_max_frames: 16,
+            total_timeout: Duration::from_secs(60),
+            ..DeliverOpts::default()
+        },
+    );
+}
+
+// With the smallest shard dedup cache (64 ids) most copies miss the cache, so Redis's markers
+// alone must keep each event to one append.
+#[test]
+fn tiny_dedup_cache_still_exactly_once() {
+    run_exactly_once(
+        "tiny_dedup_cache_still_exactly_once",
+        2000,
+        &[("--dedup-capacity", "64")],
+        DeliverOpts {
+            udp_sockets: 4,
+            tcp_conns: 2,
+            min_copies: 2,
+            max_copies: 3,
+            total_timeout: Duration::from_secs(60),
+            ..DeliverOpts::default()
+        },
+    );
 }

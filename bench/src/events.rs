@@ -120,10 +120,6 @@ impl EventSource {
             .collect()
     }
 
-    pub fn seq_base(&self) -> u64 {
-        self.seq_base
-    }
-
     fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
         // A panicking lane cannot leave the ring inconsistent: every write is one slot store.
         self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::Thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -50,7 +50,7 @@ pub struct Shared {
     pub schedule: Schedule,
     pub clock: Clock,
     pub events: EventSource,
-    pub counters: Counters,
+    pub counters: Arc<Counters>,
 }
 
 /// One lane's state, shared by its sender and receiver threads.
@@ -103,7 +103,14 @@ pub fn send_loop(shared: &Shared, lane: &Lane, transmit: &mut impl Transmit) {
         let schedule_open = |send_index: u64| schedule.is_scheduled(send_index) && now_ns < schedule.duration_ns;
         // Behind schedule: every due send goes now, none is skipped (open loop).
         while schedule_open(send_index) && schedule.intended_ns(send_index) <= now_ns {
-            send_scheduled(shared, lane, transmit, &mut rng, schedule.intended_ns(send_index), &mut scratch);
+            send_scheduled(
+                shared,
+                lane,
+                transmit,
+                &mut rng,
+                schedule.intended_ns(send_index),
+                &mut scratch,
+            );
             send_index = schedule.next_send_of_lane(send_index);
         }
         resend_due(shared, lane, transmit, now_ns, &mut scratch);
@@ -153,7 +160,12 @@ fn send_scheduled(
             };
             // Registration cannot fail: fresh ids are new and copies were drawn as usable.
             if tracker.register(event, intended_ns, sent_ns) {
-                events::encode(&event, shared.plan.payload_bytes, &mut scratch.payload, &mut scratch.bytes);
+                events::encode(
+                    &event,
+                    shared.plan.payload_bytes,
+                    &mut scratch.payload,
+                    &mut scratch.bytes,
+                );
                 frames += 1;
                 copies += u64::from(copy.is_some());
             }
@@ -177,7 +189,12 @@ fn resend_due(shared: &Shared, lane: &Lane, transmit: &mut impl Transmit, now_ns
         }
         scratch.bytes.clear();
         for event in &scratch.resend {
-            events::encode(event, shared.plan.payload_bytes, &mut scratch.payload, &mut scratch.bytes);
+            events::encode(
+                event,
+                shared.plan.payload_bytes,
+                &mut scratch.payload,
+                &mut scratch.bytes,
+            );
         }
         Counters::add(&shared.counters.resent, scratch.resend.len() as u64);
         if transmit.transmit(&scratch.bytes).is_err() {

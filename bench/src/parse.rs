@@ -88,7 +88,9 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
     } else if let Some(rest) = text.strip_prefix("tcp://") {
         (Transport::Tcp, rest)
     } else {
-        return Err(format!("invalid target {text:?}: expected udp://HOST:PORT or tcp://HOST:PORT"));
+        return Err(format!(
+            "invalid target {text:?}: expected udp://HOST:PORT or tcp://HOST:PORT"
+        ));
     };
     let resolved: Vec<SocketAddr> = host_port
         .to_socket_addrs()
@@ -150,7 +152,12 @@ mod tests {
         assert_eq!(tcp.to_string(), "tcp://[::1]:4001");
         assert!(!parse_target("udp://10.1.2.3:4000").unwrap().is_loopback());
         assert!(!parse_target("udp://0.0.0.0:4000").unwrap().is_loopback());
-        for bad in ["127.0.0.1:4000", "http://127.0.0.1:4000", "udp://127.0.0.1", "udp://127.0.0.1:0"] {
+        for bad in [
+            "127.0.0.1:4000",
+            "http://127.0.0.1:4000",
+            "udp://127.0.0.1",
+            "udp://127.0.0.1:0",
+        ] {
             assert!(parse_target(bad).is_err(), "{bad:?} parsed");
         }
     }

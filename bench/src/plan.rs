@@ -208,18 +208,80 @@ pub(crate) mod tests {
         })
         .is_ok());
         let cases: Vec<(PlanInput, &str)> = vec![
-            (PlanInput { rate_per_sec: 0, ..input() }, "--rate"),
-            (PlanInput { warmup: Duration::from_secs(10), ..input() }, "--warmup"),
-            (PlanInput { duration: Duration::ZERO, warmup: Duration::ZERO, ..input() }, "--duration"),
+            (
+                PlanInput {
+                    rate_per_sec: 0,
+                    ..input()
+                },
+                "--rate",
+            ),
+            (
+                PlanInput {
+                    warmup: Duration::from_secs(10),
+                    ..input()
+                },
+                "--warmup",
+            ),
+            (
+                PlanInput {
+                    duration: Duration::ZERO,
+                    warmup: Duration::ZERO,
+                    ..input()
+                },
+                "--duration",
+            ),
             (PlanInput { players: 0, ..input() }, "--players"),
-            (PlanInput { dup_ratio: 1.0, ..input() }, "--dup-ratio"),
-            (PlanInput { dup_ratio: -0.1, ..input() }, "--dup-ratio"),
-            (PlanInput { payload_bytes: 1025, ..input() }, "--payload"),
-            (PlanInput { frames_per_datagram: 0, ..input() }, "--frames-per-datagram"),
-            (PlanInput { frames_per_datagram: 700, ..input() }, "--frames-per-datagram"),
+            (
+                PlanInput {
+                    dup_ratio: 1.0,
+                    ..input()
+                },
+                "--dup-ratio",
+            ),
+            (
+                PlanInput {
+                    dup_ratio: -0.1,
+                    ..input()
+                },
+                "--dup-ratio",
+            ),
+            (
+                PlanInput {
+                    payload_bytes: 1025,
+                    ..input()
+                },
+                "--payload",
+            ),
+            (
+                PlanInput {
+                    frames_per_datagram: 0,
+                    ..input()
+                },
+                "--frames-per-datagram",
+            ),
+            (
+                PlanInput {
+                    frames_per_datagram: 700,
+                    ..input()
+                },
+                "--frames-per-datagram",
+            ),
             (PlanInput { sockets: 0, ..input() }, "--sockets"),
-            (PlanInput { partitions: 0, ..input() }, "--partitions"),
-            (PlanInput { rate_per_sec: 100_000_000, duration: Duration::from_secs(60), ..input() }, "--rate"),
+            (
+                PlanInput {
+                    partitions: 0,
+                    ..input()
+                },
+                "--partitions",
+            ),
+            (
+                PlanInput {
+                    rate_per_sec: 100_000_000,
+                    duration: Duration::from_secs(60),
+                    ..input()
+                },
+                "--rate",
+            ),
         ];
         for (case, flag) in cases {
             let error = Plan::new(case).unwrap_err();

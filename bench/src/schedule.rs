@@ -76,8 +76,8 @@ impl Schedule {
 
     /// Intended time of send `send_index`.
     pub fn intended_ns(&self, send_index: u64) -> u64 {
-        let nanos = u128::from(send_index) * u128::from(self.frames_per_send) * 1_000_000_000
-            / u128::from(self.rate_per_sec);
+        let nanos =
+            u128::from(send_index) * u128::from(self.frames_per_send) * 1_000_000_000 / u128::from(self.rate_per_sec);
         u64::try_from(nanos).unwrap_or(u64::MAX)
     }
 

@@ -177,7 +177,9 @@ pub fn receive_loop(shared: &Shared, lane: &Lane, handoff: &Handoff, sender: Thr
     while !lane.finished.load(Ordering::Relaxed) {
         {
             let mut current = handoff.current();
-            let stale = reading.as_ref().is_none_or(|(generation, _)| *generation != current.generation);
+            let stale = reading
+                .as_ref()
+                .is_none_or(|(generation, _)| *generation != current.generation);
             if stale && !current.broken {
                 if let Some(stream) = current.reader.take() {
                     reading = Some((current.generation, stream));

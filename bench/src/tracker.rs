@@ -35,8 +35,9 @@ use crate::events::Event;
 /// 200 ms is far above a healthy answer (about a millisecond) and short enough that a dropped
 /// datagram is retried well within the run's grace period.
 pub const ANSWER_TIMEOUT_NS: u64 = 200_000_000;
-/// First wait after a RETRY answer; doubles per attempt. RETRY mostly means "a copy is in
-/// flight" or "momentarily full", which clears within a Redis round trip or two.
+/// Longest first wait after a RETRY answer; doubles per attempt. RETRY mostly means "a copy is
+/// in flight" or "momentarily full", which clears within a Redis round trip or two. Each wait is
+/// jittered down to half its length, so frames refused together do not all come back together.
 pub const RETRY_DELAY_NS: u64 = 10_000_000;
 /// No wait is longer than this, so a frame is still tried a few times in the grace period.
 pub const BACKOFF_CAP_NS: u64 = 1_000_000_000;
@@ -213,7 +214,7 @@ impl Tracker {
             }
             Status::Retry => {
                 let attempts = slot.attempts;
-                self.arm(index, now_ns.saturating_add(retry_delay_ns(attempts)));
+                self.arm(index, now_ns.saturating_add(retry_delay_ns(ack.id, attempts)));
                 Fate::Retrying
             }
             Status::Rejected => {
@@ -283,9 +284,16 @@ pub fn answer_timeout_ns(attempt: u32) -> u64 {
     backoff_ns(ANSWER_TIMEOUT_NS, attempt)
 }
 
-/// How long to wait before resending after attempt `attempt` was answered RETRY.
-pub fn retry_delay_ns(attempt: u32) -> u64 {
-    backoff_ns(RETRY_DELAY_NS, attempt)
+/// How long to wait before resending after attempt `attempt` was answered RETRY: between half
+/// and all of the backoff, spread by a hash of the id and attempt. A hash rather than a random
+/// draw keeps the tracker deterministic, and ids are already spread uniformly.
+pub fn retry_delay_ns(id: EventId, attempt: u32) -> u64 {
+    let backoff_ns = backoff_ns(RETRY_DELAY_NS, attempt);
+    let half_ns = backoff_ns / 2;
+    let spread = (id.player_id ^ id.seq.rotate_left(29) ^ u64::from(attempt).rotate_left(47))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .rotate_left(32);
+    backoff_ns - spread % (half_ns + 1)
 }
 
 fn backoff_ns(first_ns: u64, attempt: u32) -> u64 {
@@ -330,7 +338,10 @@ mod tests {
         assert_eq!(tracker.on_ack(ack(Status::Duplicate, 2), 4 * MS), Fate::Stored);
         assert_eq!(tracker.on_ack(ack(Status::Accepted, 1), 5 * MS), Fate::Unmatched);
         assert_eq!(tracker.outstanding(), 0);
-        assert!(due(&mut tracker, 10_000 * MS).is_empty(), "resolved frames never resend");
+        assert!(
+            due(&mut tracker, 10_000 * MS).is_empty(),
+            "resolved frames never resend"
+        );
         let report = tracker.finish();
         assert_eq!(report.lost, 0);
         assert_eq!(report.latencies.first_us.len(), 2);
@@ -345,14 +356,15 @@ mod tests {
     fn retry_resends_after_delay() {
         let mut tracker = Tracker::new(4, 0);
         tracker.register(event(1), 0, 0);
+        let id = event(1).id;
         assert_eq!(tracker.on_ack(ack(Status::Retry, 1), MS), Fate::Retrying);
-        assert!(due(&mut tracker, MS + RETRY_DELAY_NS - 1).is_empty());
-        assert_eq!(due(&mut tracker, MS + RETRY_DELAY_NS), vec![1]);
+        assert!(due(&mut tracker, MS + retry_delay_ns(id, 1) - 1).is_empty());
+        assert_eq!(due(&mut tracker, MS + retry_delay_ns(id, 1)), vec![1]);
         // The stale first-attempt timeout does not fire a second resend.
         assert!(due(&mut tracker, ANSWER_TIMEOUT_NS).is_empty());
         assert_eq!(tracker.on_ack(ack(Status::Retry, 1), 20 * MS), Fate::Retrying);
-        assert!(due(&mut tracker, 20 * MS + retry_delay_ns(2) - 1).is_empty());
-        assert_eq!(due(&mut tracker, 20 * MS + retry_delay_ns(2)), vec![1]);
+        assert!(due(&mut tracker, 20 * MS + retry_delay_ns(id, 2) - 1).is_empty());
+        assert_eq!(due(&mut tracker, 20 * MS + retry_delay_ns(id, 2)), vec![1]);
         assert_eq!(tracker.on_ack(ack(Status::Accepted, 1), 50 * MS), Fate::Stored);
         let report = tracker.finish();
         assert_eq!(report.latencies.first_us.max(), 1_000);
@@ -387,7 +399,14 @@ mod tests {
         assert_eq!(tracker.on_ack(ack(Status::Rejected, 1), MS), Fate::Rejected);
         assert!(due(&mut tracker, 10_000 * MS).is_empty());
         let report = tracker.finish();
-        assert_eq!((report.lost, report.latencies.first_us.len(), report.latencies.final_us.len()), (0, 1, 0));
+        assert_eq!(
+            (
+                report.lost,
+                report.latencies.first_us.len(),
+                report.latencies.final_us.len()
+            ),
+            (0, 1, 0)
+        );
         assert!(report.acked_ids.is_empty());
     }
 
@@ -401,7 +420,10 @@ mod tests {
         assert!(tracker.is_outstanding(event(1).id));
         tracker.on_ack(ack(Status::Accepted, 1), MS);
         assert!(tracker.register(event(2), 100 * MS, 100 * MS));
-        assert!(due(&mut tracker, ANSWER_TIMEOUT_NS).is_empty(), "event 1's old timer is stale");
+        assert!(
+            due(&mut tracker, ANSWER_TIMEOUT_NS).is_empty(),
+            "event 1's old timer is stale"
+        );
         assert_eq!(due(&mut tracker, 100 * MS + ANSWER_TIMEOUT_NS), vec![2]);
         assert!(tracker.register(event(1), 200 * MS, 200 * MS));
     }
@@ -438,7 +460,24 @@ mod tests {
         assert_eq!(answer_timeout_ns(2), 400 * MS);
         assert_eq!(answer_timeout_ns(4), BACKOFF_CAP_NS);
         assert_eq!(answer_timeout_ns(u32::MAX), BACKOFF_CAP_NS);
-        assert_eq!(retry_delay_ns(1), 10 * MS);
-        assert_eq!(retry_delay_ns(8), BACKOFF_CAP_NS);
+    }
+
+    // RETRY waits are jittered within [half, whole] of the backoff, and do spread out.
+    #[test]
+    fn retry_delays_are_jittered() {
+        let mut delays = std::collections::HashSet::new();
+        for seq in 0..1_000 {
+            let id = EventId { player_id: 7, seq };
+            for attempt in 1..=10 {
+                let (delay_ns, whole_ns) = (retry_delay_ns(id, attempt), backoff_ns(RETRY_DELAY_NS, attempt));
+                assert!(
+                    (whole_ns / 2..=whole_ns).contains(&delay_ns),
+                    "{delay_ns} for attempt {attempt}"
+                );
+            }
+            delays.insert(retry_delay_ns(id, 1) / 100_000);
+        }
+        assert!(delays.len() > 40, "only {} distinct delays", delays.len());
+        assert!(retry_delay_ns(EventId { player_id: 1, seq: 1 }, 20) <= BACKOFF_CAP_NS);
     }
 }

@@ -310,7 +310,17 @@ mod tests {
         let bulk = |text: &str| Value::BulkString(text.as_bytes().to_vec());
         let entry = |entry_id: &str, fields: Vec<Value>| Value::Array(vec![bulk(entry_id), Value::Array(fields)]);
         let reply = Value::Array(vec![
-            entry("5-0", vec![bulk("player"), bulk("7"), bulk("seq"), bulk("9"), bulk("payload"), bulk("x")]),
+            entry(
+                "5-0",
+                vec![
+                    bulk("player"),
+                    bulk("7"),
+                    bulk("seq"),
+                    bulk("9"),
+                    bulk("payload"),
+                    bulk("x"),
+                ],
+            ),
             entry("5-1", vec![bulk("seq"), bulk("3"), bulk("player"), bulk("2")]),
             entry("6-0", vec![bulk("player"), bulk("x1"), bulk("seq"), bulk("3")]),
         ]);

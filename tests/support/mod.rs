@@ -1113,6 +1113,11 @@ pub struct DeliverOpts {
     /// RETRY backoff: base * 2^attempt, capped, with jitter
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// how far apart (in positions of a channel's send order) copies of one event may be;
+    /// None: a twentieth of the events. Some(1): all copies go out at about the same time.
+    pub copy_spread: Option<usize>,
+    /// put the copies of one event on different channels (as far as there are enough)
+    pub distinct_channels: bool,
 }
 
 impl Default for DeliverOpts {
@@ -1133,6 +1138,8 @@ impl Default for DeliverOpts {
             tcp_split_writes: true,
             backoff_base: Duration::from_millis(10),
             backoff_max: Duration::from_millis(300),
+            copy_spread: None,
+            distinct_channels: false,
         }
     }
 }
@@ -1236,13 +1243,19 @@ pub fn deliver_all(udp: SocketAddr, tcp: SocketAddr, events: &[Event], opts: &De
     // that copies of one event on different channels tend to be in flight together.
     let mut copies: Vec<usize> = Vec::new();
     let mut per_chan: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n_chans];
-    let jitter = (events.len() / 20).max(1);
+    let jitter = opts.copy_spread.unwrap_or(events.len() / 20).max(1);
     for (ei, _) in events.iter().enumerate() {
         let n = rng.gen_range(opts.min_copies..=opts.max_copies);
-        for _ in 0..n {
+        let mut order: Vec<usize> = (0..n_chans).collect();
+        order.shuffle(&mut rng);
+        for k in 0..n {
             let ci = copies.len();
             copies.push(ei);
-            let ch = rng.gen_range(0..n_chans);
+            let ch = if opts.distinct_channels {
+                order[k % n_chans]
+            } else {
+                rng.gen_range(0..n_chans)
+            };
             per_chan[ch].push((ei + rng.gen_range(0..jitter), ci));
         }
     }

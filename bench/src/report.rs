@@ -1,0 +1,378 @@
+//! The run's summary: the numbers, the SLO verdict, and their text and JSON forms.
+//!
+//! The JSON keys are a contract for scripts that compare runs; the text is for people. Both are
+//! built from one [`Summary`], so they cannot disagree.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::parse::format_duration;
+use crate::plan::Plan;
+use crate::run::RunOutcome;
+use crate::verify::Verification;
+
+/// First-attempt p99.9 must stay below this for the SLO.
+pub const SLO_FIRST_P999_US: u64 = 5_000;
+
+/// Latency quantiles in microseconds; all 0 when nothing was measured (`count` says so).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub p9999: u64,
+    pub max: u64,
+    pub count: u64,
+}
+
+impl Percentiles {
+    pub fn of(histogram: &Histogram<u64>) -> Percentiles {
+        if histogram.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            p50: histogram.value_at_quantile(0.5),
+            p99: histogram.value_at_quantile(0.99),
+            p999: histogram.value_at_quantile(0.999),
+            p9999: histogram.value_at_quantile(0.9999),
+            max: histogram.max(),
+            count: histogram.len(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub target: String,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub lanes: usize,
+    pub frames_per_datagram: usize,
+    pub payload_bytes: usize,
+    pub dup_ratio: f64,
+    /// Frames per second the schedule asked for.
+    pub offered_rate: u64,
+    /// First sends per second of the run's duration.
+    pub achieved_rate: f64,
+    /// Frames the schedule held; more than `sent` when the generator fell behind.
+    pub scheduled: u64,
+    /// First sends of frames (fresh events and copies), not resends.
+    pub sent: u64,
+    pub copies: u64,
+    pub resent: u64,
+    /// Answers received, by status.
+    pub accepted: u64,
+    pub duplicate: u64,
+    pub retry: u64,
+    pub rejected: u64,
+    /// Frames without a final answer at the end.
+    pub lost: u64,
+    pub lost_sample: Vec<String>,
+    pub unmatched_acks: u64,
+    pub malformed_acks: u64,
+    pub send_errors: u64,
+    pub reconnects: u64,
+    pub latency_first_us: Percentiles,
+    pub latency_final_us: Percentiles,
+    /// Distinct events (fresh ids) sent.
+    pub events: u64,
+    /// The verification; null without --redis.
+    pub stored: Option<u64>,
+    pub stored_twice: Option<u64>,
+    pub acked_missing: Option<u64>,
+    pub events_not_stored: Option<u64>,
+    pub slo_ok: bool,
+    pub slo_failures: Vec<String>,
+}
+
+impl Summary {
+    pub fn new(plan: &Plan, outcome: &RunOutcome, verification: Option<&Verification>) -> Summary {
+        let tally = &outcome.tally;
+        let mut summary = Summary {
+            target: plan.target.to_string(),
+            duration_s: plan.duration.as_secs_f64(),
+            warmup_s: plan.warmup.as_secs_f64(),
+            lanes: plan.lanes,
+            frames_per_datagram: plan.frames_per_send,
+            payload_bytes: plan.payload_bytes,
+            dup_ratio: plan.dup_ratio,
+            offered_rate: plan.rate_per_sec,
+            achieved_rate: round_tenths(tally.sent as f64 / plan.duration.as_secs_f64()),
+            scheduled: outcome.frames_scheduled,
+            sent: tally.sent,
+            copies: tally.copies,
+            resent: tally.resent,
+            accepted: tally.accepted,
+            duplicate: tally.duplicate,
+            retry: tally.retry,
+            rejected: tally.rejected,
+            lost: outcome.lost,
+            lost_sample: outcome
+                .lost_sample
+                .iter()
+                .map(|id| format!("{}:{}", id.player_id, id.seq))
+                .collect(),
+            unmatched_acks: tally.unmatched_acks,
+            malformed_acks: tally.malformed_acks,
+            send_errors: tally.send_errors,
+            reconnects: tally.reconnects,
+            latency_first_us: Percentiles::of(&outcome.latencies.first_us),
+            latency_final_us: Percentiles::of(&outcome.latencies.final_us),
+            events: outcome.events,
+            stored: verification.map(|verification| verification.stored),
+            stored_twice: verification.map(|verification| verification.stored_twice),
+            acked_missing: verification.map(|verification| verification.acked_missing),
+            events_not_stored: verification.map(|verification| verification.events_not_stored),
+            slo_ok: true,
+            slo_failures: Vec::new(),
+        };
+        summary.slo_failures = slo_failures(&summary);
+        summary.slo_ok = summary.slo_failures.is_empty();
+        summary
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a summary is plain data")
+    }
+
+    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, self.to_json() + "\n")
+    }
+
+    /// The human summary, several lines.
+    pub fn to_text(&self) -> String {
+        let mut text = String::new();
+        let _ = writeln!(
+            text,
+            "shardgate-bench: {}  duration {} (warmup {})  lanes {}  frames/send {}  payload {} B  dup-ratio {}",
+            self.target,
+            format_duration(std::time::Duration::from_secs_f64(self.duration_s)),
+            format_duration(std::time::Duration::from_secs_f64(self.warmup_s)),
+            self.lanes,
+            self.frames_per_datagram,
+            self.payload_bytes,
+            self.dup_ratio
+        );
+        let _ = writeln!(
+            text,
+            "  rate      offered {}/s  achieved {:.1}/s",
+            self.offered_rate, self.achieved_rate
+        );
+        let _ = writeln!(
+            text,
+            "  frames    scheduled {}  sent {} (copies {}, events {})  resent {}  send_errors {}  reconnects {}",
+            self.scheduled, self.sent, self.copies, self.events, self.resent, self.send_errors, self.reconnects
+        );
+        let _ = writeln!(
+            text,
+            "  answers   accepted {}  duplicate {}  retry {}  rejected {}  (late {}, malformed {})",
+            self.accepted, self.duplicate, self.retry, self.rejected, self.unmatched_acks, self.malformed_acks
+        );
+        let lost_sample = if self.lost_sample.is_empty() {
+            String::new()
+        } else {
+            format!("  e.g. player:seq {}", self.lost_sample.join(" "))
+        };
+        let _ = writeln!(text, "  lost      {}{lost_sample}", self.lost);
+        let _ = writeln!(
+            text,
+            "  latency   {:<14}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
+            "µs", "p50", "p99", "p99.9", "p99.99", "max", "count"
+        );
+        for (name, percentiles) in [
+            ("first attempt", &self.latency_first_us),
+            ("final", &self.latency_final_us),
+        ] {
+            let _ = writeln!(
+                text,
+                "            {name:<14}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
+                percentiles.p50,
+                percentiles.p99,
+                percentiles.p999,
+                percentiles.p9999,
+                percentiles.max,
+                percentiles.count
+            );
+        }
+        match (
+            self.stored,
+            self.stored_twice,
+            self.acked_missing,
+            self.events_not_stored,
+        ) {
+            (Some(stored), Some(stored_twice), Some(acked_missing), Some(events_not_stored)) => {
+                let _ = writeln!(
+                    text,
+                    "  redis     stored {stored}  stored_twice {stored_twice}  acked_missing {acked_missing}  \
+                     events_not_stored {events_not_stored}"
+                );
+            }
+            _ => {
+                let _ = writeln!(text, "  redis     not verified (no --redis)");
+            }
+        }
+        if self.slo_ok {
+            let _ = writeln!(text, "  SLO       met");
+        } else {
+            let _ = writeln!(text, "  SLO       FAILED: {}", self.slo_failures.join("; "));
+        }
+        text
+    }
+}
+
+/// Why the run misses the SLO: nothing lost, nothing stored twice, nothing acked but missing,
+/// first-attempt p99.9 under 5 ms. Empty when it is met.
+pub fn slo_failures(summary: &Summary) -> Vec<String> {
+    let mut failures = Vec::new();
+    if summary.lost > 0 {
+        failures.push(format!("lost {} > 0", summary.lost));
+    }
+    if let Some(stored_twice) = summary.stored_twice.filter(|&count| count > 0) {
+        failures.push(format!("stored_twice {stored_twice} > 0"));
+    }
+    if let Some(acked_missing) = summary.acked_missing.filter(|&count| count > 0) {
+        failures.push(format!("acked_missing {acked_missing} > 0"));
+    }
+    if summary.latency_first_us.p999 >= SLO_FIRST_P999_US {
+        failures.push(format!(
+            "first-attempt p99.9 {} µs >= {SLO_FIRST_P999_US} µs",
+            summary.latency_first_us.p999
+        ));
+    }
+    failures
+}
+
+fn round_tenths(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::Tally;
+    use crate::tracker::Latencies;
+
+    fn outcome() -> RunOutcome {
+        let mut latencies = Latencies::new();
+        for value_us in 1..=1_000 {
+            latencies.first_us.record(value_us).unwrap();
+            latencies.final_us.record(value_us * 2).unwrap();
+        }
+        RunOutcome {
+            tally: Tally {
+                sent: 20_000,
+                copies: 6_000,
+                accepted: 14_000,
+                duplicate: 6_000,
+                retry: 10,
+                ..Tally::default()
+            },
+            latencies,
+            acked_ids: Vec::new(),
+            lost: 0,
+            lost_sample: Vec::new(),
+            frames_scheduled: 20_000,
+            events: 14_000,
+            sent_per_player: Vec::new(),
+            seq_base: 0,
+        }
+    }
+
+    fn plan() -> Plan {
+        Plan::new(crate::plan::tests::input()).unwrap()
+    }
+
+    // The JSON carries every documented key, latencies with their five quantiles, and null
+    // verification without --redis.
+    #[test]
+    fn json_has_the_documented_keys() {
+        let summary = Summary::new(&plan(), &outcome(), None);
+        let json: serde_json::Value = serde_json::from_str(&summary.to_json()).unwrap();
+        for key in [
+            "offered_rate",
+            "achieved_rate",
+            "sent",
+            "accepted",
+            "duplicate",
+            "retry",
+            "rejected",
+            "lost",
+            "latency_first_us",
+            "latency_final_us",
+            "stored",
+            "stored_twice",
+            "acked_missing",
+        ] {
+            assert!(json.get(key).is_some(), "missing key {key}");
+        }
+        for latency in ["latency_first_us", "latency_final_us"] {
+            for quantile in ["p50", "p99", "p999", "p9999", "max"] {
+                assert!(json[latency][quantile].is_u64(), "{latency}.{quantile}");
+            }
+        }
+        assert!(json["stored"].is_null() && json["stored_twice"].is_null() && json["acked_missing"].is_null());
+        assert_eq!(json["offered_rate"], 1_000);
+        assert_eq!(json["achieved_rate"], 2_000.0);
+        assert_eq!(json["latency_first_us"]["max"], 1_000);
+        assert_eq!(json["latency_first_us"]["p50"], 500);
+        assert_eq!(json["slo_ok"], true);
+    }
+
+    // With verification the numbers are there; each SLO rule fails on its own.
+    #[test]
+    fn slo_rules() {
+        let verification = Verification {
+            stored: 14_000,
+            events: 14_000,
+            ..Verification::default()
+        };
+        let summary = Summary::new(&plan(), &outcome(), Some(&verification));
+        assert!(summary.slo_ok, "{:?}", summary.slo_failures);
+        assert_eq!(summary.stored, Some(14_000));
+        assert!(summary.to_text().contains("SLO       met"));
+
+        let mut lost = outcome();
+        lost.lost = 2;
+        assert!(Summary::new(&plan(), &lost, Some(&verification)).slo_failures[0].contains("lost 2"));
+        let twice = Verification {
+            stored_twice: 1,
+            ..verification
+        };
+        assert!(Summary::new(&plan(), &outcome(), Some(&twice)).slo_failures[0].contains("stored_twice"));
+        let missing = Verification {
+            acked_missing: 3,
+            ..verification
+        };
+        assert!(Summary::new(&plan(), &outcome(), Some(&missing)).slo_failures[0].contains("acked_missing"));
+        let mut slow = outcome();
+        slow.latencies.first_us.record(1_000_000).unwrap();
+        slow.latencies.first_us.record_n(6_000, 10).unwrap();
+        let failures = Summary::new(&plan(), &slow, Some(&verification)).slo_failures;
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].contains("p99.9"), "{failures:?}");
+    }
+
+    // The text names every number a reader needs.
+    #[test]
+    fn text_names_the_numbers() {
+        let text = Summary::new(&plan(), &outcome(), None).to_text();
+        for needle in [
+            "offered 1000/s",
+            "achieved 2000.0/s",
+            "sent 20000",
+            "accepted 14000",
+            "duplicate 6000",
+            "retry 10",
+            "rejected 0",
+            "lost      0",
+            "first attempt",
+            "final",
+            "not verified",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+        }
+    }
+}
