@@ -246,9 +246,11 @@ fn bench_contender<S: Shard>(
             ids: IdStream::new(thread_index, hit_percent),
         })
         .collect();
+    let prefill_started = Instant::now();
     for worker in &mut workers {
         worker.prefill();
     }
+    eprintln!("TIMING prefill {name} {:?}", prefill_started.elapsed());
     let (_, hits) = run_all(&mut workers, CHECK_OPERATIONS);
     let operations = CHECK_OPERATIONS * workers.len() as u64;
     eprintln!(

@@ -77,7 +77,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub dedup_capacity: Option<usize>,
 
-    /// Serve Prometheus metrics on this address. [not supported yet]
+    /// Serve Prometheus metrics at `http://ADDR/metrics`. [default: off]
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
 
@@ -112,6 +112,21 @@ pub struct ServeArgs {
     /// TCP connections each shard accepts at once; more are closed at accept. [default: 1024]
     #[arg(long, value_name = "N")]
     pub tcp_connections_per_shard: Option<usize>,
+
+    /// Log lines as `text` (one human-readable line each) or `json`. [default: text]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Least severe level logged: error, warn, info, debug, trace; RUST_LOG overrides it. [default: info]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// The resolved, range-checked settings a server runs with.
@@ -122,6 +137,9 @@ pub struct Config {
     pub udp: SocketAddr,
     pub tcp: SocketAddr,
     pub redis_url: String,
+    pub metrics: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    pub log_level: String,
     pub prefix: String,
     pub partitions: u32,
     pub dedup_window_secs: u64,
@@ -176,6 +194,8 @@ impl ServeArgs {
             redis_timeout_ms: self.redis_timeout_ms.or(file.redis_timeout_ms),
             drain_timeout_ms: self.drain_timeout_ms.or(file.drain_timeout_ms),
             tcp_connections_per_shard: self.tcp_connections_per_shard.or(file.tcp_connections_per_shard),
+            log_format: self.log_format.or(file.log_format),
+            log_level: self.log_level.or(file.log_level),
         }
     }
 
@@ -193,11 +213,6 @@ impl ServeArgs {
 
     /// Applies defaults and checks every bound.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        if self.metrics.is_some() {
-            return Err(ConfigError::new(
-                "--metrics is not supported yet (it lands with the observability issue)",
-            ));
-        }
         if self.auth_secret_file.is_some() {
             return Err(ConfigError::new(
                 "--auth-secret-file is not supported yet (it lands with the hardening issue)",
@@ -227,6 +242,9 @@ impl ServeArgs {
             udp: required(self.udp, "udp")?,
             tcp: required(self.tcp, "tcp")?,
             redis_url,
+            metrics: self.metrics,
+            log_format: self.log_format.unwrap_or(LogFormat::Text),
+            log_level: check_log_level(self.log_level.unwrap_or_else(|| "info".into()))?,
             prefix,
             partitions: in_range(
                 "partitions",
@@ -325,6 +343,15 @@ where
     Ok(value)
 }
 
+fn check_log_level(level: String) -> Result<String, ConfigError> {
+    match level.as_str() {
+        "error" | "warn" | "info" | "debug" | "trace" => Ok(level),
+        _ => Err(ConfigError::new(format!(
+            "--log-level {level:?} must be one of error, warn, info, debug, trace"
+        ))),
+    }
+}
+
 /// Keys are `<prefix>:{<p>}:...`; a brace in the prefix would move the hash tag.
 fn check_prefix(prefix: &str) -> Result<(), ConfigError> {
     let valid = !prefix.is_empty()
@@ -405,12 +432,19 @@ mod tests {
         .unwrap_err();
         assert!(error.to_string().contains("--partitions 0"), "{error}");
         let error = ServeArgs {
-            metrics: Some("127.0.0.1:9".parse().unwrap()),
+            auth_secret_file: Some("secret".into()),
             ..minimal()
         }
         .resolve()
         .unwrap_err();
         assert!(error.to_string().contains("not supported yet"), "{error}");
+        let error = ServeArgs {
+            log_level: Some("loud".into()),
+            ..minimal()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(error.to_string().contains("--log-level"), "{error}");
         let error = ServeArgs {
             prefix: Some("a{b}".into()),
             ..minimal()

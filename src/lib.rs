@@ -32,7 +32,9 @@
 //! - `dedup`: the per-shard cache of stored ids, single writer, lock-free readers.
 //! - `batch`, `script`, `store`: the batch, the Lua script and its blob, the Redis client.
 //! - `reply`: where answers go and how UDP answers are coalesced.
-//! - `latency`, `stats`: HDR histograms and counters.
+//! - `latency`, `snapshot`: HDR histograms, written on shutdown and on SIGUSR1.
+//! - `metrics`, `exporter`: per-shard single-writer counters, and the Prometheus endpoint.
+//! - `logging`: text or JSON log lines.
 //! - `notify`: shard-local wake-ups.
 //! - `sys`: the one small module with `unsafe`.
 
@@ -40,16 +42,19 @@ pub mod auth;
 pub mod batch;
 pub mod config;
 pub mod dedup;
+pub mod exporter;
 pub mod frame;
 pub mod latency;
 pub mod limits;
+pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod placement;
 pub mod reply;
 pub mod script;
 pub mod server;
 pub mod shard;
-pub mod stats;
+pub mod snapshot;
 pub mod store;
 pub mod sys;
 pub mod tcp;

@@ -16,10 +16,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    shardgate::logging::init(config.log_format, &config.log_level);
     match shardgate::server::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("shardgate: {error}");
+            tracing::error!(%error, "stopped with an error");
             ExitCode::FAILURE
         }
     }

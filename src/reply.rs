@@ -12,12 +12,22 @@ use std::rc::Rc;
 
 use crate::frame::{encode_ack, EventId, Status, ACK_BYTES};
 use crate::limits::REPLY_DATAGRAM_BYTES_MAX;
+use crate::metrics::Transport;
 use crate::tcp::Connection;
 
 #[derive(Clone)]
 pub enum Route {
     Udp(SocketAddr),
     Tcp(Rc<Connection>),
+}
+
+impl Route {
+    pub fn transport(&self) -> Transport {
+        match self {
+            Route::Udp(_) => Transport::Udp,
+            Route::Tcp(_) => Transport::Tcp,
+        }
+    }
 }
 
 /// Acks waiting to go to one UDP address. Its buffer is fixed: it is flushed

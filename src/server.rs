@@ -25,10 +25,12 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::config::Config;
 use crate::dedup::{new_cache, DedupReader, DedupWriter};
+use crate::frame::Status;
 use crate::latency::{self, Latency};
+use crate::metrics::{RetryCause, ShardMetrics};
 use crate::placement;
 use crate::shard::Shard;
-use crate::stats::Stats;
+use crate::snapshot::Snapshots;
 use crate::store::{Store, TimeDriver};
 
 /// Glommio's default io_uring buffer memory per shard, plus headroom.
@@ -54,7 +56,7 @@ impl From<crate::config::ConfigError> for ServerError {
 
 /// What a shard hands back when it stops.
 pub struct ShardReport {
-    pub stats: Stats,
+    pub metrics: Arc<ShardMetrics>,
     pub latency: Latency,
     pub drained_events: usize,
     pub cache_events: usize,
@@ -63,41 +65,64 @@ pub struct ShardReport {
 /// Runs until SIGTERM/SIGINT, then drains and writes the histograms.
 pub fn run(config: Config) -> Result<(), ServerError> {
     let started = SystemTime::now();
-    let signals = block_stop_signals()?;
+    let signals = block_signals()?;
     placement::check_cores_available(&config.cores)?;
-    raise_memlock(config.cores.len());
+    let memlock_bytes = raise_memlock(config.cores.len());
     let ports = SharedPorts::pick(config.udp, config.tcp)?;
     let config = Arc::new(Config {
         udp: ports.udp,
         tcp: ports.tcp,
         ..config
     });
+    tracing::info!(config = ?*config, memlock_bytes, "starting");
     let time_driver =
         TimeDriver::start().map_err(|error| ServerError(format!("cannot start timer thread: {error}")))?;
     let stop = Arc::new(AtomicBool::new(false));
+    let metrics: Vec<Arc<ShardMetrics>> = config.cores.iter().map(|_| Arc::default()).collect();
+    let metrics_address = match config.metrics {
+        Some(address) => Some(
+            crate::exporter::start(address, metrics.clone())
+                .map_err(|error| ServerError(format!("cannot serve metrics on {address}: {error}")))?,
+        ),
+        None => None,
+    };
+    let snapshots = Snapshots::start(config.hdr_out.clone(), config.cores.len(), started)
+        .map_err(|error| ServerError(format!("cannot start the snapshot thread: {error}")))?;
     let (events, event_receiver) = mpsc::channel();
-    spawn_signal_thread(signals, Arc::clone(&stop), events.clone())?;
+    spawn_signal_thread(signals, Arc::clone(&stop), events.clone(), snapshots.clone())?;
 
     let gate = Arc::new(StartGate::default());
-    let shards = start_shards(&config, &time_driver, &stop, &gate, &events)?;
+    let common = ShardCommon {
+        stop: Arc::clone(&stop),
+        gate: Arc::clone(&gate),
+        events,
+        snapshots,
+        timers: time_driver.handle(),
+    };
+    let shards = start_shards(&config, &common, &metrics)?;
     let serving = wait_until_serving(&config, &event_receiver, &gate, &stop);
     drop(ports);
     if serving.is_ok() {
-        eprintln!(
-            "shardgate: serving shards={} udp={} tcp={} placement={} redis={}",
-            config.cores.len(),
-            config.udp,
-            config.tcp,
-            config.placement.name(),
-            config.redis_url
+        let metrics = metrics_address
+            .map(|address| address.to_string())
+            .unwrap_or_else(|| "off".into());
+        tracing::info!(
+            shards = config.cores.len(),
+            udp = %config.udp,
+            tcp = %config.tcp,
+            placement = config.placement.name(),
+            cores = ?config.cores,
+            redis = %config.redis_url,
+            metrics,
+            "serving"
         );
     }
     let mut reports = Vec::with_capacity(shards.len());
     for (index, handle) in shards.into_iter().enumerate() {
         match handle.join() {
             Ok(Ok(report)) => reports.push(report),
-            Ok(Err(error)) => eprintln!("shardgate: shard {index} failed: {error}"),
-            Err(error) => eprintln!("shardgate: shard {index} panicked: {error}"),
+            Ok(Err(error)) => tracing::error!(shard = index, %error, "shard failed"),
+            Err(error) => tracing::error!(shard = index, %error, "shard panicked"),
         }
     }
     serving?;
@@ -113,41 +138,38 @@ fn finish(config: &Config, reports: &[ShardReport], started: SystemTime) -> Resu
             config.cores.len()
         )));
     }
-    let mut stats = Stats::default();
     let mut merged = Latency::default();
     for report in reports {
-        stats += report.stats;
         merged.merge(&report.latency);
     }
-    let drained: usize = reports.iter().map(|report| report.drained_events).sum();
+    let drained_events: usize = reports.iter().map(|report| report.drained_events).sum();
     if let Some(path) = &config.hdr_out {
         let shards: Vec<Latency> = reports.iter().map(|report| report.latency.clone()).collect();
         let files = latency::write_files(path, &merged, &shards, started)
             .map_err(|error| ServerError(format!("cannot write histograms to {}: {error}", path.display())))?;
-        eprintln!(
-            "shardgate: wrote {} histogram files beside {}",
-            files.len(),
-            path.display()
-        );
+        tracing::info!(files = files.len(), path = %path.display(), "wrote histograms");
     }
+    let total = |count: fn(&ShardMetrics) -> u64| -> u64 { reports.iter().map(|report| count(&report.metrics)).sum() };
     let ack = &merged.intake_to_ack_us;
-    eprintln!(
-        "shardgate: stopped frames={} accepted={} duplicate={} retry={} rejected={} unparseable={} \
-         drained_events={drained} batches={} redis_errors={} ack_p50_us={} ack_p99_us={} ack_p999_us={} ack_max_us={}",
-        stats.frames_received,
-        stats.accepted,
-        stats.duplicate(),
-        stats.retry(),
-        stats.rejected,
-        stats.unparseable,
-        stats.batches_sent,
-        stats.redis_errors,
-        ack.value_at_quantile(0.5),
-        ack.value_at_quantile(0.99),
-        ack.value_at_quantile(0.999),
-        ack.max(),
+    tracing::info!(
+        frames = total(ShardMetrics::frames),
+        accepted = total(|metrics| metrics.acks(Status::Accepted)),
+        duplicate = total(|metrics| metrics.acks(Status::Duplicate)),
+        retry = total(|metrics| metrics.acks(Status::Retry)),
+        rejected = total(|metrics| metrics.acks(Status::Rejected)),
+        unparseable = total(ShardMetrics::unparseable_total),
+        retry_overload = total(|metrics| metrics.retries_by(RetryCause::Overload)),
+        retry_redis =
+            total(|metrics| metrics.retries_by(RetryCause::RedisDown) + metrics.retries_by(RetryCause::RedisError)),
+        drained_events,
+        batches = total(|metrics| metrics.batch_events.snapshot(1.0).count),
+        cache_events = reports.iter().map(|report| report.cache_events).sum::<usize>(),
+        ack_p50_us = ack.value_at_quantile(0.5),
+        ack_p99_us = ack.value_at_quantile(0.99),
+        ack_p999_us = ack.value_at_quantile(0.999),
+        ack_max_us = ack.max(),
+        "stopped"
     );
-    eprintln!("shardgate: stats {stats:?}");
     Ok(())
 }
 
@@ -193,9 +215,17 @@ struct ShardInit {
     config: Arc<Config>,
     dedup: DedupWriter,
     peers: Vec<DedupReader>,
+    metrics: Arc<ShardMetrics>,
+    common: ShardCommon,
+}
+
+/// What every shard shares with the main thread.
+#[derive(Clone)]
+struct ShardCommon {
     stop: Arc<AtomicBool>,
     gate: Arc<StartGate>,
     events: mpsc::Sender<StartEvent>,
+    snapshots: Snapshots,
     timers: tokio::runtime::Handle,
 }
 
@@ -203,10 +233,8 @@ type ShardHandle = glommio::ExecutorJoinHandle<Result<ShardReport, String>>;
 
 fn start_shards(
     config: &Arc<Config>,
-    time_driver: &TimeDriver,
-    stop: &Arc<AtomicBool>,
-    gate: &Arc<StartGate>,
-    events: &mpsc::Sender<StartEvent>,
+    common: &ShardCommon,
+    metrics: &[Arc<ShardMetrics>],
 ) -> Result<Vec<ShardHandle>, ServerError> {
     let (writers, readers): (Vec<DedupWriter>, Vec<DedupReader>) =
         config.cores.iter().map(|_| new_cache(config.dedup_capacity)).unzip();
@@ -223,10 +251,8 @@ fn start_shards(
             config: Arc::clone(config),
             dedup,
             peers: peers.collect(),
-            stop: Arc::clone(stop),
-            gate: Arc::clone(gate),
-            events: events.clone(),
-            timers: time_driver.handle(),
+            metrics: Arc::clone(&metrics[index]),
+            common: common.clone(),
         };
         let placement = placement::placement_for(config.placement, core, &config.cores)?;
         let handle = LocalExecutorBuilder::new(placement)
@@ -275,13 +301,17 @@ enum Phase {
 }
 
 async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
-    let _timers = init.timers.enter();
+    let common = &init.common;
+    let _timers = common.timers.enter();
     let failed = |error: String| {
-        let _ = init.events.send(StartEvent::Failed(init.index, error.clone()));
+        let _ = common.events.send(StartEvent::Failed(init.index, error.clone()));
         error
     };
     let udp = crate::udp::bind(init.config.udp)
         .map_err(|error| failed(format!("cannot bind udp {}: {error}", init.config.udp)))?;
+    init.metrics
+        .udp_socket_inode
+        .store(crate::udp::socket_inode(&udp), Ordering::Relaxed);
     let store = Store::new(&init.config).map_err(|error| failed(error.to_string()))?;
     store.connect();
     let shard = Rc::new(Shard::new(
@@ -291,19 +321,22 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
         store,
         init.dedup,
         init.peers,
+        Arc::clone(&init.metrics),
     ));
-    let _ = init.events.send(StartEvent::Prepared);
-    if !init.gate.wait() {
+    let _ = common.events.send(StartEvent::Prepared);
+    if !common.gate.wait() {
         return Err("start aborted".into());
     }
     let listener = crate::tcp::bind(init.config.tcp)
         .map_err(|error| failed(format!("cannot listen on tcp {}: {error}", init.config.tcp)))?;
-    let _ = init.events.send(StartEvent::Listening);
+    let _ = common.events.send(StartEvent::Listening);
 
     let udp_task = glommio::spawn_local(crate::udp::serve(Rc::clone(&shard)));
     let tcp_task = glommio::spawn_local(crate::tcp::serve(Rc::clone(&shard), listener));
     let linger_task = glommio::spawn_local(Rc::clone(&shard).linger_loop());
-    Rc::clone(&shard).tick_loop(Arc::clone(&init.stop)).await;
+    Rc::clone(&shard)
+        .tick_loop(Arc::clone(&common.stop), common.snapshots.clone())
+        .await;
 
     // Stopping: intake ends, in-flight work drains, then connections flush.
     udp_task.await;
@@ -320,7 +353,7 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
     }
     shard.store.quit().await;
     let report = ShardReport {
-        stats: *shard.stats.borrow(),
+        metrics: Arc::clone(&shard.metrics),
         latency: shard.latency.borrow().clone(),
         drained_events,
         cache_events: shard.dedup_len_events(),
@@ -328,30 +361,40 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
     Ok(report)
 }
 
-/// Blocks SIGTERM and SIGINT in this thread and every thread it starts later,
-/// so only the signal thread's `sigwait` receives them.
-fn block_stop_signals() -> Result<SigSet, ServerError> {
+/// Blocks SIGTERM, SIGINT and SIGUSR1 in this thread and every thread it
+/// starts later, so only the signal thread's `sigwait` receives them.
+fn block_signals() -> Result<SigSet, ServerError> {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGUSR1);
     signals
         .thread_block()
         .map_err(|error| ServerError(format!("cannot block signals: {error}")))?;
     Ok(signals)
 }
 
+/// SIGUSR1 asks for a histogram snapshot; the first SIGTERM or SIGINT stops.
 fn spawn_signal_thread(
     signals: SigSet,
     stop: Arc<AtomicBool>,
     events: mpsc::Sender<StartEvent>,
+    snapshots: Snapshots,
 ) -> Result<(), ServerError> {
     std::thread::Builder::new()
         .name("shardgate-signals".into())
         .spawn(move || {
-            if let Ok(signal) = signals.wait() {
-                eprintln!("shardgate: {signal} received, draining");
+            while let Ok(signal) = signals.wait() {
+                if signal == Signal::SIGUSR1 {
+                    if !snapshots.request() {
+                        tracing::warn!("SIGUSR1 ignored: no --hdr-out to write histograms beside");
+                    }
+                    continue;
+                }
+                tracing::info!(%signal, "draining");
                 stop.store(true, Ordering::Relaxed);
                 let _ = events.send(StartEvent::Signal(signal));
+                return;
             }
         })
         .map(|_| ())
@@ -361,30 +404,28 @@ fn spawn_signal_thread(
 /// Raises RLIMIT_MEMLOCK for glommio's io_uring buffers. Kernels since 5.12
 /// charge io_uring memory to the cgroup instead, so a refusal is a warning
 /// that names the limit needed, not an error.
-fn raise_memlock(shard_count: usize) {
+fn raise_memlock(shard_count: usize) -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let needed_bytes = MEMLOCK_BYTES_PER_SHARD * shard_count as u64;
     let Ok((soft_bytes, hard_bytes)) = getrlimit(Resource::RLIMIT_MEMLOCK) else {
-        return;
+        return 0;
     };
     if soft_bytes >= needed_bytes {
-        return;
+        return soft_bytes;
     }
     if setrlimit(Resource::RLIMIT_MEMLOCK, needed_bytes, hard_bytes.max(needed_bytes)).is_ok() {
-        return;
+        return needed_bytes;
     }
     let raised_bytes = hard_bytes.min(needed_bytes);
     let _ = setrlimit(Resource::RLIMIT_MEMLOCK, raised_bytes, hard_bytes);
-    if raised_bytes < needed_bytes {
-        eprintln!(
-            "shardgate: warning: RLIMIT_MEMLOCK is {} KiB but {shard_count} shards want {} KiB of locked memory for \
-             io_uring; raise it (systemd LimitMEMLOCK={}, or `ulimit -l {}`). Continuing: kernels >= 5.12 do not need it.",
-            raised_bytes / 1024,
-            needed_bytes / 1024,
-            needed_bytes,
-            needed_bytes / 1024
-        );
-    }
+    tracing::warn!(
+        limit_kib = raised_bytes / 1024,
+        wanted_kib = needed_bytes / 1024,
+        "RLIMIT_MEMLOCK is below what {shard_count} shards want for io_uring; raise it (systemd LimitMEMLOCK={needed_bytes}, \
+         or `ulimit -l {}`). Continuing: kernels >= 5.12 do not need it",
+        needed_bytes / 1024
+    );
+    raised_bytes
 }
 
 /// Port 0 means "pick one": the same port must then be shared by all shards,

@@ -37,9 +37,10 @@ use crate::config::Config;
 use crate::dedup::{DedupReader, DedupWriter};
 use crate::frame::{parse, EventId, Header, Status};
 use crate::latency::Latency;
+use crate::metrics::{LookupOutcome, RetryCause, ShardMetrics, Transport};
 use crate::notify::{Latch, Notify};
 use crate::reply::{Route, UdpReply};
-use crate::stats::Stats;
+use crate::snapshot::Snapshots;
 use crate::store::{Outcome, Store};
 
 pub struct Shard {
@@ -53,9 +54,11 @@ pub struct Shard {
     open: RefCell<Batch>,
     spare: RefCell<Vec<Batch>>,
     batches_in_flight: Cell<usize>,
-    pub stats: RefCell<Stats>,
+    pub metrics: Arc<ShardMetrics>,
     pub latency: RefCell<Latency>,
     redis_up: Cell<bool>,
+    /// Failed calls since start: the tick loop logs them as a summary, not one line each.
+    redis_failures: Cell<u64>,
     /// Opened when the shard stops taking frames.
     pub stopping: Latch,
     /// Opened when the drain deadline passes: calls still in Redis are answered RETRY.
@@ -76,6 +79,7 @@ impl Shard {
         store: Store,
         dedup: DedupWriter,
         peers: Vec<DedupReader>,
+        metrics: Arc<ShardMetrics>,
     ) -> Shard {
         let batches: Vec<Batch> = (0..config.batches_in_flight_max)
             .map(|_| Batch::new(config.batch_events_max))
@@ -91,9 +95,10 @@ impl Shard {
             open: RefCell::new(Batch::new(config.batch_events_max)),
             spare: RefCell::new(batches),
             batches_in_flight: Cell::new(0),
-            stats: RefCell::new(Stats::default()),
+            metrics,
             latency: RefCell::new(Latency::default()),
             redis_up: Cell::new(false),
+            redis_failures: Cell::new(0),
             stopping: Latch::default(),
             abandon: Latch::default(),
             linger: Notify::default(),
@@ -115,21 +120,20 @@ impl Shard {
         recv_us: u64,
     ) -> Option<Status> {
         debug_assert_eq!(frame.len(), header.frame_bytes);
+        let transport = route.transport();
         let answer = match parse(frame) {
             Ok(action) => {
                 debug_assert_eq!(action.id, header.id);
                 self.admit(&action, route, received_at, recv_us)
             }
-            Err(_reason) => {
-                self.stats.borrow_mut().rejected += 1;
+            Err(reason) => {
+                self.metrics.reject(transport, reason);
                 Some(Status::Rejected)
             }
         };
-        if answer.is_some() {
+        if let Some(status) = answer {
             // Answered now: the ack goes out with the rest of this read's answers.
-            self.latency
-                .borrow_mut()
-                .record_intake_to_ack(received_at, Instant::now());
+            self.record_answered(transport, status, received_at, Instant::now());
         }
         answer
     }
@@ -142,47 +146,66 @@ impl Shard {
         recv_us: u64,
     ) -> Option<Status> {
         let id = action.id;
-        let mut stats = self.stats.borrow_mut();
-        if self.stopping.is_open() {
-            stats.retry_shutting_down += 1;
-            return Some(Status::Retry);
+        if let Some(status) = self.answer_now(id) {
+            return Some(status);
         }
-        if self.dedup.borrow_mut().contains(id) {
-            stats.duplicate_own_cache += 1;
-            return Some(Status::Duplicate);
-        }
-        if self.in_flight.borrow().contains(&id) {
-            stats.retry_in_flight_copy += 1;
-            return Some(Status::Retry);
-        }
-        if self.peers.iter().any(|peer| peer.contains(id)) {
-            stats.duplicate_peer_cache += 1;
-            return Some(Status::Duplicate);
-        }
-        if !self.redis_up.get() {
-            stats.retry_redis += 1;
-            return Some(Status::Retry);
-        }
-        if self.open.borrow().is_full() {
-            // Full and not sent: every in-flight slot is taken.
-            stats.retry_overload += 1;
-            return Some(Status::Retry);
-        }
-        drop(stats);
         let partition = (id.player_id % u64::from(self.config.partitions)) as u32;
         let mut open = self.open.borrow_mut();
         open.push(action, partition, recv_us, route.clone(), received_at);
         let (is_full, is_first) = (open.is_full(), open.len() == 1);
         drop(open);
-        let inserted = self.in_flight.borrow_mut().insert(id);
+        let mut in_flight = self.in_flight.borrow_mut();
+        let inserted = in_flight.insert(id);
         assert!(inserted, "an id in flight was answered RETRY above");
-        debug_assert!(self.in_flight.borrow().len() <= self.config.inflight_events_max());
+        debug_assert!(in_flight.len() <= self.config.inflight_events_max());
+        self.metrics.events_in_flight.set(in_flight.len() as i64);
+        drop(in_flight);
         if is_full {
             self.flush();
         } else if is_first {
             self.linger.notify();
         }
         None
+    }
+
+    /// The answer an event gets without a Redis call, if any; see the module doc.
+    fn answer_now(&self, id: EventId) -> Option<Status> {
+        if self.stopping.is_open() {
+            self.metrics.retry(RetryCause::ShuttingDown);
+            return Some(Status::Retry);
+        }
+        if self.dedup.borrow_mut().contains(id) {
+            self.metrics.lookup(LookupOutcome::OwnHit);
+            return Some(Status::Duplicate);
+        }
+        if self.in_flight.borrow().contains(&id) {
+            self.metrics.lookup(LookupOutcome::InFlight);
+            self.metrics.retry(RetryCause::InFlightCopy);
+            return Some(Status::Retry);
+        }
+        if self.peers.iter().any(|peer| peer.contains(id)) {
+            self.metrics.lookup(LookupOutcome::PeerHit);
+            return Some(Status::Duplicate);
+        }
+        self.metrics.lookup(LookupOutcome::Miss);
+        if !self.redis_up.get() {
+            self.metrics.retry(RetryCause::RedisDown);
+            return Some(Status::Retry);
+        }
+        if self.open.borrow().is_full() {
+            // Full and not sent: every in-flight slot is taken.
+            self.metrics.retry(RetryCause::Overload);
+            return Some(Status::Retry);
+        }
+        None
+    }
+
+    fn record_answered(&self, transport: Transport, status: Status, received_at: Instant, now: Instant) {
+        self.metrics.ack(transport, status, 1);
+        let mut latency = self.latency.borrow_mut();
+        latency.record_intake_to_ack(received_at, now);
+        let elapsed_us = now.saturating_duration_since(received_at).as_micros() as u64;
+        self.metrics.intake_to_ack_us[transport as usize].observe(elapsed_us);
     }
 
     /// Sends the open batch if it has events and an in-flight slot is free.
@@ -212,14 +235,15 @@ impl Shard {
             Err(crate::store::StoreError::abandoned())
         };
         let result = futures_lite::future::or(call, abandoned).await;
-        self.latency.borrow_mut().record_redis_round_trip(started.elapsed());
-        *batch.outcomes_mut() = outcomes;
-        {
-            let mut stats = self.stats.borrow_mut();
-            stats.batches_sent += 1;
-            stats.batch_events_total += event_count as u64;
-            stats.redis_errors += u64::from(result.is_err());
+        let round_trip = started.elapsed();
+        self.latency.borrow_mut().record_redis_round_trip(round_trip);
+        self.metrics.redis_round_trip_us.observe(round_trip.as_micros() as u64);
+        self.metrics.batch_events.observe(event_count as u64);
+        if let Err(error) = &result {
+            self.metrics.redis_errors[error.kind() as usize].add(1);
+            self.redis_failures.set(self.redis_failures.get() + 1);
         }
+        *batch.outcomes_mut() = outcomes;
         self.complete(&mut batch, result.is_ok());
         self.answer(&batch).await;
         batch.finish();
@@ -236,7 +260,6 @@ impl Shard {
     fn complete(&self, batch: &mut Batch, stored: bool) {
         let mut dedup = self.dedup.borrow_mut();
         let mut in_flight = self.in_flight.borrow_mut();
-        let mut stats = self.stats.borrow_mut();
         let (events, outcomes, statuses) = batch.resolution_parts();
         statuses.clear();
         for (index, event) in events.iter().enumerate() {
@@ -247,17 +270,20 @@ impl Shard {
                 (true, Some(Outcome::AlreadyStored)) => Status::Duplicate,
                 _ => Status::Retry,
             };
-            match status {
-                Status::Accepted => stats.accepted += 1,
-                Status::Duplicate => stats.duplicate_redis += 1,
-                _ => stats.retry_redis += 1,
-            }
-            if status != Status::Retry {
+            if status == Status::Retry {
+                self.metrics.retry(RetryCause::RedisError);
+            } else {
                 dedup.insert(event.id);
             }
             statuses.push(status);
         }
         debug_assert_eq!(statuses.len(), events.len());
+        self.metrics.events_in_flight.set(in_flight.len() as i64);
+        self.metrics.dedup_cache_events.set(dedup.len_events() as i64);
+        let evictions = dedup.evictions_total();
+        self.metrics
+            .dedup_cache_evictions
+            .add(evictions - self.metrics.dedup_cache_evictions.get());
     }
 
     /// Sends every answer of a completed batch, coalescing UDP acks per source.
@@ -265,7 +291,7 @@ impl Shard {
         let mut reply = UdpReply::default();
         let now = Instant::now();
         for (event, &status) in batch.events().iter().zip(batch.statuses()) {
-            self.latency.borrow_mut().record_intake_to_ack(event.received_at, now);
+            self.record_answered(event.route.transport(), status, event.received_at, now);
             match &event.route {
                 Route::Udp(source) => {
                     if !reply.accepts(*source) {
@@ -282,7 +308,7 @@ impl Shard {
     pub async fn send_udp_reply(&self, reply: &mut UdpReply) {
         if let Some((destination, bytes)) = reply.take() {
             if self.udp.send_to(bytes, destination).await.is_err() {
-                self.stats.borrow_mut().reply_errors += 1;
+                self.metrics.reply_send_errors.add(1);
             }
         }
     }
@@ -314,11 +340,28 @@ impl Shard {
         }
     }
 
-    /// Keeps the Redis-up flag fresh and notices the process-wide stop.
-    pub async fn tick_loop(self: Rc<Self>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    /// Keeps the Redis-up flag fresh, logs Redis outages as a few summary
+    /// lines instead of one per failure, and notices the process-wide stop.
+    pub async fn tick_loop(self: Rc<Self>, stop: Arc<std::sync::atomic::AtomicBool>, snapshots: Snapshots) {
         let period = Duration::from_millis(crate::limits::SHUTDOWN_POLL_MS);
+        let mut outage = Outage::default();
+        let mut snapshot_answered = 0;
         loop {
-            self.redis_up.set(self.store.is_connected());
+            if let Some(generation) = snapshots.due(&mut snapshot_answered) {
+                snapshots.submit(self.index, generation, self.latency.borrow().clone());
+            }
+            let connected = self.store.is_connected();
+            if connected && !self.redis_up.get() && outage.was_ever_up {
+                self.metrics.redis_reconnects.add(1);
+            }
+            self.redis_up.set(connected);
+            self.metrics.redis_up.set(i64::from(connected));
+            outage.observe(
+                self.index,
+                connected,
+                self.redis_failures.get(),
+                self.metrics.retries_by(RetryCause::RedisDown),
+            );
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 self.stopping.open();
                 self.linger.notify();
@@ -354,5 +397,74 @@ impl Shard {
 
     pub fn dedup_len_events(&self) -> usize {
         self.dedup.borrow().len_events()
+    }
+}
+
+/// Turns the Redis-up flag and failure counts into rate-limited log lines:
+/// one when Redis goes away (or, at start, when it has not come within a
+/// second), a summary every `OUTAGE_LOG_PERIOD` while it stays away or calls
+/// keep failing, and one when it is back.
+#[derive(Default)]
+struct Outage {
+    was_ever_up: bool,
+    down_since: Option<Instant>,
+    outage_logged: bool,
+    last_logged: Option<Instant>,
+    failures_logged: u64,
+    retries_at_start: u64,
+}
+
+const OUTAGE_LOG_PERIOD: Duration = Duration::from_secs(10);
+const FIRST_CONNECT_GRACE: Duration = Duration::from_secs(1);
+
+impl Outage {
+    fn observe(&mut self, shard: usize, connected: bool, failures: u64, redis_down_retries: u64) {
+        let now = Instant::now();
+        let due = self
+            .last_logged
+            .is_none_or(|logged| now.duration_since(logged) >= OUTAGE_LOG_PERIOD);
+        match (connected, self.down_since) {
+            (true, Some(since)) => {
+                if self.outage_logged {
+                    let down_ms = now.duration_since(since).as_millis() as u64;
+                    let retried_frames = redis_down_retries - self.retries_at_start;
+                    tracing::info!(shard, down_ms, retried_frames, "redis connection is back");
+                }
+                self.down_since = None;
+                self.outage_logged = false;
+            }
+            (false, None) => {
+                self.down_since = Some(now);
+                self.retries_at_start = redis_down_retries;
+                if self.was_ever_up {
+                    tracing::warn!(shard, "redis connection lost; answering RETRY until it is back");
+                    self.outage_logged = true;
+                    self.last_logged = Some(now);
+                }
+            }
+            (false, Some(since)) => {
+                let down = now.duration_since(since);
+                let first_report = !self.outage_logged && down >= FIRST_CONNECT_GRACE;
+                if first_report || (self.outage_logged && due) {
+                    let retried_frames = redis_down_retries - self.retries_at_start;
+                    tracing::warn!(
+                        shard,
+                        down_ms = down.as_millis() as u64,
+                        retried_frames,
+                        "redis unreachable; answering RETRY"
+                    );
+                    self.outage_logged = true;
+                    self.last_logged = Some(now);
+                }
+            }
+            (true, None) => {}
+        }
+        if connected && failures > self.failures_logged && due {
+            let failed_calls = failures - self.failures_logged;
+            tracing::warn!(shard, failed_calls, "redis script calls failed; their events got RETRY");
+            self.failures_logged = failures;
+            self.last_logged = Some(now);
+        }
+        self.was_ever_up |= connected;
     }
 }

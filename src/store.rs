@@ -26,6 +26,7 @@ use fred::types::scripts::Script;
 use fred::types::Builder;
 
 use crate::config::Config;
+use crate::metrics::RedisErrorKind;
 use crate::script::{DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED};
 
 /// Reconnect backoff: quick first retries for a restart, capped at 1 s.
@@ -56,11 +57,34 @@ impl TimeDriver {
 
 /// Why a batch was not stored. All of them answer RETRY.
 #[derive(Debug)]
-pub struct StoreError(String);
+pub struct StoreError {
+    kind: RedisErrorKind,
+    message: String,
+}
 
 impl fmt::Display for StoreError {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str(&self.0)
+        formatter.write_str(&self.message)
+    }
+}
+
+impl StoreError {
+    fn new(kind: RedisErrorKind, message: String) -> StoreError {
+        StoreError { kind, message }
+    }
+
+    fn from_fred(error: &fred::error::Error) -> StoreError {
+        use fred::error::ErrorKind;
+        let kind = match error.kind() {
+            ErrorKind::Timeout => RedisErrorKind::Timeout,
+            ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Backpressure => RedisErrorKind::Connection,
+            _ => RedisErrorKind::Script,
+        };
+        StoreError::new(kind, format!("redis script failed: {error}"))
+    }
+
+    pub fn kind(&self) -> RedisErrorKind {
+        self.kind
     }
 }
 
@@ -69,7 +93,10 @@ impl std::error::Error for StoreError {}
 impl StoreError {
     /// The drain deadline passed while the call was in Redis.
     pub fn abandoned() -> StoreError {
-        StoreError("shutdown drain deadline passed before redis answered".into())
+        StoreError::new(
+            RedisErrorKind::Abandoned,
+            "shutdown drain deadline passed before redis answered".into(),
+        )
     }
 }
 
@@ -94,7 +121,7 @@ impl Store {
     /// has entered the `TimeDriver`.
     pub fn new(config: &Config) -> Result<Store, StoreError> {
         let fred_config = FredConfig::from_url(&config.redis_url)
-            .map_err(|error| StoreError(format!("invalid redis url: {error}")))?;
+            .map_err(|error| StoreError::new(RedisErrorKind::Connection, format!("invalid redis url: {error}")))?;
         let mut builder = Builder::from_config(fred_config);
         builder
             .with_config(|fred_config| fred_config.fail_fast = false)
@@ -111,9 +138,12 @@ impl Store {
                 RECONNECT_DELAY_MS_MAX,
                 2,
             ));
-        let client = builder
-            .build()
-            .map_err(|error| StoreError(format!("cannot build redis client: {error}")))?;
+        let client = builder.build().map_err(|error| {
+            StoreError::new(
+                RedisErrorKind::Connection,
+                format!("cannot build redis client: {error}"),
+            )
+        })?;
         Ok(Store {
             client,
             script: Script::from_lua(DEDUP_APPEND_LUA),
@@ -150,7 +180,7 @@ impl Store {
             .script
             .evalsha_with_reload(&self.client, Vec::<fred::types::Key>::new(), arguments)
             .await
-            .map_err(|error| StoreError(format!("redis script failed: {error}")))?;
+            .map_err(|error| StoreError::from_fred(&error))?;
         decode_outcomes(&reply, event_count, outcomes)
     }
 
@@ -170,26 +200,27 @@ fn decode_outcomes(reply: &Value, event_count: usize, outcomes: &mut Vec<Outcome
         Value::String(text) => text.as_bytes(),
         Value::Bytes(bytes) => bytes,
         other => {
-            return Err(StoreError(format!(
-                "redis script replied with an unexpected type: {:?}",
-                other.kind()
-            )))
+            return Err(StoreError::new(
+                RedisErrorKind::Script,
+                format!("redis script replied with an unexpected type: {:?}", other.kind()),
+            ))
         }
     };
     if bytes.len() != event_count {
-        return Err(StoreError(format!(
-            "redis script answered {} events of {event_count}",
-            bytes.len()
-        )));
+        return Err(StoreError::new(
+            RedisErrorKind::Script,
+            format!("redis script answered {} events of {event_count}", bytes.len()),
+        ));
     }
     for &byte in bytes {
         let outcome = match byte {
             OUTCOME_APPENDED => Outcome::Appended,
             OUTCOME_ALREADY_STORED => Outcome::AlreadyStored,
             _ => {
-                return Err(StoreError(format!(
-                    "redis script answered an unknown outcome {byte:#04x}"
-                )))
+                return Err(StoreError::new(
+                    RedisErrorKind::Script,
+                    format!("redis script answered an unknown outcome {byte:#04x}"),
+                ))
             }
         };
         outcomes.push(outcome);

@@ -21,6 +21,7 @@ use glommio::net::{TcpListener, TcpStream};
 
 use crate::frame::{check, encode_ack, CheckError, EventId, Status, ACK_BYTES};
 use crate::limits::{TCP_OUTBOX_BYTES, TCP_READ_BUFFER_BYTES, TCP_UNACKED_FRAMES_MAX};
+use crate::metrics::{CloseReason, Transport};
 use crate::notify::Notify;
 use crate::reply::Route;
 use crate::shard::Shard;
@@ -92,11 +93,15 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
             continue;
         };
         if shard.tcp_connections_open.get() >= shard.config.tcp_connections_per_shard {
-            shard.stats.borrow_mut().tcp_refused_at_limit += 1;
+            shard.metrics.close(CloseReason::AtLimit);
             continue;
         }
-        shard.stats.borrow_mut().tcp_accepted += 1;
+        shard.metrics.tcp_connections_accepted.add(1);
         shard.tcp_connections_open.set(shard.tcp_connections_open.get() + 1);
+        shard
+            .metrics
+            .tcp_connections_open
+            .set(shard.tcp_connections_open.get() as i64);
         glommio::spawn_local(serve_connection(Rc::clone(&shard), stream)).detach();
     }
 }
@@ -107,18 +112,28 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
     if let Ok(writer_stream) = crate::sys::duplicate_stream(&stream) {
         let _ = writer_stream.set_write_timeout(Some(WRITE_TIMEOUT));
         let writer = glommio::spawn_local(write_acks(Rc::clone(&connection), writer_stream));
-        read_frames(&shard, &connection, stream).await;
+        let reason = read_frames(&shard, &connection, stream).await;
         connection.reading_done.set(true);
         connection.writer_wake.notify();
         writer.await;
+        let reason = if connection.broken.get() {
+            CloseReason::WriteFailed
+        } else {
+            reason
+        };
+        shard.metrics.close(reason);
     }
     shard.tcp_connections_open.set(shard.tcp_connections_open.get() - 1);
+    shard
+        .metrics
+        .tcp_connections_open
+        .set(shard.tcp_connections_open.get() as i64);
     shard.tcp_closed.notify();
 }
 
 /// Reads and admits frames until the peer closes, the stream breaks, the
-/// bytes stop making sense, or the shard stops.
-async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream: TcpStream) {
+/// bytes stop making sense, or the shard stops; says which.
+async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream: TcpStream) -> CloseReason {
     let route = Route::Tcp(Rc::clone(connection));
     let mut buffer = vec![0u8; TCP_READ_BUFFER_BYTES];
     let mut filled_bytes = 0;
@@ -127,7 +142,7 @@ async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream:
             let stop = shard.stopping.wait();
             futures_lite::future::or(connection.reader_wake.wait(), stop).await;
             if shard.stopping.is_open() {
-                return;
+                return CloseReason::Shutdown;
             }
         }
         let read = async { Some(stream.read(&mut buffer[filled_bytes..]).await) };
@@ -135,17 +150,19 @@ async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream:
             shard.stopping.wait().await;
             None
         };
-        let Some(Ok(read_bytes)) = futures_lite::future::or(stop, read).await else {
-            return;
+        let read_bytes = match futures_lite::future::or(stop, read).await {
+            None => return CloseReason::Shutdown,
+            Some(Err(_)) | Some(Ok(0)) => return CloseReason::PeerClosed,
+            Some(Ok(read_bytes)) => read_bytes,
         };
-        if read_bytes == 0 || connection.broken.get() {
-            return;
+        if connection.broken.get() {
+            return CloseReason::WriteFailed;
         }
-        shard.stats.borrow_mut().bytes_received += read_bytes as u64;
+        shard.metrics.bytes_received[Transport::Tcp as usize].add(read_bytes as u64);
         filled_bytes += read_bytes;
         let Some(consumed_bytes) = take_frames(shard, connection, &route, &buffer[..filled_bytes]) else {
-            shard.stats.borrow_mut().unparseable += 1;
-            return;
+            shard.metrics.unparseable[Transport::Tcp as usize].add(1);
+            return CloseReason::Unparseable;
         };
         buffer.copy_within(consumed_bytes..filled_bytes, 0);
         filled_bytes -= consumed_bytes;
@@ -175,7 +192,7 @@ fn take_frames(shard: &Rc<Shard>, connection: &Connection, route: &Route, data: 
             Err(CheckError::Unparseable | CheckError::PayloadTooLong(_)) => break None,
         }
     };
-    shard.stats.borrow_mut().frames_received += frames;
+    shard.metrics.frames_received[Transport::Tcp as usize].add(frames);
     result
 }
 

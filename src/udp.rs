@@ -15,8 +15,9 @@ use std::time::{Instant, SystemTime};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::frame::{check, CheckError, EventId, Status};
+use crate::frame::{check, CheckError, EventId, RejectReason, Status};
 use crate::limits::{DATAGRAM_BYTES_MAX, UDP_SOCKET_BUFFER_BYTES};
+use crate::metrics::Transport;
 use crate::reply::{Route, UdpReply};
 use crate::shard::Shard;
 
@@ -30,6 +31,15 @@ pub fn bind(address: SocketAddr) -> std::io::Result<glommio::net::UdpSocket> {
     let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES);
     socket.bind(&address.into())?;
     Ok(glommio::net::UdpSocket::from(socket))
+}
+
+/// The socket's inode: how /proc/net/udp names it (see `exporter.rs`).
+pub fn socket_inode(socket: &glommio::net::UdpSocket) -> u64 {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd()))
+        .map(|metadata| metadata.ino())
+        .unwrap_or(0)
 }
 
 pub fn unix_now_us() -> u64 {
@@ -79,13 +89,13 @@ async fn handle_datagram(shard: &Rc<Shard>, data: &[u8], source: SocketAddr, rep
             }
             Err(error) => {
                 let rejected = rejected_id(error);
-                let mut stats = shard.stats.borrow_mut();
                 match rejected {
                     Some(_) => {
                         frames += 1;
-                        stats.rejected += 1;
+                        shard.metrics.reject(Transport::Udp, RejectReason::Length);
+                        shard.metrics.ack(Transport::Udp, Status::Rejected, 1);
                     }
-                    None => stats.unparseable += 1,
+                    None => shard.metrics.unparseable[Transport::Udp as usize].add(1),
                 }
                 (rejected.map(|id| (Status::Rejected, id)), rest.len())
             }
@@ -99,11 +109,8 @@ async fn handle_datagram(shard: &Rc<Shard>, data: &[u8], source: SocketAddr, rep
         }
     }
     debug_assert_eq!(offset, data.len());
-    {
-        let mut stats = shard.stats.borrow_mut();
-        stats.frames_received += frames;
-        stats.bytes_received += data.len() as u64;
-    }
+    shard.metrics.frames_received[Transport::Udp as usize].add(frames);
+    shard.metrics.bytes_received[Transport::Udp as usize].add(data.len() as u64);
     shard.send_udp_reply(reply).await;
 }
 

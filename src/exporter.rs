@@ -1,0 +1,452 @@
+//! The Prometheus endpoint: `GET /metrics` on `--metrics ADDR`.
+//!
+//! It runs on its own thread, outside every shard, so a scrape never takes a
+//! shard's time: it reads the shards' single-writer atomics (`metrics.rs`) and
+//! encodes them with `prometheus-client`'s text encoder. Connections are served
+//! one at a time with short timeouts, which bounds what a misbehaving scraper
+//! can hold: one socket, one 8 KiB request buffer, one response.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::frame::{RejectReason, Status};
+use crate::metrics::{CloseReason, Histogram, LookupOutcome, RedisErrorKind, RetryCause, ShardMetrics, Transport};
+
+const REQUEST_BYTES_MAX: usize = 8 * 1024;
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+const MICROS_PER_SECOND: f64 = 1e6;
+
+/// Binds the endpoint and serves it on a thread for the life of the process.
+pub fn start(address: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(address)?;
+    let bound = listener.local_addr()?;
+    let mut registry = Registry::with_prefix("shardgate");
+    registry.register_collector(Box::new(ShardCollector { shards }));
+    std::thread::Builder::new()
+        .name("shardgate-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = serve(stream, &registry);
+            }
+        })?;
+    Ok(bound)
+}
+
+fn serve(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut request = [0u8; REQUEST_BYTES_MAX];
+    let mut length = 0;
+    while !request[..length].windows(4).any(|window| window == b"\r\n\r\n") && length < request.len() {
+        let read = stream.read(&mut request[length..])?;
+        if read == 0 {
+            break;
+        }
+        length += read;
+    }
+    let is_metrics = request[..length].starts_with(b"GET /metrics ") || request[..length].starts_with(b"GET /metrics?");
+    if !is_metrics {
+        return stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
+    let mut body = String::new();
+    prometheus_client::encoding::text::encode(&mut body, registry).map_err(std::io::Error::other)?;
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())
+}
+
+/// Encodes every shard's instruments at scrape time.
+#[derive(Debug)]
+struct ShardCollector {
+    shards: Vec<Arc<ShardMetrics>>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+impl ShardCollector {
+    /// One counter family: `values` yields `(labels, value)` per series.
+    fn counter(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        unit: Option<&Unit>,
+        values: impl Fn(usize, &ShardMetrics, &mut dyn FnMut(Labels, u64)),
+    ) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
+        let mut result = Ok(());
+        for (index, shard) in self.shards.iter().enumerate() {
+            values(index, shard, &mut |labels, value| {
+                if result.is_ok() {
+                    result = family
+                        .encode_family(&labels)
+                        .and_then(|metric| ConstCounter::new(value).encode(metric));
+                }
+            });
+        }
+        result
+    }
+
+    fn gauge(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        unit: Option<&Unit>,
+        value: impl Fn(&ShardMetrics) -> i64,
+    ) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+        for (index, shard) in self.shards.iter().enumerate() {
+            let labels = shard_label(index);
+            ConstGauge::new(value(shard)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn histogram<const N: usize>(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        unit: Option<&Unit>,
+        divisor: f64,
+        series: impl Fn(usize, &ShardMetrics) -> Vec<(Labels, &Histogram<N>)>,
+    ) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Histogram)?;
+        for (index, shard) in self.shards.iter().enumerate() {
+            for (labels, histogram) in series(index, shard) {
+                let snapshot = histogram.snapshot(divisor);
+                family.encode_family(&labels)?.encode_histogram::<Labels>(
+                    snapshot.sum,
+                    snapshot.count,
+                    &snapshot.buckets,
+                    None,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn shard_label(index: usize) -> Labels {
+    vec![("shard", index.to_string())]
+}
+
+fn labels(index: usize, pairs: &[(&'static str, &str)]) -> Labels {
+    let mut labels = shard_label(index);
+    labels.extend(pairs.iter().map(|(key, value)| (*key, value.to_string())));
+    labels
+}
+
+impl Collector for ShardCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let encoder = &mut encoder;
+        self.counter(
+            encoder,
+            "frames_received",
+            "Frames read whose header parsed.",
+            None,
+            |index, shard, emit| {
+                for transport in Transport::ALL {
+                    emit(
+                        labels(index, &[("transport", transport.name())]),
+                        shard.frames_received[transport as usize].get(),
+                    );
+                }
+            },
+        )?;
+        self.counter(
+            encoder,
+            "received",
+            "Bytes read from clients.",
+            Some(&Unit::Bytes),
+            |index, shard, emit| {
+                for transport in Transport::ALL {
+                    emit(
+                        labels(index, &[("transport", transport.name())]),
+                        shard.bytes_received[transport as usize].get(),
+                    );
+                }
+            },
+        )?;
+        self.counter(
+            encoder,
+            "acks_sent",
+            "Answers sent, by status.",
+            None,
+            |index, shard, emit| {
+                for transport in Transport::ALL {
+                    for status in Status::ALL {
+                        let value = shard.acks_sent[transport as usize][status as usize].get();
+                        emit(
+                            labels(index, &[("transport", transport.name()), ("status", status.name())]),
+                            value,
+                        );
+                    }
+                }
+            },
+        )?;
+        self.counter(
+            encoder,
+            "frames_rejected",
+            "Frames answered REJECTED, by reason.",
+            None,
+            |index, shard, emit| {
+                for transport in Transport::ALL {
+                    for reason in RejectReason::ALL {
+                        let value = shard.frames_rejected[transport as usize][reason as usize].get();
+                        emit(
+                            labels(index, &[("transport", transport.name()), ("reason", reason.name())]),
+                            value,
+                        );
+                    }
+                }
+            },
+        )?;
+        self.counter(
+            encoder,
+            "input_unparseable",
+            "Inputs without a parseable header: UDP datagram tails dropped unanswered, TCP connections closed.",
+            None,
+            |index, shard, emit| {
+                for transport in Transport::ALL {
+                    emit(
+                        labels(index, &[("transport", transport.name())]),
+                        shard.unparseable[transport as usize].get(),
+                    );
+                }
+            },
+        )?;
+        self.counter(
+            encoder,
+            "udp_kernel_drops",
+            "Datagrams the kernel dropped for a full socket buffer (the socket's SO_RXQ_OVFL count).",
+            None,
+            |index, shard, emit| emit(shard_label(index), udp_drops(shard)),
+        )?;
+        self.counter(
+            encoder,
+            "dedup_lookups",
+            "Dedup decisions, by where they were made.",
+            None,
+            |index, shard, emit| {
+                for outcome in LookupOutcome::ALL {
+                    emit(
+                        labels(index, &[("outcome", outcome.name())]),
+                        shard.dedup_lookups[outcome as usize].get(),
+                    );
+                }
+            },
+        )?;
+        self.gauge(
+            encoder,
+            "dedup_cache_events",
+            "Event ids held in the shard's dedup cache.",
+            None,
+            |shard| shard.dedup_cache_events.get(),
+        )?;
+        self.counter(
+            encoder,
+            "dedup_cache_evictions",
+            "Ids evicted from the dedup cache.",
+            None,
+            |index, shard, emit| emit(shard_label(index), shard.dedup_cache_evictions.get()),
+        )?;
+        self.histogram(
+            encoder,
+            "batch_events",
+            "Events per Redis script call.",
+            None,
+            1.0,
+            |index, shard| vec![(shard_label(index), &shard.batch_events)],
+        )?;
+        self.histogram(
+            encoder,
+            "redis_round_trip",
+            "Duration of one Redis script call.",
+            Some(&Unit::Seconds),
+            MICROS_PER_SECOND,
+            |index, shard| vec![(shard_label(index), &shard.redis_round_trip_us)],
+        )?;
+        self.counter(
+            encoder,
+            "redis_errors",
+            "Failed Redis script calls, by kind.",
+            None,
+            |index, shard, emit| {
+                for kind in RedisErrorKind::ALL {
+                    emit(
+                        labels(index, &[("kind", kind.name())]),
+                        shard.redis_errors[kind as usize].get(),
+                    );
+                }
+            },
+        )?;
+        self.counter(
+            encoder,
+            "redis_reconnects",
+            "Times the Redis connection came back.",
+            None,
+            |index, shard, emit| emit(shard_label(index), shard.redis_reconnects.get()),
+        )?;
+        self.gauge(
+            encoder,
+            "redis_up",
+            "1 while the shard's Redis connection is up.",
+            None,
+            |shard| shard.redis_up.get(),
+        )?;
+        self.gauge(
+            encoder,
+            "events_in_flight",
+            "Events batched or in Redis, not yet answered.",
+            None,
+            |shard| shard.events_in_flight.get(),
+        )?;
+        self.counter(
+            encoder,
+            "retries",
+            "Frames answered RETRY, by cause.",
+            None,
+            |index, shard, emit| {
+                for cause in RetryCause::ALL {
+                    emit(
+                        labels(index, &[("cause", cause.name())]),
+                        shard.retries[cause as usize].get(),
+                    );
+                }
+            },
+        )?;
+        self.gauge(
+            encoder,
+            "tcp_connections_open",
+            "Open TCP connections.",
+            None,
+            |shard| shard.tcp_connections_open.get(),
+        )?;
+        self.counter(
+            encoder,
+            "tcp_connections_accepted",
+            "TCP connections accepted.",
+            None,
+            |index, shard, emit| emit(shard_label(index), shard.tcp_connections_accepted.get()),
+        )?;
+        self.counter(
+            encoder,
+            "tcp_connections_closed",
+            "TCP connections ended, by reason.",
+            None,
+            |index, shard, emit| {
+                for reason in CloseReason::ALL {
+                    emit(
+                        labels(index, &[("reason", reason.name())]),
+                        shard.tcp_connections_closed[reason as usize].get(),
+                    );
+                }
+            },
+        )?;
+        self.counter(
+            encoder,
+            "reply_send_errors",
+            "Answers the socket refused to send.",
+            None,
+            |index, shard, emit| emit(shard_label(index), shard.reply_send_errors.get()),
+        )?;
+        self.histogram(
+            encoder,
+            "intake_to_ack",
+            "From a frame's read to its answer.",
+            Some(&Unit::Seconds),
+            MICROS_PER_SECOND,
+            |index, shard| {
+                Transport::ALL
+                    .iter()
+                    .map(|&transport| {
+                        (
+                            labels(index, &[("transport", transport.name())]),
+                            &shard.intake_to_ack_us[transport as usize],
+                        )
+                    })
+                    .collect()
+            },
+        )?;
+        process_metrics(encoder)
+    }
+}
+
+/// Resident memory and build info: not per shard.
+fn process_metrics(encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let rss_bytes = resident_memory_bytes().unwrap_or(0);
+    let family = encoder.encode_descriptor(
+        "process_resident_memory",
+        "Resident set size of the process.",
+        Some(&Unit::Bytes),
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(rss_bytes as i64).encode(family)?;
+    let mut family = encoder.encode_descriptor(
+        "build_info",
+        "Always 1; labels say which build runs.",
+        None,
+        MetricType::Gauge,
+    )?;
+    let build: Labels = vec![("version", env!("CARGO_PKG_VERSION").to_string())];
+    ConstGauge::new(1i64).encode(family.encode_family(&build)?)
+}
+
+fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The kernel's drop count for the shard's UDP socket: the `drops` column of
+/// /proc/net/udp{,6}, which is the counter SO_RXQ_OVFL reports. Reading it at
+/// scrape time costs the data path nothing.
+fn udp_drops(shard: &ShardMetrics) -> u64 {
+    let inode = shard.udp_socket_inode.load(std::sync::atomic::Ordering::Relaxed);
+    if inode == 0 {
+        return 0;
+    }
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .find_map(|table| drops_for_inode(&table, inode))
+        .unwrap_or(0)
+}
+
+fn drops_for_inode(table: &str, inode: u64) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+        let line_inode: u64 = columns.get(9)?.parse().ok()?;
+        (line_inode == inode).then(|| columns.get(12)?.parse().ok())?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The drops column is found by inode in the kernel's table format.
+    #[test]
+    fn drops_by_inode() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+                     1: 0100007F:1E14 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4242 2 0000000000000000 17\n";
+        assert_eq!(drops_for_inode(table, 4242), Some(17));
+        assert_eq!(drops_for_inode(table, 1), None);
+    }
+}

@@ -1,0 +1,408 @@
+//! Per-shard counters, gauges and histograms, written by their shard and read
+//! by the Prometheus exporter without locks.
+//!
+//! Every instrument here has exactly one writer: the shard that owns it. A
+//! single writer needs no read-modify-write: `add` is a relaxed load and a
+//! relaxed store, which compiles to plain moves on x86, so counting on the data
+//! path costs what a plain integer costs. The exporter's thread reads each word
+//! atomically and may see a value a few nanoseconds old, which is what a
+//! scrape means anyway. Nothing allocates after `ShardMetrics::new`.
+//!
+//! Labels stay low-cardinality: `shard`, `transport`, `status`, `reason`,
+//! `outcome`, `cause`, `kind`. See docs/operations.md for the reference.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::frame::{RejectReason, Status};
+
+/// A monotonically increasing count with one writer.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Single-writer increment; see the module doc.
+    #[inline]
+    pub fn add(&self, amount: u64) {
+        let value = self.0.load(Ordering::Relaxed);
+        self.0.store(value.wrapping_add(amount), Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down, with one writer.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    #[inline]
+    pub fn set(&self, value: i64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds of the latency buckets, in microseconds: log-spaced 1-2-5
+/// from 10 µs to 1 s, as operators read them (the 5 ms SLO is a bound).
+pub const LATENCY_BOUNDS_US: [u64; 16] = [
+    10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+];
+
+/// Upper bounds of the batch-size buckets, in events.
+pub const BATCH_BOUNDS_EVENTS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+
+const HISTOGRAM_BUCKETS_MAX: usize = 24;
+const _: () =
+    assert!(LATENCY_BOUNDS_US.len() < HISTOGRAM_BUCKETS_MAX && BATCH_BOUNDS_EVENTS.len() < HISTOGRAM_BUCKETS_MAX);
+
+/// A fixed-bucket histogram with one writer. `N` bounds, plus the +Inf bucket.
+#[derive(Debug)]
+pub struct Histogram<const N: usize> {
+    bounds: &'static [u64; N],
+    /// Non-cumulative counts per bucket; index N is +Inf, the rest unused.
+    buckets: [Counter; HISTOGRAM_BUCKETS_MAX],
+    sum: Counter,
+    count: Counter,
+}
+
+impl<const N: usize> Histogram<N> {
+    pub fn new(bounds: &'static [u64; N]) -> Histogram<N> {
+        assert!(
+            N < HISTOGRAM_BUCKETS_MAX,
+            "bounds plus the +Inf bucket fit the bucket array"
+        );
+        assert!(bounds.windows(2).all(|pair| pair[0] < pair[1]), "bounds increase");
+        Histogram {
+            bounds,
+            buckets: std::array::from_fn(|_| Counter::default()),
+            sum: Counter::default(),
+            count: Counter::default(),
+        }
+    }
+
+    #[inline]
+    pub fn observe(&self, value: u64) {
+        let index = self.bounds.partition_point(|&bound| bound < value);
+        debug_assert!(index <= N);
+        self.buckets[index].add(1);
+        self.sum.add(value);
+        self.count.add(1);
+    }
+
+    /// Cumulative `(upper bound, count)` pairs in the unit of the bounds, the
+    /// sum, and the count, as Prometheus wants them, each divided by `divisor`
+    /// (1e6 turns microseconds into seconds; division rounds exactly, so 10 µs is 1e-5 s). The last bound is +Inf.
+    pub fn snapshot(&self, divisor: f64) -> HistogramSnapshot {
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(N + 1);
+        for (index, bound) in self.bounds.iter().enumerate() {
+            cumulative += self.buckets[index].get();
+            buckets.push((*bound as f64 / divisor, cumulative));
+        }
+        cumulative += self.buckets[N].get();
+        buckets.push((f64::INFINITY, cumulative));
+        // Reads race with the writer; the count is taken from the buckets so
+        // the exposition is always self-consistent.
+        HistogramSnapshot {
+            buckets,
+            sum: self.sum.get() as f64 / divisor,
+            count: cumulative,
+        }
+    }
+}
+
+pub struct HistogramSnapshot {
+    pub buckets: Vec<(f64, u64)>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp = 0,
+    Tcp = 1,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 2] = [Transport::Udp, Transport::Tcp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// Where a dedup lookup was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LookupOutcome {
+    OwnHit = 0,
+    PeerHit = 1,
+    InFlight = 2,
+    Miss = 3,
+}
+
+impl LookupOutcome {
+    pub const ALL: [LookupOutcome; 4] = [
+        LookupOutcome::OwnHit,
+        LookupOutcome::PeerHit,
+        LookupOutcome::InFlight,
+        LookupOutcome::Miss,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LookupOutcome::OwnHit => "own_shard_hit",
+            LookupOutcome::PeerHit => "other_shard_hit",
+            LookupOutcome::InFlight => "in_flight",
+            LookupOutcome::Miss => "miss",
+        }
+    }
+}
+
+/// Why a frame was answered RETRY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryCause {
+    Overload = 0,
+    RedisDown = 1,
+    RedisError = 2,
+    InFlightCopy = 3,
+    ShuttingDown = 4,
+}
+
+impl RetryCause {
+    pub const ALL: [RetryCause; 5] = [
+        RetryCause::Overload,
+        RetryCause::RedisDown,
+        RetryCause::RedisError,
+        RetryCause::InFlightCopy,
+        RetryCause::ShuttingDown,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RetryCause::Overload => "overload",
+            RetryCause::RedisDown => "redis_down",
+            RetryCause::RedisError => "redis_error",
+            RetryCause::InFlightCopy => "in_flight_copy",
+            RetryCause::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// Why a Redis call failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisErrorKind {
+    Timeout = 0,
+    Connection = 1,
+    Script = 2,
+    Abandoned = 3,
+}
+
+impl RedisErrorKind {
+    pub const ALL: [RedisErrorKind; 4] = [
+        RedisErrorKind::Timeout,
+        RedisErrorKind::Connection,
+        RedisErrorKind::Script,
+        RedisErrorKind::Abandoned,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RedisErrorKind::Timeout => "timeout",
+            RedisErrorKind::Connection => "connection",
+            RedisErrorKind::Script => "script",
+            RedisErrorKind::Abandoned => "abandoned_at_shutdown",
+        }
+    }
+}
+
+/// Why a TCP connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    PeerClosed = 0,
+    Unparseable = 1,
+    WriteFailed = 2,
+    AtLimit = 3,
+    Shutdown = 4,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 5] = [
+        CloseReason::PeerClosed,
+        CloseReason::Unparseable,
+        CloseReason::WriteFailed,
+        CloseReason::AtLimit,
+        CloseReason::Shutdown,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::Unparseable => "unparseable",
+            CloseReason::WriteFailed => "write_failed",
+            CloseReason::AtLimit => "at_limit",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+const TRANSPORTS: usize = Transport::ALL.len();
+
+/// Everything one shard counts. `[transport]`, `[transport][status]`, ... are
+/// indexed by the enums' discriminants.
+#[derive(Debug)]
+pub struct ShardMetrics {
+    pub frames_received: [Counter; TRANSPORTS],
+    pub bytes_received: [Counter; TRANSPORTS],
+    pub acks_sent: [[Counter; 4]; TRANSPORTS],
+    pub frames_rejected: [[Counter; 4]; TRANSPORTS],
+    pub unparseable: [Counter; TRANSPORTS],
+    pub dedup_lookups: [Counter; 4],
+    pub dedup_cache_events: Gauge,
+    pub dedup_cache_evictions: Counter,
+    pub batch_events: Histogram<11>,
+    pub redis_round_trip_us: Histogram<16>,
+    pub redis_errors: [Counter; 4],
+    pub redis_reconnects: Counter,
+    pub redis_up: Gauge,
+    pub events_in_flight: Gauge,
+    pub retries: [Counter; 5],
+    pub tcp_connections_open: Gauge,
+    pub tcp_connections_accepted: Counter,
+    pub tcp_connections_closed: [Counter; 5],
+    pub intake_to_ack_us: [Histogram<16>; TRANSPORTS],
+    pub reply_send_errors: Counter,
+    /// The UDP socket's inode, to find its kernel drop count in /proc/net/udp.
+    pub udp_socket_inode: AtomicU64,
+}
+
+impl Default for ShardMetrics {
+    fn default() -> ShardMetrics {
+        ShardMetrics {
+            frames_received: Default::default(),
+            bytes_received: Default::default(),
+            acks_sent: Default::default(),
+            frames_rejected: Default::default(),
+            unparseable: Default::default(),
+            dedup_lookups: Default::default(),
+            dedup_cache_events: Gauge::default(),
+            dedup_cache_evictions: Counter::default(),
+            batch_events: Histogram::new(&BATCH_BOUNDS_EVENTS),
+            redis_round_trip_us: Histogram::new(&LATENCY_BOUNDS_US),
+            redis_errors: Default::default(),
+            redis_reconnects: Counter::default(),
+            redis_up: Gauge::default(),
+            events_in_flight: Gauge::default(),
+            retries: Default::default(),
+            tcp_connections_open: Gauge::default(),
+            tcp_connections_accepted: Counter::default(),
+            tcp_connections_closed: Default::default(),
+            intake_to_ack_us: [Histogram::new(&LATENCY_BOUNDS_US), Histogram::new(&LATENCY_BOUNDS_US)],
+            reply_send_errors: Counter::default(),
+            udp_socket_inode: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ShardMetrics {
+    #[inline]
+    pub fn ack(&self, transport: Transport, status: Status, count: u64) {
+        self.acks_sent[transport as usize][status as usize].add(count);
+    }
+
+    #[inline]
+    pub fn reject(&self, transport: Transport, reason: RejectReason) {
+        self.frames_rejected[transport as usize][reason as usize].add(1);
+    }
+
+    #[inline]
+    pub fn retry(&self, cause: RetryCause) {
+        self.retries[cause as usize].add(1);
+    }
+
+    #[inline]
+    pub fn lookup(&self, outcome: LookupOutcome) {
+        self.dedup_lookups[outcome as usize].add(1);
+    }
+
+    pub fn close(&self, reason: CloseReason) {
+        self.tcp_connections_closed[reason as usize].add(1);
+    }
+
+    /// Acks of one status over both transports.
+    pub fn acks(&self, status: Status) -> u64 {
+        Transport::ALL
+            .iter()
+            .map(|&transport| self.acks_sent[transport as usize][status as usize].get())
+            .sum()
+    }
+
+    pub fn frames(&self) -> u64 {
+        self.frames_received.iter().map(Counter::get).sum()
+    }
+
+    pub fn unparseable_total(&self) -> u64 {
+        self.unparseable.iter().map(Counter::get).sum()
+    }
+
+    pub fn retries_by(&self, cause: RetryCause) -> u64 {
+        self.retries[cause as usize].get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values land in the first bucket whose bound is >= the value; the snapshot is cumulative and ends at +Inf.
+    #[test]
+    fn histogram_buckets() {
+        let histogram = Histogram::new(&LATENCY_BOUNDS_US);
+        for value in [1, 10, 11, 5_000, 5_001, 2_000_000] {
+            histogram.observe(value);
+        }
+        let snapshot = histogram.snapshot(1e6);
+        assert_eq!(snapshot.count, 6);
+        assert_eq!(snapshot.buckets[0], (10e-6, 2));
+        assert_eq!(snapshot.buckets[1].1, 3);
+        let five_ms = snapshot
+            .buckets
+            .iter()
+            .find(|(bound, _)| (*bound - 0.005).abs() < 1e-12)
+            .unwrap();
+        assert_eq!(five_ms.1, 4);
+        assert_eq!(snapshot.buckets.last().unwrap(), &(f64::INFINITY, 6));
+        assert_eq!(snapshot.buckets[snapshot.buckets.len() - 2].1, 5);
+        assert!((snapshot.sum - 2.010023).abs() < 1e-9, "sum {}", snapshot.sum);
+    }
+
+    /// Enum discriminants index the arrays: every variant has its own slot.
+    #[test]
+    fn label_indexes_are_dense() {
+        for (index, status) in Status::ALL.iter().enumerate() {
+            assert_eq!(*status as usize, index);
+        }
+        for (index, reason) in RejectReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index);
+        }
+        for (index, cause) in RetryCause::ALL.iter().enumerate() {
+            assert_eq!(*cause as usize, index);
+        }
+        for (index, outcome) in LookupOutcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, index);
+        }
+        for (index, reason) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index);
+        }
+        for (index, kind) in RedisErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, index);
+        }
+    }
+}
