@@ -182,9 +182,9 @@ struct Worker<S> {
 }
 
 impl<S: Shard> Worker<S> {
-    /// Fills the cache to capacity with fresh ids, then inserts the hot set.
-    fn prefill(&mut self) {
-        for _ in 0..CAPACITY_EVENTS {
+    /// Inserts `fresh_ids` never-seen ids (enough to fill the cache), then the hot set.
+    fn prefill(&mut self, fresh_ids: usize) {
+        for _ in 0..fresh_ids {
             let id = self.ids.next_fresh();
             self.shard.lookup_or_insert(id);
         }
@@ -237,6 +237,7 @@ fn bench_contender<S: Shard>(
     name: &str,
     hit_percent: u64,
     shards: Vec<S>,
+    prefill_fresh_ids_per_thread: usize,
 ) {
     let mut workers: Vec<Worker<S>> = shards
         .into_iter()
@@ -246,11 +247,9 @@ fn bench_contender<S: Shard>(
             ids: IdStream::new(thread_index, hit_percent),
         })
         .collect();
-    let prefill_started = Instant::now();
     for worker in &mut workers {
-        worker.prefill();
+        worker.prefill(prefill_fresh_ids_per_thread);
     }
-    eprintln!("TIMING prefill {name} {:?}", prefill_started.elapsed());
     let (_, hits) = run_all(&mut workers, CHECK_OPERATIONS);
     let operations = CHECK_OPERATIONS * workers.len() as u64;
     eprintln!(
@@ -268,20 +267,20 @@ fn dedup_benches(criterion: &mut Criterion) {
             let mut group = criterion.benchmark_group(format!("hit{hit_percent}_threads{thread_count}"));
             // One iteration is one operation on every thread.
             group.throughput(Throughput::Elements(thread_count as u64));
-            bench_contender(&mut group, "shardgate", hit_percent, ours::<false>(thread_count));
-            bench_contender(
-                &mut group,
-                "shardgate_epoch_pin",
-                hit_percent,
-                ours::<true>(thread_count),
-            );
-            let quick = QuickCache::new(CAPACITY_EVENTS);
-            bench_contender(&mut group, "quick_cache", hit_percent, shared(quick, thread_count));
-            let moka = MokaCache::new(CAPACITY_EVENTS as u64);
-            bench_contender(&mut group, "moka", hit_percent, shared(moka, thread_count));
+            // Ours has a cache per thread to fill; the shared maps one in all.
+            let per_thread_cache = CAPACITY_EVENTS;
+            let shared_cache = CAPACITY_EVENTS / thread_count;
+            let shards = ours::<false>(thread_count);
+            bench_contender(&mut group, "shardgate", hit_percent, shards, per_thread_cache);
+            let shards = ours::<true>(thread_count);
+            bench_contender(&mut group, "shardgate_epoch_pin", hit_percent, shards, per_thread_cache);
+            let shards = shared(QuickCache::new(CAPACITY_EVENTS), thread_count);
+            bench_contender(&mut group, "quick_cache", hit_percent, shards, shared_cache);
+            let shards = shared(MokaCache::new(CAPACITY_EVENTS as u64), thread_count);
+            bench_contender(&mut group, "moka", hit_percent, shards, shared_cache);
             let capacity = NonZeroUsize::new(CAPACITY_EVENTS).expect("nonzero capacity");
-            let lru = Mutex::new(LruCache::new(capacity));
-            bench_contender(&mut group, "mutex_lru", hit_percent, shared(lru, thread_count));
+            let shards = shared(Mutex::new(LruCache::new(capacity)), thread_count);
+            bench_contender(&mut group, "mutex_lru", hit_percent, shards, shared_cache);
             group.finish();
         }
     }
@@ -289,8 +288,9 @@ fn dedup_benches(criterion: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    // Small samples keep the whole run near a minute on a 2-core machine.
+    // Small samples and no plots keep the whole run near a minute on a 2-core machine.
     config = Criterion::default()
+        .without_plots()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_millis(1500));

@@ -4,7 +4,7 @@
 //!
 //! A set-associative table allocated once by [`new_cache`]; it never grows,
 //! never moves and never frees anything until the last handle is dropped.
-//! Each [`Bucket`] is 128 bytes (two cache lines, which the adjacent-line
+//! Each bucket is 128 bytes (two cache lines, which the adjacent-line
 //! prefetcher fetches as a pair) and holds a seqlock version word, a count of
 //! occupied ways and [`WAYS`] = 7 full event ids. An id lives in exactly one
 //! bucket, chosen by a keyed 64-bit mix of `(player_id, seq)`; within the
@@ -327,7 +327,7 @@ pub enum Lookup {
 /// The owning shard's handle: the only one that can modify the table.
 ///
 /// Not `Clone`, so there is exactly one writer per table:
-/// ```compile_fail
+/// ```compile_fail,E0599
 /// let (writer, _reader) = shardgate::dedup::new_cache(64);
 /// let _second_writer = writer.clone();
 /// ```

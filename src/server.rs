@@ -257,6 +257,7 @@ fn start_shards(
         let placement = placement::placement_for(config.placement, core, &config.cores)?;
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{index}"))
+            .preempt_timer(Duration::from_micros(crate::limits::PREEMPT_TIMER_US))
             .spawn(move || run_shard(init))
             .map_err(|error| ServerError(format!("cannot start shard {index} on core {core}: {error}")))?;
         handles.push(handle);

@@ -166,6 +166,7 @@ async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream:
         };
         buffer.copy_within(consumed_bytes..filled_bytes, 0);
         filled_bytes -= consumed_bytes;
+        glommio::yield_if_needed().await;
     }
 }
 

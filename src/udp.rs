@@ -69,6 +69,9 @@ pub async fn serve(shard: Rc<Shard>) {
         };
         let data = &datagram[..length_bytes];
         handle_datagram(&shard, data, source, &mut reply).await;
+        // A receive that finds data ready never waits; let the Redis
+        // connection, timers and completions run (see PREEMPT_TIMER_US).
+        glommio::yield_if_needed().await;
     }
 }
 

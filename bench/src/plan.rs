@@ -1,4 +1,4 @@
-//! The checked settings of one run, and the numbers derived from them.
+//! The checked settings of one run.
 //!
 //! `main.rs` turns flags into a [`Plan`]; every range is checked here, before any socket is
 //! opened, so the rest of the crate can rely on them (at least one lane, a payload that fits a
@@ -14,11 +14,11 @@ use crate::parse::{Target, Transport};
 /// Largest UDP payload over IPv4.
 const UDP_DATAGRAM_BYTES_MAX: usize = 65_507;
 /// Sockets or connections one run may open; far above what one host needs to spread load.
-pub const LANES_MAX: usize = 1_024;
+const LANES_MAX: usize = 1_024;
 /// Frames one write may carry over TCP: a bound so a write buffer stays small.
 const FRAMES_PER_SEND_MAX: usize = 1_024;
-/// Players tracked: each costs one 8-byte seq counter.
-const PLAYERS_MAX: u64 = 100_000_000;
+/// Players tracked: each costs one 8-byte seq counter, so 10M players is 80 MB.
+const PLAYERS_MAX: u64 = 10_000_000;
 /// Scheduled frames one run may plan. Memory grows with rate × duration (about 16 bytes per
 /// answered frame kept for verification), so a typo like `--rate 10000000 --duration 1m` is
 /// refused rather than allowed to eat the machine.

@@ -7,19 +7,19 @@
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use shardgate::frame::EventId;
 
 use crate::events::EventSource;
-use crate::lane::{self, unix_now_us, Lane, Shared};
+use crate::lane::{self, unix_now_us, Lane, Shared, Transmit};
 use crate::live::{self, Counters, Tally};
 use crate::parse::Transport;
 use crate::plan::Plan;
 use crate::schedule::{Clock, Schedule};
 use crate::tcp::{self, Handoff, TcpTransmit};
-use crate::tracker::{Latencies, Tracker};
+use crate::tracker::{Latencies, Tracker, LOST_SAMPLE_MAX};
 use crate::udp::{self, UdpTransmit};
 
 /// Time between opening the lanes and the schedule's start, so every thread is up and parked
@@ -121,56 +121,58 @@ pub fn run(plan: &Plan) -> Result<RunOutcome, String> {
         outcome.latencies.merge(&report.latencies);
         outcome.acked_ids.extend(report.acked_ids);
         outcome.lost += report.lost;
-        let room = 10usize.saturating_sub(outcome.lost_sample.len());
+        let room = LOST_SAMPLE_MAX.saturating_sub(outcome.lost_sample.len());
         outcome.lost_sample.extend(report.lost_sample.into_iter().take(room));
     }
     Ok(outcome)
 }
 
-/// Starts a lane's sender, then its receiver (which needs the sender's handle to wake it).
+/// Starts a lane's threads for its transport.
 fn spawn_lane(
     shared: &Arc<Shared>,
     lane: Arc<Lane>,
     opened: Opened,
 ) -> Result<(JoinHandle<()>, JoinHandle<()>), String> {
-    let index = lane.index;
-    let spawn_error = |error: std::io::Error| format!("cannot start lane {index}: {error}");
+    let spawn_error = |error: std::io::Error| format!("cannot start lane {}: {error}", lane.index);
     match opened {
         Opened::Udp(socket) => {
             let reader = socket.try_clone().map_err(spawn_error)?;
-            let mut transmit = UdpTransmit::new(socket);
-            let (sender_shared, sender_lane) = (Arc::clone(shared), Arc::clone(&lane));
-            let sender = thread::Builder::new()
-                .name(format!("send-{index}"))
-                .spawn(move || lane::send_loop(&sender_shared, &sender_lane, &mut transmit))
-                .map_err(spawn_error)?;
-            let (receiver_shared, sender_thread) = (Arc::clone(shared), sender.thread().clone());
-            let receiver = thread::Builder::new()
-                .name(format!("recv-{index}"))
-                .spawn(move || udp::receive_loop(&receiver_shared, &lane, reader, sender_thread))
-                .map_err(spawn_error)?;
-            Ok((sender, receiver))
+            let transmit = UdpTransmit::new(socket);
+            spawn_pair(shared, lane, transmit, move |shared, lane, sender| {
+                udp::receive_loop(shared, lane, reader, sender)
+            })
         }
         Opened::Tcp(stream) => {
             let handoff = Arc::new(Handoff::default());
-            let mut transmit = TcpTransmit::new(
-                shared.plan.target.address,
-                stream,
-                Arc::clone(&handoff),
-                Arc::clone(shared),
-            )
-            .map_err(spawn_error)?;
-            let (sender_shared, sender_lane) = (Arc::clone(shared), Arc::clone(&lane));
-            let sender = thread::Builder::new()
-                .name(format!("send-{index}"))
-                .spawn(move || lane::send_loop(&sender_shared, &sender_lane, &mut transmit))
+            let target = shared.plan.target.address;
+            let transmit = TcpTransmit::new(target, stream, Arc::clone(&handoff), Arc::clone(&shared.counters))
                 .map_err(spawn_error)?;
-            let (receiver_shared, sender_thread) = (Arc::clone(shared), sender.thread().clone());
-            let receiver = thread::Builder::new()
-                .name(format!("recv-{index}"))
-                .spawn(move || tcp::receive_loop(&receiver_shared, &lane, &handoff, sender_thread))
-                .map_err(spawn_error)?;
-            Ok((sender, receiver))
+            spawn_pair(shared, lane, transmit, move |shared, lane, sender| {
+                tcp::receive_loop(shared, lane, &handoff, sender)
+            })
         }
     }
+}
+
+/// Starts the sender, then the receiver, which gets the sender's handle to wake it when a
+/// resend is due sooner than the sender planned to look.
+fn spawn_pair(
+    shared: &Arc<Shared>,
+    lane: Arc<Lane>,
+    mut transmit: impl Transmit + Send + 'static,
+    receive: impl FnOnce(&Shared, &Lane, Thread) + Send + 'static,
+) -> Result<(JoinHandle<()>, JoinHandle<()>), String> {
+    let index = lane.index;
+    let spawn_error = |error: std::io::Error| format!("cannot start lane {index}: {error}");
+    let (sender_shared, sender_lane) = (Arc::clone(shared), Arc::clone(&lane));
+    let sender = thread::Builder::new()
+        .name(format!("send-{index}"))
+        .spawn(move || lane::send_loop(&sender_shared, &sender_lane, &mut transmit))
+        .map_err(spawn_error)?;
+    let (receiver_shared, sender_thread) = (Arc::clone(shared), sender.thread().clone());
+    let receiver = thread::Builder::new()
+        .name(format!("recv-{index}"))
+        .spawn(move || receive(&receiver_shared, &lane, sender_thread))
+        .map_err(spawn_error)?;
+    Ok((sender, receiver))
 }

@@ -83,7 +83,7 @@ pub struct TcpTransmit {
     target: SocketAddr,
     stream: Option<TcpStream>,
     handoff: Arc<Handoff>,
-    shared: Arc<Shared>,
+    counters: Arc<Counters>,
     pending: Vec<u8>,
     written_bytes: usize,
     last_connect: Instant,
@@ -91,13 +91,18 @@ pub struct TcpTransmit {
 
 impl TcpTransmit {
     /// Takes the lane's first connection and publishes it to the reader.
-    pub fn new(target: SocketAddr, stream: TcpStream, handoff: Arc<Handoff>, shared: Arc<Shared>) -> io::Result<Self> {
+    pub fn new(
+        target: SocketAddr,
+        stream: TcpStream,
+        handoff: Arc<Handoff>,
+        counters: Arc<Counters>,
+    ) -> io::Result<Self> {
         handoff.publish(&stream)?;
         Ok(TcpTransmit {
             target,
             stream: Some(stream),
             handoff,
-            shared,
+            counters,
             pending: Vec::new(),
             written_bytes: 0,
             last_connect: Instant::now(),
@@ -131,7 +136,7 @@ impl TcpTransmit {
         if self.handoff.publish(&stream).is_err() {
             return false;
         }
-        Counters::add(&self.shared.counters.reconnects, 1);
+        Counters::add(&self.counters.reconnects, 1);
         self.stream = Some(stream);
         true
     }

@@ -45,7 +45,7 @@ pub const BACKOFF_CAP_NS: u64 = 1_000_000_000;
 const HISTOGRAM_HIGHEST_US: u64 = 60_000_000;
 const HISTOGRAM_SIGNIFICANT_DIGITS: u8 = 3;
 /// Lost ids kept to print, so a loss can be looked up in Redis and the server's logs.
-const LOST_SAMPLE_MAX: usize = 10;
+pub const LOST_SAMPLE_MAX: usize = 10;
 
 /// What an ack did to the lane's frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
