@@ -3,8 +3,11 @@
 //! A shard owns `batches_in_flight_max + 1` batches, allocated at start: one
 //! open (filling) and the rest free or in Redis. A batch's two buffers are
 //! sized for its worst case, so filling one never allocates. The blob is handed
-//! to fred as a `Bytes` that shares the batch's buffer; once the call is over
-//! and fred has let go of it, `reclaim` takes the same memory back.
+//! to fred as a `Bytes` that owns the batch's buffer, and the batch keeps a
+//! second handle on it. fred drops its copy some time after the call returns,
+//! so the batch takes the buffer back lazily, when it is next filled: by then
+//! it has been through the spare pool and fred is long done. Only if fred
+//! still holds it does the batch allocate a new buffer (counted).
 
 use std::time::Instant;
 
@@ -26,6 +29,10 @@ pub struct Pending {
 pub struct Batch {
     events: Vec<Pending>,
     blob: BytesMut,
+    /// The blob lent to the Redis client, kept to take its buffer back.
+    lent: Option<Bytes>,
+    /// Times the buffer could not be taken back and was allocated anew.
+    blob_allocations: u64,
     /// Redis's answer per event, then the status each event is answered with.
     outcomes: Vec<Outcome>,
     statuses: Vec<Status>,
@@ -40,6 +47,8 @@ impl Batch {
         Batch {
             events: Vec::with_capacity(events_max),
             blob: BytesMut::with_capacity(events_max * BATCH_RECORD_BYTES_MAX),
+            lent: None,
+            blob_allocations: 0,
             outcomes: Vec::with_capacity(events_max),
             statuses: Vec::with_capacity(events_max),
             events_max,
@@ -66,6 +75,9 @@ impl Batch {
     /// Adds one event. The caller checks `is_full` first.
     pub fn push(&mut self, action: &Action<'_>, partition: u32, recv_us: u64, route: Route, received_at: Instant) {
         assert!(!self.is_full(), "the shard flushes a full batch before adding to it");
+        if self.events.is_empty() {
+            self.reclaim_blob();
+        }
         debug_assert!(self.blob.capacity() - self.blob.len() >= BATCH_RECORD_BYTES_MAX);
         let record = Record {
             partition,
@@ -88,7 +100,36 @@ impl Batch {
     /// The blob to send. The batch keeps its events until `finish`.
     pub fn take_blob(&mut self) -> Bytes {
         debug_assert!(!self.is_empty());
-        self.blob.split().freeze()
+        debug_assert!(self.lent.is_none(), "a batch is sent once per fill");
+        // `split` leaves `self.blob` as the empty rest of the same buffer;
+        // `reserve` later reuses the whole buffer if no other handle is left.
+        let blob = self.blob.split().freeze();
+        self.lent = Some(blob.clone());
+        blob
+    }
+
+    /// Takes back the buffer lent to the Redis client, or allocates a new one
+    /// if the client still holds it.
+    fn reclaim_blob(&mut self) {
+        let Some(lent) = self.lent.take() else {
+            return;
+        };
+        // Once the Redis client dropped its copy, only `self.blob` (the empty
+        // rest) refers to the buffer, and `reserve` moves back to its start
+        // instead of allocating.
+        let buffer_start = lent.as_ptr();
+        drop(lent);
+        let capacity_bytes = self.events_max * BATCH_RECORD_BYTES_MAX;
+        self.blob.clear();
+        self.blob.reserve(capacity_bytes);
+        if self.blob.as_ptr() != buffer_start {
+            self.blob_allocations += 1;
+        }
+        debug_assert!(self.blob.is_empty() && self.blob.capacity() >= capacity_bytes);
+    }
+
+    pub fn blob_allocations(&self) -> u64 {
+        self.blob_allocations
     }
 
     pub fn events(&self) -> &[Pending] {
@@ -108,15 +149,13 @@ impl Batch {
         &self.statuses
     }
 
-    /// Empties the batch for reuse, taking back the blob's memory if fred has
-    /// dropped every copy of it (it allocates anew only if not).
+    /// Empties the batch for reuse; its blob buffer comes back on the next fill.
     pub fn finish(&mut self) {
         self.events.clear();
         self.outcomes.clear();
         self.statuses.clear();
         self.opened_at = None;
         self.blob.clear();
-        self.blob.reserve(self.events_max * BATCH_RECORD_BYTES_MAX);
         debug_assert!(self.is_empty());
     }
 }

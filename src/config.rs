@@ -113,6 +113,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub tcp_connections_per_shard: Option<usize>,
 
+    /// Microseconds a shard spins before sleeping when idle: lower wake-up latency for a core of CPU. [default: 0]
+    #[arg(long, value_name = "MICROS")]
+    pub spin_before_park_us: Option<u64>,
+
     /// Log lines as `text` (one human-readable line each) or `json`. [default: text]
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -151,6 +155,7 @@ pub struct Config {
     pub redis_timeout_ms: u64,
     pub drain_timeout_ms: u64,
     pub tcp_connections_per_shard: usize,
+    pub spin_before_park_us: u64,
 }
 
 /// Why the settings cannot run. The message names the setting and the rule.
@@ -194,6 +199,7 @@ impl ServeArgs {
             redis_timeout_ms: self.redis_timeout_ms.or(file.redis_timeout_ms),
             drain_timeout_ms: self.drain_timeout_ms.or(file.drain_timeout_ms),
             tcp_connections_per_shard: self.tcp_connections_per_shard.or(file.tcp_connections_per_shard),
+            spin_before_park_us: self.spin_before_park_us.or(file.spin_before_park_us),
             log_format: self.log_format.or(file.log_format),
             log_level: self.log_level.or(file.log_level),
         }
@@ -309,6 +315,13 @@ impl ServeArgs {
                 limits::TCP_CONNECTIONS_PER_SHARD_DEFAULT,
                 1,
                 limits::TCP_CONNECTIONS_PER_SHARD_MAX,
+            )?,
+            spin_before_park_us: in_range(
+                "spin-before-park-us",
+                self.spin_before_park_us,
+                0,
+                0,
+                limits::SPIN_BEFORE_PARK_US_MAX,
             )?,
         })
     }

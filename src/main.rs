@@ -3,6 +3,10 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
+
+#[cfg(feature = "count-allocations")]
+#[global_allocator]
+static ALLOCATOR: shardgate::sys::CountingAllocator = shardgate::sys::CountingAllocator;
 use shardgate::config::{Cli, Command};
 
 fn main() -> ExitCode {

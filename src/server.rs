@@ -102,6 +102,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let shards = start_shards(&config, &common, &metrics)?;
     let serving = wait_until_serving(&config, &event_receiver, &gate, &stop);
     drop(ports);
+    let allocations_at_serving = crate::sys::allocations();
     if serving.is_ok() {
         let metrics = metrics_address
             .map(|address| address.to_string())
@@ -126,7 +127,28 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         }
     }
     serving?;
+    let frames = reports.iter().map(|report| report.metrics.frames()).sum();
+    report_allocations(allocations_at_serving, frames);
     finish(&config, &reports, started)
+}
+
+/// With the `count-allocations` feature: heap use while serving, per frame.
+fn report_allocations(at_serving: (u64, u64), frames: u64) {
+    if !cfg!(feature = "count-allocations") {
+        return;
+    }
+    let (allocations_now, bytes_now) = crate::sys::allocations();
+    let allocations = allocations_now - at_serving.0;
+    let allocated_bytes = bytes_now - at_serving.1;
+    let per_frame = |total: u64| if frames == 0 { 0.0 } else { total as f64 / frames as f64 };
+    tracing::info!(
+        frames,
+        allocations,
+        allocated_bytes,
+        allocations_per_frame = per_frame(allocations),
+        allocated_bytes_per_frame = per_frame(allocated_bytes),
+        "heap use while serving"
+    );
 }
 
 /// Merges the shards' reports, writes the histograms, prints the summary.
@@ -258,6 +280,7 @@ fn start_shards(
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{index}"))
             .preempt_timer(Duration::from_micros(crate::limits::PREEMPT_TIMER_US))
+            .spin_before_park(Duration::from_micros(config.spin_before_park_us))
             .spawn(move || run_shard(init))
             .map_err(|error| ServerError(format!("cannot start shard {index} on core {core}: {error}")))?;
         handles.push(handle);
@@ -308,11 +331,11 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
         let _ = common.events.send(StartEvent::Failed(init.index, error.clone()));
         error
     };
-    let udp = crate::udp::bind(init.config.udp)
+    let udp = crate::udp::UdpIo::bind(init.config.udp)
         .map_err(|error| failed(format!("cannot bind udp {}: {error}", init.config.udp)))?;
     init.metrics
         .udp_socket_inode
-        .store(crate::udp::socket_inode(&udp), Ordering::Relaxed);
+        .store(udp.socket_inode(), Ordering::Relaxed);
     let store = Store::new(&init.config).map_err(|error| failed(error.to_string()))?;
     store.connect();
     let shard = Rc::new(Shard::new(

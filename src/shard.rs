@@ -25,12 +25,12 @@
 //! at once. All batches and the in-flight set are allocated at start.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use glommio::net::UdpSocket;
+use crate::udp::UdpIo;
 
 use crate::batch::Batch;
 use crate::config::Config;
@@ -46,13 +46,15 @@ use crate::store::{Outcome, Store};
 pub struct Shard {
     pub index: usize,
     pub config: Arc<Config>,
-    pub udp: UdpSocket,
+    pub udp: UdpIo,
     pub store: Store,
     dedup: RefCell<DedupWriter>,
     peers: Vec<DedupReader>,
     in_flight: RefCell<HashSet<EventId>>,
     open: RefCell<Batch>,
-    spare: RefCell<Vec<Batch>>,
+    /// Free batches, used oldest first so the Redis client has long let go
+    /// of a batch's blob before it is filled again (see `batch.rs`).
+    spare: RefCell<VecDeque<Batch>>,
     batches_in_flight: Cell<usize>,
     pub metrics: Arc<ShardMetrics>,
     pub latency: RefCell<Latency>,
@@ -75,13 +77,13 @@ impl Shard {
     pub fn new(
         index: usize,
         config: Arc<Config>,
-        udp: UdpSocket,
+        udp: UdpIo,
         store: Store,
         dedup: DedupWriter,
         peers: Vec<DedupReader>,
         metrics: Arc<ShardMetrics>,
     ) -> Shard {
-        let batches: Vec<Batch> = (0..config.batches_in_flight_max)
+        let batches: VecDeque<Batch> = (0..config.batches_in_flight_max)
             .map(|_| Batch::new(config.batch_events_max))
             .collect();
         let in_flight = HashSet::with_capacity(config.inflight_events_max());
@@ -216,7 +218,7 @@ impl Shard {
         let spare = self
             .spare
             .borrow_mut()
-            .pop()
+            .pop_front()
             .expect("one spare batch per free in-flight slot");
         let batch = self.open.replace(spare);
         self.batches_in_flight.set(self.batches_in_flight.get() + 1);
@@ -247,7 +249,7 @@ impl Shard {
         self.complete(&mut batch, result.is_ok());
         self.answer(&batch).await;
         batch.finish();
-        self.spare.borrow_mut().push(batch);
+        self.spare.borrow_mut().push_back(batch);
         self.batches_in_flight.set(self.batches_in_flight.get() - 1);
         if self.batches_in_flight.get() == 0 {
             self.drained.notify();

@@ -1,4 +1,5 @@
-//! The only `unsafe` in shardgate: a second handle on an accepted TCP socket.
+//! The only `unsafe` in shardgate: a second handle on an accepted TCP socket,
+//! and a counting global allocator for measuring the hot path's allocations.
 //!
 //! Each TCP connection has a reader task and a writer task, so that acks for
 //! earlier frames go out while the reader waits for more bytes. Glommio's
@@ -7,8 +8,10 @@
 //! descriptor gives each task its own stream on the same socket; the kernel
 //! closes the connection when both are dropped.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use glommio::net::TcpStream;
 
@@ -20,6 +23,53 @@ pub fn duplicate_stream(stream: &TcpStream) -> io::Result<TcpStream> {
     let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
     let owned = borrowed.try_clone_to_owned()?;
     Ok(TcpStream::from(socket2::Socket::from(std::net::TcpStream::from(owned))))
+}
+
+/// The system allocator, counting allocations and bytes. Installed by the
+/// `count-allocations` feature of the binary and by the allocation test; the
+/// counters are process-wide atomics, so it is for measuring, not production.
+pub struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static ALLOCATED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Allocations (including reallocations) and bytes requested since start.
+pub fn allocations() -> (u64, u64) {
+    (
+        ALLOCATIONS.load(Ordering::Relaxed),
+        ALLOCATED_BYTES.load(Ordering::Relaxed),
+    )
+}
+
+// SAFETY: every method forwards to the system allocator with the caller's
+// arguments unchanged, so it upholds exactly the contract the caller relies
+// on; the counters are a side effect that never touches the memory.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged; the caller upholds `GlobalAlloc::alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged; the caller upholds `alloc_zeroed`'s contract.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged; `pointer` came from this allocator, which is the system's.
+        unsafe { System.dealloc(pointer, layout) }
+    }
+
+    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED_BYTES.fetch_add(new_size.saturating_sub(layout.size()) as u64, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged; the caller upholds `realloc`'s contract.
+        unsafe { System.realloc(pointer, layout, new_size) }
+    }
 }
 
 #[cfg(test)]

@@ -21,25 +21,76 @@ use crate::metrics::Transport;
 use crate::reply::{Route, UdpReply};
 use crate::shard::Shard;
 
-/// A UDP socket in the shared SO_REUSEPORT group on `address`.
-pub fn bind(address: SocketAddr) -> std::io::Result<glommio::net::UdpSocket> {
-    let socket = Socket::new(Domain::for_address(address), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_reuse_port(true)?;
-    // Larger buffers absorb a burst while the shard is busy; the kernel caps
-    // them at net.core.{r,w}mem_max, which scripts/tune-host.sh raises.
-    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER_BYTES);
-    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES);
-    socket.bind(&address.into())?;
-    Ok(glommio::net::UdpSocket::from(socket))
+/// One shard's UDP socket, through two handles on the same descriptor.
+///
+/// Datagrams are read and answers sent with plain non-blocking syscalls on
+/// `direct`; glommio's io_uring is used only to wait until the socket is
+/// readable (a one-byte `MSG_PEEK`) or writable. glommio's own receive and
+/// send allocate a buffer of the full datagram size whenever they have to
+/// wait, which under a steady trickle is one 64 KiB allocation per datagram;
+/// this way a wake-up costs one tiny buffer and then drains every datagram
+/// that is ready.
+pub struct UdpIo {
+    waiter: glommio::net::UdpSocket,
+    direct: std::net::UdpSocket,
 }
 
-/// The socket's inode: how /proc/net/udp names it (see `exporter.rs`).
-pub fn socket_inode(socket: &glommio::net::UdpSocket) -> u64 {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd()))
-        .map(|metadata| metadata.ino())
-        .unwrap_or(0)
+impl UdpIo {
+    /// A socket in the shared SO_REUSEPORT group on `address`.
+    pub fn bind(address: SocketAddr) -> std::io::Result<UdpIo> {
+        let socket = Socket::new(Domain::for_address(address), Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_port(true)?;
+        // Larger buffers absorb a burst while the shard is busy; the kernel caps
+        // them at net.core.{r,w}mem_max, which operators raise (docs/operations.md).
+        let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER_BYTES);
+        let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES);
+        socket.bind(&address.into())?;
+        let direct: std::net::UdpSocket = socket.try_clone()?.into();
+        direct.set_nonblocking(true)?;
+        Ok(UdpIo {
+            waiter: glommio::net::UdpSocket::from(socket),
+            direct,
+        })
+    }
+
+    /// The next datagram if one is ready, `Ok(None)` if none is.
+    fn try_receive(&self, buffer: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>> {
+        match self.direct.recv_from(buffer) {
+            Ok(received) => Ok(Some(received)),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Resolves when a datagram is waiting, without taking it.
+    async fn readable(&self) {
+        let mut one_byte = [0u8; 1];
+        let _ = self.waiter.peek_from(&mut one_byte).await;
+    }
+
+    /// Sends one datagram, waiting through io_uring only if the socket's send
+    /// buffer is full.
+    pub async fn send_to(&self, bytes: &[u8], destination: SocketAddr) -> std::io::Result<()> {
+        match self.direct.send_to(bytes, destination) {
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => self
+                .waiter
+                .send_to(bytes, destination)
+                .await
+                .map(|_| ())
+                .map_err(std::io::Error::from),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The socket's inode: how /proc/net/udp names it (see `exporter.rs`).
+    pub fn socket_inode(&self) -> u64 {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/self/fd/{}", self.direct.as_raw_fd()))
+            .map(|metadata| metadata.ino())
+            .unwrap_or(0)
+    }
 }
 
 pub fn unix_now_us() -> u64 {
@@ -49,29 +100,25 @@ pub fn unix_now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// Receives until the shard stops.
+/// Receives until the shard stops: drains every ready datagram, then waits.
 pub async fn serve(shard: Rc<Shard>) {
     let mut datagram = vec![0u8; DATAGRAM_BYTES_MAX];
     let mut reply = Box::<UdpReply>::default();
-    loop {
-        let receive = async { Some(shard.udp.recv_from(&mut datagram).await) };
-        let stop = async {
-            shard.stopping.wait().await;
-            None
-        };
-        let Some(received) = futures_lite::future::or(stop, receive).await else {
-            return;
-        };
-        let Ok((length_bytes, source)) = received else {
+    while !shard.stopping.is_open() {
+        match shard.udp.try_receive(&mut datagram) {
+            Ok(Some((length_bytes, source))) => {
+                handle_datagram(&shard, &datagram[..length_bytes], source, &mut reply).await;
+                // A socket under a flood never makes us wait; let the Redis
+                // connection, timers and completions run (see PREEMPT_TIMER_US).
+                glommio::yield_if_needed().await;
+            }
+            Ok(None) => {
+                futures_lite::future::or(shard.stopping.wait(), shard.udp.readable()).await;
+            }
             // ICMP errors from earlier replies surface here; they concern one
             // client, never the socket.
-            continue;
-        };
-        let data = &datagram[..length_bytes];
-        handle_datagram(&shard, data, source, &mut reply).await;
-        // A receive that finds data ready never waits; let the Redis
-        // connection, timers and completions run (see PREEMPT_TIMER_US).
-        glommio::yield_if_needed().await;
+            Err(_) => {}
+        }
     }
 }
 

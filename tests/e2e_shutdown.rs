@@ -67,16 +67,19 @@ fn shutdown_under_load(sig: Signal, seed: u64, cores: &str, load_for: Duration) 
     }
     let twice: Vec<_> = accepted.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "ACCEPTED twice: {twice:?}; {ctx}");
-    // The drain answers every copy it took in: a stored event was answered ACCEPTED (unless
-    // that answer was lost at a client socket, which the drop counter would show).
+    // The drain answers every copy it took in: a stored event got an answer (unless that answer
+    // was lost at a client socket, which the drop counter would show). The answer is usually
+    // ACCEPTED, but may be RETRY (a call abandoned at the drain deadline, or timed out, that
+    // Redis ran anyway) or DUPLICATE (the Redis client resent a call whose reply it lost): both
+    // are correct, since a resend of that copy gets DUPLICATE.
     let unanswered: Vec<&Key> = stored_keys
         .iter()
-        .filter(|k| accepted.get(k).copied().unwrap_or(0) == 0)
+        .filter(|k| result.answers.get(k).is_none_or(|answers| answers.is_empty()))
         .collect();
     if result.udp_client_drops == 0 {
         assert!(
             unanswered.is_empty(),
-            "{} events were stored but never answered ACCEPTED, e.g. {:?}; {ctx}",
+            "{} events were stored but never answered, e.g. {:?}; {ctx}",
             unanswered.len(),
             &unanswered[..unanswered.len().min(5)]
         );
