@@ -7,6 +7,10 @@ set -euo pipefail
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+# The metrics test lints /metrics with promtool, from Debian's prometheus package.
+if [ "${SHARDGATE_NEED_PROMTOOL:-0}" = 1 ]; then
+  command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then

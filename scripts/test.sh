@@ -1,7 +1,32 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace. Each test starts its own redis-server on a
-# free loopback port; nothing here uses a Redis that is already running.
+# Runs every test of the project, in this order:
+#   1. the workspace's cargo tests (unit, property, end to end). Each end-to-end
+#      test starts its own redis-server on a free loopback port; nothing here
+#      uses a Redis that is already running;
+#   2. the host-side tests (tune-host.sh, cgroups, systemd unit) on fake trees;
+#   3. the monitoring artifacts (promtool on the alert rules, the dashboard);
+#   4. the loom model of the dedup cache (scripts/loom.sh);
+#   5. a bounded fuzzing run of every fuzz target (scripts/fuzz.sh,
+#      FUZZ_SECONDS per target, 30 by default here).
+# Arguments go to `cargo test` (step 1). SHARDGATE_QUICK=1 runs step 1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SHARDGATE_NEED_PROMTOOL=1
 source scripts/ensure-deps.sh
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "cargo test --workspace --all-targets $*"
 cargo test --workspace --all-targets "$@"
+if [ "${SHARDGATE_QUICK:-0}" = 1 ]; then
+  exit 0
+fi
+step "host tests (scripts/test-host.sh)"
+SHARDGATE_BIN="${SHARDGATE_BIN:-target/debug/shardgate}" bash scripts/test-host.sh
+step "monitoring artifacts (scripts/check-monitoring.sh)"
+bash scripts/check-monitoring.sh
+step "loom model of the dedup cache (scripts/loom.sh)"
+bash scripts/loom.sh
+step "fuzzing (scripts/fuzz.sh)"
+FUZZ_SECONDS="${FUZZ_SECONDS:-30}" bash scripts/fuzz.sh
+step "all tests passed"

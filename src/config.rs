@@ -140,7 +140,7 @@ pub struct Config {
     pub placement: PlacementMode,
     pub udp: SocketAddr,
     pub tcp: SocketAddr,
-    pub redis_url: String,
+    pub redis_url: RedisUrl,
     pub metrics: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -156,6 +156,51 @@ pub struct Config {
     pub drain_timeout_ms: u64,
     pub tcp_connections_per_shard: usize,
     pub spin_before_park_us: u64,
+}
+
+/// A `redis://` url whose password never reaches a log line or an error
+/// message: `Debug` and `Display` show it as `***`. `store.rs` alone reads the
+/// real text, through `expose`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The url with the password part of its userinfo replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{:?}", self.redacted())
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.redacted())
+    }
+}
+
+/// `scheme://user:secret@host` -> `scheme://user:***@host`; urls without a
+/// password are returned as they are.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _secret)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_string(),
+    }
 }
 
 /// Why the settings cannot run. The message names the setting and the rule.
@@ -232,13 +277,13 @@ impl ServeArgs {
                 limits::SHARDS_MAX
             )));
         }
-        let redis_url = required(self.redis, "redis")?;
-        if !redis_url.starts_with("redis://") {
+        let redis_url = RedisUrl(required(self.redis, "redis")?);
+        if !redis_url.expose().starts_with("redis://") {
             return Err(ConfigError::new(format!(
                 "--redis {redis_url:?} must be a redis:// url (standalone redis; tls and cluster are not supported)"
             )));
         }
-        fred::prelude::Config::from_url(&redis_url)
+        fred::prelude::Config::from_url(redis_url.expose())
             .map_err(|error| ConfigError::new(format!("invalid --redis url {redis_url:?}: {error}")))?;
         let prefix = self.prefix.unwrap_or_else(|| "sg".to_string());
         check_prefix(&prefix)?;
@@ -393,6 +438,36 @@ impl ValueEnum for PlacementMode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A redis password never shows in Debug, Display or a config error; urls without one are unchanged.
+    #[test]
+    fn redis_password_is_redacted() {
+        for (url, shown) in [
+            ("redis://:hunter2@10.0.0.1:6379/0", "redis://:***@10.0.0.1:6379/0"),
+            ("redis://game:hunter2@redis:6379", "redis://game:***@redis:6379"),
+            ("redis://game@redis:6379", "redis://game@redis:6379"),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+        ] {
+            let redis_url = RedisUrl(url.to_string());
+            assert_eq!(redis_url.to_string(), shown);
+            assert_eq!(format!("{redis_url:?}"), format!("{shown:?}"));
+            assert_eq!(redis_url.expose(), url);
+        }
+        let config = ServeArgs {
+            redis: Some("redis://:hunter2@127.0.0.1:6379".into()),
+            ..minimal()
+        }
+        .resolve()
+        .unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let error = ServeArgs {
+            redis: Some("rediss://:hunter2@127.0.0.1:6379".into()),
+            ..minimal()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+    }
 
     fn minimal() -> ServeArgs {
         ServeArgs {

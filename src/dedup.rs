@@ -58,10 +58,27 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use self::sync::{fence, spin_loop, AtomicU32, AtomicU64, Ordering};
+
 use crate::frame::EventId;
+
+/// Where the seqlock's atomics come from. A loom model test (`tests/loom_dedup.rs`, built with
+/// `RUSTFLAGS="--cfg loom"`) needs loom's, so that the model checker sees every load, store and
+/// fence and can try every interleaving and every value a relaxed load may return; every other
+/// build uses std's, and the code using them is the same in both.
+#[cfg(not(all(loom, test)))]
+mod sync {
+    pub(super) use std::hint::spin_loop;
+    pub(super) use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+}
+
+#[cfg(all(loom, test))]
+mod sync {
+    pub(super) use loom::hint::spin_loop;
+    pub(super) use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+}
 
 /// Event ids per bucket. 7 ids of 16 bytes plus two `u32` words fill 128 bytes.
 pub const WAYS: usize = 7;
@@ -96,6 +113,8 @@ struct Bucket {
     ways: [Way; WAYS],
 }
 
+// loom's atomics carry the model's bookkeeping, so only std's fit the two cache lines.
+#[cfg(not(all(loom, test)))]
 const _: () = assert!(std::mem::size_of::<Bucket>() == BUCKET_BYTES);
 const _: () = assert!(std::mem::align_of::<Bucket>() == BUCKET_BYTES);
 const _: () = assert!(WAYS >= 2 && WAYS <= u32::MAX as usize);
@@ -171,7 +190,7 @@ impl Bucket {
                     return Some(result);
                 }
             }
-            std::hint::spin_loop();
+            spin_loop();
         }
         None
     }

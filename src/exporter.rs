@@ -2,7 +2,11 @@
 //!
 //! It runs on its own thread, outside every shard, so a scrape never takes a
 //! shard's time: it reads the shards' single-writer atomics (`metrics.rs`) and
-//! encodes them with `prometheus-client`'s text encoder. Connections are served
+//! encodes them with `prometheus-client`'s text encoder. That encoder writes
+//! OpenMetrics; a scraper that asks for OpenMetrics (Prometheus does, in its
+//! `Accept` header) gets it as is, anyone else the classic Prometheus text
+//! format 0.0.4 (`to_prometheus_text`), which is what `promtool check metrics`
+//! and `curl` readers expect. Connections are served
 //! one at a time with short timeouts, which bounds what a misbehaving scraper
 //! can hold: one socket, one 8 KiB request buffer, one response.
 
@@ -53,18 +57,71 @@ fn serve(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
         }
         length += read;
     }
-    let is_metrics = request[..length].starts_with(b"GET /metrics ") || request[..length].starts_with(b"GET /metrics?");
+    let request = &request[..length];
+    let is_metrics = request.starts_with(b"GET /metrics ") || request.starts_with(b"GET /metrics?");
     if !is_metrics {
         return stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     }
-    let mut body = String::new();
-    prometheus_client::encoding::text::encode(&mut body, registry).map_err(std::io::Error::other)?;
+    let mut openmetrics = String::new();
+    prometheus_client::encoding::text::encode(&mut openmetrics, registry).map_err(std::io::Error::other)?;
+    let (content_type, body) = if wants_openmetrics(request) {
+        (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            openmetrics,
+        )
+    } else {
+        (
+            "text/plain; version=0.0.4; charset=utf-8",
+            to_prometheus_text(&openmetrics),
+        )
+    };
     let head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes())?;
     stream.write_all(body.as_bytes())
+}
+
+/// Whether the request's `Accept` header names OpenMetrics.
+fn wants_openmetrics(request: &[u8]) -> bool {
+    let request = String::from_utf8_lossy(request);
+    request.lines().any(|line| {
+        let line = line.to_ascii_lowercase();
+        line.starts_with("accept:") && line.contains("application/openmetrics-text")
+    })
+}
+
+/// Rewrites OpenMetrics as the Prometheus text format 0.0.4: no `# UNIT` and
+/// `# EOF` lines, and a counter's `# HELP`/`# TYPE` name its `_total` samples
+/// (in OpenMetrics they name the family without the suffix).
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let described = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters.contains(name).then_some((prefix, name, tail))
+        });
+        match described {
+            Some((prefix, name, tail)) => {
+                text.push_str(prefix);
+                text.push_str(name);
+                text.push_str("_total ");
+                text.push_str(tail);
+            }
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    text
 }
 
 /// Encodes every shard's instruments at scrape time.
@@ -440,6 +497,33 @@ fn drops_for_inode(table: &str, inode: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counters' HELP/TYPE name their `_total` samples, OpenMetrics-only lines go, everything else stays.
+    #[test]
+    fn openmetrics_becomes_prometheus_text() {
+        let openmetrics = "# HELP sg_acks Answers.\n# TYPE sg_acks counter\nsg_acks_total{shard=\"0\"} 3\n\
+                           # HELP sg_rtt_seconds Trip.\n# TYPE sg_rtt_seconds histogram\n# UNIT sg_rtt_seconds seconds\n\
+                           sg_rtt_seconds_sum 0.5\n# EOF\n";
+        let text = to_prometheus_text(openmetrics);
+        assert_eq!(
+            text,
+            "# HELP sg_acks_total Answers.\n# TYPE sg_acks_total counter\nsg_acks_total{shard=\"0\"} 3\n\
+             # HELP sg_rtt_seconds Trip.\n# TYPE sg_rtt_seconds histogram\nsg_rtt_seconds_sum 0.5\n"
+        );
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+    }
+
+    /// Only an Accept header that names OpenMetrics gets it.
+    #[test]
+    fn accept_header_picks_the_format() {
+        assert!(wants_openmetrics(
+            b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n"
+        ));
+        assert!(!wants_openmetrics(
+            b"GET /metrics HTTP/1.1\r\nAccept: text/plain\r\n\r\n"
+        ));
+        assert!(!wants_openmetrics(b"GET /metrics HTTP/1.1\r\n\r\n"));
+    }
 
     /// The drops column is found by inode in the kernel's table format.
     #[test]

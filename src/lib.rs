@@ -29,6 +29,7 @@
 //! - `shard`: one core's state and the fate of each frame.
 //! - `udp`, `tcp`: the two transports.
 //! - `frame`, `auth`: the wire codec and the optional auth tag.
+//! - `stream`: splits a TCP connection's buffered bytes into whole frames.
 //! - `dedup`: the per-shard cache of stored ids, single writer, lock-free readers.
 //! - `batch`, `script`, `store`: the batch, the Lua script and its blob, the Redis client.
 //! - `reply`: where answers go and how UDP answers are coalesced.
@@ -56,6 +57,7 @@ pub mod server;
 pub mod shard;
 pub mod snapshot;
 pub mod store;
+pub mod stream;
 pub mod sys;
 pub mod tcp;
 pub mod udp;

@@ -94,24 +94,27 @@ impl<const N: usize> Histogram<N> {
         self.count.add(1);
     }
 
-    /// Cumulative `(upper bound, count)` pairs in the unit of the bounds, the
-    /// sum, and the count, as Prometheus wants them, each divided by `divisor`
-    /// (1e6 turns microseconds into seconds; division rounds exactly, so 10 µs is 1e-5 s). The last bound is +Inf.
+    /// Per-bucket (not cumulative: `prometheus-client` accumulates them)
+    /// `(upper bound, count)` pairs, the sum and the count, with bounds and sum
+    /// divided by `divisor` (1e6 turns microseconds into seconds; 10 µs is
+    /// exactly 1e-5 s). The last bound is +Inf.
     pub fn snapshot(&self, divisor: f64) -> HistogramSnapshot {
-        let mut cumulative = 0;
+        let mut count = 0;
         let mut buckets = Vec::with_capacity(N + 1);
         for (index, bound) in self.bounds.iter().enumerate() {
-            cumulative += self.buckets[index].get();
-            buckets.push((*bound as f64 / divisor, cumulative));
+            let in_bucket = self.buckets[index].get();
+            count += in_bucket;
+            buckets.push((*bound as f64 / divisor, in_bucket));
         }
-        cumulative += self.buckets[N].get();
-        buckets.push((f64::INFINITY, cumulative));
+        let above_last = self.buckets[N].get();
+        count += above_last;
+        buckets.push((f64::INFINITY, above_last));
         // Reads race with the writer; the count is taken from the buckets so
         // the exposition is always self-consistent.
         HistogramSnapshot {
             buckets,
             sum: self.sum.get() as f64 / divisor,
-            count: cumulative,
+            count,
         }
     }
 }
@@ -361,7 +364,8 @@ impl ShardMetrics {
 mod tests {
     use super::*;
 
-    /// Values land in the first bucket whose bound is >= the value; the snapshot is cumulative and ends at +Inf.
+    /// Values land in the first bucket whose bound is >= the value; the snapshot holds per-bucket counts (the
+    /// encoder accumulates them) and ends at +Inf.
     #[test]
     fn histogram_buckets() {
         let histogram = Histogram::new(&LATENCY_BOUNDS_US);
@@ -371,15 +375,22 @@ mod tests {
         let snapshot = histogram.snapshot(1e6);
         assert_eq!(snapshot.count, 6);
         assert_eq!(snapshot.buckets[0], (10e-6, 2));
-        assert_eq!(snapshot.buckets[1].1, 3);
-        let five_ms = snapshot
-            .buckets
-            .iter()
-            .find(|(bound, _)| (*bound - 0.005).abs() < 1e-12)
-            .unwrap();
-        assert_eq!(five_ms.1, 4);
-        assert_eq!(snapshot.buckets.last().unwrap(), &(f64::INFINITY, 6));
-        assert_eq!(snapshot.buckets[snapshot.buckets.len() - 2].1, 5);
+        assert_eq!(snapshot.buckets[1].1, 1);
+        let cumulative_at = |seconds: f64| -> u64 {
+            snapshot
+                .buckets
+                .iter()
+                .take_while(|(bound, _)| *bound <= seconds + 1e-12)
+                .map(|(_, count)| count)
+                .sum()
+        };
+        assert_eq!(cumulative_at(0.005), 4);
+        assert_eq!(cumulative_at(1.0), 5);
+        assert_eq!(snapshot.buckets.last().unwrap(), &(f64::INFINITY, 1));
+        assert_eq!(
+            snapshot.buckets.iter().map(|(_, count)| count).sum::<u64>(),
+            snapshot.count
+        );
         assert!((snapshot.sum - 2.010023).abs() < 1e-9, "sum {}", snapshot.sum);
     }
 

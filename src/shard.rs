@@ -202,7 +202,8 @@ impl Shard {
         None
     }
 
-    fn record_answered(&self, transport: Transport, status: Status, received_at: Instant, now: Instant) {
+    /// Counts an answer given without a Redis call and records its latency.
+    pub fn record_answered(&self, transport: Transport, status: Status, received_at: Instant, now: Instant) {
         self.metrics.ack(transport, status, 1);
         let mut latency = self.latency.borrow_mut();
         latency.record_intake_to_ack(received_at, now);

@@ -120,7 +120,7 @@ impl Store {
     /// Builds the client; `connect` starts it. Must run on a shard thread that
     /// has entered the `TimeDriver`.
     pub fn new(config: &Config) -> Result<Store, StoreError> {
-        let fred_config = FredConfig::from_url(&config.redis_url)
+        let fred_config = FredConfig::from_url(config.redis_url.expose())
             .map_err(|error| StoreError::new(RedisErrorKind::Connection, format!("invalid redis url: {error}")))?;
         let mut builder = Builder::from_config(fred_config);
         builder

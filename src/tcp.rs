@@ -19,12 +19,13 @@ use std::time::{Duration, Instant};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use crate::frame::{check, encode_ack, CheckError, EventId, Status, ACK_BYTES};
+use crate::frame::{encode_ack, EventId, Status, ACK_BYTES};
 use crate::limits::{TCP_OUTBOX_BYTES, TCP_READ_BUFFER_BYTES, TCP_UNACKED_FRAMES_MAX};
 use crate::metrics::{CloseReason, Transport};
 use crate::notify::Notify;
 use crate::reply::Route;
 use crate::shard::Shard;
+use crate::stream::{self, Stop};
 use crate::udp::unix_now_us;
 
 /// A peer that does not read its acks for this long is dropped.
@@ -175,26 +176,20 @@ async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream:
 fn take_frames(shard: &Rc<Shard>, connection: &Connection, route: &Route, data: &[u8]) -> Option<usize> {
     let received_at = Instant::now();
     let recv_us = unix_now_us();
-    let mut offset = 0;
-    let mut frames = 0;
-    let result = loop {
-        let rest = &data[offset..];
-        match check(rest) {
-            Ok(header) => {
-                frames += 1;
-                connection.unacked_frames.set(connection.unacked_frames.get() + 1);
-                let frame = &rest[..header.frame_bytes];
-                if let Some(status) = shard.take_frame(frame, header, route, received_at, recv_us) {
-                    connection.push_ack(status, header.id);
-                }
-                offset += header.frame_bytes;
-            }
-            Err(CheckError::HeaderIncomplete | CheckError::FrameIncomplete(_)) => break Some(offset),
-            Err(CheckError::Unparseable | CheckError::PayloadTooLong(_)) => break None,
+    let mut frames = stream::split(data);
+    let mut frame_count = 0;
+    for frame in frames.by_ref() {
+        frame_count += 1;
+        connection.unacked_frames.set(connection.unacked_frames.get() + 1);
+        if let Some(status) = shard.take_frame(frame.bytes, frame.header, route, received_at, recv_us) {
+            connection.push_ack(status, frame.header.id);
         }
-    };
-    shard.metrics.frames_received[Transport::Tcp as usize].add(frames);
-    result
+    }
+    shard.metrics.frames_received[Transport::Tcp as usize].add(frame_count);
+    match frames.stop() {
+        Some(Stop::Broken(_)) => None,
+        Some(Stop::NeedMoreBytes { .. }) | None => Some(frames.consumed_bytes()),
+    }
 }
 
 /// Writes answers as they come, until the reader is done and nothing is owed.

@@ -143,7 +143,7 @@ async fn handle_datagram(shard: &Rc<Shard>, data: &[u8], source: SocketAddr, rep
                     Some(_) => {
                         frames += 1;
                         shard.metrics.reject(Transport::Udp, RejectReason::Length);
-                        shard.metrics.ack(Transport::Udp, Status::Rejected, 1);
+                        shard.record_answered(Transport::Udp, Status::Rejected, received_at, Instant::now());
                     }
                     None => shard.metrics.unparseable[Transport::Udp as usize].add(1),
                 }

@@ -7,7 +7,14 @@
 //! the sends are copies of recent events, sent from another socket so that they land on another
 //! shard. Every frame is resent on RETRY or silence until it is answered ACCEPTED or
 //! DUPLICATE, as a real client would. Afterwards, with `--redis`, it reads the partition streams
-//! back and counts events stored twice and events acked but missing.
+//! back and counts events stored twice and events acked but missing. `--plot FILE.svg` draws the
+//! latencies by percentile.
+//!
+//! `shardgate-bench sweep` runs the same workload at rising rates (`--from`, `--to`, `--step` or
+//! `--factor`) until a step misses the SLO, and names the highest rate that held it.
+//!
+//! The generator is one thread driving every socket in time slices with batched system calls
+//! (see `engine`): it shares the machine with the server it measures, so it must be cheap.
 //!
 //! # Modules, in the order a run uses them
 //! - `main`: the command line and the exit code.
@@ -15,26 +22,38 @@
 //! - `plan`: the flags, range-checked into a `Plan`.
 //! - `schedule`: the fixed timetable of sends and the run's clock.
 //! - `events`: event ids, payloads, and the ring copies are drawn from.
-//! - `lane`: one socket or connection: the paced sender loop and ack handling.
-//! - `udp`, `tcp`: moving a lane's bytes.
+//! - `lane`: one socket or connection: what its frames carry, resends, and ack handling.
+//! - `engine`: the one thread that drives every lane in time slices.
+//! - `udp`, `tcp`: moving the lanes' bytes, batched; `sys`: the system calls std lacks.
 //! - `tracker`: per-frame state, retry timers and latency histograms.
 //! - `live`: shared counters and the progress line.
-//! - `run`: threads up, threads down, results gathered.
+//! - `run`: lanes opened, the engine run, results gathered.
 //! - `verify`: what Redis holds, held against what was sent and acked.
 //! - `report`: the summary as text and JSON, and the SLO verdict.
+//! - `plot`: the latency-by-percentile SVG.
+//! - `sweep`: rising rates, one run each, until the SLO breaks.
 //!
 //! # Exit codes
-//! 0: the run completed (even if the SLO failed, unless `--slo-check`); 1: `--slo-check` and the
-//! SLO failed; 2: bad command line; 3: could not reach the target or Redis, or write `--json`.
+//! 0: the run (or sweep) completed (even if the SLO failed, unless `run --slo-check`); 1: `run
+//! --slo-check` and the SLO failed; 2: bad command line; 3: could not reach the target or Redis,
+//! or write `--json` or `--plot`.
 
+mod engine;
 mod events;
 mod lane;
 mod live;
 mod parse;
+mod peer;
+mod peer_nats;
+mod peer_redis;
 mod plan;
+mod plot;
+mod reflector;
 mod report;
 mod run;
 mod schedule;
+mod sweep;
+mod sys;
 mod tcp;
 mod tracker;
 mod udp;
@@ -44,12 +63,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::parse::{parse_duration, parse_target, Target};
 use crate::plan::{Plan, PlanInput};
 use crate::report::Summary;
-use crate::verify::Ledger;
+use crate::run::RunFailure;
 
 const EXIT_SLO_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -68,18 +87,17 @@ struct Cli {
 enum Command {
     /// Send at a fixed rate for a fixed time, then report (and verify with --redis).
     Run(RunArgs),
+    /// Run the same workload at rising rates until the SLO breaks; report the highest that held.
+    Sweep(SweepArgs),
+    /// The raw ceiling: a UDP server that only answers every frame ACCEPTED (recvmmsg/sendmmsg).
+    Reflector(reflector::ReflectorArgs),
+    /// No middle tier: clients store each event in Redis (same script) or NATS JetStream directly.
+    Peer(peer::PeerArgs),
 }
 
+/// The workload flags `run` and `sweep` share.
 #[derive(Debug, Args)]
-struct RunArgs {
-    /// Where to send: udp://HOST:PORT or tcp://HOST:PORT (loopback only, see --allow-remote).
-    #[arg(long, value_name = "URL", value_parser = parse_target)]
-    target: Target,
-
-    /// Frames per second, first sends only (resends come on top).
-    #[arg(long, value_name = "N")]
-    rate: u64,
-
+struct WorkloadArgs {
     /// How long scheduled sends go on, warmup included, e.g. 30s, 500ms, 2m.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     duration: Duration,
@@ -112,6 +130,11 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 8)]
     connections: usize,
 
+    /// Sends leave in batches at most this far apart (10us..=100ms). Longer costs the generator
+    /// less CPU per frame and adds up to this much to each latency (counted, never hidden).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "500us")]
+    slice: Duration,
+
     /// Verify against this Redis after the run, e.g. redis://127.0.0.1:6379.
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
@@ -124,13 +147,9 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 16)]
     partitions: u32,
 
-    /// Also write the summary as JSON to this file.
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
-
-    /// Exit 1 if lost > 0, stored_twice > 0, acked_missing > 0 or first-attempt p99.9 >= 5 ms.
-    #[arg(long)]
-    slo_check: bool,
+    /// Draw latency by percentile (HdrHistogram style) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 
     /// Allow a target that is not a loopback address. Off by default: this tool must only
     /// load the machine it runs on unless told otherwise.
@@ -138,12 +157,12 @@ struct RunArgs {
     allow_remote: bool,
 }
 
-impl RunArgs {
-    fn into_plan_input(self) -> PlanInput {
+impl WorkloadArgs {
+    fn into_plan_input(self, target: Target, rate_per_sec: u64) -> PlanInput {
         PlanInput {
-            target: self.target,
+            target,
             allow_remote: self.allow_remote,
-            rate_per_sec: self.rate,
+            rate_per_sec,
             duration: self.duration,
             warmup: self.warmup,
             players: self.players,
@@ -152,20 +171,99 @@ impl RunArgs {
             payload_bytes: self.payload,
             sockets: self.sockets,
             connections: self.connections,
+            slice: self.slice,
             redis_url: self.redis,
             prefix: self.prefix,
             partitions: self.partitions,
-            json_path: self.json,
-            slo_check: self.slo_check,
+            json_path: None,
+            slo_check: false,
         }
     }
 }
 
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Where to send: udp://HOST:PORT or tcp://HOST:PORT (loopback only, see --allow-remote).
+    #[arg(long, value_name = "URL", value_parser = parse_target)]
+    target: Target,
+
+    /// Frames per second, first sends only (resends come on top).
+    #[arg(long, value_name = "N")]
+    rate: u64,
+
+    #[command(flatten)]
+    workload: WorkloadArgs,
+
+    /// Also write the summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+
+    /// Exit 1 if lost > 0, stored_twice > 0, acked_missing > 0 or first-attempt p99.9 >= 5 ms.
+    #[arg(long)]
+    slo_check: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("increment").required(true).args(["step", "factor"])))]
+struct SweepArgs {
+    /// Where to send: udp://HOST:PORT or tcp://HOST:PORT (loopback only, see --allow-remote).
+    #[arg(long, value_name = "URL", value_parser = parse_target)]
+    target: Target,
+
+    /// The first step's rate, frames per second.
+    #[arg(long, value_name = "N")]
+    from: u64,
+
+    /// The highest rate tried.
+    #[arg(long, value_name = "N")]
+    to: u64,
+
+    /// Raise the rate by this much per step.
+    #[arg(long, value_name = "N")]
+    step: Option<u64>,
+
+    /// Or multiply it by this per step (above 1), e.g. 1.25.
+    #[arg(long, value_name = "X")]
+    factor: Option<f64>,
+
+    /// Pause between steps, so the server's queues drain.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    pause: Duration,
+
+    /// Per step (each step is a whole run of this length).
+    #[command(flatten)]
+    workload: WorkloadArgs,
+
+    /// Also write every step's summary and the highest rate that held as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
-    let Cli {
-        command: Command::Run(arguments),
-    } = Cli::parse();
-    let plan = match Plan::new(arguments.into_plan_input()) {
+    match Cli::parse().command {
+        Command::Run(arguments) => run_command(arguments),
+        Command::Sweep(arguments) => sweep_command(arguments),
+        Command::Reflector(arguments) => reflector::command(arguments),
+        Command::Peer(arguments) => peer::command(arguments),
+    }
+}
+
+/// `run`: one rate, a summary, optionally JSON and a plot.
+fn run_command(arguments: RunArgs) -> ExitCode {
+    let RunArgs {
+        target,
+        rate,
+        workload,
+        json,
+        slo_check,
+    } = arguments;
+    let plot_path = workload.plot.clone();
+    let input = PlanInput {
+        json_path: json,
+        slo_check,
+        ..workload.into_plan_input(target, rate)
+    };
+    let plan = match Plan::new(input) {
         Ok(plan) => plan,
         Err(message) => return fail(EXIT_USAGE, &message),
     };
@@ -174,28 +272,38 @@ fn main() -> ExitCode {
         Ok(redis) => redis,
         Err(message) => return fail(EXIT_CONNECTION, &message),
     };
-    let outcome = match run::run(&plan) {
-        Ok(outcome) => outcome,
-        Err(message) => return fail(EXIT_CONNECTION, &message),
-    };
-    let verification = match redis.as_mut() {
-        Some(connection) => {
-            let ledger = Ledger::new(outcome.seq_base, &outcome.sent_per_player);
-            match verify::verify(connection, &plan.prefix, plan.partitions, ledger, &outcome.acked_ids) {
-                Ok(verification) => Some(verification),
-                Err(message) => {
-                    print!("{}", Summary::new(&plan, &outcome, None).to_text());
-                    return fail(EXIT_CONNECTION, &format!("verification failed: {message}"));
-                }
-            }
+    let (outcome, verification) = match run::run_verified(&plan, redis.as_mut()) {
+        Ok(measured) => measured,
+        Err(RunFailure::Setup(message)) => return fail(EXIT_CONNECTION, &message),
+        Err(RunFailure::Verify { outcome, message }) => {
+            print!("{}", Summary::new(&plan, &outcome, None).to_text());
+            return fail(EXIT_CONNECTION, &format!("verification failed: {message}"));
         }
-        None => None,
     };
     let summary = Summary::new(&plan, &outcome, verification.as_ref());
     print!("{}", summary.to_text());
     if let Some(path) = &plan.json_path {
         if let Err(error) = summary.write_json(path) {
             return fail(EXIT_CONNECTION, &format!("cannot write {}: {error}", path.display()));
+        }
+    }
+    if let Some(path) = &plot_path {
+        let title = format!(
+            "{} at {}/s, {} frame(s) per send: latency by percentile",
+            plan.target, plan.rate_per_sec, plan.frames_per_send
+        );
+        let curves = [
+            plot::Curve {
+                label: "first attempt".into(),
+                latencies_us: &outcome.latencies.first_us,
+            },
+            plot::Curve {
+                label: "final (retries included)".into(),
+                latencies_us: &outcome.latencies.final_us,
+            },
+        ];
+        if let Err(message) = plot::write_svg(path, &title, &curves) {
+            return fail(EXIT_CONNECTION, &message);
         }
     }
     if outcome.tally.sent > 0 && outcome.tally.answers_total() == 0 {
@@ -206,6 +314,53 @@ fn main() -> ExitCode {
     }
     if plan.slo_check && !summary.slo_ok {
         return ExitCode::from(EXIT_SLO_FAILED);
+    }
+    ExitCode::SUCCESS
+}
+
+/// `sweep`: rising rates until the SLO breaks; one line per step and the highest that held.
+fn sweep_command(arguments: SweepArgs) -> ExitCode {
+    let SweepArgs {
+        target,
+        from,
+        to,
+        step,
+        factor,
+        pause,
+        workload,
+        json,
+    } = arguments;
+    let increment = match (step, factor) {
+        (Some(step), _) => sweep::Increment::Step(step),
+        (None, Some(factor)) => sweep::Increment::Factor(factor),
+        (None, None) => return fail(EXIT_USAGE, "give --step or --factor"),
+    };
+    let rates = match sweep::rates(from, to, increment) {
+        Ok(rates) => rates,
+        Err(message) => return fail(EXIT_USAGE, &message),
+    };
+    let plot_path = workload.plot.clone();
+    let base = workload.into_plan_input(target, from);
+    // Checks the flags once before anything connects; each step's rate is checked in `sweep`.
+    if let Err(message) = Plan::new(base.clone()) {
+        return fail(EXIT_USAGE, &message);
+    }
+    let mut redis = match base.redis_url.as_deref().map(verify::connect).transpose() {
+        Ok(redis) => redis,
+        Err(message) => return fail(EXIT_CONNECTION, &message),
+    };
+    let report = match sweep::sweep(&base, &rates, pause, redis.as_mut(), plot_path.as_deref()) {
+        Ok(report) => report,
+        Err(sweep::SweepError::Plan(message)) => return fail(EXIT_USAGE, &message),
+        Err(sweep::SweepError::Connection(message) | sweep::SweepError::NoAnswer(message)) => {
+            return fail(EXIT_CONNECTION, &message)
+        }
+    };
+    println!("{}", report.verdict());
+    if let Some(path) = &json {
+        if let Err(error) = report.write_json(path) {
+            return fail(EXIT_CONNECTION, &format!("cannot write {}: {error}", path.display()));
+        }
     }
     ExitCode::SUCCESS
 }

@@ -7,32 +7,37 @@ use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-/// Parses `500ms`, `30s` or `2m`: a whole number and a unit, nothing else. A bare number is
-/// refused because `--duration 30` could mean seconds or milliseconds.
+/// Parses `250us`, `500ms`, `30s` or `2m`: a whole number and a unit, nothing else. A bare
+/// number is refused because `--duration 30` could mean seconds or milliseconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(digits_end);
-    let usage = || format!("invalid duration {text:?}: expected a whole number with a unit, e.g. 500ms, 30s, 2m");
+    let usage =
+        || format!("invalid duration {text:?}: expected a whole number with a unit, e.g. 500us, 500ms, 30s, 2m");
     if number.is_empty() {
         return Err(usage());
     }
     let value: u64 = number.parse().map_err(|_| usage())?;
-    let millis_per_unit: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
+    let micros_per_unit: u64 = match unit {
+        "us" => 1,
+        "ms" => 1_000,
+        "s" => 1_000_000,
+        "m" => 60_000_000,
         _ => return Err(usage()),
     };
-    let millis = value
-        .checked_mul(millis_per_unit)
+    let micros = value
+        .checked_mul(micros_per_unit)
         .ok_or_else(|| format!("duration {text:?} is too long"))?;
-    Ok(Duration::from_millis(millis))
+    Ok(Duration::from_micros(micros))
 }
 
 /// Formats a duration the way [`parse_duration`] reads it, for the summary.
 pub fn format_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
+    if duration.subsec_micros() % 1_000 != 0 {
+        return format!("{}us", duration.as_micros());
+    }
     if millis % 60_000 == 0 && millis > 0 {
         format!("{}m", millis / 60_000)
     } else if millis % 1_000 == 0 {
@@ -123,7 +128,8 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["", "30", "s", "1.5s", "-1s", "10 s", "10h", "10sec", "ms"] {
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        for bad in ["", "30", "s", "1.5s", "-1s", "10 s", "10h", "10sec", "ms", "us", "10µs"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
         }
         assert!(parse_duration("99999999999999999999m").is_err());
@@ -133,7 +139,7 @@ mod tests {
     // Formatting reads back to the same duration.
     #[test]
     fn durations_format_round_trip() {
-        for text in ["30s", "500ms", "2m", "0s", "1500ms"] {
+        for text in ["30s", "500ms", "2m", "0s", "1500ms", "250us", "1500us"] {
             let duration = parse_duration(text).unwrap();
             assert_eq!(format_duration(duration), text);
         }

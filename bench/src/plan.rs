@@ -27,6 +27,10 @@ const FRAMES_PLANNED_MAX: u128 = 200_000_000;
 pub const GRACE: Duration = Duration::from_secs(2);
 /// Redis streams partitions, as the server bounds them.
 const PARTITIONS_MAX: u32 = 1_024;
+/// Bounds of `--slice`: below 10 µs a sleep costs more than it saves; above 100 ms the sends'
+/// lateness alone would swamp a 5 ms SLO.
+const SLICE_MIN: Duration = Duration::from_micros(10);
+const SLICE_MAX: Duration = Duration::from_millis(100);
 
 /// Everything a run needs, validated.
 #[derive(Clone, Debug)]
@@ -44,6 +48,8 @@ pub struct Plan {
     pub payload_bytes: usize,
     /// Sockets (UDP) or connections (TCP).
     pub lanes: usize,
+    /// Shortest time between the engine's passes (see `engine.rs`).
+    pub slice: Duration,
     pub redis_url: Option<String>,
     pub prefix: String,
     pub partitions: u32,
@@ -52,6 +58,7 @@ pub struct Plan {
 }
 
 /// The raw values from the command line.
+#[derive(Clone)]
 pub struct PlanInput {
     pub target: Target,
     pub allow_remote: bool,
@@ -64,6 +71,7 @@ pub struct PlanInput {
     pub payload_bytes: usize,
     pub sockets: usize,
     pub connections: usize,
+    pub slice: Duration,
     pub redis_url: Option<String>,
     pub prefix: String,
     pub partitions: u32,
@@ -121,6 +129,9 @@ impl Plan {
         if !(1..=LANES_MAX).contains(&lanes) {
             return Err(format!("{lanes_flag} must be within 1..={LANES_MAX}"));
         }
+        if !(SLICE_MIN..=SLICE_MAX).contains(&input.slice) {
+            return Err("--slice must be within 10us..=100ms".into());
+        }
         if !(1..=PARTITIONS_MAX).contains(&input.partitions) {
             return Err(format!("--partitions must be within 1..={PARTITIONS_MAX}"));
         }
@@ -137,6 +148,7 @@ impl Plan {
             frames_per_send: input.frames_per_datagram,
             payload_bytes: input.payload_bytes,
             lanes,
+            slice: input.slice,
             redis_url: input.redis_url,
             prefix: input.prefix,
             partitions: input.partitions,
@@ -175,6 +187,7 @@ pub(crate) mod tests {
             payload_bytes: 64,
             sockets: 4,
             connections: 2,
+            slice: Duration::from_micros(200),
             redis_url: None,
             prefix: "sg".into(),
             partitions: 16,
@@ -267,6 +280,13 @@ pub(crate) mod tests {
                 "--frames-per-datagram",
             ),
             (PlanInput { sockets: 0, ..input() }, "--sockets"),
+            (
+                PlanInput {
+                    slice: Duration::from_secs(1),
+                    ..input()
+                },
+                "--slice",
+            ),
             (
                 PlanInput {
                     partitions: 0,

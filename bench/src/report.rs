@@ -86,6 +86,10 @@ pub struct Summary {
     pub events_not_stored: Option<u64>,
     pub slo_ok: bool,
     pub slo_failures: Vec<String>,
+    /// CPU time (user + system) the generator used while the load ran, and that per frame
+    /// sent (first sends): the generator's share of a machine it shares with the server.
+    pub generator_cpu_s: f64,
+    pub generator_cpu_us_per_frame: f64,
 }
 
 impl Summary {
@@ -128,6 +132,10 @@ impl Summary {
             events_not_stored: verification.map(|verification| verification.events_not_stored),
             slo_ok: true,
             slo_failures: Vec::new(),
+            generator_cpu_s: round_thousandths(outcome.generator_cpu.as_secs_f64()),
+            generator_cpu_us_per_frame: round_thousandths(
+                outcome.generator_cpu.as_secs_f64() * 1e6 / tally.sent.max(1) as f64,
+            ),
         };
         summary.slo_failures = slo_failures(&summary);
         summary.slo_ok = summary.slo_failures.is_empty();
@@ -170,6 +178,11 @@ impl Summary {
             text,
             "  answers   accepted {}  duplicate {}  retry {}  rejected {}  (late {}, malformed {})",
             self.accepted, self.duplicate, self.retry, self.rejected, self.unmatched_acks, self.malformed_acks
+        );
+        let _ = writeln!(
+            text,
+            "  generator cpu {:.2} s, {:.2} µs per frame sent",
+            self.generator_cpu_s, self.generator_cpu_us_per_frame
         );
         let lost_sample = if self.lost_sample.is_empty() {
             String::new()
@@ -249,13 +262,17 @@ fn round_tenths(value: f64) -> f64 {
     (value * 10.0).round() / 10.0
 }
 
+fn round_thousandths(value: f64) -> f64 {
+    (value * 1_000.0).round() / 1_000.0
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::live::Tally;
     use crate::tracker::Latencies;
 
-    fn outcome() -> RunOutcome {
+    pub(crate) fn outcome() -> RunOutcome {
         let mut latencies = Latencies::new();
         for value_us in 1..=1_000 {
             latencies.first_us.record(value_us).unwrap();
@@ -278,6 +295,7 @@ mod tests {
             events: 14_000,
             sent_per_player: Vec::new(),
             seq_base: 0,
+            generator_cpu: std::time::Duration::from_millis(50),
         }
     }
 
@@ -371,6 +389,7 @@ mod tests {
             "first attempt",
             "final",
             "not verified",
+            "2.50 µs per frame sent",
         ] {
             assert!(text.contains(needle), "{needle:?} not in:\n{text}");
         }

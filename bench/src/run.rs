@@ -1,29 +1,31 @@
-//! One run: open the lanes, start their threads at a common instant, wait, gather the results.
+//! One run: open the lanes, drive them from this thread until the engine stops, gather the
+//! results.
 //!
-//! Threads: per lane a sender and a receiver (see `lane.rs`), plus the progress line. They all
-//! stop by themselves: senders at the schedule's end plus grace at the latest (earlier once
-//! every frame is answered), receivers when their sender stops.
+//! Threads: the calling thread runs the engine (`engine.rs`), which drives every lane; one more
+//! thread draws the progress line. The engine stops by itself: at the schedule's end plus
+//! grace at the latest, earlier once every frame is answered.
 
-use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use shardgate::frame::EventId;
 
+use crate::engine;
 use crate::events::EventSource;
-use crate::lane::{self, unix_now_us, Lane, Shared, Transmit};
+use crate::lane::{unix_now_us, Lane, Shared};
 use crate::live::{self, Counters, Tally};
 use crate::parse::Transport;
 use crate::plan::Plan;
 use crate::schedule::{Clock, Schedule};
-use crate::tcp::{self, Handoff, TcpTransmit};
+use crate::sys;
+use crate::tcp::{self, TcpWire};
 use crate::tracker::{Latencies, Tracker, LOST_SAMPLE_MAX};
-use crate::udp::{self, UdpTransmit};
+use crate::udp::{self, UdpWire};
+use crate::verify::{self, Ledger, Verification};
 
-/// Time between opening the lanes and the schedule's start, so every thread is up and parked
-/// before the first send is due.
+/// Time between opening the lanes and the schedule's start, so the progress thread is up and
+/// the first pass starts on time.
 const START_DELAY: Duration = Duration::from_millis(50);
 /// Seconds of sends each lane's tables are first sized for (they grow if the server stalls).
 const EXPECTED_OUTSTANDING_SECS: f64 = 0.25;
@@ -36,88 +38,123 @@ pub struct RunOutcome {
     pub acked_ids: Vec<EventId>,
     pub lost: u64,
     pub lost_sample: Vec<EventId>,
-    /// Frames the timetable held; `tally.sent` falls short if the senders could not keep up.
+    /// Frames the timetable held; `tally.sent` falls short if the generator could not keep up.
     pub frames_scheduled: u64,
     /// Distinct fresh events sent.
     pub events: u64,
     pub sent_per_player: Vec<u64>,
     pub seq_base: u64,
+    /// CPU time (user + system, all threads) the generator used while the load ran.
+    pub generator_cpu: Duration,
 }
 
-/// A lane's opened transport, before its threads start.
-enum Opened {
-    Udp(UdpSocket),
-    Tcp(std::net::TcpStream),
+/// Why [`run_verified`] has no result.
+pub enum RunFailure {
+    /// Nothing was sent: a lane could not be opened, or Redis did not answer before the run.
+    Setup(String),
+    /// The run happened but reading Redis back failed.
+    Verify { outcome: Box<RunOutcome>, message: String },
+}
+
+/// Runs the plan and, given Redis, verifies what it stored: what `run` does, and each step of
+/// `sweep`.
+pub fn run_verified(
+    plan: &Plan,
+    redis: Option<&mut redis::Connection>,
+) -> Result<(RunOutcome, Option<Verification>), RunFailure> {
+    let Some(connection) = redis else {
+        return run(plan).map(|outcome| (outcome, None)).map_err(RunFailure::Setup);
+    };
+    let since_ms = verify::redis_time_ms(connection).map_err(RunFailure::Setup)?;
+    let outcome = run(plan).map_err(RunFailure::Setup)?;
+    let ledger = Ledger::new(outcome.seq_base, &outcome.sent_per_player);
+    match verify::verify_since(
+        connection,
+        &plan.prefix,
+        plan.partitions,
+        ledger,
+        &outcome.acked_ids,
+        Some(since_ms),
+    ) {
+        Ok(verification) => Ok((outcome, Some(verification))),
+        Err(message) => Err(RunFailure::Verify {
+            outcome: Box::new(outcome),
+            message,
+        }),
+    }
 }
 
 /// Runs the plan. An error means a lane could not be opened (nothing was sent).
 pub fn run(plan: &Plan) -> Result<RunOutcome, String> {
     let target = plan.target.address;
-    let mut opened = Vec::with_capacity(plan.lanes);
-    for _ in 0..plan.lanes {
-        let lane = match plan.target.transport {
-            Transport::Udp => udp::open(target).map(Opened::Udp),
-            Transport::Tcp => tcp::connect(target).map(Opened::Tcp),
-        };
-        opened.push(lane.map_err(|error| format!("cannot open a lane to {}: {error}", plan.target))?);
+    let open_error = |error: std::io::Error| format!("cannot open a lane to {}: {error}", plan.target);
+    // Opened before the clock starts, so a dead target fails before any frame is scheduled.
+    enum Opened {
+        Udp(UdpWire),
+        Tcp(TcpWire),
     }
+    let mut wire = match plan.target.transport {
+        Transport::Udp => {
+            let sockets = (0..plan.lanes)
+                .map(|_| udp::open(target))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(open_error)?;
+            let datagram_bytes_max = plan.frames_per_send * plan.frame_bytes();
+            Opened::Udp(UdpWire::new(sockets, datagram_bytes_max, plan.frames_per_send).map_err(open_error)?)
+        }
+        Transport::Tcp => {
+            let streams = (0..plan.lanes)
+                .map(|_| tcp::connect(target))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(open_error)?;
+            Opened::Tcp(TcpWire::new(target, streams).map_err(open_error)?)
+        }
+    };
 
     let schedule = Schedule::new(plan);
     let seq_base = unix_now_us();
     let clock = Clock::starting_at(Instant::now() + START_DELAY);
-    let shared = Arc::new(Shared {
-        plan: plan.clone(),
-        schedule,
-        clock,
-        events: EventSource::new(plan.players, seq_base),
-        counters: Arc::new(Counters::default()),
-    });
+    let events = EventSource::new(plan.players, seq_base);
+    let counters = Arc::new(Counters::default());
     let expected_outstanding =
         (plan.rate_per_sec as f64 * EXPECTED_OUTSTANDING_SECS / plan.lanes as f64).ceil() as usize + 64;
+    let mut lanes: Vec<Lane> = (0..plan.lanes)
+        .map(|index| Lane::new(index, Tracker::new(expected_outstanding, schedule.warmup_ns)))
+        .collect();
 
-    let mut lanes = Vec::with_capacity(plan.lanes);
-    let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(plan.lanes * 2);
-    for (index, opened) in opened.into_iter().enumerate() {
-        let lane = Arc::new(Lane::new(index, Tracker::new(expected_outstanding, schedule.warmup_ns)));
-        lanes.push(Arc::clone(&lane));
-        let (sender, receiver) = spawn_lane(&shared, lane, opened)?;
-        threads.extend([sender, receiver]);
-    }
     let progress_done = Arc::new(AtomicBool::new(false));
-    let progress = live::spawn_progress(
-        Arc::clone(&shared.counters),
-        clock,
-        plan.duration,
-        Arc::clone(&progress_done),
-    );
-
-    let mut thread_failed = false;
-    for thread in threads {
-        thread_failed |= thread.join().is_err();
+    let progress = live::spawn_progress(Arc::clone(&counters), clock, plan.duration, Arc::clone(&progress_done));
+    let shared = Shared {
+        plan,
+        events: &events,
+        counters: &counters,
+    };
+    let cpu_before = sys::process_cpu_time();
+    match &mut wire {
+        Opened::Udp(wire) => engine::drive(&shared, &clock, &schedule, &mut lanes, wire),
+        Opened::Tcp(wire) => engine::drive(&shared, &clock, &schedule, &mut lanes, wire),
     }
+    let generator_cpu = sys::process_cpu_time().saturating_sub(cpu_before);
     progress_done.store(true, Ordering::Relaxed);
     if let Some(progress) = progress {
         let _ = progress.join();
     }
-    if thread_failed {
-        return Err("a lane thread panicked".into());
-    }
 
     let mut outcome = RunOutcome {
-        tally: shared.counters.tally(),
+        tally: counters.tally(),
         latencies: Latencies::new(),
         acked_ids: Vec::new(),
         lost: 0,
         lost_sample: Vec::new(),
         frames_scheduled: schedule.frames_total(),
         events: 0,
-        sent_per_player: shared.events.sent_per_player(),
+        sent_per_player: events.sent_per_player(),
         seq_base,
+        generator_cpu,
     };
     outcome.events = outcome.sent_per_player.iter().sum();
     for lane in lanes {
-        let tracker = std::mem::replace(&mut *lane.tracker(), Tracker::new(0, 0));
-        let report = tracker.finish();
+        let report = lane.tracker.finish();
         outcome.latencies.merge(&report.latencies);
         outcome.acked_ids.extend(report.acked_ids);
         outcome.lost += report.lost;
@@ -125,54 +162,4 @@ pub fn run(plan: &Plan) -> Result<RunOutcome, String> {
         outcome.lost_sample.extend(report.lost_sample.into_iter().take(room));
     }
     Ok(outcome)
-}
-
-/// Starts a lane's threads for its transport.
-fn spawn_lane(
-    shared: &Arc<Shared>,
-    lane: Arc<Lane>,
-    opened: Opened,
-) -> Result<(JoinHandle<()>, JoinHandle<()>), String> {
-    let spawn_error = |error: std::io::Error| format!("cannot start lane {}: {error}", lane.index);
-    match opened {
-        Opened::Udp(socket) => {
-            let reader = socket.try_clone().map_err(spawn_error)?;
-            let transmit = UdpTransmit::new(socket);
-            spawn_pair(shared, lane, transmit, move |shared, lane, sender| {
-                udp::receive_loop(shared, lane, reader, sender)
-            })
-        }
-        Opened::Tcp(stream) => {
-            let handoff = Arc::new(Handoff::default());
-            let target = shared.plan.target.address;
-            let transmit = TcpTransmit::new(target, stream, Arc::clone(&handoff), Arc::clone(&shared.counters))
-                .map_err(spawn_error)?;
-            spawn_pair(shared, lane, transmit, move |shared, lane, sender| {
-                tcp::receive_loop(shared, lane, &handoff, sender)
-            })
-        }
-    }
-}
-
-/// Starts the sender, then the receiver, which gets the sender's handle to wake it when a
-/// resend is due sooner than the sender planned to look.
-fn spawn_pair(
-    shared: &Arc<Shared>,
-    lane: Arc<Lane>,
-    mut transmit: impl Transmit + Send + 'static,
-    receive: impl FnOnce(&Shared, &Lane, Thread) + Send + 'static,
-) -> Result<(JoinHandle<()>, JoinHandle<()>), String> {
-    let index = lane.index;
-    let spawn_error = |error: std::io::Error| format!("cannot start lane {index}: {error}");
-    let (sender_shared, sender_lane) = (Arc::clone(shared), Arc::clone(&lane));
-    let sender = thread::Builder::new()
-        .name(format!("send-{index}"))
-        .spawn(move || lane::send_loop(&sender_shared, &sender_lane, &mut transmit))
-        .map_err(spawn_error)?;
-    let (receiver_shared, sender_thread) = (Arc::clone(shared), sender.thread().clone());
-    let receiver = thread::Builder::new()
-        .name(format!("recv-{index}"))
-        .spawn(move || receive(&receiver_shared, &lane, sender_thread))
-        .map_err(spawn_error)?;
-    Ok((sender, receiver))
 }

@@ -1,10 +1,14 @@
 //! When each frame is meant to leave: the open-loop schedule and the run's clock.
 //!
 //! The schedule is fixed before the run starts and never looks at answers: send `i` (one
-//! datagram or write of `frames_per_send` frames) is due at `start + i × frames_per_send / rate`,
-//! and lane `i % lanes` sends it. A lane that falls behind sends late rather than skipping, and
-//! every latency counts from the intended time, so a stalled server shows up as latency instead
-//! of as a quietly lower rate (the coordinated-omission correction of wrk2).
+//! datagram or write of `frames_per_send` frames) is due at `start + i × frames_per_send / rate`.
+//! Lanes take turns in runs of about one slice's sends (`turn`): lane `(i / turn) % lanes` sends
+//! it, so each lane gets an even share, and a pass's sends for one lane are consecutive and can
+//! leave in one segmented message (see `udp.rs`). A generator that falls behind sends late rather than skipping,
+//! and every latency counts from the intended time, so a stalled server shows up as latency
+//! instead of as a quietly lower rate (the coordinated-omission correction of wrk2). The engine
+//! sends in time slices (see `engine.rs`), so a send leaves up to one slice after its intended
+//! time; that wait is counted as latency too, never hidden.
 //!
 //! All times inside a run are nanoseconds since the run's start, as `u64`: cheap to store per
 //! frame and totally ordered, which the retry timers need.
@@ -12,6 +16,7 @@
 use std::time::{Duration, Instant};
 
 use crate::plan::{Plan, GRACE};
+use crate::udp::SEGMENTS_PER_MESSAGE_MAX;
 
 /// The run's time origin.
 #[derive(Clone, Copy, Debug)]
@@ -29,15 +34,18 @@ impl Clock {
         u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Sleeps until `due_ns` or for at most `longest`, whichever comes first. Parking (not
-    /// sleeping) lets a receiver wake the sender early when it schedules a resend.
-    pub fn park_until(&self, due_ns: u64, longest: Duration) {
+    /// Sleeps until the start (returns at once if it has passed). `now_ns` reads 0 until then,
+    /// so `sleep_until(0)` would not wait.
+    pub fn sleep_until_start(&self) {
+        std::thread::sleep(self.start.saturating_duration_since(Instant::now()));
+    }
+
+    /// Sleeps until `due_ns` (returns at once if it has passed).
+    pub fn sleep_until(&self, due_ns: u64) {
         let now_ns = self.now_ns();
-        if due_ns <= now_ns {
-            return;
+        if due_ns > now_ns {
+            std::thread::sleep(Duration::from_nanos(due_ns - now_ns));
         }
-        let wait = Duration::from_nanos(due_ns - now_ns).min(longest);
-        std::thread::park_timeout(wait);
     }
 }
 
@@ -47,6 +55,10 @@ pub struct Schedule {
     rate_per_sec: u64,
     frames_per_send: u64,
     lanes: u64,
+    /// Consecutive sends one lane makes before the next lane's turn.
+    turn: u64,
+    /// Shortest time between the engine's passes.
+    pub slice_ns: u64,
     /// Sends whose intended time is before `duration_ns`.
     pub sends_total: u64,
     /// No scheduled send starts at or after this.
@@ -67,6 +79,8 @@ impl Schedule {
             rate_per_sec: plan.rate_per_sec,
             frames_per_send,
             lanes: plan.lanes as u64,
+            turn: turn_sends(plan.rate_per_sec, frames_per_send, nanos(plan.slice)),
+            slice_ns: nanos(plan.slice),
             sends_total: u64::try_from(numerator.div_ceil(denominator)).unwrap_or(u64::MAX),
             duration_ns,
             warmup_ns: nanos(plan.warmup),
@@ -81,13 +95,11 @@ impl Schedule {
         u64::try_from(nanos).unwrap_or(u64::MAX)
     }
 
-    /// The first send of `lane`; the lane's next is always `lanes` further.
-    pub fn first_send_of(&self, lane: usize) -> u64 {
-        lane as u64
-    }
-
-    pub fn next_send_of_lane(&self, send_index: u64) -> u64 {
-        send_index.saturating_add(self.lanes)
+    /// The lane that makes send `send_index`: the lanes take turns of `turn` sends, so each
+    /// gets an even share.
+    pub fn lane_of(&self, send_index: u64) -> usize {
+        // Below `lanes`, which is a usize.
+        ((send_index / self.turn) % self.lanes) as usize
     }
 
     /// True if `send_index` is a scheduled send (not past the end of the timetable).
@@ -99,6 +111,16 @@ impl Schedule {
     pub fn frames_total(&self) -> u64 {
         self.sends_total.saturating_mul(self.frames_per_send)
     }
+}
+
+/// Sends per lane turn: about the sends due in one slice, so a pass mostly feeds one lane, but
+/// at least 1 and no more than one segmented message holds.
+fn turn_sends(rate_per_sec: u64, frames_per_send: u64, slice_ns: u64) -> u64 {
+    let sends_per_slice = u128::from(rate_per_sec) * u128::from(slice_ns) / u128::from(frames_per_send.max(1));
+    let turn = (sends_per_slice + 500_000_000) / 1_000_000_000;
+    u64::try_from(turn)
+        .unwrap_or(u64::MAX)
+        .clamp(1, SEGMENTS_PER_MESSAGE_MAX as u64)
 }
 
 fn nanos(duration: Duration) -> u64 {
@@ -138,18 +160,35 @@ mod tests {
         assert_eq!(schedule.frames_total(), 10_002);
     }
 
-    // Lanes interleave: together they take every send exactly once.
+    // Lanes take turns: each gets an even share of the sends, in runs of a slice's worth.
     #[test]
-    fn lanes_partition_the_sends() {
+    fn lanes_share_the_sends_evenly() {
         let schedule = Schedule::new(&Plan::new(input()).unwrap());
-        let mut taken = vec![0u8; schedule.sends_total as usize];
-        for lane in 0..4 {
-            let mut send = schedule.first_send_of(lane);
-            while schedule.is_scheduled(send) {
-                taken[send as usize] += 1;
-                send = schedule.next_send_of_lane(send);
-            }
+        assert_eq!(schedule.turn, 1);
+        let mut taken = [0u64; 4];
+        for send in 0..schedule.sends_total {
+            taken[schedule.lane_of(send)] += 1;
         }
-        assert!(taken.iter().all(|&count| count == 1));
+        assert_eq!(taken, [2_500; 4]);
+
+        let fast = Schedule::new(
+            &Plan::new(PlanInput {
+                rate_per_sec: 50_000,
+                ..input()
+            })
+            .unwrap(),
+        );
+        assert_eq!(fast.turn, 10);
+        let lanes: Vec<usize> = [0, 9, 10, 39, 40].iter().map(|&send| fast.lane_of(send)).collect();
+        assert_eq!(lanes, vec![0, 0, 1, 3, 0]);
+    }
+
+    #[test]
+    fn turns_are_bounded() {
+        assert_eq!(turn_sends(1, 1, 200_000), 1);
+        assert_eq!(turn_sends(1_000_000, 1, 200_000), 64);
+        assert_eq!(turn_sends(50_000, 5, 200_000), 2);
+        assert_eq!(turn_sends(50_000, 1, 1_000_000), 50);
+        assert_eq!(turn_sends(u64::MAX, 0, u64::MAX), 64);
     }
 }

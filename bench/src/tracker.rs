@@ -17,14 +17,20 @@
 //! the first answer of any status, final latency to ACCEPTED or DUPLICATE. Only frames intended
 //! after the warmup are recorded.
 //!
-//! # Memory
+//! # Memory and cost
 //! Slots are reused through a free list and the id index is a pre-sized map, so the table
-//! holds only frames still awaiting an answer. Timers are a heap of (due, slot, token);
-//! rearming a frame bumps its token instead of searching the heap, and stale entries are
-//! dropped when they come due, so the heap holds at most about one timeout's worth of sends.
+//! holds only frames still awaiting an answer. A timer is (due, slot, token); rearming a frame
+//! bumps its token instead of searching for its old timer, and stale entries are dropped when
+//! they come due, so the timers hold at most about one timeout's worth of sends. Every first
+//! send arms the same timeout at a later send time, so those timers come due in the order they
+//! were armed: they wait in a FIFO, two O(1) steps per frame. Only RETRY delays (jittered) and
+//! resend timeouts go to a heap. This runs for every frame the generator sends, on a machine it
+//! shares with the server it measures, so it is kept cheap: the id map hashes with
+//! [`IdHasher`] rather than SipHash, since the ids are the generator's own, not an attacker's.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use hdrhistogram::Histogram;
 use shardgate::frame::{Ack, EventId, Status};
@@ -120,10 +126,39 @@ pub struct TrackerReport {
     pub lost_sample: Vec<EventId>,
 }
 
+/// A multiply-rotate hash (FxHash's step) of the id's two words: a few cycles instead of
+/// SipHash's few dozen. Ids are the generator's own, so flooding resistance buys nothing.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl IdHasher {
+    const MULTIPLIER: u64 = 0xF135_7AEA_2E62_A9C5;
+}
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0 ^ word).wrapping_mul(Self::MULTIPLIER);
+    }
+
+    fn finish(&self) -> u64 {
+        // The multiply leaves its best bits high; the table indexes with the low ones.
+        self.0.rotate_left(26)
+    }
+}
+
 pub struct Tracker {
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
-    by_id: HashMap<EventId, u32>,
+    by_id: HashMap<EventId, u32, BuildHasherDefault<IdHasher>>,
+    /// First-attempt answer timeouts, in due order (see the module's notes).
+    first_timeouts: VecDeque<Timer>,
+    /// Every other timer.
     timers: BinaryHeap<Reverse<Timer>>,
     measure_from_ns: u64,
     latencies: Latencies,
@@ -137,8 +172,9 @@ impl Tracker {
         Tracker {
             slots: Vec::with_capacity(expected_outstanding),
             free_slots: Vec::with_capacity(expected_outstanding),
-            by_id: HashMap::with_capacity(expected_outstanding),
-            timers: BinaryHeap::with_capacity(expected_outstanding),
+            by_id: HashMap::with_capacity_and_hasher(expected_outstanding, BuildHasherDefault::default()),
+            first_timeouts: VecDeque::with_capacity(expected_outstanding),
+            timers: BinaryHeap::new(),
             measure_from_ns,
             latencies: Latencies::new(),
             acked_ids: Vec::new(),
@@ -185,7 +221,7 @@ impl Tracker {
             }
         };
         self.by_id.insert(event.id, index);
-        self.arm(index, sent_ns.saturating_add(answer_timeout_ns(1)));
+        self.arm_first_timeout(index, sent_ns.saturating_add(answer_timeout_ns(1)));
         true
     }
 
@@ -228,13 +264,9 @@ impl Tracker {
     /// the attempt, and arms the timeout of that new attempt. The caller sends them.
     pub fn take_due(&mut self, now_ns: u64, limit: usize, resend: &mut Vec<Event>) {
         while resend.len() < limit {
-            let Some(&Reverse(timer)) = self.timers.peek() else {
+            let Some(timer) = self.pop_due(now_ns) else {
                 return;
             };
-            if timer.due_ns > now_ns {
-                return;
-            }
-            self.timers.pop();
             let slot = &mut self.slots[timer.slot as usize];
             if !slot.occupied || slot.timer_token != timer.token {
                 continue;
@@ -248,7 +280,32 @@ impl Tracker {
 
     /// When the earliest timer is due, if any. It may be a stale entry: waking early is harmless.
     pub fn next_due_ns(&self) -> Option<u64> {
-        self.timers.peek().map(|Reverse(timer)| timer.due_ns)
+        let first = self.first_timeouts.front().map(|timer| timer.due_ns);
+        let other = self.timers.peek().map(|Reverse(timer)| timer.due_ns);
+        match (first, other) {
+            (Some(first), Some(other)) => Some(first.min(other)),
+            (first, other) => first.or(other),
+        }
+    }
+
+    /// Removes and returns the earliest timer if it is due by `now_ns` (stale or not).
+    fn pop_due(&mut self, now_ns: u64) -> Option<Timer> {
+        let first = self.first_timeouts.front().copied();
+        let other = self.timers.peek().map(|&Reverse(timer)| timer);
+        match (first, other) {
+            (Some(first), Some(other)) if other.due_ns < first.due_ns => (other.due_ns <= now_ns)
+                .then(|| self.timers.pop())
+                .flatten()
+                .map(|Reverse(timer)| timer),
+            (Some(first), _) => (first.due_ns <= now_ns)
+                .then(|| self.first_timeouts.pop_front())
+                .flatten(),
+            (None, Some(other)) => (other.due_ns <= now_ns)
+                .then(|| self.timers.pop())
+                .flatten()
+                .map(|Reverse(timer)| timer),
+            (None, None) => None,
+        }
     }
 
     pub fn finish(self) -> TrackerReport {
@@ -262,13 +319,30 @@ impl Tracker {
     }
 
     fn arm(&mut self, index: u32, due_ns: u64) {
+        let timer = self.new_timer(index, due_ns);
+        self.timers.push(Reverse(timer));
+    }
+
+    /// Arms a first send's timeout in the FIFO, or in the heap if it would break the FIFO's
+    /// order (a caller registering out of time order).
+    fn arm_first_timeout(&mut self, index: u32, due_ns: u64) {
+        let timer = self.new_timer(index, due_ns);
+        if self.first_timeouts.back().is_none_or(|last| last.due_ns <= due_ns) {
+            self.first_timeouts.push_back(timer);
+        } else {
+            self.timers.push(Reverse(timer));
+        }
+    }
+
+    /// A timer for the slot's next token, which makes its earlier timers stale.
+    fn new_timer(&mut self, index: u32, due_ns: u64) -> Timer {
         let slot = &mut self.slots[index as usize];
         slot.timer_token = slot.timer_token.wrapping_add(1);
-        self.timers.push(Reverse(Timer {
+        Timer {
             due_ns,
             slot: index,
             token: slot.timer_token,
-        }));
+        }
     }
 
     fn release(&mut self, index: u32) {
@@ -452,6 +526,33 @@ mod tests {
         tracker.take_due(ANSWER_TIMEOUT_NS, 2, &mut resend);
         assert_eq!(resend.len(), 2);
         assert_eq!(due(&mut tracker, ANSWER_TIMEOUT_NS).len(), 1);
+    }
+
+    // Timers fire in due order across the FIFO and the heap, even for sends registered out of
+    // time order.
+    #[test]
+    fn timers_fire_in_due_order() {
+        let mut tracker = Tracker::new(4, 0);
+        tracker.register(event(1), 0, 10 * MS);
+        tracker.register(event(2), 0, 5 * MS);
+        tracker.register(event(3), 0, 20 * MS);
+        assert_eq!(tracker.on_ack(ack(Status::Retry, 3), 21 * MS), Fate::Retrying);
+        assert_eq!(tracker.next_due_ns(), Some(21 * MS + retry_delay_ns(event(3).id, 1)));
+        assert_eq!(due(&mut tracker, 100 * MS), vec![3]);
+        assert_eq!(tracker.next_due_ns(), Some(5 * MS + ANSWER_TIMEOUT_NS));
+        assert_eq!(due(&mut tracker, 10 * MS + ANSWER_TIMEOUT_NS), vec![2, 1]);
+    }
+
+    // The hash spreads consecutive seqs of one player over the low bits the table uses.
+    #[test]
+    fn id_hash_spreads_sequences() {
+        use std::hash::BuildHasher;
+        let build = BuildHasherDefault::<IdHasher>::default();
+        let mut buckets = std::collections::HashSet::new();
+        for seq in 0..1_024 {
+            buckets.insert(build.hash_one(EventId { player_id: 42, seq }) & 1_023);
+        }
+        assert!(buckets.len() > 600, "{} of 1024 buckets", buckets.len());
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! After the run: read what the server stored and hold it against what was sent and acked.
 //!
-//! Every partition stream `<prefix>:{p}:events` is read with XRANGE in pages. Only entries whose
-//! `(player, seq)` this run sent count; anything else (earlier runs, other writers) is skipped.
+//! Every partition stream `<prefix>:{p}:events` is read with XRANGE in pages, from the run's
+//! start on Redis's own clock (stream ids are Redis's milliseconds, so nothing this run stored
+//! can be older; earlier runs against the prefix, such as a sweep's earlier steps, are not read
+//! again). Only entries whose `(player, seq)` this run sent count; anything else (earlier runs,
+//! other writers) is skipped.
 //!
 //! The ids a run sent are exactly, per player, the seqs just above the run's `seq_base` up to
 //! that player's count (see `events.rs`), so each one has a dense index: the player's offset
@@ -18,6 +21,9 @@ use shardgate::frame::EventId;
 const PAGE_ENTRIES: usize = 10_000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How far before the run's start (on Redis's clock) reading begins: room for Redis's clock to
+/// be stepped back a little during the run, which could give an entry an older id.
+const START_MARGIN_MS: u64 = 1_000;
 
 /// What Redis holds of this run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -161,7 +167,16 @@ pub fn connect(url: &str) -> Result<redis::Connection, String> {
     Ok(connection)
 }
 
-/// Reads every partition stream and returns the verification.
+/// Redis's clock in milliseconds (`TIME`): taken before a run, it bounds the stream ids the
+/// run's entries can have from below.
+pub fn redis_time_ms(connection: &mut redis::Connection) -> Result<u64, String> {
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME")
+        .query(connection)
+        .map_err(|error| format!("redis TIME failed: {error}"))?;
+    Ok(seconds.saturating_mul(1_000).saturating_add(micros / 1_000))
+}
+
+/// Reads every partition stream whole and returns the verification.
 pub fn verify(
     connection: &mut redis::Connection,
     prefix: &str,
@@ -169,10 +184,27 @@ pub fn verify(
     ledger: Ledger,
     acked_ids: &[EventId],
 ) -> Result<Verification, String> {
+    verify_since(connection, prefix, partitions, ledger, acked_ids, None)
+}
+
+/// Reads every partition stream from `since_ms` on Redis's clock (all of it if `None`) and
+/// returns the verification.
+pub fn verify_since(
+    connection: &mut redis::Connection,
+    prefix: &str,
+    partitions: u32,
+    ledger: Ledger,
+    acked_ids: &[EventId],
+    since_ms: Option<u64>,
+) -> Result<Verification, String> {
     let mut checker = Checker::new(ledger);
+    let first_id = match since_ms {
+        Some(since_ms) => format!("{}-0", since_ms.saturating_sub(START_MARGIN_MS)),
+        None => "-".to_string(),
+    };
     for partition in 0..partitions {
         let key = format!("{prefix}:{{{partition}}}:events");
-        let mut start = "-".to_string();
+        let mut start = first_id.clone();
         loop {
             let reply: Value = redis::cmd("XRANGE")
                 .arg(&key)

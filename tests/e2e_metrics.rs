@@ -1,0 +1,1649 @@
+//! Proves the observability surface an operator relies on: the Prometheus counters agree
+//! exactly with what a client sent and saw, the exposition is what `promtool` and a scraper
+//! expect, SIGUSR1 writes latency histograms without stopping the server, and both log
+//! formats look as docs/operations.md says.
+//!
+//! Every server here is started by the harness on 127.0.0.1 with its own redis-server.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use support::*;
+
+// ---------------------------------------------------------------------------------------
+// scraping and reading the exposition
+// ---------------------------------------------------------------------------------------
+
+/// One HTTP GET of `/metrics` with a plain TcpStream: (Content-Type, body).
+fn scrape(address: SocketAddr) -> Result<(String, String), String> {
+    let mut stream =
+        TcpStream::connect_timeout(&address, Duration::from_secs(2)).map_err(|e| format!("connect {address}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("send request: {e}"))?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| format!("read response: {e}"))?;
+    let response = String::from_utf8(response).map_err(|e| format!("response is not UTF-8: {e}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no end of headers in {response:?}"))?;
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(format!("status {status:?}"));
+    }
+    let header = |name: &str| {
+        head.lines()
+            .skip(1)
+            .filter_map(|line| line.split_once(':'))
+            .find(|(key, _)| key.trim().eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.trim().to_string())
+    };
+    if let Some(length) = header("content-length") {
+        let length: usize = length.parse().map_err(|e| format!("content-length {length:?}: {e}"))?;
+        if length != body.len() {
+            return Err(format!("content-length {length} but body has {} bytes", body.len()));
+        }
+    }
+    Ok((header("content-type").unwrap_or_default(), body.to_string()))
+}
+
+/// The `/metrics` address from the serving line (`metrics="127.0.0.1:PORT"`), so the test
+/// can ask for port 0 and never race another process for a port.
+fn metrics_address(server: &Server) -> SocketAddr {
+    let lines = server.stderr_lines();
+    let serving = lines
+        .iter()
+        .find(|line| line.starts_with("shardgate: serving"))
+        .expect("the harness saw the serving line");
+    let value = serving
+        .split_whitespace()
+        .find_map(|token| token.strip_prefix("metrics="))
+        .unwrap_or_else(|| panic!("no metrics= in {serving:?}"));
+    value
+        .trim_matches('"')
+        .parse()
+        .unwrap_or_else(|e| panic!("metrics={value} in {serving:?}: {e}"))
+}
+
+type Labels = Vec<(String, String)>;
+
+#[derive(Clone, Debug)]
+struct Sample {
+    name: String,
+    labels: Labels,
+    value: f64,
+}
+
+impl Sample {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Every sample of a text exposition, strictly parsed; comment lines are skipped.
+struct Exposition {
+    samples: Vec<Sample>,
+}
+
+impl Exposition {
+    fn parse(body: &str) -> Exposition {
+        let samples = body
+            .lines()
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .map(|line| parse_sample(line).unwrap_or_else(|e| panic!("bad exposition line {line:?}: {e}")))
+            .collect();
+        Exposition { samples }
+    }
+
+    fn matching<'a>(&'a self, name: &'a str, filter: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Sample> {
+        self.samples
+            .iter()
+            .filter(move |s| s.name == name && filter.iter().all(|(k, v)| s.label(k) == Some(*v)))
+    }
+
+    /// The sum over every series of `name` whose labels include `filter`.
+    fn sum(&self, name: &str, filter: &[(&str, &str)]) -> u64 {
+        let mut found = false;
+        let total: f64 = self
+            .matching(name, filter)
+            .map(|s| {
+                found = true;
+                s.value
+            })
+            .sum();
+        assert!(found, "no series {name} with {filter:?}");
+        assert!(
+            total >= 0.0 && total.fract() == 0.0,
+            "{name} {filter:?} is not a count: {total}"
+        );
+        total as u64
+    }
+
+    fn float_sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.matching(name, filter).map(|s| s.value).sum()
+    }
+
+    /// Checks every histogram series: buckets cumulative, `+Inf` == `_count`.
+    fn histogram_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut series: HashMap<(String, Labels), Vec<(f64, f64)>> = HashMap::new();
+        for sample in &self.samples {
+            let Some(family) = sample.name.strip_suffix("_bucket") else {
+                continue;
+            };
+            let le = sample
+                .label("le")
+                .unwrap_or_else(|| panic!("bucket without le: {sample:?}"));
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or_else(|e| panic!("le={le:?}: {e}"))
+            };
+            let mut labels: Labels = sample.labels.iter().filter(|(k, _)| k != "le").cloned().collect();
+            labels.sort();
+            series
+                .entry((family.to_string(), labels))
+                .or_default()
+                .push((bound, sample.value));
+        }
+        for ((family, labels), mut buckets) in series {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if buckets.windows(2).any(|pair| pair[1].1 < pair[0].1) {
+                problems.push(format!("{family}{labels:?}: buckets not cumulative: {buckets:?}"));
+            }
+            let count_name = format!("{family}_count");
+            let count = self
+                .samples
+                .iter()
+                .find(|s| {
+                    let mut own: Labels = s.labels.clone();
+                    own.sort();
+                    s.name == count_name && own == labels
+                })
+                .map(|s| s.value);
+            let infinity = buckets.last().filter(|(bound, _)| bound.is_infinite()).map(|b| b.1);
+            if infinity.is_none() || infinity != count {
+                problems.push(format!(
+                    "{family}{labels:?}: +Inf bucket {infinity:?} != _count {count:?}"
+                ));
+            }
+        }
+        problems
+    }
+}
+
+fn parse_sample(line: &str) -> Result<Sample, String> {
+    let name_end = line.find(['{', ' ']).ok_or("no value")?;
+    let name = &line[..name_end];
+    let name_ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    if name.is_empty() || !name.chars().all(name_ok) {
+        return Err(format!("metric name {name:?}"));
+    }
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(mut inner) = rest.strip_prefix('{') {
+        loop {
+            if let Some(after) = inner.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let (key, after_key) = inner.split_once("=\"").ok_or("label without =\"")?;
+            if key.is_empty() || !key.chars().all(name_ok) {
+                return Err(format!("label name {key:?}"));
+            }
+            let mut value = String::new();
+            let mut escaped = false;
+            let mut close = None;
+            for (index, c) in after_key.char_indices() {
+                match (escaped, c) {
+                    (true, 'n') => value.push('\n'),
+                    (true, c) => value.push(c),
+                    (false, '\\') => {
+                        escaped = true;
+                        continue;
+                    }
+                    (false, '"') => {
+                        close = Some(index);
+                        break;
+                    }
+                    (false, c) => value.push(c),
+                }
+                escaped = false;
+            }
+            let close = close.ok_or("unterminated label value")?;
+            labels.push((key.to_string(), value));
+            inner = &after_key[close + 1..];
+            inner = inner.strip_prefix(',').unwrap_or(inner);
+        }
+    }
+    let mut fields = rest.split_whitespace();
+    let value = fields.next().ok_or("no value")?;
+    let value: f64 = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().map_err(|e| format!("value {v:?}: {e}"))?,
+    };
+    if let Some(timestamp) = fields.next() {
+        timestamp
+            .parse::<f64>()
+            .map_err(|e| format!("timestamp {timestamp:?}: {e}"))?;
+    }
+    if fields.next().is_some() {
+        return Err("text after the timestamp".into());
+    }
+    Ok(Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// a client that counts every answer it gets
+// ---------------------------------------------------------------------------------------
+
+enum Channel {
+    Udp(UdpClient),
+    Tcp(TcpClient),
+}
+
+impl Channel {
+    fn transport(&self) -> &'static str {
+        match self {
+            Channel::Udp(_) => "udp",
+            Channel::Tcp(_) => "tcp",
+        }
+    }
+}
+
+/// What the client saw, per transport: every answer (late ones included), frames and bytes
+/// written.
+#[derive(Debug, Default)]
+struct Seen {
+    answers: HashMap<&'static str, StatusCounts>,
+    frames_sent: HashMap<&'static str, u64>,
+    bytes_sent: HashMap<&'static str, u64>,
+    timeouts: usize,
+    stray_answers: usize,
+}
+
+impl Seen {
+    fn answers(&self, transport: Option<&str>) -> StatusCounts {
+        let mut total = StatusCounts::default();
+        for (t, counts) in &self.answers {
+            if transport.is_none_or(|want| want == *t) {
+                total.merge(counts);
+            }
+        }
+        total
+    }
+
+    fn frames_sent(&self) -> u64 {
+        self.frames_sent.values().sum()
+    }
+}
+
+/// One frame to get answered on one channel.
+struct Job {
+    channel: usize,
+    key: Key,
+    frame: Vec<u8>,
+    sent_at: Option<Instant>,
+    next_send: Instant,
+    attempts: u32,
+    last: Option<St>,
+}
+
+impl Job {
+    fn new(channel: usize, key: Key, frame: Vec<u8>) -> Job {
+        Job {
+            channel,
+            key,
+            frame,
+            sent_at: None,
+            next_send: Instant::now(),
+            attempts: 0,
+            last: None,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.last.is_some_and(|st| st != St::Retry)
+    }
+}
+
+const WINDOW_PER_CHANNEL: usize = 64;
+const ANSWER_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Sends every job, resends on RETRY (with backoff) and on timeout, and counts every answer
+/// that arrives, until each job has a final answer (ACCEPTED, DUPLICATE or REJECTED) or the
+/// deadline passes; then listens a while longer for late answers. `frames_per_datagram`
+/// packs UDP frames that are ready together (1: each frame alone).
+fn drive(channels: &mut [Channel], jobs: &mut [Job], seen: &mut Seen, frames_per_datagram: usize, deadline: Instant) {
+    let mut by_key: HashMap<(usize, Key), usize> = HashMap::new();
+    for (index, job) in jobs.iter().enumerate() {
+        assert!(
+            by_key.insert((job.channel, job.key), index).is_none(),
+            "one job per id and channel"
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(jobs.len() as u64);
+    while jobs.iter().any(|job| !job.done()) && Instant::now() < deadline {
+        let now = Instant::now();
+        for (channel_index, channel) in channels.iter_mut().enumerate() {
+            let mut outstanding = jobs
+                .iter()
+                .filter(|job| job.channel == channel_index && job.sent_at.is_some())
+                .count();
+            let mut datagram = Vec::new();
+            let mut in_datagram = 0;
+            let transport = channel.transport();
+            let mut flush = |datagram: &mut Vec<u8>, in_datagram: &mut usize, channel: &mut Channel| {
+                if datagram.is_empty() {
+                    return;
+                }
+                match channel {
+                    Channel::Udp(client) => client.send_frames(datagram),
+                    Channel::Tcp(client) => client.send(datagram).expect("write to a data TCP connection"),
+                }
+                *seen.bytes_sent.entry(transport).or_default() += datagram.len() as u64;
+                *seen.frames_sent.entry(transport).or_default() += *in_datagram as u64;
+                datagram.clear();
+                *in_datagram = 0;
+            };
+            for job in jobs.iter_mut().filter(|job| job.channel == channel_index) {
+                if outstanding >= WINDOW_PER_CHANNEL {
+                    break;
+                }
+                if job.done() || job.sent_at.is_some() || job.next_send > now {
+                    continue;
+                }
+                let limit = if matches!(channel, Channel::Udp(_)) {
+                    frames_per_datagram
+                } else {
+                    usize::MAX
+                };
+                if in_datagram == limit || datagram.len() + job.frame.len() > 1400 {
+                    flush(&mut datagram, &mut in_datagram, channel);
+                }
+                datagram.extend_from_slice(&job.frame);
+                in_datagram += 1;
+                job.sent_at = Some(now);
+                job.attempts += 1;
+                outstanding += 1;
+            }
+            flush(&mut datagram, &mut in_datagram, channel);
+        }
+        for job in jobs.iter_mut() {
+            if job.sent_at.is_some_and(|at| at.elapsed() > ANSWER_TIMEOUT) {
+                seen.timeouts += 1;
+                job.sent_at = None;
+                job.next_send = Instant::now();
+            }
+        }
+        for (channel_index, channel) in channels.iter_mut().enumerate() {
+            let acks = poll(channel);
+            let transport = channel.transport();
+            for ack in acks {
+                seen.answers.entry(transport).or_default().add(ack.status);
+                let Some(&index) = by_key.get(&(channel_index, ack.key())) else {
+                    panic!("answer {ack:?} names no frame sent on channel {channel_index}");
+                };
+                let job = &mut jobs[index];
+                if job.sent_at.take().is_none() {
+                    seen.stray_answers += 1;
+                }
+                job.last = Some(ack.status);
+                if ack.status == St::Retry {
+                    let backoff_ms = (5u64 << job.attempts.min(5)) + rng.gen_range(0..5);
+                    job.next_send = Instant::now() + Duration::from_millis(backoff_ms);
+                }
+            }
+        }
+    }
+    // Late answers (to copies resent after a timeout) still count.
+    let quiet = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < quiet {
+        for channel in channels.iter_mut() {
+            let transport = channel.transport();
+            for ack in poll(channel) {
+                seen.answers.entry(transport).or_default().add(ack.status);
+                seen.stray_answers += 1;
+            }
+        }
+    }
+}
+
+fn poll(channel: &mut Channel) -> Vec<AckMsg> {
+    match channel {
+        Channel::Udp(client) => client.try_recv(),
+        Channel::Tcp(client) => {
+            let acks = client.poll_acks();
+            assert!(!client.is_closed(), "the server closed a data TCP connection");
+            acks
+        }
+    }
+}
+
+/// Fails with the unanswered ids when some job got no final answer before the deadline.
+fn assert_all_answered(phase: &str, jobs: &[Job], seen: &Seen) {
+    let open: Vec<(usize, Key, u32, Option<St>)> = jobs
+        .iter()
+        .filter(|job| !job.done())
+        .map(|job| (job.channel, job.key, job.attempts, job.last))
+        .collect();
+    assert!(
+        open.is_empty(),
+        "{phase}: {} of {} frames never got a final answer (channel, id, sends, last answer): {:?}; \
+         timeouts {}. A channel that gets nothing back, while others do, points at a shard that stopped serving.",
+        open.len(),
+        jobs.len(),
+        &open[..open.len().min(10)],
+        seen.timeouts
+    );
+}
+
+fn finals(jobs: &[Job]) -> StatusCounts {
+    let mut counts = StatusCounts::default();
+    for job in jobs {
+        if let Some(status) = job.last {
+            counts.add(status);
+        }
+    }
+    counts
+}
+
+/// Mismatches between what the server exports and what is expected, all reported at once.
+#[derive(Default)]
+struct Checks {
+    failures: Vec<String>,
+}
+
+impl Checks {
+    fn eq(&mut self, what: &str, got: u64, want: u64) {
+        if got != want {
+            self.failures
+                .push(format!("{what}: metrics say {got}, expected {want}"));
+        }
+    }
+
+    fn that(&mut self, what: &str, ok: bool, detail: String) {
+        if !ok {
+            self.failures.push(format!("{what}: {detail}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// the counters match the traffic
+// ---------------------------------------------------------------------------------------
+
+const UDP_CHANNELS: usize = 4;
+const TCP_CHANNELS: usize = 2;
+
+// The counters on /metrics match, exactly, a known mix of valid, duplicate, bad-crc, bad-flag, oversized and garbage input on UDP and TCP to a 2-shard server.
+#[test]
+fn counters_match_the_traffic_exactly() {
+    let seed = test_seed("counters_match_the_traffic_exactly");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let redis = RedisServer::start();
+    let mut server = Server::builder(&redis.url())
+        .cores("0,1")
+        .arg("--metrics", "127.0.0.1:0")
+        .arg("--drain-timeout-ms", 2000)
+        .start();
+    let metrics = metrics_address(&server);
+    let deadline = Instant::now() + Duration::from_secs(60);
+
+    let (n_valid, n_duplicates, n_bad_crc, n_bad_flags, n_oversized, n_garbage) = (600, 200, 20, 20, 3, 5);
+    let mut channels: Vec<Channel> = (0..UDP_CHANNELS)
+        .map(|_| Channel::Udp(UdpClient::new(server.udp_addr())))
+        .chain((0..TCP_CHANNELS).map(|_| Channel::Tcp(TcpClient::connect(server.tcp_addr()).expect("connect"))))
+        .collect();
+    let n_channels = channels.len();
+    let mut seen = Seen::default();
+
+    // 1. N distinct valid events, spread over every channel.
+    let events = random_events(&mut rng, n_valid, 200);
+    let mut originals: Vec<Job> = events
+        .iter()
+        .enumerate()
+        .map(|(index, event)| Job::new(index % n_channels, event.key(), event.frame()))
+        .collect();
+    drive(&mut channels, &mut originals, &mut seen, 4, deadline);
+    assert_all_answered("originals", &originals, &seen);
+    let original_finals = finals(&originals);
+    assert_eq!(
+        original_finals.accepted, n_valid,
+        "every original is ACCEPTED in the end: {original_finals:?}; seen {seen:?}"
+    );
+
+    // 2. M exact copies of stored events, each on another channel than its original (so on
+    //    the other shard at times): cache hits, or Redis DUPLICATEs.
+    let mut duplicates: Vec<Job> = events[..n_duplicates]
+        .iter()
+        .enumerate()
+        .map(|(index, event)| Job::new((index + 1) % n_channels, event.key(), event.frame()))
+        .collect();
+    drive(&mut channels, &mut duplicates, &mut seen, 4, deadline);
+    assert_all_answered("duplicates", &duplicates, &seen);
+    let duplicate_finals = finals(&duplicates);
+    assert_eq!(
+        duplicate_finals.duplicate, n_duplicates,
+        "every copy is DUPLICATE in the end: {duplicate_finals:?}; seen {seen:?}"
+    );
+
+    // 3. K frames with a bad crc, J with an unknown flag bit or a nonzero reserved byte, on
+    //    every channel; P with payload_len over the limit, alone in a UDP datagram each.
+    let mut invalid = Vec::new();
+    for index in 0..n_bad_crc + n_bad_flags {
+        let event = Event::random(&mut rng, 1_000_000 + index as u64, index as u64, 100);
+        let mut raw = event.raw();
+        if index < n_bad_crc {
+            raw.crc_xor = 0x5a5a_0001;
+        } else if index % 2 == 0 {
+            raw.flags = 0x80;
+        } else {
+            raw.reserved5 = 1;
+        }
+        invalid.push(Job::new(index % n_channels, event.key(), raw.bytes()));
+    }
+    for index in 0..n_oversized {
+        let event = Event::new(2_000_000 + index as u64, 7, &[0xab; 64]);
+        let mut raw = event.raw();
+        raw.payload_len = Some(1025 + index as u16);
+        invalid.push(Job::new(index % UDP_CHANNELS, event.key(), raw.bytes()));
+    }
+    drive(&mut channels, &mut invalid, &mut seen, 1, deadline);
+    assert_all_answered("invalid", &invalid, &seen);
+    let invalid_finals = finals(&invalid);
+    assert_eq!(
+        invalid_finals.rejected,
+        n_bad_crc + n_bad_flags + n_oversized,
+        "every invalid frame is REJECTED: {invalid_finals:?}"
+    );
+
+    // 4. L UDP datagrams of garbage: no answer, counted as unparseable.
+    let mut garbage_client = UdpClient::new(server.udp_addr());
+    for _ in 0..n_garbage {
+        let length = rng.gen_range(1..300);
+        let datagram = random_garbage(&mut rng, length);
+        garbage_client.send_frames(&datagram);
+        *seen.bytes_sent.entry("udp").or_default() += datagram.len() as u64;
+    }
+    let answers = garbage_client.recv_acks(Instant::now() + Duration::from_millis(500));
+    assert!(answers.is_empty(), "garbage datagrams were answered: {answers:?}");
+
+    // 5. One TCP connection that sends garbage: closed, unanswered.
+    let garbage = random_garbage(&mut rng, 64);
+    let mut garbage_tcp = TcpClient::connect(server.tcp_addr()).expect("connect");
+    garbage_tcp.send(&garbage).expect("send garbage");
+    let (closed, acks) = garbage_tcp.wait_closed(Instant::now() + Duration::from_secs(3));
+    assert!(
+        closed && acks.is_empty(),
+        "garbage TCP: closed {closed}, answers {acks:?}"
+    );
+
+    // The data connections end; nothing is left open.
+    let udp_client_drops: u64 = channels
+        .iter()
+        .map(|channel| match channel {
+            Channel::Udp(client) => client.drops(),
+            Channel::Tcp(_) => 0,
+        })
+        .sum();
+    drop(channels);
+
+    let all = seen.answers(None);
+    let context = format!(
+        "seed {seed}; client saw {all:?} (udp {:?}, tcp {:?}); frames sent {}; timeouts {}; stray answers {}; \
+         client socket drops {udp_client_drops}",
+        seen.answers(Some("udp")),
+        seen.answers(Some("tcp")),
+        seen.frames_sent(),
+        seen.timeouts,
+        seen.stray_answers,
+    );
+    println!("{context}");
+    // Exactness needs every frame answered once and every answer received.
+    assert_eq!(
+        udp_client_drops, 0,
+        "answers were lost at the client sockets; {context}"
+    );
+    assert_eq!(
+        all.total() as u64,
+        seen.frames_sent(),
+        "each frame sent got exactly one answer; {context}"
+    );
+
+    let expected = Expected {
+        valid: n_valid,
+        duplicates: n_duplicates,
+        bad_crc: n_bad_crc,
+        bad_flags: n_bad_flags,
+        oversized: n_oversized,
+        garbage_datagrams: n_garbage,
+        garbage_tcp_bytes: garbage.len() as u64,
+        shards: server.shards(),
+    };
+    // Counts of unanswered input (garbage, TCP closes) land a moment after the client is done.
+    let settle = Instant::now() + Duration::from_secs(5);
+    let (failures, body) = loop {
+        let (_, body) = scrape(metrics).unwrap_or_else(|e| panic!("scrape: {e}"));
+        let failures = compare(&Exposition::parse(&body), &seen, &expected);
+        if failures.is_empty() || Instant::now() > settle {
+            break (failures, body);
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    if !failures.is_empty() {
+        println!("last scrape:\n{body}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} counter mismatches:\n  {}\n{context}",
+        failures.len(),
+        failures.join("\n  ")
+    );
+
+    server.terminate();
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit {status}");
+}
+
+struct Expected {
+    valid: usize,
+    duplicates: usize,
+    bad_crc: usize,
+    bad_flags: usize,
+    oversized: usize,
+    garbage_datagrams: usize,
+    garbage_tcp_bytes: u64,
+    shards: usize,
+}
+
+/// Every relation between the counters and the traffic; returns what does not hold.
+fn compare(metrics: &Exposition, seen: &Seen, expected: &Expected) -> Vec<String> {
+    let mut checks = Checks::default();
+    let all = seen.answers(None);
+    let m = |name: &str, filter: &[(&str, &str)]| metrics.sum(&format!("shardgate_{name}"), filter);
+
+    // Frames and bytes.
+    for transport in ["udp", "tcp"] {
+        let answers = seen.answers(Some(transport)).total() as u64;
+        checks.eq(
+            &format!("frames_received_total{{transport={transport}}}"),
+            m("frames_received_total", &[("transport", transport)]),
+            answers,
+        );
+    }
+    checks.eq(
+        "received_bytes_total{transport=udp}",
+        m("received_bytes_total", &[("transport", "udp")]),
+        seen.bytes_sent.get("udp").copied().unwrap_or(0),
+    );
+    let tcp_data_bytes = seen.bytes_sent.get("tcp").copied().unwrap_or(0);
+    let tcp_bytes = m("received_bytes_total", &[("transport", "tcp")]);
+    checks.that(
+        "received_bytes_total{transport=tcp}",
+        tcp_bytes > tcp_data_bytes && tcp_bytes <= tcp_data_bytes + expected.garbage_tcp_bytes,
+        format!(
+            "{tcp_bytes}, expected the {tcp_data_bytes} data bytes plus 1..={} garbage bytes",
+            expected.garbage_tcp_bytes
+        ),
+    );
+
+    // Answers by status, as the client saw them, and as the traffic was built.
+    let statuses = [
+        ("accepted", all.accepted),
+        ("duplicate", all.duplicate),
+        ("retry", all.retry),
+        ("rejected", all.rejected),
+    ];
+    for (status, count) in statuses {
+        checks.eq(
+            &format!("acks_sent_total{{status={status}}}"),
+            m("acks_sent_total", &[("status", status)]),
+            count as u64,
+        );
+        for transport in ["udp", "tcp"] {
+            let transport_counts = seen.answers(Some(transport));
+            let count = match status {
+                "accepted" => transport_counts.accepted,
+                "duplicate" => transport_counts.duplicate,
+                "retry" => transport_counts.retry,
+                _ => transport_counts.rejected,
+            };
+            checks.eq(
+                &format!("acks_sent_total{{transport={transport},status={status}}}"),
+                m("acks_sent_total", &[("transport", transport), ("status", status)]),
+                count as u64,
+            );
+        }
+    }
+    checks.eq("client saw ACCEPTED", all.accepted as u64, expected.valid as u64);
+    checks.eq("client saw DUPLICATE", all.duplicate as u64, expected.duplicates as u64);
+    checks.eq(
+        "client saw REJECTED",
+        all.rejected as u64,
+        (expected.bad_crc + expected.bad_flags + expected.oversized) as u64,
+    );
+
+    // Rejections by reason; unparseable input; TCP connections.
+    for (reason, count) in [
+        ("crc", expected.bad_crc),
+        ("flags", expected.bad_flags),
+        ("length", expected.oversized),
+        ("auth", 0),
+    ] {
+        checks.eq(
+            &format!("frames_rejected_total{{reason={reason}}}"),
+            m("frames_rejected_total", &[("reason", reason)]),
+            count as u64,
+        );
+    }
+    checks.eq(
+        "input_unparseable_total{transport=udp}",
+        m("input_unparseable_total", &[("transport", "udp")]),
+        expected.garbage_datagrams as u64,
+    );
+    checks.eq(
+        "input_unparseable_total{transport=tcp}",
+        m("input_unparseable_total", &[("transport", "tcp")]),
+        1,
+    );
+    checks.eq(
+        "tcp_connections_accepted_total",
+        m("tcp_connections_accepted_total", &[]),
+        TCP_CHANNELS as u64 + 1,
+    );
+    for (reason, count) in [
+        ("unparseable", 1),
+        ("peer_closed", TCP_CHANNELS as u64),
+        ("write_failed", 0),
+        ("at_limit", 0),
+        ("shutdown", 0),
+    ] {
+        checks.eq(
+            &format!("tcp_connections_closed_total{{reason={reason}}}"),
+            m("tcp_connections_closed_total", &[("reason", reason)]),
+            count,
+        );
+    }
+    checks.eq("tcp_connections_open", m("tcp_connections_open", &[]), 0);
+
+    // Dedup: every valid frame is looked up once; the outcomes add up.
+    let own = m("dedup_lookups_total", &[("outcome", "own_shard_hit")]);
+    let other = m("dedup_lookups_total", &[("outcome", "other_shard_hit")]);
+    let in_flight = m("dedup_lookups_total", &[("outcome", "in_flight")]);
+    let miss = m("dedup_lookups_total", &[("outcome", "miss")]);
+    let valid_answers = (all.accepted + all.duplicate + all.retry) as u64;
+    checks.eq(
+        "dedup_lookups_total (own + other + in_flight + miss)",
+        own + other + in_flight + miss,
+        valid_answers,
+    );
+    checks.eq(
+        "retries_total{cause=in_flight_copy} vs dedup_lookups_total{outcome=in_flight}",
+        m("retries_total", &[("cause", "in_flight_copy")]),
+        in_flight,
+    );
+    checks.eq("retries_total (all causes)", m("retries_total", &[]), all.retry as u64);
+    checks.eq(
+        "retries_total{cause=shutting_down}",
+        m("retries_total", &[("cause", "shutting_down")]),
+        0,
+    );
+    let batched = metrics.float_sum("shardgate_batch_events_sum", &[]) as u64;
+    checks.eq(
+        "dedup misses vs batched + RETRY(redis_down) + RETRY(overload)",
+        miss,
+        batched + m("retries_total", &[("cause", "redis_down")]) + m("retries_total", &[("cause", "overload")]),
+    );
+    let answered_from_cache = own + other;
+    checks.that(
+        "cache hits",
+        answered_from_cache <= all.duplicate as u64,
+        format!(
+            "{answered_from_cache} cache hits but only {} DUPLICATE answers",
+            all.duplicate
+        ),
+    );
+    checks.eq(
+        "batched events vs ACCEPTED + Redis DUPLICATE + RETRY(redis_error)",
+        batched,
+        all.accepted as u64
+            + (all.duplicate as u64).saturating_sub(answered_from_cache)
+            + m("retries_total", &[("cause", "redis_error")]),
+    );
+    let cache_events = m("dedup_cache_events", &[]);
+    checks.that(
+        "dedup_cache_events",
+        cache_events >= expected.valid as u64,
+        format!(
+            "{cache_events}, expected every one of the {} stored ids",
+            expected.valid
+        ),
+    );
+    checks.eq("dedup_cache_evictions_total", m("dedup_cache_evictions_total", &[]), 0);
+
+    // Redis: one round trip per batch, no errors, up on every shard, nothing held.
+    checks.eq(
+        "redis_round_trip_seconds_count vs batch_events_count",
+        m("redis_round_trip_seconds_count", &[]),
+        m("batch_events_count", &[]),
+    );
+    checks.eq("redis_errors_total", m("redis_errors_total", &[]), 0);
+    checks.eq("redis_reconnects_total", m("redis_reconnects_total", &[]), 0);
+    checks.eq("redis_up (sum over shards)", m("redis_up", &[]), expected.shards as u64);
+    checks.eq("events_in_flight", m("events_in_flight", &[]), 0);
+    checks.eq("udp_kernel_drops_total", m("udp_kernel_drops_total", &[]), 0);
+    checks.eq("reply_send_errors_total", m("reply_send_errors_total", &[]), 0);
+
+    // Latency: one observation per answer sent.
+    checks.eq(
+        "intake_to_ack_seconds_count vs acks_sent_total",
+        m("intake_to_ack_seconds_count", &[]),
+        m("acks_sent_total", &[]),
+    );
+    for transport in ["udp", "tcp"] {
+        checks.eq(
+            &format!("intake_to_ack_seconds_count{{transport={transport}}} vs answers seen"),
+            m("intake_to_ack_seconds_count", &[("transport", transport)]),
+            seen.answers(Some(transport)).total() as u64,
+        );
+    }
+    for problem in metrics.histogram_problems() {
+        checks.failures.push(problem);
+    }
+
+    // Process-wide gauges; one series per shard where labelled by shard.
+    checks.eq(
+        "build_info{version}",
+        m("build_info", &[("version", env!("CARGO_PKG_VERSION"))]),
+        1,
+    );
+    let rss = m("process_resident_memory_bytes", &[]);
+    checks.that("process_resident_memory_bytes", rss > 1 << 20, format!("{rss}"));
+    let shards: std::collections::BTreeSet<&str> = metrics
+        .matching("shardgate_redis_up", &[])
+        .filter_map(|s| s.label("shard"))
+        .collect();
+    checks.that(
+        "shard labels",
+        shards.len() == expected.shards,
+        format!("{shards:?} for {} shards", expected.shards),
+    );
+    checks.failures
+}
+
+// ---------------------------------------------------------------------------------------
+// the exposition format
+// ---------------------------------------------------------------------------------------
+
+/// A 2-shard server with `/metrics` that has answered some traffic on both transports.
+fn server_with_traffic(redis: &RedisServer, seed: u64) -> (Server, SocketAddr) {
+    let server = Server::builder(&redis.url())
+        .cores("0,1")
+        .arg("--metrics", "127.0.0.1:0")
+        .start();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let events = random_events(&mut rng, 200, 100);
+    let report = deliver_all(
+        server.udp_addr(),
+        server.tcp_addr(),
+        &events,
+        &DeliverOpts {
+            seed,
+            max_copies: 2,
+            total_timeout: Duration::from_secs(20),
+            ..DeliverOpts::default()
+        },
+    );
+    assert!(report.unresolved().is_empty(), "{}", report.summary());
+    let metrics = metrics_address(&server);
+    (server, metrics)
+}
+
+// `promtool check metrics` (the Debian `prometheus` package) accepts what /metrics serves.
+#[test]
+fn promtool_accepts_the_exposition() {
+    let seed = test_seed("promtool_accepts_the_exposition");
+    let redis = RedisServer::start();
+    let (_server, metrics) = server_with_traffic(&redis, seed);
+    let (_, body) = scrape(metrics).unwrap_or_else(|e| panic!("scrape: {e}"));
+    let mut promtool = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "promtool not found on PATH: install the Debian `prometheus` package \
+             (`apt-get install -y prometheus`, as root; CI installs it)"
+        ),
+        Err(e) => panic!("cannot run promtool: {e}"),
+    };
+    let mut stdin = promtool.stdin.take().expect("promtool stdin");
+    let writer = {
+        let body = body.clone();
+        thread::spawn(move || stdin.write_all(body.as_bytes()))
+    };
+    let output = promtool.wait_with_output().expect("promtool output");
+    writer.join().expect("writer").expect("write to promtool");
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\n--- exposition:\n{body}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+// The Content-Type of /metrics names the format its body is written in, so a scraper picks the right parser.
+#[test]
+fn content_type_matches_the_body() {
+    let seed = test_seed("content_type_matches_the_body");
+    let redis = RedisServer::start();
+    let (_server, metrics) = server_with_traffic(&redis, seed);
+    let (content_type, body) = scrape(metrics).unwrap_or_else(|e| panic!("scrape: {e}"));
+    let openmetrics_body = body.lines().any(|line| line == "# EOF" || line.starts_with("# UNIT "));
+    let mut problems = Vec::new();
+    if content_type.starts_with("application/openmetrics-text") {
+        if body.lines().last() != Some("# EOF") {
+            problems.push("OpenMetrics body does not end with `# EOF`".to_string());
+        }
+    } else if content_type.starts_with("text/plain") {
+        // Prometheus text format 0.0.4: no OpenMetrics lines, and HELP/TYPE name the samples.
+        if openmetrics_body {
+            problems.push("the body has OpenMetrics `# EOF`/`# UNIT` lines".to_string());
+        }
+        for line in body.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let (family, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let sample = match kind {
+                "counter" => family.to_string(),
+                "histogram" => format!("{family}_count"),
+                _ => family.to_string(),
+            };
+            let has_sample = body
+                .lines()
+                .any(|l| l.starts_with(&format!("{sample}{{")) || l.starts_with(&format!("{sample} ")));
+            if !has_sample {
+                problems.push(format!(
+                    "`# TYPE {family} {kind}` describes no sample named {sample} (a text-format parser \
+                     sees the samples as untyped and without help)"
+                ));
+            }
+        }
+    } else {
+        problems.push("neither text/plain nor application/openmetrics-text".to_string());
+    }
+    assert!(
+        problems.is_empty(),
+        "Content-Type {content_type:?} does not match the body:\n  {}\n--- body:\n{body}",
+        problems.join("\n  ")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// SIGUSR1: latency histograms on demand
+// ---------------------------------------------------------------------------------------
+
+/// `<stem>.<unix_ms>` of every complete snapshot beside `hdr` (the `.hlog` is written last).
+fn snapshot_stems(hdr: &Path) -> Vec<String> {
+    let dir = hdr.parent().expect("hdr file has a directory");
+    let stem = hdr.file_stem().expect("hdr file stem").to_string_lossy().into_owned();
+    let mut stems: Vec<String> = std::fs::read_dir(dir)
+        .expect("read hdr dir")
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let millis = name.strip_prefix(&format!("{stem}."))?.strip_suffix(".hlog")?;
+            millis
+                .chars()
+                .all(|c| c.is_ascii_digit())
+                .then(|| format!("{stem}.{millis}"))
+        })
+        .collect();
+    stems.sort();
+    stems
+}
+
+/// Sends SIGUSR1 and waits up to `timeout` for a new complete snapshot; returns its stem.
+fn request_snapshot(server: &Server, timeout: Duration) -> Result<String, String> {
+    let before = snapshot_stems(server.hdr_path());
+    let asked = Instant::now();
+    server.signal(Signal::SIGUSR1);
+    loop {
+        let now = snapshot_stems(server.hdr_path());
+        if let Some(new) = now.iter().find(|stem| !before.contains(stem)) {
+            return Ok(new.clone());
+        }
+        if asked.elapsed() > timeout {
+            return Err(format!(
+                "no snapshot beside {} within {timeout:?} of SIGUSR1; stderr:\n{}",
+                server.hdr_path().display(),
+                server.stderr_lines().join("\n")
+            ));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read_hgrm(path: &Path) -> HdrSummary {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    parse_hdr_percentiles(&text).unwrap_or_else(|e| panic!("{} does not parse: {e}\n{text}", path.display()))
+}
+
+fn deliver_fresh(server: &Server, seed: u64, player_base: u64, count: usize) -> DeliveryReport {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let events: Vec<Event> = (0..count as u64)
+        .map(|seq| Event::random(&mut rng, player_base + seq % 13, seq, 200))
+        .collect();
+    let report = deliver_all(
+        server.udp_addr(),
+        server.tcp_addr(),
+        &events,
+        &DeliverOpts {
+            seed,
+            total_timeout: Duration::from_secs(20),
+            ..DeliverOpts::default()
+        },
+    );
+    assert!(report.unresolved().is_empty(), "{}", report.summary());
+    report
+}
+
+/// The merged intake-to-ack count on /metrics, once two scrapes 200 ms apart agree.
+fn settled_ack_count(metrics: SocketAddr) -> u64 {
+    let mut last = None;
+    for _ in 0..25 {
+        let (_, body) = scrape(metrics).unwrap_or_else(|e| panic!("scrape: {e}"));
+        let count = Exposition::parse(&body).sum("shardgate_intake_to_ack_seconds_count", &[]);
+        if last == Some(count) {
+            return count;
+        }
+        last = Some(count);
+        thread::sleep(Duration::from_millis(200));
+    }
+    panic!("intake_to_ack_seconds_count did not settle: {last:?}");
+}
+
+// SIGUSR1 writes a parseable timestamped snapshot beside --hdr-out (merged, Redis, per shard, interval log) while the server keeps serving, and SIGTERM still exits 0.
+#[test]
+fn sigusr1_writes_histograms_and_keeps_serving() {
+    let seed = test_seed("sigusr1_writes_histograms_and_keeps_serving");
+    let redis = RedisServer::start();
+    let mut server = Server::builder(&redis.url())
+        .cores("0,1")
+        .arg("--metrics", "127.0.0.1:0")
+        .start();
+    let metrics = metrics_address(&server);
+    let first = deliver_fresh(&server, seed, 10_000, 300);
+    assert!(first.counts.accepted > 0, "{}", first.summary());
+    let acks_before = settled_ack_count(metrics);
+
+    let stem = request_snapshot(&server, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{e}"));
+    let dir = server.hdr_path().parent().expect("dir").to_path_buf();
+    let file = |suffix: &str| -> PathBuf { dir.join(format!("{stem}{suffix}")) };
+    let merged = read_hgrm(&file(".hgrm"));
+    println!("snapshot {stem}: {merged:?}; /metrics intake_to_ack count {acks_before}");
+    assert!(merged.total_count > 0 && merged.max > 0.0, "{merged:?}");
+    assert_eq!(
+        merged.total_count, acks_before,
+        "the snapshot holds every answer counted on /metrics"
+    );
+    let redis_round_trips = read_hgrm(&file(".redis.hgrm"));
+    assert!(redis_round_trips.total_count > 0, "{redis_round_trips:?}");
+    let per_shard: u64 = (0..server.shards())
+        .map(|shard| {
+            read_hgrm(&file(&format!(".shard{shard}.redis.hgrm")));
+            read_hgrm(&file(&format!(".shard{shard}.hgrm"))).total_count
+        })
+        .sum();
+    assert_eq!(
+        per_shard, merged.total_count,
+        "the shards' snapshots add up to the merged one"
+    );
+    let hlog = std::fs::read_to_string(file(".hlog")).expect("interval log");
+    assert!(
+        hlog.lines()
+            .any(|line| !line.starts_with('#') && line.contains("Tag=ack,")),
+        "interval log without an ack histogram:\n{hlog}"
+    );
+    let millis: u128 = stem.rsplit('.').next().and_then(|ms| ms.parse().ok()).expect("unix ms");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis();
+    assert!(
+        millis <= now_ms && now_ms - millis < 60_000,
+        "snapshot time {millis} vs now {now_ms}"
+    );
+    assert!(
+        server
+            .stderr_lines()
+            .iter()
+            .any(|line| line.starts_with("shardgate: wrote histogram snapshot") && line.contains(&stem)),
+        "no `wrote histogram snapshot` line naming {stem}"
+    );
+
+    // Still serving: fresh events are ACCEPTED after the snapshot.
+    let second = deliver_fresh(&server, seed ^ 1, 20_000, 100);
+    assert_eq!(second.counts.accepted, 100, "{}", second.summary());
+    let acks_at_end = settled_ack_count(metrics);
+    let again = request_snapshot(&server, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(again, stem);
+    assert_eq!(read_hgrm(&dir.join(format!("{again}.hgrm"))).total_count, acks_at_end);
+
+    server.terminate();
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit {status}");
+    assert_eq!(
+        read_hgrm(server.hdr_path()).total_count,
+        acks_at_end,
+        "the shutdown histogram holds every answer"
+    );
+}
+
+// An idle server still answers SIGUSR1 and SIGTERM promptly: its shards' timers keep running while nothing arrives.
+#[test]
+fn idle_server_answers_sigusr1_and_sigterm() {
+    let redis = RedisServer::start();
+    let mut server = Server::builder(&redis.url()).cores("0,1").start();
+    // Each shard notices SIGUSR1 and SIGTERM on its 5 ms tick; an idle shard whose timers
+    // stop firing (its executor asleep with nothing to wake it) answers neither.
+    let hint = "an idle shard stopped running its 5 ms tick";
+    for round in 0..3 {
+        thread::sleep(Duration::from_secs(4));
+        let stem = request_snapshot(&server, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("after {}s idle ({hint}?): {e}", 4 * (round + 1)));
+        println!("idle round {round}: snapshot {stem}");
+    }
+    thread::sleep(Duration::from_secs(4));
+    server.terminate();
+    let asked = Instant::now();
+    while server.is_alive() {
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "no exit within 3 s of SIGTERM after 4 s idle ({hint}?); stderr:\n{}",
+            server.stderr_lines().join("\n")
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let status = server.wait_exit(Duration::from_secs(1));
+    assert!(status.success(), "exit {status}");
+}
+
+// Without --hdr-out, SIGUSR1 is logged as ignored and the server keeps serving.
+#[test]
+fn sigusr1_without_hdr_out_is_ignored() {
+    let redis = RedisServer::start();
+    let mut server = Server::builder(&redis.url()).without("--hdr-out").start();
+    server.signal(Signal::SIGUSR1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server
+        .stderr_lines()
+        .iter()
+        .any(|line| line.starts_with("shardgate: warn: SIGUSR1 ignored"))
+    {
+        assert!(Instant::now() < deadline, "no `SIGUSR1 ignored` warning");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server.is_alive(), "SIGUSR1 stopped the server");
+    let report = deliver_fresh(&server, 7, 30_000, 50);
+    assert_eq!(report.counts.accepted, 50, "{}", report.summary());
+    server.terminate();
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit {status}");
+}
+
+// ---------------------------------------------------------------------------------------
+// logs
+// ---------------------------------------------------------------------------------------
+
+/// A strict check that `text` is one JSON object and nothing else.
+fn json_object_problem(text: &str) -> Option<String> {
+    fn value(bytes: &[u8], at: &mut usize) -> Result<(), String> {
+        skip_space(bytes, at);
+        match bytes.get(*at) {
+            Some(b'{') => {
+                *at += 1;
+                skip_space(bytes, at);
+                if bytes.get(*at) == Some(&b'}') {
+                    *at += 1;
+                    return Ok(());
+                }
+                loop {
+                    skip_space(bytes, at);
+                    string(bytes, at)?;
+                    skip_space(bytes, at);
+                    expect(bytes, at, b':')?;
+                    value(bytes, at)?;
+                    skip_space(bytes, at);
+                    match bytes.get(*at) {
+                        Some(b',') => *at += 1,
+                        Some(b'}') => {
+                            *at += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(format!("expected , or }} at byte {at}")),
+                    }
+                }
+            }
+            Some(b'[') => {
+                *at += 1;
+                skip_space(bytes, at);
+                if bytes.get(*at) == Some(&b']') {
+                    *at += 1;
+                    return Ok(());
+                }
+                loop {
+                    value(bytes, at)?;
+                    skip_space(bytes, at);
+                    match bytes.get(*at) {
+                        Some(b',') => *at += 1,
+                        Some(b']') => {
+                            *at += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(format!("expected , or ] at byte {at}")),
+                    }
+                }
+            }
+            Some(b'"') => string(bytes, at),
+            Some(b't') => literal(bytes, at, b"true"),
+            Some(b'f') => literal(bytes, at, b"false"),
+            Some(b'n') => literal(bytes, at, b"null"),
+            Some(c) if *c == b'-' || c.is_ascii_digit() => {
+                let start = *at;
+                while bytes
+                    .get(*at)
+                    .is_some_and(|c| c.is_ascii_digit() || b"+-.eE".contains(c))
+                {
+                    *at += 1;
+                }
+                let number = std::str::from_utf8(&bytes[start..*at]).expect("ascii");
+                number
+                    .parse::<f64>()
+                    .map(|_| ())
+                    .map_err(|e| format!("number {number:?}: {e}"))
+            }
+            _ => Err(format!("no value at byte {at}")),
+        }
+    }
+    fn string(bytes: &[u8], at: &mut usize) -> Result<(), String> {
+        expect(bytes, at, b'"')?;
+        loop {
+            match bytes.get(*at) {
+                None => return Err("unterminated string".into()),
+                Some(b'"') => {
+                    *at += 1;
+                    return Ok(());
+                }
+                Some(b'\\') => {
+                    match bytes.get(*at + 1) {
+                        Some(b'u') => *at += 6,
+                        Some(c) if b"\"\\/bfnrt".contains(c) => *at += 2,
+                        _ => return Err(format!("bad escape at byte {at}")),
+                    }
+                    if *at > bytes.len() {
+                        return Err("cut \\u escape".into());
+                    }
+                }
+                Some(c) if *c < 0x20 => return Err(format!("control byte in a string at byte {at}")),
+                Some(_) => *at += 1,
+            }
+        }
+    }
+    fn literal(bytes: &[u8], at: &mut usize, word: &[u8]) -> Result<(), String> {
+        if bytes[*at..].starts_with(word) {
+            *at += word.len();
+            Ok(())
+        } else {
+            Err(format!("bad literal at byte {at}"))
+        }
+    }
+    fn expect(bytes: &[u8], at: &mut usize, byte: u8) -> Result<(), String> {
+        if bytes.get(*at) == Some(&byte) {
+            *at += 1;
+            Ok(())
+        } else {
+            Err(format!("expected {:?} at byte {at}", byte as char))
+        }
+    }
+    fn skip_space(bytes: &[u8], at: &mut usize) {
+        while bytes.get(*at).is_some_and(|c| c.is_ascii_whitespace()) {
+            *at += 1;
+        }
+    }
+    let bytes = text.as_bytes();
+    if bytes.first() != Some(&b'{') || bytes.last() != Some(&b'}') {
+        return Some("does not start with { and end with }".into());
+    }
+    let mut at = 0;
+    match value(bytes, &mut at) {
+        Err(problem) => Some(problem),
+        Ok(()) if at != bytes.len() => Some(format!("text after the object at byte {at}")),
+        Ok(()) => None,
+    }
+}
+
+/// Runs `shardgate serve` with `extra` flags and `RUST_LOG` (unset when None), waits for a
+/// stderr line containing `ready`, sends SIGTERM, and returns (exit status, every stderr
+/// line). The harness waits for a text serving line, so these runs are started here.
+fn run_until(
+    redis_url: &str,
+    extra: &[&str],
+    rust_log: Option<&str>,
+    ready: &str,
+) -> (std::process::ExitStatus, Vec<String>) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shardgate"));
+    match rust_log {
+        Some(filter) => command.env("RUST_LOG", filter),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let mut child = command
+        .args([
+            "serve",
+            "--cores",
+            "0",
+            "--udp",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+            "--redis",
+            redis_url,
+            "--drain-timeout-ms",
+            "2000",
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shardgate");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let lines = Arc::clone(&lines);
+        let stderr = child.stderr.take().expect("stderr");
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[shardgate stderr] {line}");
+                lines.lock().expect("lines").push(line);
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lines.lock().expect("lines").iter().any(|line| line.contains(ready)) {
+        if Instant::now() > deadline || child.try_wait().expect("try_wait").is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no stderr line with {ready:?}: {:?}", lines.lock().expect("lines"));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no exit within 10 s of SIGTERM: {:?}", lines.lock().expect("lines"));
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    reader.join().expect("stderr reader");
+    let lines = lines.lock().expect("lines").clone();
+    (status, lines)
+}
+
+// --log-format json writes one JSON object per stderr line, from start to shutdown, with level, message and fields.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hdr = dir.path().join("latency.hgrm");
+    let hdr = hdr.to_str().expect("utf-8 path");
+    let extra = ["--log-format", "json", "--hdr-out", hdr];
+    let (status, lines) = run_until(&redis.url(), &extra, None, r#""message":"serving""#);
+    assert!(status.success(), "exit {status}");
+    assert!(!lines.is_empty());
+    for line in &lines {
+        if let Some(problem) = json_object_problem(line) {
+            panic!("not one JSON object ({problem}): {line:?}");
+        }
+        assert!(
+            line.contains(r#""level":""#) && line.contains(r#""message":""#) && line.contains(r#""timestamp":""#),
+            "no level, message or timestamp: {line:?}"
+        );
+    }
+    let serving = lines
+        .iter()
+        .find(|line| line.contains(r#""message":"serving""#))
+        .expect("serving line");
+    for field in [r#""shards":1"#, r#""udp":"127.0.0.1:"#, r#""level":"INFO""#] {
+        assert!(serving.contains(field), "serving line without {field}: {serving}");
+    }
+    for message in ["starting", "draining", "wrote histograms", "stopped"] {
+        assert!(
+            lines
+                .iter()
+                .any(|line| line.contains(&format!(r#""message":"{message}""#))),
+            "no {message:?} line: {lines:#?}"
+        );
+    }
+}
+
+// Text logs are one `shardgate: ` line per event, from start to shutdown, with the level only when it is not INFO.
+#[test]
+fn text_logs_start_with_shardgate() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hdr = dir.path().join("latency.hgrm");
+    let hdr = hdr.to_str().expect("utf-8 path");
+    let extra = ["--log-format", "text", "--hdr-out", hdr];
+    let (status, lines) = run_until(&redis.url(), &extra, None, "shardgate: serving");
+    assert!(status.success(), "exit {status}");
+    for line in &lines {
+        assert!(line.starts_with("shardgate: "), "line without the prefix: {line:?}");
+        assert!(
+            !line.starts_with("shardgate: info") && !line.contains('\u{1b}'),
+            "INFO level or colour codes written: {line:?}"
+        );
+    }
+    for start in [
+        "shardgate: starting ",
+        "shardgate: serving shards=1 ",
+        "shardgate: draining signal=SIGTERM",
+        "shardgate: wrote histograms ",
+        "shardgate: stopped frames=",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.starts_with(start)),
+            "no line starting {start:?}: {lines:#?}"
+        );
+    }
+}
+
+// --log-level warn keeps INFO lines out of the log, and RUST_LOG overrides --log-level.
+#[test]
+fn log_level_and_rust_log_filter_info() {
+    // Without INFO there is no serving line to wait for: a server pointed at a closed port
+    // says it is up with its warning that Redis is unreachable (after 1 s).
+    let closed = format!("redis://127.0.0.1:{}", free_port());
+    let only_warnings = |lines: &[String]| {
+        lines
+            .iter()
+            .all(|line| line.starts_with("shardgate: warn: ") || line.starts_with("shardgate: error: "))
+    };
+    let (status, lines) = run_until(&closed, &["--log-level", "warn"], None, "redis unreachable");
+    assert!(status.success(), "exit {status}");
+    assert!(
+        only_warnings(&lines),
+        "a line below WARN with --log-level warn: {lines:#?}"
+    );
+
+    let (status, lines) = run_until(&closed, &["--log-level", "info"], Some("warn"), "redis unreachable");
+    assert!(status.success(), "exit {status}");
+    assert!(
+        only_warnings(&lines),
+        "RUST_LOG=warn did not override --log-level info: {lines:#?}"
+    );
+
+    let (status, lines) = run_until(&closed, &["--log-level", "warn"], Some("info"), "shardgate: serving");
+    assert!(status.success(), "exit {status}");
+    assert!(
+        lines.iter().any(|line| line.starts_with("shardgate: stopped ")),
+        "RUST_LOG=info did not override --log-level warn: {lines:#?}"
+    );
+}
+
+// The Redis password in --redis never reaches the log (start, serving and outage lines included).
+#[test]
+fn logs_never_print_the_redis_password() {
+    let password = "s3cret-PW-in-url";
+    let closed = format!("redis://shardgate:{password}@127.0.0.1:{}", free_port());
+    let (status, lines) = run_until(&closed, &[], None, "redis unreachable");
+    assert!(status.success(), "exit {status}");
+    let leaks: Vec<&String> = lines.iter().filter(|line| line.contains(password)).collect();
+    assert!(leaks.is_empty(), "the Redis password is in the log:\n{leaks:#?}");
+}
+
+// The checkers used above reject what they should: broken JSON lines and malformed exposition lines.
+#[test]
+fn checkers_reject_malformed_input() {
+    for good in [r#"{}"#, r#"{"a":[1,-2.5e3,true,null],"b":{"c":"d\"\u00e9"}}"#] {
+        assert_eq!(json_object_problem(good), None, "{good}");
+    }
+    for bad in [
+        r#"{"a":1"#,
+        r#"{"a":1}}"#,
+        r#"{"a":1} {"b":2}"#,
+        r#"{"a" 1}"#,
+        r#"{"a":tru}"#,
+        "{\"a\":\"\u{1}\"}",
+        r#"shardgate: {"a":1}"#,
+    ] {
+        assert!(json_object_problem(bad).is_some(), "accepted {bad:?}");
+    }
+    let sample = parse_sample(r#"x_total{a="1",b="q\"uote"} 3"#).expect("valid");
+    assert_eq!((sample.name.as_str(), sample.value), ("x_total", 3.0));
+    assert_eq!(sample.label("b"), Some("q\"uote"));
+    assert_eq!(parse_sample("up 1 1700000000000").expect("timestamp").value, 1.0);
+    for bad in [
+        "x_total{a=\"1\" 3",
+        "x_total{a=1} 3",
+        "x-y 1",
+        "x_total",
+        "x 1 2 3",
+        "x abc",
+    ] {
+        assert!(parse_sample(bad).is_err(), "accepted {bad:?}");
+    }
+    let histogram = Exposition::parse(
+        "h_bucket{le=\"1.0\"} 2\nh_bucket{le=\"2.0\"} 1\nh_bucket{le=\"+Inf\"} 3\nh_count 3\nh_sum 4\n",
+    );
+    assert_eq!(histogram.histogram_problems().len(), 1, "non-cumulative buckets pass");
+}
+
+// ---------------------------------------------------------------------------------------
+// operator artifacts
+// ---------------------------------------------------------------------------------------
+
+/// Every `shardgate_*` token in `text`.
+fn metric_tokens(text: &str) -> std::collections::BTreeSet<String> {
+    let mut tokens = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("shardgate_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let before = rest[..start].chars().next_back();
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            tokens.insert(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    tokens
+}
+
+// The alert rules and the dashboard use only metric names the server exports, and docs/operations.md documents every metric it exports.
+#[test]
+fn monitoring_files_match_the_exported_metrics() {
+    let redis = RedisServer::start();
+    let server = Server::builder(&redis.url())
+        .cores("0,1")
+        .arg("--metrics", "127.0.0.1:0")
+        .start();
+    let (_, body) = scrape(metrics_address(&server)).unwrap_or_else(|e| panic!("scrape: {e}"));
+    let exported: std::collections::BTreeSet<String> = Exposition::parse(&body)
+        .samples
+        .into_iter()
+        .map(|sample| sample.name)
+        .collect();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read =
+        |relative: &str| std::fs::read_to_string(root.join(relative)).unwrap_or_else(|e| panic!("{relative}: {e}"));
+    for file in [
+        "docs/monitoring/shardgate-alerts.yml",
+        "docs/monitoring/shardgate-dashboard.json",
+    ] {
+        let unknown: Vec<String> = metric_tokens(&read(file))
+            .into_iter()
+            .filter(|name| !exported.contains(name) && !exported.contains(&format!("{name}_bucket")))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses metrics the server does not export: {unknown:?}\nexported: {exported:?}"
+        );
+    }
+    let reference = read("docs/operations.md");
+    let documented = metric_tokens(&reference);
+    let undocumented: Vec<&String> = exported
+        .iter()
+        .filter(|name| {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|family| exported.contains(&format!("{family}_bucket")))
+                .unwrap_or(name);
+            !documented.contains(family)
+        })
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "docs/operations.md does not document {undocumented:?}"
+    );
+}
