@@ -41,7 +41,7 @@ use serde::Serialize;
 use shardgate::frame::{EventId, PAYLOAD_BYTES_MAX};
 
 use crate::parse::{format_duration, parse_duration};
-use crate::report::{Percentiles, SLO_FIRST_P999_US};
+use crate::report::{write_outcome_lines, OutcomeLines, Percentiles, SLO_FIRST_P999_US};
 use crate::verify::Verification;
 
 /// Connections one run may open.
@@ -701,54 +701,30 @@ impl PeerSummary {
             "  answers   accepted {}  duplicate {}  failed attempts {}",
             self.accepted, self.duplicate, self.retry
         );
-        let lost_sample = if self.lost_sample.is_empty() {
-            String::new()
-        } else {
-            format!("  e.g. player:seq {}", self.lost_sample.join(" "))
-        };
-        let _ = writeln!(text, "  lost      {}{lost_sample}", self.lost);
-        let _ = writeln!(
-            text,
-            "  latency   {:<14}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
-            "µs", "p50", "p99", "p99.9", "p99.99", "max", "count"
+        write_outcome_lines(
+            &mut text,
+            &OutcomeLines {
+                lost: self.lost,
+                lost_sample: &self.lost_sample,
+                latency_first_us: &self.latency_first_us,
+                latency_final_us: &self.latency_final_us,
+                verification: match (
+                    self.stored,
+                    self.stored_twice,
+                    self.acked_missing,
+                    self.events_not_stored,
+                ) {
+                    (Some(stored), Some(stored_twice), Some(acked_missing), Some(events_not_stored)) => {
+                        Some([stored, stored_twice, acked_missing, events_not_stored])
+                    }
+                    _ => None,
+                },
+                verification_label: "stored",
+                not_verified: "not verified",
+                slo_ok: self.slo_ok,
+                slo_failures: &self.slo_failures,
+            },
         );
-        for (name, percentiles) in [
-            ("first attempt", &self.latency_first_us),
-            ("final", &self.latency_final_us),
-        ] {
-            let _ = writeln!(
-                text,
-                "            {name:<14}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
-                percentiles.p50,
-                percentiles.p99,
-                percentiles.p999,
-                percentiles.p9999,
-                percentiles.max,
-                percentiles.count
-            );
-        }
-        match (
-            self.stored,
-            self.stored_twice,
-            self.acked_missing,
-            self.events_not_stored,
-        ) {
-            (Some(stored), Some(stored_twice), Some(acked_missing), Some(events_not_stored)) => {
-                let _ = writeln!(
-                    text,
-                    "  stored    stored {stored}  stored_twice {stored_twice}  acked_missing {acked_missing}  \
-                     events_not_stored {events_not_stored}"
-                );
-            }
-            _ => {
-                let _ = writeln!(text, "  stored    not verified");
-            }
-        }
-        if self.slo_ok {
-            let _ = writeln!(text, "  SLO       met");
-        } else {
-            let _ = writeln!(text, "  SLO       FAILED: {}", self.slo_failures.join("; "));
-        }
         text
     }
 }

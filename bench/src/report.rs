@@ -184,54 +184,30 @@ impl Summary {
             "  generator cpu {:.2} s, {:.2} µs per frame sent",
             self.generator_cpu_s, self.generator_cpu_us_per_frame
         );
-        let lost_sample = if self.lost_sample.is_empty() {
-            String::new()
-        } else {
-            format!("  e.g. player:seq {}", self.lost_sample.join(" "))
-        };
-        let _ = writeln!(text, "  lost      {}{lost_sample}", self.lost);
-        let _ = writeln!(
-            text,
-            "  latency   {:<14}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
-            "µs", "p50", "p99", "p99.9", "p99.99", "max", "count"
+        write_outcome_lines(
+            &mut text,
+            &OutcomeLines {
+                lost: self.lost,
+                lost_sample: &self.lost_sample,
+                latency_first_us: &self.latency_first_us,
+                latency_final_us: &self.latency_final_us,
+                verification: match (
+                    self.stored,
+                    self.stored_twice,
+                    self.acked_missing,
+                    self.events_not_stored,
+                ) {
+                    (Some(stored), Some(stored_twice), Some(acked_missing), Some(events_not_stored)) => {
+                        Some([stored, stored_twice, acked_missing, events_not_stored])
+                    }
+                    _ => None,
+                },
+                verification_label: "redis",
+                not_verified: "not verified (no --redis)",
+                slo_ok: self.slo_ok,
+                slo_failures: &self.slo_failures,
+            },
         );
-        for (name, percentiles) in [
-            ("first attempt", &self.latency_first_us),
-            ("final", &self.latency_final_us),
-        ] {
-            let _ = writeln!(
-                text,
-                "            {name:<14}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
-                percentiles.p50,
-                percentiles.p99,
-                percentiles.p999,
-                percentiles.p9999,
-                percentiles.max,
-                percentiles.count
-            );
-        }
-        match (
-            self.stored,
-            self.stored_twice,
-            self.acked_missing,
-            self.events_not_stored,
-        ) {
-            (Some(stored), Some(stored_twice), Some(acked_missing), Some(events_not_stored)) => {
-                let _ = writeln!(
-                    text,
-                    "  redis     stored {stored}  stored_twice {stored_twice}  acked_missing {acked_missing}  \
-                     events_not_stored {events_not_stored}"
-                );
-            }
-            _ => {
-                let _ = writeln!(text, "  redis     not verified (no --redis)");
-            }
-        }
-        if self.slo_ok {
-            let _ = writeln!(text, "  SLO       met");
-        } else {
-            let _ = writeln!(text, "  SLO       FAILED: {}", self.slo_failures.join("; "));
-        }
         text
     }
 }
@@ -264,6 +240,63 @@ fn round_tenths(value: f64) -> f64 {
 
 fn round_thousandths(value: f64) -> f64 {
     (value * 1_000.0).round() / 1_000.0
+}
+
+/// The lines every text summary ends with (`run` and `peer` alike): what was
+/// lost, the two latencies, the verification and the SLO verdict.
+pub struct OutcomeLines<'a> {
+    pub lost: u64,
+    pub lost_sample: &'a [String],
+    pub latency_first_us: &'a Percentiles,
+    pub latency_final_us: &'a Percentiles,
+    /// stored, stored twice, acked but missing, events not stored.
+    pub verification: Option<[u64; 4]>,
+    pub verification_label: &'a str,
+    pub not_verified: &'a str,
+    pub slo_ok: bool,
+    pub slo_failures: &'a [String],
+}
+
+pub fn write_outcome_lines(text: &mut String, lines: &OutcomeLines<'_>) {
+    let lost_sample = if lines.lost_sample.is_empty() {
+        String::new()
+    } else {
+        format!("  e.g. player:seq {}", lines.lost_sample.join(" "))
+    };
+    let _ = writeln!(text, "  lost      {}{lost_sample}", lines.lost);
+    let _ = writeln!(
+        text,
+        "  latency   {:<14}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
+        "µs", "p50", "p99", "p99.9", "p99.99", "max", "count"
+    );
+    for (name, percentiles) in [
+        ("first attempt", lines.latency_first_us),
+        ("final", lines.latency_final_us),
+    ] {
+        let _ = writeln!(
+            text,
+            "            {name:<14}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}",
+            percentiles.p50, percentiles.p99, percentiles.p999, percentiles.p9999, percentiles.max, percentiles.count
+        );
+    }
+    let label = lines.verification_label;
+    match lines.verification {
+        Some([stored, stored_twice, acked_missing, events_not_stored]) => {
+            let _ = writeln!(
+                text,
+                "  {label:<9} stored {stored}  stored_twice {stored_twice}  acked_missing {acked_missing}  \
+                 events_not_stored {events_not_stored}"
+            );
+        }
+        None => {
+            let _ = writeln!(text, "  {label:<9} {}", lines.not_verified);
+        }
+    }
+    if lines.slo_ok {
+        let _ = writeln!(text, "  SLO       met");
+    } else {
+        let _ = writeln!(text, "  SLO       FAILED: {}", lines.slo_failures.join("; "));
+    }
 }
 
 #[cfg(test)]
