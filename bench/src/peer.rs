@@ -208,6 +208,18 @@ pub fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|address| address.is_loopback())
 }
 
+/// Checks that `url` (given as `--{flag}`) names a loopback host unless
+/// `allow_remote`; the error is the message to print.
+pub fn check_target_url(url: &str, flag: &str, scheme: &str, allow_remote: bool) -> Result<(), String> {
+    match url_host(url) {
+        Some(host) if allow_remote || is_loopback_host(host) => Ok(()),
+        Some(host) => Err(format!(
+            "--{flag} host {host} is not a loopback address (see --allow-remote)"
+        )),
+        None => Err(format!("--{flag} {url:?}: expected {scheme}://HOST:PORT")),
+    }
+}
+
 /// The host part of `scheme://[user[:password]@]host[:port][/path]`.
 pub fn url_host(url: &str) -> Option<&str> {
     let rest = url.split_once("://")?.1;

@@ -38,8 +38,9 @@ use tokio::sync::mpsc;
 
 use crate::parse::parse_duration;
 use crate::peer::{
-    fail, fill_payload, finish, is_loopback_host, unix_now_us, url_host, Clock, Event, LaneEvents, PeerSummary,
-    RecentEvents, Tally, Timetable, Workload, WorkloadArgs, EXIT_CONNECTION, EXIT_USAGE, GRACE, START_DELAY,
+    check_target_url, fail, fill_payload, finish, is_loopback_host, unix_now_us, url_host, Clock, Event, LaneEvents,
+    PeerSummary, RecentEvents, Tally, Timetable, Workload, WorkloadArgs, EXIT_CONNECTION, EXIT_USAGE, GRACE,
+    START_DELAY,
 };
 use crate::verify::{Checker, Ledger, Verification};
 
@@ -107,16 +108,8 @@ pub fn command(arguments: NatsArgs) -> ExitCode {
         Err(message) => return fail(PEER, EXIT_USAGE, &message),
     };
     let url = arguments.nats;
-    match url_host(&url) {
-        Some(host) if allow_remote || is_loopback_host(host) => {}
-        Some(host) => {
-            return fail(
-                PEER,
-                EXIT_USAGE,
-                &format!("--nats host {host} is not a loopback address (see --allow-remote)"),
-            )
-        }
-        None => return fail(PEER, EXIT_USAGE, &format!("--nats {url:?}: expected nats://HOST:PORT")),
+    if let Err(message) = check_target_url(&url, "nats", "nats", allow_remote) {
+        return fail(PEER, EXIT_USAGE, &message);
     }
     // A copy or retry must fall inside the window, or JetStream would store it again.
     if arguments.duplicate_window < workload.duration + GRACE + ACK_TIMEOUT {

@@ -24,8 +24,8 @@ use redis::{Connection, ErrorKind, RedisError, Value};
 use shardgate::script::{append_record, Record, DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED};
 
 use crate::peer::{
-    fail, fill_payload, finish, is_loopback_host, unix_now_us, url_host, Clock, Event, LaneEvents, PeerSummary,
-    RecentEvents, Tally, Timetable, Workload, WorkloadArgs, EXIT_CONNECTION, EXIT_USAGE, START_DELAY,
+    check_target_url, fail, fill_payload, finish, is_loopback_host, unix_now_us, url_host, Clock, Event, LaneEvents,
+    PeerSummary, RecentEvents, Tally, Timetable, Workload, WorkloadArgs, EXIT_CONNECTION, EXIT_USAGE, START_DELAY,
 };
 use crate::verify::{self, Ledger};
 
@@ -89,22 +89,8 @@ pub fn command(arguments: RedisArgs) -> ExitCode {
         Err(message) => return fail(PEER, EXIT_USAGE, &message),
     };
     let url = arguments.redis;
-    match url_host(&url) {
-        Some(host) if allow_remote || is_loopback_host(host) => {}
-        Some(host) => {
-            return fail(
-                PEER,
-                EXIT_USAGE,
-                &format!("--redis host {host} is not a loopback address (see --allow-remote)"),
-            )
-        }
-        None => {
-            return fail(
-                PEER,
-                EXIT_USAGE,
-                &format!("--redis {url:?}: expected redis://HOST:PORT"),
-            )
-        }
+    if let Err(message) = check_target_url(&url, "redis", "redis", allow_remote) {
+        return fail(PEER, EXIT_USAGE, &message);
     }
     if !(1..=PARTITIONS_MAX).contains(&arguments.partitions) {
         return fail(
