@@ -196,17 +196,7 @@ fn deliver_few(server: &Server, seed: u64, player_base: u64) -> Vec<Event> {
     let events: Vec<Event> = (0..40)
         .map(|i| Event::random(&mut rng, player_base + i, i, 64))
         .collect();
-    let report = deliver_all(
-        server.udp_addr(),
-        server.tcp_addr(),
-        &events,
-        &DeliverOpts {
-            seed,
-            total_timeout: Duration::from_secs(15),
-            ..DeliverOpts::default()
-        },
-    );
-    assert!(report.unresolved().is_empty(), "{}", report.summary());
+    deliver_resolved(server, &events, seed, Duration::from_secs(15));
     events
 }
 

@@ -1066,18 +1066,7 @@ fn deliver_fresh(server: &Server, seed: u64, player_base: u64, count: usize) -> 
     let events: Vec<Event> = (0..count as u64)
         .map(|seq| Event::random(&mut rng, player_base + seq % 13, seq, 200))
         .collect();
-    let report = deliver_all(
-        server.udp_addr(),
-        server.tcp_addr(),
-        &events,
-        &DeliverOpts {
-            seed,
-            total_timeout: Duration::from_secs(20),
-            ..DeliverOpts::default()
-        },
-    );
-    assert!(report.unresolved().is_empty(), "{}", report.summary());
-    report
+    deliver_resolved(server, &events, seed, Duration::from_secs(20))
 }
 
 /// The merged intake-to-ack count on /metrics, once two scrapes 200 ms apart agree.

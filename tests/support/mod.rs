@@ -1229,6 +1229,23 @@ struct ChanResult {
     udp_drops: u64,
 }
 
+/// `deliver_all` to `server` with default options, failing the test unless
+/// every copy was resolved within `total_timeout`.
+pub fn deliver_resolved(server: &Server, events: &[Event], seed: u64, total_timeout: Duration) -> DeliveryReport {
+    let report = deliver_all(
+        server.udp_addr(),
+        server.tcp_addr(),
+        events,
+        &DeliverOpts {
+            seed,
+            total_timeout,
+            ..DeliverOpts::default()
+        },
+    );
+    assert!(report.unresolved().is_empty(), "{}", report.summary());
+    report
+}
+
 /// Sends every event (each `min..=max` copies, spread over UDP sockets and TCP connections)
 /// and resends every copy that got RETRY or no answer, with backoff, until each copy was
 /// answered ACCEPTED or DUPLICATE (or REJECTED, which is final) or `total_timeout` passed.
