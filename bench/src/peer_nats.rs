@@ -38,9 +38,8 @@ use tokio::sync::mpsc;
 
 use crate::parse::parse_duration;
 use crate::peer::{
-    check_target_url, fail, fill_payload, finish, is_loopback_host, unix_now_us, url_host, Clock, Event, LaneEvents,
-    PeerSummary, RecentEvents, Tally, Timetable, Workload, WorkloadArgs, EXIT_CONNECTION, EXIT_USAGE, GRACE,
-    START_DELAY,
+    check_target_url, fail, fill_payload, finish, unix_now_us, Clock, Event, LaneEvents, PeerSummary, RecentEvents,
+    Tally, Timetable, Workload, WorkloadArgs, EXIT_CONNECTION, EXIT_USAGE, GRACE, START_DELAY,
 };
 use crate::verify::{Checker, Ledger, Verification};
 

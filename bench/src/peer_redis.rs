@@ -24,8 +24,8 @@ use redis::{Connection, ErrorKind, RedisError, Value};
 use shardgate::script::{append_record, Record, DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED};
 
 use crate::peer::{
-    check_target_url, fail, fill_payload, finish, is_loopback_host, unix_now_us, url_host, Clock, Event, LaneEvents,
-    PeerSummary, RecentEvents, Tally, Timetable, Workload, WorkloadArgs, EXIT_CONNECTION, EXIT_USAGE, START_DELAY,
+    check_target_url, fail, fill_payload, finish, unix_now_us, Clock, Event, LaneEvents, PeerSummary, RecentEvents,
+    Tally, Timetable, Workload, WorkloadArgs, EXIT_CONNECTION, EXIT_USAGE, START_DELAY,
 };
 use crate::verify::{self, Ledger};
 
