@@ -22,7 +22,7 @@ if [ "${SHARDGATE_QUICK:-0}" = 1 ]; then
   exit 0
 fi
 step "host tests (scripts/test-host.sh)"
-SHARDGATE_BIN="${SHARDGATE_BIN:-target/debug/shardgate}" bash scripts/test-host.sh
+SHARDGATE_BIN="${SHARDGATE_BIN:-$PWD/target/debug/shardgate}" bash scripts/test-host.sh
 step "monitoring artifacts (scripts/check-monitoring.sh)"
 bash scripts/check-monitoring.sh
 step "loom model of the dedup cache (scripts/loom.sh)"
