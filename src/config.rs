@@ -36,7 +36,7 @@ pub enum Command {
 #[derive(Debug, Default, Clone, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeArgs {
-    /// Cores to run one shard each on: a list and/or ranges, e.g. `0,1` or `0-3`. [required]
+    /// Cores to run one shard each on: a list and/or ranges, e.g. `0,1` or `0-3`. [required with pinned; with fenced, every core the cgroup's cpuset allows]
     #[arg(long, value_name = "LIST")]
     pub cores: Option<String>,
 
@@ -57,7 +57,7 @@ pub struct ServeArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// `pinned`: each shard fixed to its core. `fenced`: shards may move within the listed cores. [default: pinned]
+    /// `pinned`: each shard fixed to its core. `fenced`: shards may move within the listed (or allowed) cores. [default: pinned]
     #[arg(long, value_enum, value_name = "MODE")]
     pub placement: Option<PlacementMode>,
 
@@ -269,14 +269,8 @@ impl ServeArgs {
                 "--auth-secret-file is not supported yet (it lands with the hardening issue)",
             ));
         }
-        let cores = parse_core_list(&required(self.cores, "cores")?)?;
-        if cores.len() > limits::SHARDS_MAX {
-            return Err(ConfigError::new(format!(
-                "--cores lists {} cores; at most {} shards are supported",
-                cores.len(),
-                limits::SHARDS_MAX
-            )));
-        }
+        let placement = self.placement.unwrap_or(PlacementMode::Pinned);
+        let cores = resolve_cores(self.cores, placement)?;
         let redis_url = RedisUrl(required(self.redis, "redis")?);
         if !redis_url.expose().starts_with("redis://") {
             return Err(ConfigError::new(format!(
@@ -289,7 +283,7 @@ impl ServeArgs {
         check_prefix(&prefix)?;
         Ok(Config {
             cores,
-            placement: self.placement.unwrap_or(PlacementMode::Pinned),
+            placement,
             udp: required(self.udp, "udp")?,
             tcp: required(self.tcp, "tcp")?,
             redis_url,
@@ -435,6 +429,34 @@ impl ValueEnum for PlacementMode {
     }
 }
 
+/// `--cores` as listed, or with `fenced` and no list, every core the
+/// cgroup's cpuset allows (`cpuset.rs`). Pinned shards need an explicit list:
+/// taking "all allowed cores" on a host that reserved none would pin shards
+/// onto the housekeeping cores.
+fn resolve_cores(listed: Option<String>, placement: PlacementMode) -> Result<Vec<usize>, ConfigError> {
+    let (cores, origin) = match (listed, placement) {
+        (Some(listed), _) => (parse_core_list(&listed)?, "--cores lists".to_string()),
+        (None, PlacementMode::Fenced) => {
+            let allowed = crate::cpuset::allowed()?;
+            let origin = format!("{} allows", allowed.source_name());
+            (allowed.cores, origin)
+        }
+        (None, PlacementMode::Pinned) => {
+            return Err(ConfigError::new(
+                "--cores is required with --placement pinned (with fenced it defaults to the cgroup's cpuset)",
+            ))
+        }
+    };
+    if cores.len() > limits::SHARDS_MAX {
+        return Err(ConfigError::new(format!(
+            "{origin} {} cores; at most {} shards are supported (list fewer with --cores)",
+            cores.len(),
+            limits::SHARDS_MAX
+        )));
+    }
+    Ok(cores)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,5 +569,31 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(error.to_string().contains("--redis is required"), "{error}");
+        let error = ServeArgs {
+            cores: None,
+            ..minimal()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("--cores is required with --placement pinned"),
+            "{error}"
+        );
+    }
+
+    /// With fenced and no --cores, the shards take the cores this process may use.
+    #[test]
+    fn fenced_without_cores_takes_the_allowed_set() {
+        let config = ServeArgs {
+            cores: None,
+            placement: Some(PlacementMode::Fenced),
+            ..minimal()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.cores, crate::cpuset::allowed().unwrap().cores);
+        assert!(!config.cores.is_empty());
     }
 }

@@ -24,8 +24,9 @@
 //! # The modules
 //! - `config`: command line and TOML file -> a checked `Config`.
 //! - `limits`: every bound and why it has its value.
-//! - `placement`: which cores, pinned or fenced.
+//! - `placement`, `cpuset`: which cores, pinned or fenced; what the cgroup allows.
 //! - `server`: start the shards, take signals, drain, write histograms.
+//! - `sdnotify`: systemd readiness and watchdog pings.
 //! - `shard`: one core's state and the fate of each frame.
 //! - `udp`, `tcp`: the two transports.
 //! - `frame`, `auth`: the wire codec and the optional auth tag.
@@ -42,6 +43,7 @@
 pub mod auth;
 pub mod batch;
 pub mod config;
+pub mod cpuset;
 pub mod dedup;
 pub mod exporter;
 pub mod frame;
@@ -53,6 +55,7 @@ pub mod notify;
 pub mod placement;
 pub mod reply;
 pub mod script;
+pub mod sdnotify;
 pub mod server;
 pub mod shard;
 pub mod snapshot;

@@ -7,9 +7,11 @@
 //! a cgroup cpuset under host pressure needs: the kernel may move a thread
 //! instead of stalling it behind another.
 //!
-//! Both are checked at start against the cores that are online and the cores
-//! this process may use (its affinity mask, which a cgroup cpuset narrows), so
-//! an operator learns about a wrong `--cores` before any traffic.
+//! Both are checked at start against the cores this process may use
+//! (`cpuset.rs`: the cgroup's cpuset, the affinity mask, the online cores), so
+//! an operator learns about a wrong `--cores` before any traffic. With
+//! `fenced`, `--cores` may be left out: the shards then take every allowed
+//! core, one each.
 
 use std::collections::BTreeSet;
 
@@ -61,32 +63,6 @@ pub fn parse_core_list(text: &str) -> Result<Vec<usize>, ConfigError> {
     Ok(cores.into_iter().collect())
 }
 
-/// Fails unless every listed core is online and in this process's affinity mask.
-pub fn check_cores_available(cores: &[usize]) -> Result<(), ConfigError> {
-    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
-        .map_err(|error| ConfigError::new(format!("cannot read the cpu affinity mask: {error}")))?;
-    let online: BTreeSet<usize> = CpuSet::online()
-        .map_err(|error| ConfigError::new(format!("cannot read the online cpus: {error}")))?
-        .into_iter()
-        .map(|location| location.cpu)
-        .collect();
-    for &core in cores {
-        let usable = online.contains(&core) && allowed.is_set(core).unwrap_or(false);
-        if !usable {
-            let usable_cores: Vec<String> = online
-                .iter()
-                .filter(|&&cpu| allowed.is_set(cpu).unwrap_or(false))
-                .map(|cpu| cpu.to_string())
-                .collect();
-            return Err(ConfigError::new(format!(
-                "core {core} is not available to this process (usable cores: {})",
-                usable_cores.join(",")
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// The glommio placement of the shard that serves `core`.
 pub fn placement_for(mode: PlacementMode, core: usize, cores: &[usize]) -> Result<Placement, ConfigError> {
     debug_assert!(cores.contains(&core));
@@ -115,13 +91,5 @@ mod tests {
         for bad in ["", "a", "1-0", "0-", ",", "0-100000"] {
             assert!(parse_core_list(bad).is_err(), "{bad:?} should fail");
         }
-    }
-
-    /// A core that does not exist is refused with its number in the message.
-    #[test]
-    fn missing_core_is_named() {
-        let error = check_cores_available(&[4095]).unwrap_err();
-        assert!(error.to_string().contains("core 4095"), "{error}");
-        assert!(check_cores_available(&[0]).is_ok());
     }
 }

@@ -29,6 +29,7 @@ use crate::frame::Status;
 use crate::latency::{self, Latency};
 use crate::metrics::{RetryCause, ShardMetrics};
 use crate::placement;
+use crate::sdnotify::{self, Heartbeats, Notifier};
 use crate::shard::Shard;
 use crate::snapshot::Snapshots;
 use crate::store::{Store, TimeDriver};
@@ -66,7 +67,8 @@ pub struct ShardReport {
 pub fn run(config: Config) -> Result<(), ServerError> {
     let started = SystemTime::now();
     let signals = block_signals()?;
-    placement::check_cores_available(&config.cores)?;
+    let allowed = crate::cpuset::allowed()?;
+    allowed.check(&config.cores)?;
     let memlock_bytes = raise_memlock(config.cores.len());
     let ports = SharedPorts::pick(config.udp, config.tcp)?;
     let config = Arc::new(Config {
@@ -74,7 +76,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         tcp: ports.tcp,
         ..config
     });
-    tracing::info!(config = ?*config, memlock_bytes, "starting");
+    tracing::info!(config = ?*config, memlock_bytes, allowed_cores = %allowed.cores_text(), allowed_from = %allowed.source_name(), "starting");
+    let notifier = Arc::new(Notifier::from_env());
     let time_driver =
         TimeDriver::start().map_err(|error| ServerError(format!("cannot start timer thread: {error}")))?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -89,7 +92,14 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let snapshots = Snapshots::start(config.hdr_out.clone(), config.cores.len(), started)
         .map_err(|error| ServerError(format!("cannot start the snapshot thread: {error}")))?;
     let (events, event_receiver) = mpsc::channel();
-    spawn_signal_thread(signals, Arc::clone(&stop), events.clone(), snapshots.clone())?;
+    spawn_signal_thread(
+        signals,
+        Arc::clone(&stop),
+        events.clone(),
+        snapshots.clone(),
+        Arc::clone(&notifier),
+    )?;
+    let heartbeats = Heartbeats::new(config.cores.len());
 
     let gate = Arc::new(StartGate::default());
     let common = ShardCommon {
@@ -98,6 +108,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         events,
         snapshots,
         timers: time_driver.handle(),
+        heartbeats: heartbeats.clone(),
     };
     let shards = start_shards(&config, &common, &metrics)?;
     let serving = wait_until_serving(&config, &event_receiver, &gate, &stop);
@@ -117,6 +128,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             metrics,
             "serving"
         );
+        tell_systemd_serving(&config, &notifier, heartbeats, &stop)?;
     }
     let mut reports = Vec::with_capacity(shards.len());
     for (index, handle) in shards.into_iter().enumerate() {
@@ -130,6 +142,32 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let frames = reports.iter().map(|report| report.metrics.frames()).sum();
     report_allocations(allocations_at_serving, frames);
     finish(&config, &reports, started)
+}
+
+/// READY=1 once every shard serves, and the watchdog pings if systemd asked
+/// for them (`sdnotify.rs`). Outside systemd this does nothing.
+fn tell_systemd_serving(
+    config: &Config,
+    notifier: &Arc<Notifier>,
+    heartbeats: Heartbeats,
+    stop: &Arc<AtomicBool>,
+) -> Result<(), ServerError> {
+    if !notifier.is_enabled() {
+        return Ok(());
+    }
+    notifier.send(&format!(
+        "READY=1\nSTATUS=serving {} shards ({}) udp {} tcp {}",
+        config.cores.len(),
+        config.placement.name(),
+        config.udp,
+        config.tcp
+    ));
+    let Some(timeout) = sdnotify::watchdog_timeout() else {
+        return Ok(());
+    };
+    tracing::info!(watchdog_ms = timeout.as_millis() as u64, "systemd watchdog on");
+    sdnotify::spawn_watchdog(Arc::clone(notifier), timeout, heartbeats, Arc::clone(stop))
+        .map_err(|error| ServerError(format!("cannot start the watchdog thread: {error}")))
 }
 
 /// With the `count-allocations` feature: heap use while serving, per frame.
@@ -249,6 +287,7 @@ struct ShardCommon {
     events: mpsc::Sender<StartEvent>,
     snapshots: Snapshots,
     timers: tokio::runtime::Handle,
+    heartbeats: Heartbeats,
 }
 
 type ShardHandle = glommio::ExecutorJoinHandle<Result<ShardReport, String>>;
@@ -359,7 +398,11 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
     let tcp_task = glommio::spawn_local(crate::tcp::serve(Rc::clone(&shard), listener));
     let linger_task = glommio::spawn_local(Rc::clone(&shard).linger_loop());
     Rc::clone(&shard)
-        .tick_loop(Arc::clone(&common.stop), common.snapshots.clone())
+        .tick_loop(
+            Arc::clone(&common.stop),
+            common.snapshots.clone(),
+            common.heartbeats.clone(),
+        )
         .await;
 
     // Stopping: intake ends, in-flight work drains, then connections flush.
@@ -404,6 +447,7 @@ fn spawn_signal_thread(
     stop: Arc<AtomicBool>,
     events: mpsc::Sender<StartEvent>,
     snapshots: Snapshots,
+    notifier: Arc<Notifier>,
 ) -> Result<(), ServerError> {
     std::thread::Builder::new()
         .name("shardgate-signals".into())
@@ -416,6 +460,7 @@ fn spawn_signal_thread(
                     continue;
                 }
                 tracing::info!(%signal, "draining");
+                notifier.send("STOPPING=1\nSTATUS=draining");
                 stop.store(true, Ordering::Relaxed);
                 let _ = events.send(StartEvent::Signal(signal));
                 return;

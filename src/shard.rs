@@ -345,11 +345,17 @@ impl Shard {
 
     /// Keeps the Redis-up flag fresh, logs Redis outages as a few summary
     /// lines instead of one per failure, and notices the process-wide stop.
-    pub async fn tick_loop(self: Rc<Self>, stop: Arc<std::sync::atomic::AtomicBool>, snapshots: Snapshots) {
+    pub async fn tick_loop(
+        self: Rc<Self>,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        snapshots: Snapshots,
+        heartbeats: crate::sdnotify::Heartbeats,
+    ) {
         let period = Duration::from_millis(crate::limits::SHUTDOWN_POLL_MS);
         let mut outage = Outage::default();
         let mut snapshot_answered = 0;
         loop {
+            heartbeats.beat(self.index);
             if let Some(generation) = snapshots.due(&mut snapshot_answered) {
                 snapshots.submit(self.index, generation, self.latency.borrow().clone());
             }

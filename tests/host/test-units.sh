@@ -121,7 +121,7 @@ config_keys() {
     /^ *pub [a-z_]+: Option</ {
       name = $2; sub(":", "", name); value = "?"
       if (match(doc, /\[default: [^]]*\]/)) value = substr(doc, RSTART + 10, RLENGTH - 11)
-      else if (doc ~ /\[required\]/) value = "required"
+      else if (doc ~ /\[required/) value = "required"
       else if (doc ~ /\[not supported yet\]/) value = "none"
       if (value == "off" || value == "none") value = "-"
       if (!skipped) print name, value
