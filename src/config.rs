@@ -85,9 +85,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub hdr_out: Option<PathBuf>,
 
-    /// File holding the secret that signs players' frames. [not supported yet]
-    #[arg(long, value_name = "FILE")]
-    pub auth_secret_file: Option<PathBuf>,
+    /// File holding the secret players' frame tags are keyed from; give it twice during a rotation. [default: none]
+    #[arg(long, value_name = "FILE", action = clap::ArgAction::Append)]
+    pub auth_secret_file: Option<Vec<PathBuf>>,
 
     /// Most events in one Redis script call. [default: 256]
     #[arg(long, value_name = "N")]
@@ -112,6 +112,30 @@ pub struct ServeArgs {
     /// TCP connections each shard accepts at once; more are closed at accept. [default: 1024]
     #[arg(long, value_name = "N")]
     pub tcp_connections_per_shard: Option<usize>,
+
+    /// TCP connections one source (IP address, IPv6 /64) may hold on a shard; more are closed at accept. [default: 64]
+    #[arg(long, value_name = "N")]
+    pub tcp_connections_per_source: Option<usize>,
+
+    /// A TCP connection that sends nothing for this long is closed. [default: 30000]
+    #[arg(long, value_name = "MILLIS")]
+    pub tcp_idle_timeout_ms: Option<u64>,
+
+    /// A TCP peer whose acks cannot be written for this long (it does not read them) is closed. [default: 10000]
+    #[arg(long, value_name = "MILLIS")]
+    pub tcp_write_timeout_ms: Option<u64>,
+
+    /// UDP frames per second one source (IP address, IPv6 /64) may have a shard take; more get no answer. [default: 5000]
+    #[arg(long, value_name = "N")]
+    pub udp_source_frames_per_sec: Option<u64>,
+
+    /// UDP frames one source may send at once before its per-second rate applies. [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub udp_source_burst_frames: Option<u64>,
+
+    /// UDP sources whose rate each shard tracks (a fixed table). [default: 65536]
+    #[arg(long, value_name = "N")]
+    pub udp_source_table_entries: Option<usize>,
 
     /// Microseconds a shard spins before sleeping when idle: lower wake-up latency for a core of CPU. [default: 0]
     #[arg(long, value_name = "MICROS")]
@@ -149,12 +173,20 @@ pub struct Config {
     pub dedup_window_secs: u64,
     pub dedup_capacity: usize,
     pub hdr_out: Option<PathBuf>,
+    /// With auth on, the secrets frame tags are keyed from (`auth.rs`).
+    pub auth: Option<crate::secrets::Secrets>,
     pub batch_events_max: usize,
     pub batch_linger_us: u64,
     pub batches_in_flight_max: usize,
     pub redis_timeout_ms: u64,
     pub drain_timeout_ms: u64,
     pub tcp_connections_per_shard: usize,
+    pub tcp_connections_per_source: usize,
+    pub tcp_idle_timeout_ms: u64,
+    pub tcp_write_timeout_ms: u64,
+    pub udp_source_frames_per_sec: u64,
+    pub udp_source_burst_frames: u64,
+    pub udp_source_table_entries: usize,
     pub spin_before_park_us: u64,
 }
 
@@ -244,6 +276,12 @@ impl ServeArgs {
             redis_timeout_ms: self.redis_timeout_ms.or(file.redis_timeout_ms),
             drain_timeout_ms: self.drain_timeout_ms.or(file.drain_timeout_ms),
             tcp_connections_per_shard: self.tcp_connections_per_shard.or(file.tcp_connections_per_shard),
+            tcp_connections_per_source: self.tcp_connections_per_source.or(file.tcp_connections_per_source),
+            tcp_idle_timeout_ms: self.tcp_idle_timeout_ms.or(file.tcp_idle_timeout_ms),
+            tcp_write_timeout_ms: self.tcp_write_timeout_ms.or(file.tcp_write_timeout_ms),
+            udp_source_frames_per_sec: self.udp_source_frames_per_sec.or(file.udp_source_frames_per_sec),
+            udp_source_burst_frames: self.udp_source_burst_frames.or(file.udp_source_burst_frames),
+            udp_source_table_entries: self.udp_source_table_entries.or(file.udp_source_table_entries),
             spin_before_park_us: self.spin_before_park_us.or(file.spin_before_park_us),
             log_format: self.log_format.or(file.log_format),
             log_level: self.log_level.or(file.log_level),
@@ -264,11 +302,6 @@ impl ServeArgs {
 
     /// Applies defaults and checks every bound.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        if self.auth_secret_file.is_some() {
-            return Err(ConfigError::new(
-                "--auth-secret-file is not supported yet (it lands with the hardening issue)",
-            ));
-        }
         let placement = self.placement.unwrap_or(PlacementMode::Pinned);
         let cores = resolve_cores(self.cores, placement)?;
         let redis_url = RedisUrl(required(self.redis, "redis")?);
@@ -313,6 +346,10 @@ impl ServeArgs {
                 limits::DEDUP_CAPACITY_MAX,
             )?,
             hdr_out: self.hdr_out,
+            auth: match self.auth_secret_file {
+                Some(paths) => Some(crate::secrets::Secrets::load(&paths)?),
+                None => None,
+            },
             batch_events_max: in_range(
                 "batch-events-max",
                 self.batch_events_max,
@@ -354,6 +391,48 @@ impl ServeArgs {
                 limits::TCP_CONNECTIONS_PER_SHARD_DEFAULT,
                 1,
                 limits::TCP_CONNECTIONS_PER_SHARD_MAX,
+            )?,
+            tcp_connections_per_source: in_range(
+                "tcp-connections-per-source",
+                self.tcp_connections_per_source,
+                limits::TCP_CONNECTIONS_PER_SOURCE_DEFAULT,
+                1,
+                limits::TCP_CONNECTIONS_PER_SHARD_MAX,
+            )?,
+            tcp_idle_timeout_ms: in_range(
+                "tcp-idle-timeout-ms",
+                self.tcp_idle_timeout_ms,
+                limits::TCP_IDLE_TIMEOUT_MS_DEFAULT,
+                limits::TCP_IDLE_TIMEOUT_MS_MIN,
+                limits::TCP_IDLE_TIMEOUT_MS_MAX,
+            )?,
+            tcp_write_timeout_ms: in_range(
+                "tcp-write-timeout-ms",
+                self.tcp_write_timeout_ms,
+                limits::TCP_WRITE_TIMEOUT_MS_DEFAULT,
+                limits::TCP_WRITE_TIMEOUT_MS_MIN,
+                limits::TCP_WRITE_TIMEOUT_MS_MAX,
+            )?,
+            udp_source_frames_per_sec: in_range(
+                "udp-source-frames-per-sec",
+                self.udp_source_frames_per_sec,
+                limits::UDP_SOURCE_FRAMES_PER_SEC_DEFAULT,
+                1,
+                limits::UDP_SOURCE_FRAMES_PER_SEC_MAX,
+            )?,
+            udp_source_burst_frames: in_range(
+                "udp-source-burst-frames",
+                self.udp_source_burst_frames,
+                limits::UDP_SOURCE_BURST_FRAMES_DEFAULT,
+                1,
+                limits::UDP_SOURCE_BURST_FRAMES_MAX,
+            )?,
+            udp_source_table_entries: in_range(
+                "udp-source-table-entries",
+                self.udp_source_table_entries,
+                limits::UDP_SOURCE_TABLE_ENTRIES_DEFAULT,
+                limits::UDP_SOURCE_TABLE_ENTRIES_MIN,
+                limits::UDP_SOURCE_TABLE_ENTRIES_MAX,
             )?,
             spin_before_park_us: in_range(
                 "spin-before-park-us",
@@ -542,12 +621,12 @@ mod tests {
         .unwrap_err();
         assert!(error.to_string().contains("--partitions 0"), "{error}");
         let error = ServeArgs {
-            auth_secret_file: Some("secret".into()),
+            auth_secret_file: Some(vec!["/nonexistent/secret".into()]),
             ..minimal()
         }
         .resolve()
         .unwrap_err();
-        assert!(error.to_string().contains("not supported yet"), "{error}");
+        assert!(error.to_string().contains("/nonexistent/secret"), "{error}");
         let error = ServeArgs {
             log_level: Some("loud".into()),
             ..minimal()
@@ -595,5 +674,76 @@ mod tests {
         .unwrap();
         assert_eq!(config.cores, crate::cpuset::allowed().unwrap().cores);
         assert!(!config.cores.is_empty());
+    }
+
+    /// The abuse limits default from limits.rs, come from the file, and refuse values outside their ranges.
+    #[test]
+    fn abuse_limits_resolve() {
+        let config = minimal().resolve().unwrap();
+        assert_eq!(
+            config.tcp_connections_per_source,
+            limits::TCP_CONNECTIONS_PER_SOURCE_DEFAULT
+        );
+        assert_eq!(config.tcp_idle_timeout_ms, limits::TCP_IDLE_TIMEOUT_MS_DEFAULT);
+        assert_eq!(config.tcp_write_timeout_ms, limits::TCP_WRITE_TIMEOUT_MS_DEFAULT);
+        assert_eq!(
+            config.udp_source_frames_per_sec,
+            limits::UDP_SOURCE_FRAMES_PER_SEC_DEFAULT
+        );
+        assert_eq!(config.udp_source_burst_frames, limits::UDP_SOURCE_BURST_FRAMES_DEFAULT);
+        assert_eq!(
+            config.udp_source_table_entries,
+            limits::UDP_SOURCE_TABLE_ENTRIES_DEFAULT
+        );
+        let file: ServeArgs = toml::from_str(
+            "tcp_connections_per_source = 2\ntcp_idle_timeout_ms = 500\ntcp_write_timeout_ms = 700\n\
+             udp_source_frames_per_sec = 10\nudp_source_burst_frames = 20\nudp_source_table_entries = 128",
+        )
+        .unwrap();
+        let config = minimal().or(file).resolve().unwrap();
+        assert_eq!(
+            (
+                config.tcp_connections_per_source,
+                config.tcp_idle_timeout_ms,
+                config.tcp_write_timeout_ms,
+                config.udp_source_frames_per_sec,
+                config.udp_source_burst_frames,
+                config.udp_source_table_entries
+            ),
+            (2, 500, 700, 10, 20, 128)
+        );
+        for (args, flag) in [
+            (
+                ServeArgs {
+                    tcp_connections_per_source: Some(0),
+                    ..minimal()
+                },
+                "--tcp-connections-per-source 0",
+            ),
+            (
+                ServeArgs {
+                    tcp_idle_timeout_ms: Some(1),
+                    ..minimal()
+                },
+                "--tcp-idle-timeout-ms 1",
+            ),
+            (
+                ServeArgs {
+                    udp_source_frames_per_sec: Some(0),
+                    ..minimal()
+                },
+                "--udp-source-frames-per-sec 0",
+            ),
+            (
+                ServeArgs {
+                    udp_source_table_entries: Some(1 << 30),
+                    ..minimal()
+                },
+                "--udp-source-table-entries 1073741824",
+            ),
+        ] {
+            let error = args.resolve().unwrap_err();
+            assert!(error.to_string().contains(flag), "{error}");
+        }
     }
 }

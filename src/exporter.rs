@@ -288,6 +288,18 @@ impl Collector for ShardCollector {
         )?;
         self.counter(
             encoder,
+            "frames_limited",
+            "Frames dropped unanswered because their source was over its per-source rate (UDP only).",
+            None,
+            |index, shard, emit| {
+                emit(
+                    labels(index, &[("transport", Transport::Udp.name())]),
+                    shard.frames_limited[Transport::Udp as usize].get(),
+                )
+            },
+        )?;
+        self.counter(
+            encoder,
             "udp_kernel_drops",
             "Datagrams the kernel dropped for a full socket buffer (the socket's SO_RXQ_OVFL count).",
             None,

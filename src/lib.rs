@@ -29,7 +29,10 @@
 //! - `sdnotify`: systemd readiness and watchdog pings.
 //! - `shard`: one core's state and the fate of each frame.
 //! - `udp`, `tcp`: the two transports.
-//! - `frame`, `auth`: the wire codec and the optional auth tag.
+//! - `source`, `limiter`, `tcp_sources`: the abuse limits: who a source is, its UDP token
+//!   bucket, its TCP connection count.
+//! - `frame`, `auth`: the wire codec and the optional auth tag (shared with the client crate).
+//! - `secrets`: the auth secret files, checked and loaded at start.
 //! - `stream`: splits a TCP connection's buffered bytes into whole frames.
 //! - `dedup`: the per-shard cache of stored ids, single writer, lock-free readers.
 //! - `batch`, `script`, `store`: the batch, the Lua script and its blob, the Redis client.
@@ -48,6 +51,7 @@ pub mod dedup;
 pub mod exporter;
 pub mod frame;
 pub mod latency;
+pub mod limiter;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
@@ -56,11 +60,14 @@ pub mod placement;
 pub mod reply;
 pub mod script;
 pub mod sdnotify;
+pub mod secrets;
 pub mod server;
 pub mod shard;
 pub mod snapshot;
+pub mod source;
 pub mod store;
 pub mod stream;
 pub mod sys;
 pub mod tcp;
+pub mod tcp_sources;
 pub mod udp;

@@ -46,6 +46,14 @@ pub const PARTITIONS_MAX: u32 = 1024;
 pub const DEDUP_WINDOW_SECS_DEFAULT: u64 = 600;
 pub const DEDUP_WINDOW_SECS_MAX: u64 = 7 * 24 * 3600;
 
+/// Auth secret files held at once: the current secret, and during a rotation
+/// the next one. A third would only widen the set of keys that forge a tag.
+pub const AUTH_SECRET_FILES_MAX: usize = 2;
+/// A secret shorter than 16 bytes (128 bits) could be guessed offline from
+/// one captured tag; longer than 1 KiB is a wrong file, not a secret.
+pub const AUTH_SECRET_BYTES_MIN: usize = 16;
+pub const AUTH_SECRET_BYTES_MAX: usize = 1024;
+
 /// Entries in each shard's dedup cache. 2^20 requested rounds up to 1,835,008
 /// ids in 32 MiB per shard (see `dedup::table_bytes`), over 30 s of a 50k/s
 /// shard: retries come within seconds, and anything older
@@ -79,6 +87,62 @@ pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// few connections; thousands of direct clients is not a shape we serve.
 pub const TCP_CONNECTIONS_PER_SHARD_DEFAULT: usize = 1_024;
 pub const TCP_CONNECTIONS_PER_SHARD_MAX: usize = 65_536;
+
+// Abuse limits (issue 6; the table "Abuse limits" in docs/design.md). All are
+// per shard; a "source" is an IP address, or an IPv6 /64 (`source.rs`).
+
+/// TCP connections one source may hold on a shard; more are closed at accept.
+/// A player's client uses one, a game server relays for many players over a
+/// few; 64 is far above both, and one host takes at most 1/16 of the default
+/// 1024 slots. A connection costs ~100 KiB of buffers, so this also bounds
+/// what one host can make a shard hold.
+pub const TCP_CONNECTIONS_PER_SOURCE_DEFAULT: usize = 64;
+
+/// A TCP connection that sends nothing for this long is closed (reason
+/// `idle`). Clients and relays send steadily while in play; a silent
+/// connection only holds a slot and its buffers (a connect-and-wait flood
+/// would hold them all). A client that was closed reconnects; nothing is lost,
+/// since every frame it sent was answered long before (redis_timeout_ms).
+pub const TCP_IDLE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+pub const TCP_IDLE_TIMEOUT_MS_MIN: u64 = 100;
+pub const TCP_IDLE_TIMEOUT_MS_MAX: u64 = 3_600_000;
+
+/// A TCP peer whose acks cannot be written for this long (it does not read
+/// them) is disconnected (reason `slow_reader`) and the acks owed to it are
+/// dropped; its events stay stored, and its resends get DUPLICATE. Until then
+/// it holds at most its outbox (below) and its kernel send buffer, because the
+/// shard stops reading from it at TCP_UNACKED_FRAMES_MAX.
+pub const TCP_WRITE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+pub const TCP_WRITE_TIMEOUT_MS_MIN: u64 = 100;
+pub const TCP_WRITE_TIMEOUT_MS_MAX: u64 = 600_000;
+
+/// Kernel send buffer of an accepted connection (SO_SNDBUF; the kernel
+/// doubles it). Acks for all frames a connection may have unanswered fit in
+/// it, so a reading peer never waits on it, while a peer that stops reading
+/// pins 128 KiB of kernel memory instead of autotuning's 4 MiB (tcp_wmem).
+pub const TCP_SEND_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Frames per second one source may have a shard take, and how many it may
+/// send at once (the token bucket of `limiter.rs`); frames past it get no
+/// answer. A player sends a few to a few tens a second, so 5000/s leaves room
+/// for hundreds of players behind one NAT, while one source takes at most a
+/// fifth of a production shard (25k+/s) and cannot crowd out the rest. The
+/// burst, 2 s at that rate, absorbs a client resending its backlog after a
+/// network hiccup.
+pub const UDP_SOURCE_FRAMES_PER_SEC_DEFAULT: u64 = 5_000;
+pub const UDP_SOURCE_FRAMES_PER_SEC_MAX: u64 = 10_000_000;
+pub const UDP_SOURCE_BURST_FRAMES_DEFAULT: u64 = 10_000;
+pub const UDP_SOURCE_BURST_FRAMES_MAX: u64 = 1_000_000;
+
+/// Sources whose buckets one shard keeps (32 bytes each: 2 MiB by default),
+/// in sets of UDP_SOURCE_TABLE_WAYS. Past that, the fullest bucket of a set is
+/// reused, which only ever resets a source to a full bucket (`limiter.rs`).
+/// 65536 sources active within two seconds on one shard is far more clients
+/// than one shard serves.
+pub const UDP_SOURCE_TABLE_ENTRIES_DEFAULT: usize = 65_536;
+pub const UDP_SOURCE_TABLE_ENTRIES_MIN: usize = 64;
+pub const UDP_SOURCE_TABLE_ENTRIES_MAX: usize = 1 << 22;
+pub const UDP_SOURCE_TABLE_WAYS: usize = 8;
 
 /// TCP read buffer per connection: a few maximum frames, so a read that ends
 /// mid-frame always leaves room to complete it.
@@ -126,3 +190,25 @@ const _: () = assert!(DATAGRAM_BYTES_MAX >= FRAME_BYTES_MAX);
 const _: () = assert!(REPLY_ACKS_MAX >= 1);
 // An in-flight entry per event held in every open or sent batch.
 const _: () = assert!(BATCH_EVENTS_MAX * BATCHES_IN_FLIGHT_MAX <= 1 << 20);
+// The per-source caps fit within the shard's.
+const _: () = assert!(TCP_CONNECTIONS_PER_SOURCE_DEFAULT <= TCP_CONNECTIONS_PER_SHARD_DEFAULT);
+const _: () = assert!(
+    TCP_IDLE_TIMEOUT_MS_MIN <= TCP_IDLE_TIMEOUT_MS_DEFAULT && TCP_IDLE_TIMEOUT_MS_DEFAULT <= TCP_IDLE_TIMEOUT_MS_MAX
+);
+const _: () = assert!(
+    TCP_WRITE_TIMEOUT_MS_MIN <= TCP_WRITE_TIMEOUT_MS_DEFAULT
+        && TCP_WRITE_TIMEOUT_MS_DEFAULT <= TCP_WRITE_TIMEOUT_MS_MAX
+);
+// The acks of every frame a connection may have unanswered fit its kernel send buffer.
+const _: () = assert!(TCP_SEND_BUFFER_BYTES >= TCP_OUTBOX_BYTES);
+const _: () = assert!(UDP_SOURCE_FRAMES_PER_SEC_DEFAULT <= UDP_SOURCE_FRAMES_PER_SEC_MAX);
+const _: () = assert!(UDP_SOURCE_BURST_FRAMES_DEFAULT <= UDP_SOURCE_BURST_FRAMES_MAX);
+// A bucket's tolerance, one interval (at most 1 s) times the burst, fits the u64 nanoseconds it is kept in.
+const _: () = assert!(UDP_SOURCE_BURST_FRAMES_MAX.checked_mul(1_000_000_000).is_some());
+// The table is whole sets of a power-of-two ways.
+const _: () =
+    assert!(UDP_SOURCE_TABLE_WAYS.is_power_of_two() && UDP_SOURCE_TABLE_ENTRIES_MIN % UDP_SOURCE_TABLE_WAYS == 0);
+const _: () = assert!(
+    UDP_SOURCE_TABLE_ENTRIES_MIN <= UDP_SOURCE_TABLE_ENTRIES_DEFAULT
+        && UDP_SOURCE_TABLE_ENTRIES_DEFAULT <= UDP_SOURCE_TABLE_ENTRIES_MAX
+);

@@ -234,15 +234,24 @@ pub enum CloseReason {
     WriteFailed = 2,
     AtLimit = 3,
     Shutdown = 4,
+    /// Closed at accept: its source already held `tcp_connections_per_source`.
+    SourceLimit = 5,
+    /// Sent nothing for `tcp_idle_timeout_ms`.
+    Idle = 6,
+    /// Did not read its acks for `tcp_write_timeout_ms`.
+    SlowReader = 7,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 5] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::PeerClosed,
         CloseReason::Unparseable,
         CloseReason::WriteFailed,
         CloseReason::AtLimit,
         CloseReason::Shutdown,
+        CloseReason::SourceLimit,
+        CloseReason::Idle,
+        CloseReason::SlowReader,
     ];
 
     pub fn name(self) -> &'static str {
@@ -252,6 +261,9 @@ impl CloseReason {
             CloseReason::WriteFailed => "write_failed",
             CloseReason::AtLimit => "at_limit",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::SourceLimit => "source_limit",
+            CloseReason::Idle => "idle",
+            CloseReason::SlowReader => "slow_reader",
         }
     }
 }
@@ -267,6 +279,9 @@ pub struct ShardMetrics {
     pub acks_sent: [[Counter; 4]; TRANSPORTS],
     pub frames_rejected: [[Counter; 4]; TRANSPORTS],
     pub unparseable: [Counter; TRANSPORTS],
+    /// Frames dropped unanswered because their source was over its rate
+    /// (`limiter.rs`; UDP only, TCP is bounded by its window).
+    pub frames_limited: [Counter; TRANSPORTS],
     pub dedup_lookups: [Counter; 4],
     pub dedup_cache_events: Gauge,
     pub dedup_cache_evictions: Counter,
@@ -279,7 +294,7 @@ pub struct ShardMetrics {
     pub retries: [Counter; 5],
     pub tcp_connections_open: Gauge,
     pub tcp_connections_accepted: Counter,
-    pub tcp_connections_closed: [Counter; 5],
+    pub tcp_connections_closed: [Counter; CloseReason::ALL.len()],
     pub intake_to_ack_us: [Histogram<16>; TRANSPORTS],
     pub reply_send_errors: Counter,
     /// The UDP socket's inode, to find its kernel drop count in /proc/net/udp.
@@ -294,6 +309,7 @@ impl Default for ShardMetrics {
             acks_sent: Default::default(),
             frames_rejected: Default::default(),
             unparseable: Default::default(),
+            frames_limited: Default::default(),
             dedup_lookups: Default::default(),
             dedup_cache_events: Gauge::default(),
             dedup_cache_evictions: Counter::default(),

@@ -35,7 +35,7 @@ use crate::udp::UdpIo;
 use crate::batch::Batch;
 use crate::config::Config;
 use crate::dedup::{DedupReader, DedupWriter};
-use crate::frame::{parse, EventId, Header, Status};
+use crate::frame::{parse, Action, EventId, Header, RejectReason, Status};
 use crate::latency::Latency;
 use crate::metrics::{LookupOutcome, RetryCause, ShardMetrics, Transport};
 use crate::notify::{Latch, Notify};
@@ -123,7 +123,7 @@ impl Shard {
     ) -> Option<Status> {
         debug_assert_eq!(frame.len(), header.frame_bytes);
         let transport = route.transport();
-        let answer = match parse(frame) {
+        let answer = match parse(frame).and_then(|action| self.authenticate(action, recv_us)) {
             Ok(action) => {
                 debug_assert_eq!(action.id, header.id);
                 self.admit(&action, route, received_at, recv_us)
@@ -138,6 +138,17 @@ impl Shard {
             self.record_answered(transport, status, received_at, Instant::now());
         }
         answer
+    }
+
+    /// With auth on, a frame needs a valid, fresh tag (`auth.rs`); without
+    /// it, any tag a client sends is ignored.
+    fn authenticate<'a>(&self, action: Action<'a>, recv_us: u64) -> Result<Action<'a>, RejectReason> {
+        match &self.config.auth {
+            Some(secrets) if !secrets.admits(&action, recv_us, self.config.dedup_window_secs) => {
+                Err(RejectReason::Auth)
+            }
+            _ => Ok(action),
+        }
     }
 
     fn admit(

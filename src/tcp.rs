@@ -6,13 +6,24 @@
 //!
 //! Bounds: the reader stops reading once `TCP_UNACKED_FRAMES_MAX` frames are
 //! unanswered, which pushes back on the sender through TCP's window and caps
-//! the outbox; a shard holds at most `tcp_connections_per_shard` connections
+//! the outbox; a shard holds at most `tcp_connections_per_shard` connections,
+//! and at most `tcp_connections_per_source` from one source (`tcp_sources.rs`),
 //! and closes any more at accept. A header that does not parse, or a
 //! payload_len over the limit, ends the connection: the stream cannot be
 //! resynced. Answers already owed are still written first.
+//!
+//! Two timeouts end a connection that holds resources without using them: one
+//! that sends nothing for `tcp_idle_timeout_ms` is closed (`idle`), and one
+//! whose acks cannot be written for `tcp_write_timeout_ms` because it does not
+//! read them is closed (`slow_reader`). Until then such a peer holds its
+//! outbox and a small kernel send buffer (`TCP_SEND_BUFFER_BYTES`), never
+//! more: the reader stops at the unanswered bound. When it goes, the acks
+//! still owed to it are dropped; its events are stored all the same, and the
+//! copies it resends are answered DUPLICATE.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
+use std::io::ErrorKind;
+use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -20,16 +31,15 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::frame::{encode_ack, EventId, Status, ACK_BYTES};
-use crate::limits::{TCP_OUTBOX_BYTES, TCP_READ_BUFFER_BYTES, TCP_UNACKED_FRAMES_MAX};
+use crate::limits::{TCP_OUTBOX_BYTES, TCP_READ_BUFFER_BYTES, TCP_SEND_BUFFER_BYTES, TCP_UNACKED_FRAMES_MAX};
 use crate::metrics::{CloseReason, Transport};
 use crate::notify::Notify;
 use crate::reply::Route;
 use crate::shard::Shard;
+use crate::source::SourceKey;
 use crate::stream::{self, Stop};
+use crate::tcp_sources::TcpSources;
 use crate::udp::unix_now_us;
-
-/// A peer that does not read its acks for this long is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The state a connection's reader, writer and in-flight batches share.
 pub struct Connection {
@@ -38,6 +48,8 @@ pub struct Connection {
     unacked_frames: Cell<usize>,
     reading_done: Cell<bool>,
     broken: Cell<bool>,
+    /// Why writing failed, once it has: `slow_reader` or `write_failed`.
+    write_failure: Cell<Option<CloseReason>>,
     writer_wake: Notify,
     reader_wake: Notify,
 }
@@ -49,6 +61,7 @@ impl Connection {
             unacked_frames: Cell::new(0),
             reading_done: Cell::new(false),
             broken: Cell::new(false),
+            write_failure: Cell::new(None),
             writer_wake: Notify::default(),
             reader_wake: Notify::default(),
         }
@@ -69,6 +82,14 @@ impl Connection {
         drop(outbox);
         self.writer_wake.notify();
     }
+
+    /// The peer cannot be written to: from now on its acks are dropped.
+    fn fail_writes(&self, reason: CloseReason) {
+        self.broken.set(true);
+        self.write_failure.set(Some(reason));
+        self.outbox.borrow_mut().clear();
+        self.reader_wake.notify();
+    }
 }
 
 /// A listener in the shared SO_REUSEPORT group (glommio sets the option).
@@ -78,6 +99,11 @@ pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Accepts until the shard stops.
 pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
+    // Allocated once, here at shard start; the connections' tasks release their counts.
+    let sources = Rc::new(RefCell::new(TcpSources::new(
+        shard.config.tcp_connections_per_shard,
+        shard.config.tcp_connections_per_source,
+    )));
     loop {
         let accept = async { Some(listener.accept().await) };
         let stop = async {
@@ -97,33 +123,45 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
             shard.metrics.close(CloseReason::AtLimit);
             continue;
         }
+        // Without a peer address the peer has already gone (ENOTCONN).
+        let Ok(peer) = stream.peer_addr() else {
+            shard.metrics.tcp_connections_accepted.add(1);
+            shard.metrics.close(CloseReason::PeerClosed);
+            continue;
+        };
+        let source = SourceKey::of(peer.ip());
+        if !sources.borrow_mut().try_open(source) {
+            shard.metrics.close(CloseReason::SourceLimit);
+            continue;
+        }
         shard.metrics.tcp_connections_accepted.add(1);
         shard.tcp_connections_open.set(shard.tcp_connections_open.get() + 1);
         shard
             .metrics
             .tcp_connections_open
             .set(shard.tcp_connections_open.get() as i64);
-        glommio::spawn_local(serve_connection(Rc::clone(&shard), stream)).detach();
+        glommio::spawn_local(serve_connection(Rc::clone(&shard), stream, Rc::clone(&sources), source)).detach();
     }
 }
 
-async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
+async fn serve_connection(shard: Rc<Shard>, stream: TcpStream, sources: Rc<RefCell<TcpSources>>, source: SourceKey) {
     let _ = stream.set_nodelay(true);
+    // Bounds the kernel memory a peer that stops reading pins (limits.rs).
+    let _ = socket2::SockRef::from(&stream).set_send_buffer_size(TCP_SEND_BUFFER_BYTES);
+    // A read that waits this long fails with TimedOut: the peer is idle.
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(shard.config.tcp_idle_timeout_ms)));
     let connection = Rc::new(Connection::new());
     if let Ok(writer_stream) = crate::sys::duplicate_stream(&stream) {
-        let _ = writer_stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        // A write that makes no progress this long fails with TimedOut: the peer does not read.
+        let _ = writer_stream.set_write_timeout(Some(Duration::from_millis(shard.config.tcp_write_timeout_ms)));
         let writer = glommio::spawn_local(write_acks(Rc::clone(&connection), writer_stream));
         let reason = read_frames(&shard, &connection, stream).await;
         connection.reading_done.set(true);
         connection.writer_wake.notify();
         writer.await;
-        let reason = if connection.broken.get() {
-            CloseReason::WriteFailed
-        } else {
-            reason
-        };
-        shard.metrics.close(reason);
+        shard.metrics.close(connection.write_failure.get().unwrap_or(reason));
     }
+    sources.borrow_mut().close(source);
     shard.tcp_connections_open.set(shard.tcp_connections_open.get() - 1);
     shard
         .metrics
@@ -153,6 +191,8 @@ async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream:
         };
         let read_bytes = match futures_lite::future::or(stop, read).await {
             None => return CloseReason::Shutdown,
+            Some(Err(error)) if error.kind() == ErrorKind::TimedOut => return CloseReason::Idle,
+            // A writer that gave up shut the socket down, which ends this read too.
             Some(Err(_)) | Some(Ok(0)) => return CloseReason::PeerClosed,
             Some(Ok(read_bytes)) => read_bytes,
         };
@@ -204,9 +244,15 @@ async fn write_acks(connection: Rc<Connection>, mut stream: TcpStream) {
             continue;
         }
         std::mem::swap(&mut *connection.outbox.borrow_mut(), &mut sending);
-        if stream.write_all(&sending).await.is_err() {
-            connection.broken.set(true);
-            connection.reader_wake.notify();
+        if let Err(error) = stream.write_all(&sending).await {
+            let reason = match error.kind() {
+                ErrorKind::TimedOut => CloseReason::SlowReader,
+                _ => CloseReason::WriteFailed,
+            };
+            connection.fail_writes(reason);
+            // Wakes a reader blocked in read() on the other handle: after a
+            // shutdown its read returns end-of-stream at once.
+            let _ = stream.shutdown(Shutdown::Both).await;
             return;
         }
         debug_assert_eq!(sending.len() % ACK_BYTES, 0);

@@ -8,6 +8,13 @@
 //! A cut frame is not REJECTED because REJECTED tells a client never to resend
 //! it unchanged, and the same bytes, whole, would be a valid event. Immediate answers for one
 //! datagram are coalesced into as few reply datagrams as the MTU allows.
+//!
+//! Each frame first takes a token from its source's bucket (`limiter.rs`). A
+//! frame that finds none is dropped before it is parsed, unanswered, and
+//! counted as limited: a reply to a spoofable source would make the server a
+//! reflector, and answering costs the very work the limit sheds (see
+//! docs/design.md, "Abuse limits"). Bytes that are no frame take no token:
+//! they cost no more than their read and get no answer anyway.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -16,10 +23,12 @@ use std::time::{Instant, SystemTime};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::frame::{check, CheckError, EventId, RejectReason, Status};
+use crate::limiter::SourceLimiter;
 use crate::limits::{DATAGRAM_BYTES_MAX, UDP_SOCKET_BUFFER_BYTES};
 use crate::metrics::Transport;
 use crate::reply::{Route, UdpReply};
 use crate::shard::Shard;
+use crate::source::SourceKey;
 
 /// One shard's UDP socket, through two handles on the same descriptor.
 ///
@@ -104,10 +113,15 @@ pub fn unix_now_us() -> u64 {
 pub async fn serve(shard: Rc<Shard>) {
     let mut datagram = vec![0u8; DATAGRAM_BYTES_MAX];
     let mut reply = Box::<UdpReply>::default();
+    let mut limiter = SourceLimiter::new(
+        shard.config.udp_source_table_entries,
+        shard.config.udp_source_frames_per_sec,
+        shard.config.udp_source_burst_frames,
+    );
     while !shard.stopping.is_open() {
         match shard.udp.try_receive(&mut datagram) {
             Ok(Some((length_bytes, source))) => {
-                handle_datagram(&shard, &datagram[..length_bytes], source, &mut reply).await;
+                handle_datagram(&shard, &mut limiter, &datagram[..length_bytes], source, &mut reply).await;
                 // A socket under a flood never makes us wait; let the Redis
                 // connection, timers and completions run (see PREEMPT_TIMER_US).
                 glommio::yield_if_needed().await;
@@ -122,32 +136,57 @@ pub async fn serve(shard: Rc<Shard>) {
     }
 }
 
-async fn handle_datagram(shard: &Rc<Shard>, data: &[u8], source: SocketAddr, reply: &mut UdpReply) {
+async fn handle_datagram(
+    shard: &Rc<Shard>,
+    limiter: &mut SourceLimiter,
+    data: &[u8],
+    source: SocketAddr,
+    reply: &mut UdpReply,
+) {
     let received_at = Instant::now();
     let recv_us = unix_now_us();
     let route = Route::Udp(source);
+    let source_key = SourceKey::of(source.ip());
     let mut offset = 0;
     let mut frames = 0u64;
+    let mut limited_frames = 0u64;
     while offset < data.len() {
         let rest = &data[offset..];
         let (answer, consumed_bytes) = match check(rest) {
             Ok(header) => {
                 frames += 1;
-                let frame = &rest[..header.frame_bytes];
-                let status = shard.take_frame(frame, header, &route, received_at, recv_us);
+                let status = if limiter.admit(source_key, received_at) {
+                    let frame = &rest[..header.frame_bytes];
+                    shard.take_frame(frame, header, &route, received_at, recv_us)
+                } else {
+                    limited_frames += 1;
+                    None
+                };
                 (status.map(|status| (status, header.id)), header.frame_bytes)
             }
             Err(error) => {
                 let rejected = rejected_id(error);
-                match rejected {
+                let answered = match rejected {
                     Some(_) => {
                         frames += 1;
-                        shard.metrics.reject(Transport::Udp, RejectReason::Length);
-                        shard.record_answered(Transport::Udp, Status::Rejected, received_at, Instant::now());
+                        let admitted = limiter.admit(source_key, received_at);
+                        if admitted {
+                            shard.metrics.reject(Transport::Udp, RejectReason::Length);
+                            shard.record_answered(Transport::Udp, Status::Rejected, received_at, Instant::now());
+                        } else {
+                            limited_frames += 1;
+                        }
+                        admitted
                     }
-                    None => shard.metrics.unparseable[Transport::Udp as usize].add(1),
-                }
-                (rejected.map(|id| (Status::Rejected, id)), rest.len())
+                    None => {
+                        shard.metrics.unparseable[Transport::Udp as usize].add(1);
+                        false
+                    }
+                };
+                (
+                    rejected.filter(|_| answered).map(|id| (Status::Rejected, id)),
+                    rest.len(),
+                )
             }
         };
         offset += consumed_bytes;
@@ -160,6 +199,7 @@ async fn handle_datagram(shard: &Rc<Shard>, data: &[u8], source: SocketAddr, rep
     }
     debug_assert_eq!(offset, data.len());
     shard.metrics.frames_received[Transport::Udp as usize].add(frames);
+    shard.metrics.frames_limited[Transport::Udp as usize].add(limited_frames);
     shard.metrics.bytes_received[Transport::Udp as usize].add(data.len() as u64);
     shard.send_udp_reply(reply).await;
 }

@@ -1,13 +1,16 @@
-//! The hot path does not allocate: decoding a frame, the dedup lookups and
-//! inserts, encoding acks, and adding an event to a batch, checked with a
-//! counting global allocator over many thousands of operations.
+//! The hot path does not allocate: decoding a frame, the per-source rate
+//! limit, the dedup lookups and inserts, encoding acks, and adding an event to
+//! a batch, checked with a counting global allocator over many thousands of
+//! operations.
 
 use std::time::Instant;
 
 use shardgate::batch::Batch;
 use shardgate::dedup::new_cache;
 use shardgate::frame::{check, encode_ack, encode_action, parse, ActionFields, EventId, Status};
+use shardgate::limiter::SourceLimiter;
 use shardgate::reply::{Route, UdpReply};
+use shardgate::source::SourceKey;
 use shardgate::sys::{allocations, CountingAllocator};
 
 #[global_allocator]
@@ -35,7 +38,7 @@ fn prime(batch: &mut Batch, frames: &[u8]) {
     batch.finish();
 }
 
-// Decode, dedup, ack encoding and batching of 20 000 events make zero heap allocations.
+// Decode, the rate limit, dedup, ack encoding and batching of 20 000 events make zero heap allocations.
 #[test]
 fn hot_path_makes_no_allocations() {
     const EVENTS: u64 = 20_000;
@@ -63,11 +66,18 @@ fn hot_path_makes_no_allocations() {
     let mut reply = UdpReply::default();
     let received_at = Instant::now();
     let mut acks_checksum = 0u64;
+    // Allocated at shard start; 997 sources, most of them new to the table at first.
+    let mut limiter = SourceLimiter::new(1024, 1_000_000, 1_000_000);
+    let mut limited = 0u64;
 
     let allocations = allocations_during(|| {
         let mut offset = 0;
         while offset < frames.len() {
             let header = check(&frames[offset..]).expect("valid frames");
+            let source = SourceKey::of(std::net::Ipv4Addr::from(header.id.player_id as u32).into());
+            if !limiter.admit(source, received_at) {
+                limited += 1;
+            }
             let action = parse(&frames[offset..offset + header.frame_bytes]).expect("valid frames");
             offset += header.frame_bytes;
             if writer.contains(action.id) || reader.contains(action.id) {
@@ -100,6 +110,7 @@ fn hot_path_makes_no_allocations() {
         "the hot path allocated {allocations} times for {EVENTS} events"
     );
     assert!(acks_checksum > 0, "the loop did its work");
+    assert_eq!(limited, 0, "every source stayed within its bucket");
     assert_eq!(batch.blob_allocations(), 0, "every batch reused its blob buffer");
     // Every event was new, so each was added once (a full bucket may have evicted a few).
     assert_eq!(writer.len_events() as u64 + writer.evictions_total(), EVENTS);

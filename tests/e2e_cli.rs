@@ -30,6 +30,12 @@ const FLAGS: &[(&str, Option<&str>)] = &[
     ("--redis-timeout-ms", Some("1000")),
     ("--log-format", Some("text")),
     ("--log-level", Some("info")),
+    ("--tcp-connections-per-source", Some("64")),
+    ("--tcp-idle-timeout-ms", Some("30000")),
+    ("--tcp-write-timeout-ms", Some("10000")),
+    ("--udp-source-frames-per-sec", Some("5000")),
+    ("--udp-source-burst-frames", Some("10000")),
+    ("--udp-source-table-entries", Some("65536")),
 ];
 
 /// The help block of one flag: its line and the indented lines after it, up to the next flag.
@@ -111,18 +117,24 @@ fn top_level_help_lists_every_flag_with_default() {
     assert_help_lists_flags(&out.stdout, "shardgate --help");
 }
 
-// --auth-secret-file is accepted by the parser but refuses to start (exit 2) until auth lands.
+// A missing or too-short auth secret file stops the start (exit 2), naming the file and the fault.
 #[test]
-fn unsupported_flags_exit_2() {
+fn bad_auth_secret_file_exits_2() {
+    use std::os::unix::fs::PermissionsExt;
     let port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "gala-secret").expect("write secret");
-    let mut args = serve_args(port);
-    args.extend(["--auth-secret-file".into(), secret.to_str().expect("utf-8").into()]);
-    let out = run(&args);
-    assert_eq!(out.code(), Some(2), "--auth-secret-file: {out:?}");
-    assert!(out.stderr.contains("not supported yet"), "--auth-secret-file: {out:?}");
+    let missing = dir.path().join("missing");
+    let short = dir.path().join("short");
+    std::fs::write(&short, "gala-secret").expect("write secret");
+    std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    for (file, must_name) in [(&missing, "cannot read auth secret file"), (&short, "holds 11 bytes")] {
+        let mut args = serve_args(port);
+        args.extend(["--auth-secret-file".into(), file.to_str().expect("utf-8").into()]);
+        let out = run(&args);
+        assert_eq!(out.code(), Some(2), "{}: {out:?}", file.display());
+        assert!(out.stderr.contains(must_name), "{}: {out:?}", file.display());
+        assert!(out.stderr.contains(file.to_str().expect("utf-8")), "{}: {out:?}", file.display());
+    }
 }
 
 // A core that does not exist, or a malformed list, fails at start naming the problem.

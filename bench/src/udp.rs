@@ -1,7 +1,11 @@
 //! The UDP transport: one connected socket per lane, all driven by the engine's one thread.
 //!
 //! Each lane binds its own ephemeral port, so the server's SO_REUSEPORT group hashes the lanes
-//! over its shards. The socket is `connect`ed to the target: sends need no address, the kernel
+//! over its shards. On an IPv4 loopback target each lane also binds its own loopback address
+//! (127.0.100.1, .2, ...): a lane stands for a client host, and shardgate limits each source
+//! address to its share of a shard (docs/design.md, "Abuse limits"), which a whole run from
+//! 127.0.0.1 alone would exceed. IPv6 has one loopback address, and a remote target sees this
+//! host's one address: raise the server's `--udp-source-frames-per-sec` for such runs. The socket is `connect`ed to the target: sends need no address, the kernel
 //! drops datagrams from anyone else, and an ICMP "port unreachable" (no server) surfaces as an
 //! error on the socket instead of passing silently.
 //!
@@ -15,6 +19,7 @@
 use std::io::{self, ErrorKind};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use shardgate::frame::ACK_BYTES;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -48,10 +53,26 @@ const MESSAGE_BYTES_MAX: usize = 60_000;
 /// MTU (1500 minus IPv6 and UDP headers, with room to spare), or every send would fail.
 const REMOTE_SEGMENT_BYTES_MAX: usize = 1_400;
 
+/// Lanes opened so far: the next lane's loopback host number.
+static LOOPBACK_LANES: AtomicU32 = AtomicU32::new(0);
+/// Loopback hosts the lanes take in turn: 127.0.100.1 ..= 127.0.100.250.
+const LOOPBACK_HOSTS: u32 = 250;
+
+/// The next lane's own loopback address, if the host has it (all of 127.0.0.0/8 is local on
+/// Linux); 127.0.0.1 otherwise.
+fn next_loopback_host() -> Ipv4Addr {
+    let host = LOOPBACK_LANES.fetch_add(1, Ordering::Relaxed) % LOOPBACK_HOSTS;
+    let address = Ipv4Addr::new(127, 0, 100, 1 + host as u8);
+    match UdpSocket::bind((address, 0)) {
+        Ok(_) => address,
+        Err(_) => Ipv4Addr::LOCALHOST,
+    }
+}
+
 /// Opens one lane's socket, connected to `target`, non-blocking, stamping arrivals.
 pub fn open(target: SocketAddr) -> io::Result<UdpSocket> {
     let local: SocketAddr = match (target.is_ipv4(), target.ip().is_loopback()) {
-        (true, true) => (Ipv4Addr::LOCALHOST, 0).into(),
+        (true, true) => (next_loopback_host(), 0).into(),
         (true, false) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         (false, true) => (Ipv6Addr::LOCALHOST, 0).into(),
         (false, false) => (Ipv6Addr::UNSPECIFIED, 0).into(),

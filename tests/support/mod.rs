@@ -2185,3 +2185,146 @@ pub fn random_garbage(rng: &mut StdRng, len: usize) -> Vec<u8> {
     }
     v
 }
+
+// ---------------------------------------------------------------------------------------
+// fixed ports that survive restarts (tests/e2e_chaos.rs)
+// ---------------------------------------------------------------------------------------
+
+impl RedisServer {
+    /// Redis with `--appendonly yes --appendfsync always` on a given port.
+    pub fn start_with_aof_on_port(port: u16) -> RedisServer {
+        Self::launch(Some(port), true)
+    }
+}
+
+/// A loopback port below the kernel's ephemeral range (`ip_local_port_range`; above it if
+/// the range starts too low) that was free for both TCP and UDP a moment ago.
+///
+/// For a server that a test stops and starts again on the same port: while nothing listens
+/// on an ephemeral port, a client's `connect()` to it may pick that very port as its own
+/// source and connect to itself (TCP simultaneous open), which then holds the port and
+/// swallows the client's frames. A port outside the range is never a source port.
+pub fn free_port_outside_ephemeral() -> u16 {
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let range = if lo > 11_000 {
+        10_000..lo
+    } else {
+        assert!(hi < 64_000, "no port outside the ephemeral range {lo}-{hi}");
+        hi + 1..u16::MAX
+    };
+    let mut rng = rand::thread_rng();
+    for _attempt in 0..500 {
+        let port = rng.gen_range(range.clone());
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if TcpListener::bind(addr).is_ok() && UdpSocket::bind(addr).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {range:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// abuse limits: other loopback sources, /metrics samples, resident memory
+// ---------------------------------------------------------------------------------------
+
+/// A UDP socket on `ip` (any 127.x.y.z is local on Linux), so a test can be several sources.
+pub fn udp_socket_from(ip: [u8; 4]) -> UdpSocket {
+    let socket = UdpSocket::bind(SocketAddr::from((ip, 0))).unwrap_or_else(|e| panic!("bind udp {ip:?}: {e}"));
+    set_rcvbuf(socket.as_raw_fd(), 4 << 20);
+    socket
+}
+
+/// A TCP connection to `server` from `ip` (another loopback source), with short read and
+/// write timeouts.
+pub fn tcp_connect_from(ip: [u8; 4], server: SocketAddr) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::from((ip, 0)).into())?;
+    socket.connect_timeout(&server.into(), Duration::from_secs(2))?;
+    let stream: TcpStream = socket.into();
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_millis(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    Ok(stream)
+}
+
+/// The `/metrics` address from the serving line (`metrics="127.0.0.1:PORT"`).
+pub fn serving_metrics_address(server: &Server) -> SocketAddr {
+    let lines = server.stderr_lines();
+    let serving = lines
+        .iter()
+        .find(|line| line.starts_with("shardgate: serving"))
+        .expect("the harness saw the serving line");
+    let value = serving
+        .split_whitespace()
+        .find_map(|token| token.strip_prefix("metrics="))
+        .unwrap_or_else(|| panic!("no metrics= in {serving:?}"));
+    value
+        .trim_matches('"')
+        .parse()
+        .unwrap_or_else(|e| panic!("metrics={value} in {serving:?}: {e}"))
+}
+
+/// The body of one `GET /metrics`.
+pub fn scrape_metrics(address: SocketAddr) -> String {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("connect to /metrics at {address}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send GET");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read /metrics");
+    let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    body.to_string()
+}
+
+/// The sum of every sample named `name` whose labels include each `key="value"` of
+/// `filter` (Prometheus text format, as /metrics serves it).
+pub fn metric_sum(body: &str, name: &str, filter: &[(&str, &str)]) -> u64 {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (sample_name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = sample_name == name
+                && filter
+                    .iter()
+                    .all(|(key, value)| labels.contains(&format!("{key}=\"{value}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum::<f64>() as u64
+}
+
+/// Resident memory of process `pid` (VmRSS), in bytes.
+pub fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .expect("VmRSS in /proc/PID/status");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in kB");
+    kib * 1024
+}
+
+impl Server {
+    /// After the process exited: waits (up to `timeout`) until its stdout and stderr have been
+    /// read to the end. [`Server::is_alive`] records the exit without this, so the last lines
+    /// (the `shardgate: stopped` summary, a panic message) may not be in `stderr_lines` yet.
+    pub fn wait_output(&mut self, timeout: Duration) {
+        self.join_readers(timeout);
+    }
+}
