@@ -3,7 +3,7 @@
 # raw ceiling of this machine and next to clients that store directly ("no
 # middle tier"). Writes bench/RESULTS.md.
 #
-#   scripts/bench.sh [--out FILE] [--step 8s] [--budget-secs 570] [--durable] [--nats URL] [--keep-logs DIR]
+#   scripts/bench.sh [--out FILE] [--step 8s] [--budget-secs 550] [--instr-secs 240] [--durable] [--nats URL] [--keep-logs DIR]
 #
 # Series, each searched for the highest rate that holds the SLO (0 lost,
 # 0 stored twice, 0 acked but missing, first-attempt p99.9 < 5 ms):
@@ -14,12 +14,21 @@
 #   peer redis     clients call Redis directly, one EVALSHA of the same script per event
 #   peer nats      clients publish to NATS JetStream directly (Nats-Msg-Id dedup)
 #
+# Then the instrumentation cost: one shardgate started with --metrics, swept
+# four times over the same rates around shardgate UDP's best (1 frame per
+# datagram), in the order A B B A: A scrapes /metrics every second while the
+# load runs (`--scrape`), B does not. It reports the highest rate that held the
+# SLO each way, their ratio, and how far the two repeats of each disagree (the
+# run-to-run noise). It gets its own slice of the budget (--instr-secs).
+#
 # Every step is one `run` or `peer` of --step (warmup 2 s included) at a fixed
 # rate, shardgate steps each against a freshly started server. The search
 # doubles the rate from a start until a step fails (halving instead if the
-# start fails), then bisects twice. A budget (default 570 s from the script's
-# start, build included) is shared equally by the series still to run, each
-# getting at least one step; a search cut short says so in the results.
+# start fails), then bisects twice. A budget (default 550 s from the script's
+# start, build included, leaving room for the flood section under 10 minutes)
+# is shared equally by the series still to run, less --instr-secs kept for the
+# instrumentation sweeps, each getting at least one step; a search cut short
+# says so in the results.
 #
 # Redis: a private redis-server on a free loopback port in a temp dir, with no
 # persistence (--save "" --appendonly no) unless --durable (appendonly yes,
@@ -31,13 +40,16 @@
 #
 # Everything started here is stopped on exit; only loopback addresses are used.
 set -euo pipefail
+command_line="scripts/bench.sh${*:+ $*}"
 cd "$(dirname "$0")/.."
 started_s=$(date +%s)
+load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 out=bench/RESULTS.md
 step=8s
 warmup=2s
-budget_s=570
+budget_s=550
+instr_s=240
 durable=0
 nats_url=""
 keep_logs=""
@@ -46,14 +58,17 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift 2 ;;
     --step) step="$2"; shift 2 ;;
     --budget-secs) budget_s="$2"; shift 2 ;;
+    --instr-secs) instr_s="$2"; shift 2 ;;
     --durable) durable=1; shift ;;
     --nats) nats_url="$2"; shift 2 ;;
     --keep-logs) keep_logs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 [[ "$step" =~ ^[0-9]+s$ ]] && [ "${step%s}" -ge 4 ] || { echo "--step must be whole seconds, at least 4s (e.g. 8s)" >&2; exit 2; }
+[[ "$budget_s" =~ ^[0-9]+$ ]] && [[ "$instr_s" =~ ^[0-9]+$ ]] && [ "$instr_s" -lt "$budget_s" ] \
+  || { echo "--budget-secs and --instr-secs must be whole seconds, --instr-secs below --budget-secs" >&2; exit 2; }
 case "$nats_url" in ""|nats://127.*|nats://localhost*|nats://\[::1\]*) ;; *) echo "--nats must be a loopback URL" >&2; exit 2 ;; esac
 
 source scripts/ensure-deps.sh
@@ -104,6 +119,34 @@ stop() {
   pids=("${kept[@]}")
 }
 
+# CPU seconds since boot: all cores busy (user, nice, system from /proc/stat), and this script's
+# own processes (its reaped children from `times`, plus those still running: Redis, NATS, a
+# server), so that other work on the machine can be told apart. Sets snap_busy and snap_own; it
+# must run in this shell, not in $(...), for `times` to see the children.
+clk_tck=$(getconf CLK_TCK 2>/dev/null || echo 100)
+cpu_snapshot() {
+  local pid
+  snap_busy=$(awk -v hz="$clk_tck" '/^cpu / { printf "%.2f", ($2 + $3 + $4) / hz; exit }' /proc/stat)
+  times >"$work/times"
+  snap_own=$(awk '{ for (i = 1; i <= 2; i++) { split($i, part, "m"); s += part[1] * 60 + part[2] } } END { printf "%.2f", s }' "$work/times")
+  for pid in "${pids[@]}"; do
+    [ -r "/proc/$pid/stat" ] || continue
+    snap_own=$(awk -v own="$snap_own" -v hz="$clk_tck" '{ sub(/^.*\) /, ""); printf "%.2f", own + ($12 + $13) / hz }' "/proc/$pid/stat")
+  done
+}
+# Other work's CPU between two snapshots, as "S s (C cores on average over W s)".
+foreign_cpu() { # BUSY0 OWN0 TIME0 BUSY1 OWN1 TIME1
+  awk -v b0="$1" -v o0="$2" -v t0="$3" -v b1="$4" -v o1="$5" -v t1="$6" 'BEGIN {
+    f = (b1 - b0) - (o1 - o0); if (f < 0) f = 0; w = t1 - t0; if (w < 1) w = 1
+    printf "%.0f CPU-s (%.2f cores on average over %d s)", f, f / w, w }'
+}
+foreign_cores() { # the same, only the average cores
+  awk -v b0="$1" -v o0="$2" -v t0="$3" -v b1="$4" -v o1="$5" -v t1="$6" 'BEGIN {
+    f = (b1 - b0) - (o1 - o0); if (f < 0) f = 0; w = t1 - t0; if (w < 1) w = 1; printf "%.2f", f / w }'
+}
+cpu_snapshot
+cpu_start=("$snap_busy" "$snap_own" "$(elapsed)")
+
 log "building (release)"
 cargo build --release -q -p shardgate -p shardgate-bench
 build_s=$(elapsed)
@@ -145,10 +188,11 @@ fi
 log "nats: $nats_note"
 
 # shardgate for one step: a fresh server on both cores (as scripts/demo.sh runs it), so no step
-# inherits the backlog or state an overloaded step before it left behind.
+# inherits the backlog or state an overloaded step before it left behind. Arguments are added
+# to its command line (the instrumentation section adds --metrics).
 start_shardgate() {
   "$server" serve --cores "0-$(( $(nproc) - 1 ))" --placement fenced --udp 127.0.0.1:0 --tcp 127.0.0.1:0 \
-    --redis "$redis_url" --prefix sgb 2>>"$work/server.log" &
+    --redis "$redis_url" --prefix sgb "$@" 2>>"$work/server.log" &
   server_pid=$!
   pids+=("$server_pid")
   local serving_lines
@@ -161,6 +205,7 @@ start_shardgate() {
   done
   udp_address=$(grep -o 'udp=[0-9.:]*' "$work/server.log" | tail -1 | cut -d= -f2)
   tcp_address=$(grep -o 'tcp=[0-9.:]*' "$work/server.log" | tail -1 | cut -d= -f2)
+  metrics_address=$(grep 'shardgate: serving' "$work/server.log" | tail -1 | grep -o 'metrics="\?[0-9.:]*' | tr -d '"' | cut -d= -f2 || true)
   kill -0 "$server_pid" 2>/dev/null
 }
 
@@ -213,7 +258,7 @@ search() {
   local series=$1 rate=$2 max=$3
   shift 3
   local best=0 failed=0 cut=no tries=0 steps=0
-  local deadline=$(( $(elapsed) + (budget_s - $(elapsed)) / series_left ))
+  local deadline=$(( $(elapsed) + (budget_s - instr_s - $(elapsed)) / series_left ))
   series_left=$(( series_left - 1 ))
   over_budget() { [ "$steps" -gt 0 ] && [ $(( $(elapsed) + step_cost_s )) -gt "$deadline" ]; }
   # Up, doubling, until a step fails or the maximum is reached.
@@ -268,7 +313,67 @@ search sg-tcp 10000 400000 "${sg_run[@]}" --target "tcp://@TCP@"
 log "peers"
 search peer-redis 10000 400000 "$bench" peer redis --redis "$redis_url"
 search peer-nats 5000 400000 "$bench" peer nats --nats "$nats_url"
+cpu_snapshot
+cpu_instr=("$snap_busy" "$snap_own" "$(elapsed)")
+
+# ---- instrumentation cost ---------------------------------------------------------------
+# One server with --metrics; four sweeps of the same rates (around shardgate UDP's best, 1 frame
+# per datagram) in the order A B B A, A scraping http://.../metrics every second, B not. Each
+# sweep stops at its first failed step; the passes' JSON is read back by the report.
+instr_passes=(A1 B1 B2 A2)
+instr_note=""
+instr_center=$(awk -F'\t' '$1 == "sg-udp-1" { print $2 }' "$work/best.tsv")
+[[ "$instr_center" =~ ^[0-9]+$ ]] && [ "$instr_center" -gt 0 ] || instr_center=5000
+# Rates: six steps of 10% of the centre (rounded to 250/s), from 60% to 110% of it (the centre
+# is one step's luck, so the sweeps start well below it), fewer if the time left cannot hold a
+# warm-up step and four passes of them (each step costs its length and ~3 s more).
+instr_unit=$(( (instr_center / 10 + 125) / 250 * 250 ))
+[ "$instr_unit" -ge 250 ] || instr_unit=250
+instr_steps=$(( (budget_s - $(elapsed) - step_s - 3) / 4 / (step_s + 3) ))
+[ "$instr_steps" -le 6 ] || instr_steps=6
+instr_from=$(( instr_center - 4 * instr_unit ))
+[ "$instr_from" -ge 250 ] || instr_from=250
+instr_to=$(( instr_from + (instr_steps - 1) * instr_unit ))
+if [ "$instr_steps" -lt 2 ]; then
+  instr_note="skipped: only $(( budget_s - $(elapsed) )) s of the budget left"
+  log "instrumentation cost: $instr_note"
+else
+  log "instrumentation cost: one server with --metrics, sweeps A B B A over ${instr_from}..${instr_to}/s step ${instr_unit}/s"
+  redis-cli -p "$redis_port" flushall >/dev/null
+  if start_shardgate --metrics 127.0.0.1:0 && [ -n "$metrics_address" ]; then
+    instr_server_pid=$server_pid
+    # Not scored: one step's worth of load first, so the first sweep does not pay for a cold
+    # server (first connections, script load, caches) and the second does not.
+    timeout 60 "$bench" run --target "udp://$udp_address" --rate "$instr_from" --duration "$step" --warmup "$warmup" \
+      >"$work/instr-warmup.txt" 2>&1 || true
+    for pass in "${instr_passes[@]}"; do
+      scrape_arguments=()
+      [ "${pass:0:1}" = A ] && scrape_arguments=(--scrape "http://$metrics_address/metrics" --scrape-interval 1s)
+      redis-cli -p "$redis_port" flushall >/dev/null
+      sleep 2
+      timeout $(( instr_steps * (step_s + 8) + 30 )) "$bench" sweep --target "udp://$udp_address" \
+        --from "$instr_from" --to "$instr_to" --step "$instr_unit" --duration "$step" --warmup "$warmup" \
+        --redis "$redis_url" --prefix sgb "${scrape_arguments[@]}" --json "$work/instr-$pass.json" \
+        >"$work/instr-$pass.txt" 2>&1 || true
+      if [ -s "$work/instr-$pass.json" ]; then
+        log "instrumentation $pass: $(tail -1 "$work/instr-$pass.txt")"
+      else
+        log "instrumentation $pass: no result ($(tail -1 "$work/instr-$pass.txt"))"
+      fi
+    done
+    stop "$instr_server_pid"
+  else
+    instr_note="skipped: shardgate with --metrics did not start ($(tail -1 "$work/server.log"))"
+    log "instrumentation cost: $instr_note"
+  fi
+fi
 total_s=$(elapsed)
+cpu_snapshot
+cpu_end=("$snap_busy" "$snap_own" "$(elapsed)")
+foreign_searches=$(foreign_cpu "${cpu_start[@]}" "${cpu_instr[@]}")
+foreign_instr=$(foreign_cpu "${cpu_instr[@]}" "${cpu_end[@]}")
+foreign_all_cores=$(foreign_cores "${cpu_start[@]}" "${cpu_end[@]}")
+log "other work on the machine: $foreign_searches during the series, $foreign_instr during the instrumentation sweeps"
 
 # ---- the report -------------------------------------------------------------------------
 label() {
@@ -295,10 +400,11 @@ ratio() { # $1 divided by $2, or "-" when either is not a positive number
 }
 
 plot_note="no plot: python3 not found"
+instr_plot_note=""
 if command -v python3 >/dev/null 2>&1; then
   plot_dir=$(dirname "$out")
   plot_file="$plot_dir/RESULTS-p999.svg"
-  if python3 - "$work/steps.tsv" "$plot_file" <<'PY'
+  cat >"$work/plot.py" <<'PY'
 # p99.9 of every step against its offered rate, one line per series, log scales, 5 ms line.
 import math, sys
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
@@ -314,7 +420,7 @@ x0, x1 = math.log10(min(rates) / 1.5), math.log10(max(rates) * 1.5)
 y0, y1 = math.log10(50), math.log10(max(10_000_000, max(p for pts in series.values() for _, p, _ in pts)))
 X = lambda r: L + (math.log10(r) - x0) / (x1 - x0) * (W - L - R)
 Y = lambda p: T + (1 - (math.log10(max(p, 50)) - y0) / (y1 - y0)) * (H - T - B)
-colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
        f'<rect width="{W}" height="{H}" fill="white"/>',
        f'<line x1="{L}" y1="{Y(5000):.1f}" x2="{W-R}" y2="{Y(5000):.1f}" stroke="#999" stroke-dasharray="4"/>',
@@ -326,9 +432,11 @@ for p, name in ((100, "0.1 ms"), (1_000, "1 ms"), (10_000, "10 ms"), (100_000, "
     if y0 <= math.log10(p) <= y1:
         out.append(f'<text x="{L-6}" y="{Y(p)+4:.1f}" text-anchor="end">{name}</text>')
         out.append(f'<line x1="{L}" y1="{Y(p):.1f}" x2="{W-R}" y2="{Y(p):.1f}" stroke="#eee"/>')
-for r in (1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6):
+# Rate ticks: 1-2-5 per decade, or more when the rates span less than about a decade.
+mantissas = (1, 2, 5) if x1 - x0 > 1.2 else (1, 1.5, 2, 3, 4, 5, 6, 8)
+for r in sorted(m * 10 ** e for m in mantissas for e in range(2, 7)):
     if x0 <= math.log10(r) <= x1:
-        out.append(f'<text x="{X(r):.1f}" y="{H-B+16}" text-anchor="middle">{int(r/1000)}k</text>')
+        out.append(f'<text x="{X(r):.1f}" y="{H-B+16}" text-anchor="middle">{r/1000:g}k</text>')
         out.append(f'<line x1="{X(r):.1f}" y1="{T}" x2="{X(r):.1f}" y2="{H-B}" stroke="#eee"/>')
 for i, (name, pts) in enumerate(sorted(series.items())):
     c = colors[i % len(colors)]
@@ -341,18 +449,133 @@ out.append(f'<text x="{W-R+12}" y="{T+16+len(series)*18+10}" fill="#666">filled:
 out.append("</svg>")
 open(sys.argv[2], "w").write("\n".join(out) + "\n")
 PY
-  then
+  if python3 "$work/plot.py" "$work/steps.tsv" "$plot_file"; then
     plot_note="![first-attempt p99.9 against offered rate]($(basename "$plot_file"))"
   else
     plot_note="no plot: no step produced a latency"
   fi
+  # The instrumentation sweeps, one line each, from their JSON.
+  : >"$work/instr-steps.tsv"
+  for pass in "${instr_passes[@]}"; do
+    [ -s "$work/instr-$pass.json" ] || continue
+    case "$pass" in
+      A1) name="1 A: scraping every 1 s" ;; B1) name="2 B: no scraping" ;;
+      B2) name="3 B: no scraping" ;; A2) name="4 A: scraping every 1 s" ;;
+    esac
+    jq -r --arg name "$name" '.steps[] | [$name, .offered_rate, (if .slo_ok then "held" else "failed" end), .latency_first_us.p999] | @tsv' \
+      "$work/instr-$pass.json" >>"$work/instr-steps.tsv"
+  done
+  instr_plot_file="$plot_dir/RESULTS-instrumentation.svg"
+  if [ -s "$work/instr-steps.tsv" ] && python3 "$work/plot.py" "$work/instr-steps.tsv" "$instr_plot_file"; then
+    instr_plot_note="![instrumentation sweeps: first-attempt p99.9 against offered rate]($(basename "$instr_plot_file"))"
+  fi
 fi
+
+# The "Instrumentation cost" section, from the four sweeps' JSON.
+instr_field() { # PASS JQ-FILTER: the filter's value in that pass's sweep JSON, or "-"
+  [ -s "$work/instr-$1.json" ] && jq -r "$2" "$work/instr-$1.json" 2>/dev/null || echo "-"
+}
+instr_section() {
+  echo "## Instrumentation cost"
+  echo
+  if [ -n "$instr_note" ]; then
+    echo "The comparison of scraping against not scraping was $instr_note."
+    return
+  fi
+  echo "The cost of being watched: one shardgate, started once with \`--metrics 127.0.0.1:0\` (otherwise as above),"
+  echo "after one unscored warm-up step at ${instr_from}/s served four sweeps of the same rates, ${instr_from}/s to ${instr_to}/s"
+  echo "in steps of ${instr_unit}/s (10% of shardgate UDP's best above, ${instr_center}/s, starting well below it) (UDP, 1 frame per"
+  echo "datagram, steps of $step with the first $warmup not timed, 1 s pause between steps, Redis flushed between sweeps; a"
+  echo "sweep stops at its first failed step). **A** scraped \`http://ADDR/metrics\` every second while each step's load ran"
+  echo "(\`shardgate-bench sweep ... --scrape http://ADDR/metrics --scrape-interval 1s\`), **B** did not. The order"
+  echo "A B B A puts the two of each at the same mean time, so a drift over the section (the machine's other load,"
+  echo "Redis, the server's caches filling) weighs on both alike. Other work on the machine meanwhile: $foreign_instr."
+  echo
+  echo "| sweep | scraping | highest rate holding the SLO | its p99.9 | scrapes (failed) |"
+  echo "|---|---|---|---|---|"
+  local pass best top_ok p999 scrapes failures shown
+  for pass in "${instr_passes[@]}"; do
+    best=$(instr_field "$pass" '.highest_rate_held // 0')
+    if [ "$best" = "-" ]; then
+      echo "| $pass | $([ "${pass:0:1}" = A ] && echo "every 1 s" || echo no) | no result | - | - |"
+      continue
+    fi
+    top_ok=$(instr_field "$pass" "[.steps[] | select(.offered_rate == $instr_to and .slo_ok)] | length")
+    p999=$(instr_field "$pass" "[.steps[] | select(.offered_rate == $best) | .latency_first_us.p999][0] // \"-\"")
+    scrapes=$(instr_field "$pass" '[.steps[].scrape.scrapes // 0] | add // 0')
+    failures=$(instr_field "$pass" '[.steps[].scrape.failures // 0] | add // 0')
+    if [ "$best" -eq 0 ]; then
+      shown="none held (${instr_from}/s failed)"
+    elif [ "$top_ok" = 1 ]; then
+      shown="**≥ $best/s** (every step held)"
+    else
+      shown="**$best/s**"
+    fi
+    [ "$p999" = "-" ] || p999="$p999 µs"
+    echo "| $pass | $([ "${pass:0:1}" = A ] && echo "every 1 s" || echo no) | $shown | $p999 | $scrapes ($failures) |"
+  done
+  echo
+  local a1 a2 b1 b2
+  a1=$(instr_field A1 '.highest_rate_held // 0'); a2=$(instr_field A2 '.highest_rate_held // 0')
+  b1=$(instr_field B1 '.highest_rate_held // 0'); b2=$(instr_field B2 '.highest_rate_held // 0')
+  if [[ "$a1$a2$b1$b2" =~ ^[0-9]+$ ]] && [ "$a1" -gt 0 ] && [ "$a2" -gt 0 ] && [ "$b1" -gt 0 ] && [ "$b2" -gt 0 ]; then
+    awk -v a1="$a1" -v a2="$a2" -v b1="$b1" -v b2="$b2" -v unit="$instr_unit" -v center="$instr_center" 'BEGIN {
+      a = (a1 + a2) / 2; b = (b1 + b2) / 2
+      cost = (1 - a / b) * 100
+      noise_a = (a1 > a2 ? a1 - a2 : a2 - a1) / a * 100
+      noise_b = (b1 > b2 ? b1 - b2 : b2 - b1) / b * 100
+      noise = noise_a > noise_b ? noise_a : noise_b
+      resolution = unit / center * 100
+      bound = noise > resolution ? noise : resolution
+      printf "**Ratio** (mean of the A sweeps ÷ mean of the B sweeps): %.0f/s ÷ %.0f/s = **%.3f**, ", a, b, a / b
+      printf "i.e. scraping cost %.1f%% of the highest SLO-holding rate (negative: A did better). ", cost
+      printf "**Noise**: the two sweeps of the same kind differ by %.1f%% (A) and %.1f%% (B), ", noise_a, noise_b
+      printf "and one rate step is %.1f%% of the rates swept. ", resolution
+      if ((cost < 0 ? -cost : cost) <= bound)
+        printf "The difference is inside that noise: this run cannot tell scraping from not scraping, and it bounds the cost only to about %.0f%%, not to the 3%% goal; ", bound
+      else
+        printf "The difference is larger than that noise, so it is likely a real cost (or gain) of scraping; "
+      printf "a finer answer needs more repeats and smaller steps on a quiet machine.\n"
+    }'
+  else
+    echo "**Ratio**: not computed: a sweep gave no result or held at no rate (see the table)."
+  fi
+  echo
+  echo "First-attempt p99.9 (µs) of every step, per sweep (✗: the step failed the SLO; \`-\`: not run, the"
+  echo "sweep had stopped):"
+  echo
+  echo "| rate | A1 (scraping) | B1 (none) | B2 (none) | A2 (scraping) |"
+  echo "|---|---|---|---|---|"
+  local rate row
+  for (( rate = instr_from; rate <= instr_to; rate += instr_unit )); do
+    row="| $rate/s |"
+    for pass in "${instr_passes[@]}"; do
+      row+=" $(instr_field "$pass" "[.steps[] | select(.offered_rate == $rate) | \"\(.latency_first_us.p999)\(if .slo_ok then \"\" else \" ✗\" end)\"][0] // \"-\"") |"
+    done
+    echo "$row"
+  done
+  echo
+  [ -n "$instr_plot_note" ] && echo "$instr_plot_note" && echo
+  echo "The scraper is a thread of the generator (\`bench/src/scrape.rs\`): one plain HTTP/1.1 \`GET\` per interval,"
+  echo "\`Connection: close\`, classic text format, timeouts of one interval; it counts failures and non-200 answers. The"
+  echo "metrics endpoint runs on its own thread in the server, outside the shards (\`src/exporter.rs\`); the shards'"
+  echo "counters are updated whether or not anyone scrapes, so this measures the scrape itself, not the counters."
+  echo
+}
 
 {
   echo "# shardgate benchmark results"
   echo
-  echo "Written by \`scripts/bench.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(uname -r), load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
-  echo "Generator, servers and Redis share this one machine, so every number below includes their fight for its cores."
+  echo "Written by \`$command_line\` on $(date -u '+%Y-%m-%d %H:%M UTC'), in $(elapsed) s, on a shared virtual machine"
+  echo "with $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), Linux $(uname -r)); load average at the start"
+  echo "$load_at_start, at the end $(cut -d' ' -f1-3 /proc/loadavg). Generator, servers and Redis share this one machine, and"
+  echo "other work on it (builds, test suites) may run at the same time, so every number below includes their fight for"
+  echo "its cores. Every figure and every ratio on this page comes from this one run: shardgate, the reflector ceiling"
+  echo "and the peers were measured minutes apart on the same machine with the same binaries."
+  echo
+  echo "**Other work on the machine** (CPU time of every process this script did not start, from /proc/stat less its"
+  echo "own processes): $foreign_searches while the series ran, $foreign_instr during the"
+  echo "instrumentation sweeps.$(awk -v c="$foreign_all_cores" 'BEGIN { if (c >= 0.15) printf " That is enough to disturb a 2-core benchmark: treat the figures as a noisy sample, lower than a quiet machine would give." ; else printf " Little enough that the figures are this machine'"'"'s own." }')"
   echo
   echo "**SLO** per step: 0 lost, 0 stored twice, 0 acked but missing, first-attempt p99.9 < 5 ms (latency from each"
   echo "event's intended send time, open loop). **Workload**: 100 000 players, 30% copies of recent events, 64-byte"
@@ -386,6 +609,7 @@ fi
   echo "share of the ceiling shardgate keeps); for a peer, shardgate's best over its three series ($sg_best/s) ÷ the"
   echo "peer. \"stored twice\" is \`-\` where nothing is stored (the reflector)."
   echo
+  instr_section
   echo "## Every step"
   echo
   echo "| series | offered rate | SLO | p99.9 (µs) | lost | stored twice | achieved rate |"
@@ -407,9 +631,48 @@ fi
   echo "- shardgate: \`serve --cores 0-$(( $(nproc) - 1 )) --placement fenced\`, defaults otherwise (batches of up to 256 events, 200 µs linger), started afresh for every step."
   echo "- Generator: \`shardgate-bench run\` (8 UDP sockets or TCP connections); the peers use 16 connections, each sending every event that is due as one pipeline of one-event \`EVALSHA\`s"
   echo "  (redis), or publishing each event and awaiting its ack asynchronously (nats)."
-  echo "- Time: build ${build_s} s, whole script $(elapsed) s of a ${budget_s} s budget."
+  echo "- Time: build ${build_s} s, whole script $(elapsed) s of a ${budget_s} s budget (${instr_s} s of it kept for the instrumentation sweeps)."
   echo
   echo "Reproduce one step, e.g.: \`shardgate-bench peer redis --redis redis://127.0.0.1:6379 --rate 20000 --duration $step --warmup $warmup\`."
 } >"$out"
 log "wrote $out in ${total_s}s of measuring ($(elapsed)s in all)"
 cat "$out"
+
+# --- Flood (issue 6), appended to $out: a well-behaved client's latency without and with one
+# source flooding one shard (`shardgate-bench flood`; docs/design.md, "Abuse limits"). Its own
+# one-shard server with the default limits, so the client and the flooder share a shard.
+log "flood: one shard, a 300/s client from 127.0.0.1, then a flooder from 127.0.0.2 too"
+redis-cli -p "$redis_port" flushall >/dev/null
+"$server" serve --cores 0 --udp 127.0.0.1:0 --tcp 127.0.0.1:0 --redis "$redis_url" --prefix sgf \
+  --metrics 127.0.0.1:0 2>"$work/flood-server.log" &
+flood_pid=$!
+pids+=("$flood_pid")
+wait_for "$work/flood-server.log" "shardgate: serving" || true
+flood_udp=$(grep -o 'udp=[0-9.:]*' "$work/flood-server.log" | tail -1 | cut -d= -f2 || true)
+flood_metrics=$(grep 'shardgate: serving' "$work/flood-server.log" | grep -o 'metrics="\?[0-9.:]*' | tr -d '"' | cut -d= -f2 || true)
+timeout 180 "$bench" flood --target "udp://$flood_udp" --rate 300 --duration "$step" --redis "$redis_url" \
+  --prefix sgf --metrics "$flood_metrics" --json "$work/flood.json" >"$work/flood.txt" 2>&1 || true
+stop "$flood_pid"
+{
+  echo
+  echo "## Flood"
+  echo
+  if [ -s "$work/flood.json" ]; then
+    echo "A well-behaved client (300 events/s over UDP from 127.0.0.1, one per datagram, resending on RETRY and on"
+    echo "silence) against one shard (\`serve --cores 0\`, default limits), for $step without and then $step with one"
+    echo "source (127.0.0.2) flooding as fast as one thread sends: valid frames, bad crcs, garbage, header-like bytes."
+    echo "Latency is from the client's first send to ACCEPTED or DUPLICATE, resends included."
+    echo
+    echo "| phase | events | lost | p50 (µs) | p99 (µs) | p99.9 (µs) | max (µs) | resends | flood datagrams/s | frames limited | kernel drops |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
+    jq -r '.phases[] | "| \(if .flood then "flood" else "no flood" end) | \(.events) | \(.lost) | \(.latency_us.p50) | \(.latency_us.p99) | \(.latency_us.p999) | \(.latency_us.max) | \(.resends) | \(.flood_datagrams_per_sec | floor) | \(.frames_limited // "-") | \(.kernel_drops // "-") |"' "$work/flood.json"
+    echo
+    jq -r '.verification | if . == null then empty else "Redis: \(.stored) of \(.events) client events stored, \(.stored_twice) stored twice, \(.acked_missing) acked but missing." end' "$work/flood.json"
+    echo
+    echo "Reproduce: \`shardgate serve --cores 0 --udp 127.0.0.1:7700 --tcp 127.0.0.1:7700 --redis URL --metrics 127.0.0.1:7701\`, then"
+    echo "\`shardgate-bench flood --target udp://127.0.0.1:7700 --rate 300 --duration $step --redis URL --metrics 127.0.0.1:7701\`."
+  else
+    echo "The flood run gave no result: $(tail -1 "$work/flood.txt")"
+  fi
+} >>"$out"
+sed -n '/^## Flood$/,$p' "$out"

@@ -32,6 +32,8 @@
 //! - `report`: the summary as text and JSON, and the SLO verdict.
 //! - `plot`: the latency-by-percentile SVG.
 //! - `sweep`: rising rates, one run each, until the SLO breaks.
+//! - `flood`: `shardgate-bench flood`, a well-behaved client's latency without and with one
+//!   source flooding the server (the per-source limits of docs/design.md, "Abuse limits").
 //!
 //! # Exit codes
 //! 0: the run (or sweep) completed (even if the SLO failed, unless `run --slo-check`); 1: `run
@@ -40,6 +42,7 @@
 
 mod engine;
 mod events;
+mod flood;
 mod lane;
 mod live;
 mod parse;
@@ -52,6 +55,7 @@ mod reflector;
 mod report;
 mod run;
 mod schedule;
+mod scrape;
 mod sweep;
 mod sys;
 mod tcp;
@@ -93,6 +97,8 @@ enum Command {
     Reflector(reflector::ReflectorArgs),
     /// No middle tier: clients store each event in Redis (same script) or NATS JetStream directly.
     Peer(peer::PeerArgs),
+    /// A well-behaved client's ack latency without and with one source flooding the server.
+    Flood(flood::FloodArgs),
 }
 
 /// The workload flags `run` and `sweep` share.
@@ -155,9 +161,26 @@ struct WorkloadArgs {
     /// load the machine it runs on unless told otherwise.
     #[arg(long)]
     allow_remote: bool,
+
+    /// While the load runs, GET this metrics endpoint (http://HOST:PORT/metrics, loopback
+    /// only) every --scrape-interval, and report the scrapes and failures.
+    #[arg(long, value_name = "URL", value_parser = scrape::parse_url)]
+    scrape: Option<scrape::Endpoint>,
+
+    /// Time between two scrapes of --scrape.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    scrape_interval: Duration,
 }
 
 impl WorkloadArgs {
+    /// `--scrape` and `--scrape-interval`, checked; None without `--scrape`.
+    fn scrape_config(&self) -> Result<Option<scrape::ScrapeConfig>, String> {
+        self.scrape
+            .clone()
+            .map(|endpoint| scrape::ScrapeConfig::new(endpoint, self.scrape_interval))
+            .transpose()
+    }
+
     fn into_plan_input(self, target: Target, rate_per_sec: u64) -> PlanInput {
         PlanInput {
             target,
@@ -245,6 +268,7 @@ fn main() -> ExitCode {
         Command::Sweep(arguments) => sweep_command(arguments),
         Command::Reflector(arguments) => reflector::command(arguments),
         Command::Peer(arguments) => peer::command(arguments),
+        Command::Flood(arguments) => flood::command(arguments),
     }
 }
 
@@ -258,6 +282,10 @@ fn run_command(arguments: RunArgs) -> ExitCode {
         slo_check,
     } = arguments;
     let plot_path = workload.plot.clone();
+    let scrape = match workload.scrape_config() {
+        Ok(scrape) => scrape,
+        Err(message) => return fail(EXIT_USAGE, &message),
+    };
     let input = PlanInput {
         json_path: json,
         slo_check,
@@ -272,7 +300,7 @@ fn run_command(arguments: RunArgs) -> ExitCode {
         Ok(redis) => redis,
         Err(message) => return fail(EXIT_CONNECTION, &message),
     };
-    let (outcome, verification) = match run::run_verified(&plan, redis.as_mut()) {
+    let (outcome, verification) = match run::run_verified(&plan, redis.as_mut(), scrape.as_ref()) {
         Ok(measured) => measured,
         Err(RunFailure::Setup(message)) => return fail(EXIT_CONNECTION, &message),
         Err(RunFailure::Verify { outcome, message }) => {
@@ -340,6 +368,10 @@ fn sweep_command(arguments: SweepArgs) -> ExitCode {
         Err(message) => return fail(EXIT_USAGE, &message),
     };
     let plot_path = workload.plot.clone();
+    let scrape = match workload.scrape_config() {
+        Ok(scrape) => scrape,
+        Err(message) => return fail(EXIT_USAGE, &message),
+    };
     let base = workload.into_plan_input(target, from);
     // Checks the flags once before anything connects; each step's rate is checked in `sweep`.
     if let Err(message) = Plan::new(base.clone()) {
@@ -349,7 +381,14 @@ fn sweep_command(arguments: SweepArgs) -> ExitCode {
         Ok(redis) => redis,
         Err(message) => return fail(EXIT_CONNECTION, &message),
     };
-    let report = match sweep::sweep(&base, &rates, pause, redis.as_mut(), plot_path.as_deref()) {
+    let report = match sweep::sweep(
+        &base,
+        &rates,
+        pause,
+        redis.as_mut(),
+        plot_path.as_deref(),
+        scrape.as_ref(),
+    ) {
         Ok(report) => report,
         Err(sweep::SweepError::Plan(message)) => return fail(EXIT_USAGE, &message),
         Err(sweep::SweepError::Connection(message) | sweep::SweepError::NoAnswer(message)) => {

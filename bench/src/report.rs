@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::parse::format_duration;
 use crate::plan::Plan;
 use crate::run::RunOutcome;
+use crate::scrape::ScrapeStats;
 use crate::verify::Verification;
 
 /// First-attempt p99.9 must stay below this for the SLO.
@@ -90,6 +91,8 @@ pub struct Summary {
     /// sent (first sends): the generator's share of a machine it shares with the server.
     pub generator_cpu_s: f64,
     pub generator_cpu_us_per_frame: f64,
+    /// What `--scrape` did while the load ran (scrapes, failures, their time); null without it.
+    pub scrape: Option<ScrapeStats>,
 }
 
 impl Summary {
@@ -136,6 +139,7 @@ impl Summary {
             generator_cpu_us_per_frame: round_thousandths(
                 outcome.generator_cpu.as_secs_f64() * 1e6 / tally.sent.max(1) as f64,
             ),
+            scrape: outcome.scrape.clone(),
         };
         summary.slo_failures = slo_failures(&summary);
         summary.slo_ok = summary.slo_failures.is_empty();
@@ -184,6 +188,25 @@ impl Summary {
             "  generator cpu {:.2} s, {:.2} µs per frame sent",
             self.generator_cpu_s, self.generator_cpu_us_per_frame
         );
+        if let Some(scrape) = &self.scrape {
+            let first_error = scrape
+                .first_error
+                .as_deref()
+                .map(|error| format!("  first error: {error}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                text,
+                "  scrape    {} every {}: {} scrapes, {} failed, {} skipped, last body {} B, mean {:.2} ms, max {:.2} ms{first_error}",
+                scrape.url,
+                format_duration(std::time::Duration::from_secs_f64(scrape.interval_s)),
+                scrape.scrapes,
+                scrape.failures,
+                scrape.skipped,
+                scrape.body_bytes_last,
+                scrape.duration_mean_ms,
+                scrape.duration_max_ms,
+            );
+        }
         write_outcome_lines(
             &mut text,
             &OutcomeLines {
@@ -329,6 +352,7 @@ pub(crate) mod tests {
             sent_per_player: Vec::new(),
             seq_base: 0,
             generator_cpu: std::time::Duration::from_millis(50),
+            scrape: None,
         }
     }
 
@@ -426,5 +450,26 @@ pub(crate) mod tests {
         ] {
             assert!(text.contains(needle), "{needle:?} not in:\n{text}");
         }
+        assert!(!text.contains("scrape"));
+        assert!(serde_json::to_value(Summary::new(&plan(), &outcome(), None)).unwrap()["scrape"].is_null());
+        let mut scraped = outcome();
+        scraped.scrape = Some(ScrapeStats {
+            url: "http://127.0.0.1:9100/metrics".into(),
+            interval_s: 1.0,
+            scrapes: 9,
+            failures: 1,
+            ..ScrapeStats::default()
+        });
+        let summary = Summary::new(&plan(), &scraped, None);
+        let text = summary.to_text();
+        assert!(
+            text.contains("scrape    http://127.0.0.1:9100/metrics every 1s: 9 scrapes, 1 failed"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(
+            (json["scrape"]["scrapes"].as_u64(), json["scrape"]["failures"].as_u64()),
+            (Some(9), Some(1))
+        );
     }
 }

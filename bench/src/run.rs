@@ -2,7 +2,8 @@
 //! results.
 //!
 //! Threads: the calling thread runs the engine (`engine.rs`), which drives every lane; one more
-//! thread draws the progress line. The engine stops by itself: at the schedule's end plus
+//! thread draws the progress line, and with `--scrape` one more scrapes the server's metrics
+//! (`scrape.rs`) while the engine runs. The engine stops by itself: at the schedule's end plus
 //! grace at the latest, earlier once every frame is answered.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +19,7 @@ use crate::live::{self, Counters, Tally};
 use crate::parse::Transport;
 use crate::plan::Plan;
 use crate::schedule::{Clock, Schedule};
+use crate::scrape::{ScrapeConfig, ScrapeStats, Scraper};
 use crate::sys;
 use crate::tcp::{self, TcpWire};
 use crate::tracker::{Latencies, Tracker, LOST_SAMPLE_MAX};
@@ -46,6 +48,8 @@ pub struct RunOutcome {
     pub seq_base: u64,
     /// CPU time (user + system, all threads) the generator used while the load ran.
     pub generator_cpu: Duration,
+    /// What `--scrape` did while the load ran; None without it.
+    pub scrape: Option<ScrapeStats>,
 }
 
 /// Why [`run_verified`] has no result.
@@ -57,16 +61,19 @@ pub enum RunFailure {
 }
 
 /// Runs the plan and, given Redis, verifies what it stored: what `run` does, and each step of
-/// `sweep`.
+/// `sweep`. With `scrape`, the server's metrics are scraped meanwhile.
 pub fn run_verified(
     plan: &Plan,
     redis: Option<&mut redis::Connection>,
+    scrape: Option<&ScrapeConfig>,
 ) -> Result<(RunOutcome, Option<Verification>), RunFailure> {
     let Some(connection) = redis else {
-        return run(plan).map(|outcome| (outcome, None)).map_err(RunFailure::Setup);
+        return run(plan, scrape)
+            .map(|outcome| (outcome, None))
+            .map_err(RunFailure::Setup);
     };
     let since_ms = verify::redis_time_ms(connection).map_err(RunFailure::Setup)?;
-    let outcome = run(plan).map_err(RunFailure::Setup)?;
+    let outcome = run(plan, scrape).map_err(RunFailure::Setup)?;
     let ledger = Ledger::new(outcome.seq_base, &outcome.sent_per_player);
     match verify::verify_since(
         connection,
@@ -84,8 +91,9 @@ pub fn run_verified(
     }
 }
 
-/// Runs the plan. An error means a lane could not be opened (nothing was sent).
-pub fn run(plan: &Plan) -> Result<RunOutcome, String> {
+/// Runs the plan, scraping `scrape` from the schedule's start to the engine's end. An error
+/// means a lane (or the scrape thread) could not be opened (nothing was sent).
+pub fn run(plan: &Plan, scrape: Option<&ScrapeConfig>) -> Result<RunOutcome, String> {
     let target = plan.target.address;
     let open_error = |error: std::io::Error| format!("cannot open a lane to {}: {error}", plan.target);
     // Opened before the clock starts, so a dead target fails before any frame is scheduled.
@@ -122,6 +130,10 @@ pub fn run(plan: &Plan) -> Result<RunOutcome, String> {
         .map(|index| Lane::new(index, Tracker::new(expected_outstanding, schedule.warmup_ns)))
         .collect();
 
+    let scraper = scrape
+        .map(Scraper::start)
+        .transpose()
+        .map_err(|error| format!("cannot start the scrape thread: {error}"))?;
     let progress_done = Arc::new(AtomicBool::new(false));
     let progress = live::spawn_progress(Arc::clone(&counters), clock, plan.duration, Arc::clone(&progress_done));
     let shared = Shared {
@@ -134,6 +146,7 @@ pub fn run(plan: &Plan) -> Result<RunOutcome, String> {
         Opened::Udp(wire) => engine::drive(&shared, &clock, &schedule, &mut lanes, wire),
         Opened::Tcp(wire) => engine::drive(&shared, &clock, &schedule, &mut lanes, wire),
     }
+    let scrape = scraper.map(Scraper::stop);
     let generator_cpu = sys::process_cpu_time().saturating_sub(cpu_before);
     progress_done.store(true, Ordering::Relaxed);
     if let Some(progress) = progress {
@@ -151,6 +164,7 @@ pub fn run(plan: &Plan) -> Result<RunOutcome, String> {
         sent_per_player: events.sent_per_player(),
         seq_base,
         generator_cpu,
+        scrape,
     };
     outcome.events = outcome.sent_per_player.iter().sum();
     for lane in lanes {

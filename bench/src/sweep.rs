@@ -9,6 +9,9 @@
 //! `events.rs`), so a step's fresh events are never taken for an earlier step's. Between steps
 //! the sweep pauses (`--pause`, 1 s by default) so the server's queues and Redis drain and one
 //! step's backlog is not charged to the next.
+//!
+//! With `--scrape`, every step scrapes the server's metrics while its load runs (`scrape.rs`),
+//! so two sweeps of one server, with and without it, show what instrumentation costs.
 
 use std::path::Path;
 use std::thread;
@@ -21,6 +24,7 @@ use crate::plan::{Plan, PlanInput};
 use crate::plot::{self, Curve};
 use crate::report::Summary;
 use crate::run::{self, RunFailure};
+use crate::scrape::ScrapeConfig;
 
 /// Steps one sweep may plan: far more than a useful sweep, few enough that a typo in `--step`
 /// cannot keep the machine busy for days.
@@ -121,6 +125,10 @@ pub fn step_line(index: usize, steps: usize, summary: &Summary) -> String {
         }
         _ => String::new(),
     };
+    let scrape = match &summary.scrape {
+        Some(scrape) => format!("  scrapes {} (failed {})", scrape.scrapes, scrape.failures),
+        None => String::new(),
+    };
     let verdict = if summary.slo_ok {
         "SLO met".to_string()
     } else {
@@ -128,7 +136,7 @@ pub fn step_line(index: usize, steps: usize, summary: &Summary) -> String {
     };
     format!(
         "step {}/{steps}  rate {}/s  achieved {:.1}/s  first p99.9 {} µs  final p99.9 {} µs  lost {}{redis}  \
-         resent {}  cpu {:.2} µs/frame  {verdict}",
+         resent {}  cpu {:.2} µs/frame{scrape}  {verdict}",
         index + 1,
         summary.offered_rate,
         summary.achieved_rate,
@@ -141,14 +149,16 @@ pub fn step_line(index: usize, steps: usize, summary: &Summary) -> String {
 }
 
 /// Runs the steps, printing one line per step, until one fails the SLO or the rates run out.
-/// With `plot_path`, draws the steps' first-attempt curves. Every step's plan is checked
-/// before the first one starts, so a bad rate fails at once.
+/// With `plot_path`, draws the steps' first-attempt curves; with `scrape`, scrapes the server
+/// during every step. Every step's plan is checked before the first one starts, so a bad rate
+/// fails at once.
 pub fn sweep(
     base: &PlanInput,
     rates: &[u64],
     pause: Duration,
     mut redis: Option<&mut redis::Connection>,
     plot_path: Option<&Path>,
+    scrape: Option<&ScrapeConfig>,
 ) -> Result<SweepReport, SweepError> {
     let plans = rates
         .iter()
@@ -171,7 +181,7 @@ pub fn sweep(
         if index > 0 {
             thread::sleep(pause);
         }
-        let (outcome, verification) = match run::run_verified(plan, redis.as_deref_mut()) {
+        let (outcome, verification) = match run::run_verified(plan, redis.as_deref_mut(), scrape) {
             Ok(measured) => measured,
             Err(RunFailure::Setup(message)) => return Err(SweepError::Connection(message)),
             Err(RunFailure::Verify { outcome, message }) => {
