@@ -133,7 +133,11 @@ fn bad_auth_secret_file_exits_2() {
         let out = run(&args);
         assert_eq!(out.code(), Some(2), "{}: {out:?}", file.display());
         assert!(out.stderr.contains(must_name), "{}: {out:?}", file.display());
-        assert!(out.stderr.contains(file.to_str().expect("utf-8")), "{}: {out:?}", file.display());
+        assert!(
+            out.stderr.contains(file.to_str().expect("utf-8")),
+            "{}: {out:?}",
+            file.display()
+        );
     }
 }
 
