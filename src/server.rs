@@ -370,7 +370,7 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
         let _ = common.events.send(StartEvent::Failed(init.index, error.clone()));
         error
     };
-    let udp = crate::udp::UdpIo::bind(init.config.udp)
+    let udp = crate::udp::UdpIo::bind(init.config.udp, init.config.cores.len())
         .map_err(|error| failed(format!("cannot bind udp {}: {error}", init.config.udp)))?;
     init.metrics
         .udp_socket_inode

@@ -45,8 +45,10 @@ pub struct UdpIo {
 }
 
 impl UdpIo {
-    /// A socket in the shared SO_REUSEPORT group on `address`.
-    pub fn bind(address: SocketAddr) -> std::io::Result<UdpIo> {
+    /// A socket in the shared SO_REUSEPORT group on `address`, which the
+    /// kernel then spreads over its `group_size` sockets at random per datagram
+    /// (`sys.rs` says why); where the kernel refuses the program, by the hash.
+    pub fn bind(address: SocketAddr, group_size: usize) -> std::io::Result<UdpIo> {
         let socket = Socket::new(Domain::for_address(address), Type::DGRAM, Some(Protocol::UDP))?;
         socket.set_reuse_port(true)?;
         // Larger buffers absorb a burst while the shard is busy; the kernel caps
@@ -54,6 +56,9 @@ impl UdpIo {
         let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER_BYTES);
         let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES);
         socket.bind(&address.into())?;
+        if let Err(error) = crate::sys::spread_datagrams_randomly(&socket, group_size as u32) {
+            tracing::warn!(%error, "udp datagrams spread by the kernel's source hash, not at random");
+        }
         let direct: std::net::UdpSocket = socket.try_clone()?.into();
         direct.set_nonblocking(true)?;
         Ok(UdpIo {

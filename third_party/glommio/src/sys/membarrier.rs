@@ -15,6 +15,7 @@ use core::sync::atomic;
 
 /// A choice between three strategies for process-wide barrier on Linux.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)] // shardgate patch: only `Fallback` is chosen now.
 enum Strategy {
     /// Use the `membarrier` system call.
     Membarrier,
@@ -26,14 +27,16 @@ enum Strategy {
 
 lazy_static! {
     /// The right strategy to use on the current machine.
+    // shardgate patch: always `Fallback` (a SeqCst fence each side). The
+    // membarrier syscall that `heavy()` issued on every executor sleep sends an
+    // IPI to every core running a thread of this process, i.e. it interrupted
+    // the other shards thousands of times a second. Its only pairing is the
+    // sleep notifier (`sys/mod.rs`), whose `notify()` now fences too, so the
+    // sleeper's "flag, fence, check channels" and the waker's "push, fence,
+    // check flag" form the classic two-fence handshake.
     static ref STRATEGY: Strategy = {
-        if syscall::is_supported() {
-            Strategy::Membarrier
-        } else if mprotect::is_supported() {
-            Strategy::Mprotect
-        } else {
-            Strategy::Fallback
-        }
+        let _ = (syscall::is_supported, mprotect::is_supported);
+        Strategy::Fallback
     };
 }
 

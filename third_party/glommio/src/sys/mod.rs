@@ -306,6 +306,10 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // shardgate patch: pairs with the SeqCst fence the sleeper issues between
+        // `prepare_to_sleep` and its last look at the channels (membarrier.rs):
+        // either it sees what was pushed before this call, or this sees its flag.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
