@@ -3,7 +3,7 @@
 # raw ceiling of this machine and next to clients that store directly ("no
 # middle tier"). Writes bench/RESULTS.md.
 #
-#   scripts/bench.sh [--out FILE] [--step 8s] [--budget-secs 550] [--instr-secs 190] [--durable] [--nats URL] [--keep-logs DIR]
+#   scripts/bench.sh [--out FILE] [--step 8s] [--budget-secs 560] [--instr-secs 180] [--durable] [--nats URL] [--keep-logs DIR]
 #
 # Series, each searched for the highest rate that holds the SLO (0 lost,
 # 0 stored twice, 0 acked but missing, first-attempt p99.9 < 5 ms):
@@ -21,12 +21,13 @@
 # datagram), in the order A B B A: A scrapes /metrics every second while the
 # load runs (`--scrape`), B does not. It reports the highest rate that held the
 # SLO each way, their ratio, how far the two repeats of each disagree (the
-# run-to-run noise), and the server's CPU per frame each way. It gets its own slice of the budget (--instr-secs).
+# run-to-run noise); then four fixed-rate runs, A B B A again, give the server's
+# CPU per frame each way, a finer measure than the highest rate. It gets its own slice of the budget (--instr-secs).
 #
 # Every step is one `run` or `peer` of --step (warmup 2 s included) at a fixed
 # rate, shardgate steps each against a freshly started server. The search
 # doubles the rate from a start until a step fails (halving instead if the
-# start fails), then bisects twice. A budget (default 550 s from the script's
+# start fails), then bisects twice. A budget (default 560 s from the script's
 # start, build included, leaving room for the flood section under 10 minutes)
 # is shared equally by the series still to run, less --instr-secs kept for the
 # instrumentation sweeps, each getting at least one step; a search cut short
@@ -50,8 +51,8 @@ load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 out=bench/RESULTS.md
 step=8s
 warmup=2s
-budget_s=550
-instr_s=190
+budget_s=560
+instr_s=180
 durable=0
 nats_url=""
 keep_logs=""
@@ -64,7 +65,7 @@ while [ $# -gt 0 ]; do
     --durable) durable=1; shift ;;
     --nats) nats_url="$2"; shift 2 ;;
     --keep-logs) keep_logs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -307,15 +308,15 @@ reflector_pid=$!
 pids+=("$reflector_pid")
 wait_for "$work/reflector.log" "reflector: serving" || { cat "$work/reflector.log" >&2; exit 1; }
 reflector_address=$(grep -o 'udp=[0-9.:]*' "$work/reflector.log" | cut -d= -f2)
-search reflector-1 25000 800000 "$bench" run --target "udp://$reflector_address" --frames-per-datagram 1
-search reflector-16 50000 1600000 "$bench" run --target "udp://$reflector_address" --frames-per-datagram 16
+search reflector-1 50000 800000 "$bench" run --target "udp://$reflector_address" --frames-per-datagram 1
+search reflector-16 100000 1600000 "$bench" run --target "udp://$reflector_address" --frames-per-datagram 16
 stop "$reflector_pid"
 
 log "shardgate (a fresh server per step)"
 sg_run=("$bench" run --redis "$redis_url" --prefix sgb)
-search sg-udp-1 10000 400000 "${sg_run[@]}" --target "udp://@UDP@" --frames-per-datagram 1
+search sg-udp-1 20000 400000 "${sg_run[@]}" --target "udp://@UDP@" --frames-per-datagram 1
 search sg-udp-16 20000 400000 "${sg_run[@]}" --target "udp://@UDP@" --frames-per-datagram 16
-search sg-tcp 10000 400000 "${sg_run[@]}" --target "tcp://@TCP@"
+search sg-tcp 20000 400000 "${sg_run[@]}" --target "tcp://@TCP@"
 
 log "headline: shardgate UDP at ${headline_rate}/s for 30 s"
 saved_step=$step saved_warmup=$warmup
@@ -342,8 +343,9 @@ instr_center=$(awk -F'\t' '$1 == "sg-udp-1" { print $2 }' "$work/best.tsv")
 # warm-up step and four passes of them (each step costs its length and ~3 s more).
 instr_unit=$(( (instr_center / 10 + 125) / 250 * 250 ))
 [ "$instr_unit" -ge 250 ] || instr_unit=250
-instr_steps=$(( (budget_s - $(elapsed) - step_s - 3) / 4 / (step_s + 3) ))
-[ "$instr_steps" -le 6 ] || instr_steps=6
+# The warm-up step and the four fixed-rate CPU runs after the sweeps come off the time left.
+instr_steps=$(( (budget_s - $(elapsed) - 5 * (step_s + 3)) / 4 / (step_s + 3) ))
+[ "$instr_steps" -le 5 ] || instr_steps=5
 instr_from=$(( instr_center - 4 * instr_unit ))
 [ "$instr_from" -ge 250 ] || instr_from=250
 instr_to=$(( instr_from + (instr_steps - 1) * instr_unit ))
@@ -364,19 +366,32 @@ else
       [ "${pass:0:1}" = A ] && scrape_arguments=(--scrape "http://$metrics_address/metrics" --scrape-interval 1s)
       redis-cli -p "$redis_port" flushall >/dev/null
       sleep 2
-      cpu_before=$(process_cpu_s "$instr_server_pid")
       timeout $(( instr_steps * (step_s + 8) + 30 )) "$bench" sweep --target "udp://$udp_address" \
         --from "$instr_from" --to "$instr_to" --step "$instr_unit" --duration "$step" --warmup "$warmup" \
         --redis "$redis_url" --prefix sgb "${scrape_arguments[@]}" --json "$work/instr-$pass.json" \
         >"$work/instr-$pass.txt" 2>&1 || true
-      awk -v a="$cpu_before" -v b="$(process_cpu_s "$instr_server_pid")" 'BEGIN { printf "%.2f\n", b - a }' \
-        >"$work/instr-$pass.cpu"
       if [ -s "$work/instr-$pass.json" ]; then
         log "instrumentation $pass: $(tail -1 "$work/instr-$pass.txt")"
       else
         log "instrumentation $pass: no result ($(tail -1 "$work/instr-$pass.txt"))"
       fi
     done
+    # The CPU comparison: the same fixed rate (the sweeps' lowest) four times, A B B A again,
+    # with the server's CPU time read before and after each run.
+    instr_cpu_rate=$instr_from
+    for pass in "${instr_passes[@]}"; do
+      scrape_arguments=()
+      [ "${pass:0:1}" = A ] && scrape_arguments=(--scrape "http://$metrics_address/metrics" --scrape-interval 1s)
+      redis-cli -p "$redis_port" flushall >/dev/null
+      sleep 1
+      cpu_before=$(process_cpu_s "$instr_server_pid")
+      timeout 60 "$bench" run --target "udp://$udp_address" --rate "$instr_cpu_rate" --duration "$step" \
+        --warmup "$warmup" --prefix sgb "${scrape_arguments[@]}" --json "$work/cpu-$pass.json" \
+        >"$work/cpu-$pass.txt" 2>&1 || true
+      awk -v a="$cpu_before" -v b="$(process_cpu_s "$instr_server_pid")" 'BEGIN { printf "%.2f\n", b - a }' \
+        >"$work/cpu-$pass.cpu"
+    done
+    log "instrumentation cpu: $(cat "$work"/cpu-*.cpu | tr '\n' ' ')CPU-s at ${instr_cpu_rate}/s"
     stop "$instr_server_pid"
   else
     instr_note="skipped: shardgate with --metrics did not start ($(tail -1 "$work/server.log"))"
@@ -487,13 +502,13 @@ PY
   fi
 fi
 
-# The server's CPU per frame in each sweep, and A against B: a much finer measure of what a
+# The server's CPU per frame at one fixed rate, A against B: a much finer measure of what a
 # scrape costs than the highest rate, which moves in 10% steps and with the machine's noise.
 instr_cpu_paragraph() {
   local pass cpu frames line="" per a_sum=0 b_sum=0 a_n=0 b_n=0
   for pass in "${instr_passes[@]}"; do
-    cpu=$(cat "$work/instr-$pass.cpu" 2>/dev/null || echo "")
-    frames=$(instr_field "$pass" '[.steps[] | .sent + .resent] | add // 0')
+    cpu=$(cat "$work/cpu-$pass.cpu" 2>/dev/null || echo "")
+    frames=$(jq -r '.sent + .resent' "$work/cpu-$pass.json" 2>/dev/null || echo 0)
     [[ "$frames" =~ ^[0-9]+$ ]] && [ "$frames" -gt 0 ] && [ -n "$cpu" ] || continue
     per=$(awk -v c="$cpu" -v f="$frames" 'BEGIN { printf "%.2f", c * 1e6 / f }')
     line+="${line:+, }$pass $per µs ($cpu CPU-s over $frames frames)"
@@ -504,12 +519,13 @@ instr_cpu_paragraph() {
     echo "**Server CPU per frame**: not measured (a sweep gave no result)."
     return
   fi
-  awk -v a="$a_sum" -v an="$a_n" -v b="$b_sum" -v bn="$b_n" -v line="$line" 'BEGIN {
+  awk -v a="$a_sum" -v an="$a_n" -v b="$b_sum" -v bn="$b_n" -v line="$line" -v rate="$instr_cpu_rate" 'BEGIN {
     a /= an; b /= bn
-    printf "**Server CPU per frame** (the server process'"'"'s user + system time over each sweep ÷ the frames sent to it, "
-    printf "retries included): %s. Scraping every second: %.2f µs against %.2f µs, **%+.1f%%** of the server'"'"'s CPU per frame ", line, a, b, (a / b - 1) * 100
-    printf "(the goal: under 3%%). Unlike the highest rate, this does not move in 10%% steps; it still carries the "
-    printf "machine'"'"'s noise (cache and scheduler effects of the generator and Redis on the same 2 cores).\n"
+    printf "**Server CPU per frame at one rate**: after the sweeps, the same server ran four more steps A B B A at %s/s ", rate
+    printf "(the sweeps'"'"' lowest rate), and the script read the server process'"'"'s user + system time before and after each; "
+    printf "divided by the frames sent to it, retries included: %s. Scraping every second: %.2f µs against %.2f µs, ", line, a, b
+    printf "**%+.1f%%** of the server'"'"'s CPU per frame (the goal: under 3%%). Unlike the highest rate, this does not move in 10%% ", (a / b - 1) * 100
+    printf "steps; it still carries the machine'"'"'s noise (the generator and Redis share the 2 cores).\n"
   }'
 }
 
@@ -748,4 +764,8 @@ stop "$flood_pid"
     echo "The flood run gave no result: $(tail -1 "$work/flood.txt")"
   fi
 } >>"$out"
+# The history of speed changes, kept by hand with their before and after.
+if [ -s bench/wins.md ]; then
+  { echo; cat bench/wins.md; } >>"$out"
+fi
 sed -n '/^## Flood$/,$p' "$out"
