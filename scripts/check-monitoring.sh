@@ -154,6 +154,33 @@ tests:
         exp_samples:
           - labels: 'ALERTS{alertname="ShardgateMemoryGrowing",alertstate="firing",instance="a:9100",job="shardgate",severity="warning"}'
             value: 1
+
+  - name: abuse limits
+    interval: 1m
+    input_series:
+      - series: 'shardgate_frames_limited_total{job="shardgate",instance="a:9100",shard="0",transport="udp"}'
+        values: '0x2 0+30000x30'
+      - series: 'shardgate_tcp_connections_closed_total{job="shardgate",instance="a:9100",shard="0",reason="slow_reader"}'
+        values: '0x2 0+2x30'
+    promql_expr_test:
+      # Limited frames at 500/s fire after the 10 min hold, not before.
+      - expr: ALERTS{alertname="ShardgateSourcesLimited",alertstate="firing"}
+        eval_time: 10m
+        exp_samples: []
+      - expr: ALERTS{alertname="ShardgateSourcesLimited",alertstate="firing"}
+        eval_time: 20m
+        exp_samples:
+          - labels: 'ALERTS{alertname="ShardgateSourcesLimited",alertstate="firing",instance="a:9100",severity="info"}'
+            value: 1
+      # Two slow readers a minute pass 10 in 15 min within about 6 min.
+      - expr: ALERTS{alertname="ShardgateTcpSlowReaders",alertstate="firing"}
+        eval_time: 3m
+        exp_samples: []
+      - expr: ALERTS{alertname="ShardgateTcpSlowReaders",alertstate="firing"}
+        eval_time: 12m
+        exp_samples:
+          - labels: 'ALERTS{alertname="ShardgateTcpSlowReaders",alertstate="firing",instance="a:9100",severity="info"}'
+            value: 1
 EOF
 (cd "$work" && promtool test rules alerts-test.yml)
 
