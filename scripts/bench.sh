@@ -127,6 +127,8 @@ stop() {
 # server), so that other work on the machine can be told apart. Sets snap_busy and snap_own; it
 # must run in this shell, not in $(...), for `times` to see the children.
 clk_tck=$(getconf CLK_TCK 2>/dev/null || echo 100)
+# CPU seconds (user + system) one process has used so far.
+process_cpu_s() { awk -v hz="$clk_tck" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 cpu_snapshot() {
   local pid
   snap_busy=$(awk -v hz="$clk_tck" '/^cpu / { printf "%.2f", ($2 + $3 + $4) / hz; exit }' /proc/stat)
@@ -134,7 +136,7 @@ cpu_snapshot() {
   snap_own=$(awk '{ for (i = 1; i <= 2; i++) { split($i, part, "m"); s += part[1] * 60 + part[2] } } END { printf "%.2f", s }' "$work/times")
   for pid in "${pids[@]}"; do
     [ -r "/proc/$pid/stat" ] || continue
-    snap_own=$(awk -v own="$snap_own" -v hz="$clk_tck" '{ sub(/^.*\) /, ""); printf "%.2f", own + ($12 + $13) / hz }' "/proc/$pid/stat")
+    snap_own=$(awk -v own="$snap_own" -v process="$(process_cpu_s "$pid")" 'BEGIN { printf "%.2f", own + process }')
   done
 }
 # Other work's CPU between two snapshots, as "S s (C cores on average over W s)".
@@ -149,8 +151,6 @@ foreign_cores() { # the same, only the average cores
 }
 cpu_snapshot
 cpu_start=("$snap_busy" "$snap_own" "$(elapsed)")
-# CPU seconds (user + system) one process has used so far.
-process_cpu_s() { awk -v hz="$clk_tck" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 log "building (release)"
 cargo build --release -q -p shardgate -p shardgate-bench

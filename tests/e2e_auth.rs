@@ -58,27 +58,6 @@ fn answer(client: &mut UdpClient, frame: &[u8], player_id: u64, seq: u64) -> St 
     }
 }
 
-/// The sum of a metric's samples whose line also contains `label`.
-fn metric(server_metrics: std::net::SocketAddr, line_prefix: &str, label: &str) -> f64 {
-    let text = http_get_metrics(server_metrics);
-    text.lines()
-        .filter(|line| line.starts_with(line_prefix) && line.contains(label))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn http_get_metrics(address: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 /// Valid tags under either rotation secret are stored; missing, forged and stale ones are REJECTED
 /// with reason `auth`, and nothing rejected reaches Redis.
 #[test]
@@ -130,12 +109,12 @@ fn only_valid_fresh_tags_are_stored() {
     encode_action_signed(&fields(7, 8, now_us), &player_key(OLD_SECRET, 8), &mut stolen);
     assert_eq!(answer(&mut client, &stolen, 7, 8), St::Rejected);
 
-    let rejected_auth = metric(
-        std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)),
-        "shardgate_frames_rejected_total{",
-        "reason=\"auth\"",
+    let rejected_auth = metric_sum(
+        &scrape_metrics(std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port))),
+        "shardgate_frames_rejected_total",
+        &[("reason", "auth")],
     );
-    assert!(rejected_auth >= 5.0, "5 auth rejections counted, got {rejected_auth}");
+    assert!(rejected_auth >= 5, "5 auth rejections counted, got {rejected_auth}");
     let stored: Vec<Key> = read_events(&mut redis.connection(), "sg", 16)
         .iter()
         .map(|event| event.key())

@@ -68,24 +68,6 @@ fn scrape(address: SocketAddr) -> Result<(String, String), String> {
     Ok((header("content-type").unwrap_or_default(), body.to_string()))
 }
 
-/// The `/metrics` address from the serving line (`metrics="127.0.0.1:PORT"`), so the test
-/// can ask for port 0 and never race another process for a port.
-fn metrics_address(server: &Server) -> SocketAddr {
-    let lines = server.stderr_lines();
-    let serving = lines
-        .iter()
-        .find(|line| line.starts_with("shardgate: serving"))
-        .expect("the harness saw the serving line");
-    let value = serving
-        .split_whitespace()
-        .find_map(|token| token.strip_prefix("metrics="))
-        .unwrap_or_else(|| panic!("no metrics= in {serving:?}"));
-    value
-        .trim_matches('"')
-        .parse()
-        .unwrap_or_else(|e| panic!("metrics={value} in {serving:?}: {e}"))
-}
-
 type Labels = Vec<(String, String)>;
 
 #[derive(Clone, Debug)]
@@ -513,7 +495,7 @@ fn counters_match_the_traffic_exactly() {
         .arg("--metrics", "127.0.0.1:0")
         .arg("--drain-timeout-ms", 2000)
         .start();
-    let metrics = metrics_address(&server);
+    let metrics = serving_metrics_address(&server);
     let deadline = Instant::now() + Duration::from_secs(60);
 
     let (n_valid, n_duplicates, n_bad_crc, n_bad_flags, n_oversized, n_garbage) = (600, 200, 20, 20, 3, 5);
@@ -922,7 +904,7 @@ fn server_with_traffic(redis: &RedisServer, seed: u64) -> (Server, SocketAddr) {
         },
     );
     assert!(report.unresolved().is_empty(), "{}", report.summary());
-    let metrics = metrics_address(&server);
+    let metrics = serving_metrics_address(&server);
     (server, metrics)
 }
 
@@ -1093,7 +1075,7 @@ fn sigusr1_writes_histograms_and_keeps_serving() {
         .cores("0,1")
         .arg("--metrics", "127.0.0.1:0")
         .start();
-    let metrics = metrics_address(&server);
+    let metrics = serving_metrics_address(&server);
     let first = deliver_fresh(&server, seed, 10_000, 300);
     assert!(first.counts.accepted > 0, "{}", first.summary());
     let acks_before = settled_ack_count(metrics);
@@ -1596,7 +1578,7 @@ fn monitoring_files_match_the_exported_metrics() {
         .cores("0,1")
         .arg("--metrics", "127.0.0.1:0")
         .start();
-    let (_, body) = scrape(metrics_address(&server)).unwrap_or_else(|e| panic!("scrape: {e}"));
+    let (_, body) = scrape(serving_metrics_address(&server)).unwrap_or_else(|e| panic!("scrape: {e}"));
     let exported: std::collections::BTreeSet<String> = Exposition::parse(&body)
         .samples
         .into_iter()

@@ -34,10 +34,7 @@ lazy_static! {
     // sleep notifier (`sys/mod.rs`), whose `notify()` now fences too, so the
     // sleeper's "flag, fence, check channels" and the waker's "push, fence,
     // check flag" form the classic two-fence handshake.
-    static ref STRATEGY: Strategy = {
-        let _ = (syscall::is_supported, mprotect::is_supported);
-        Strategy::Fallback
-    };
+    static ref STRATEGY: Strategy = Strategy::Fallback;
 }
 
 mod syscall {
@@ -71,6 +68,7 @@ mod syscall {
     }
 
     /// Returns `true` if the `sys_membarrier` call is available.
+    #[allow(dead_code)] // shardgate patch: the strategy is always `Fallback`.
     pub fn is_supported() -> bool {
         // Queries which membarrier commands are supported. Checks if private expedited
         // membarrier is supported.
@@ -189,6 +187,7 @@ mod mprotect {
     }
 
     /// Returns `true` if the `mprotect`-based trick is supported.
+    #[allow(dead_code)] // shardgate patch: the strategy is always `Fallback`.
     pub fn is_supported() -> bool {
         cfg!(target_arch = "x86") || cfg!(target_arch = "x86_64")
     }
