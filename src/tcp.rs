@@ -47,8 +47,8 @@ pub struct Connection {
     /// Frames read whose answer is not yet written to the socket.
     unacked_frames: Cell<usize>,
     reading_done: Cell<bool>,
-    broken: Cell<bool>,
-    /// Why writing failed, once it has: `slow_reader` or `write_failed`.
+    /// Why writing failed, once it has: `slow_reader` or `write_failed`. From
+    /// then on the connection is broken and its acks are dropped.
     write_failure: Cell<Option<CloseReason>>,
     writer_wake: Notify,
     reader_wake: Notify,
@@ -60,7 +60,6 @@ impl Connection {
             outbox: RefCell::new(Vec::with_capacity(TCP_OUTBOX_BYTES)),
             unacked_frames: Cell::new(0),
             reading_done: Cell::new(false),
-            broken: Cell::new(false),
             write_failure: Cell::new(None),
             writer_wake: Notify::default(),
             reader_wake: Notify::default(),
@@ -70,7 +69,7 @@ impl Connection {
     /// Queues one answer. Never grows the outbox: the reader's bound on
     /// unanswered frames keeps it within its capacity.
     pub fn push_ack(&self, status: Status, id: EventId) {
-        if self.broken.get() {
+        if self.broken() {
             return;
         }
         let mut outbox = self.outbox.borrow_mut();
@@ -83,9 +82,12 @@ impl Connection {
         self.writer_wake.notify();
     }
 
+    fn broken(&self) -> bool {
+        self.write_failure.get().is_some()
+    }
+
     /// The peer cannot be written to: from now on its acks are dropped.
     fn fail_writes(&self, reason: CloseReason) {
-        self.broken.set(true);
         self.write_failure.set(Some(reason));
         self.outbox.borrow_mut().clear();
         self.reader_wake.notify();
@@ -177,7 +179,7 @@ async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream:
     let mut buffer = vec![0u8; TCP_READ_BUFFER_BYTES];
     let mut filled_bytes = 0;
     loop {
-        while connection.unacked_frames.get() >= TCP_UNACKED_FRAMES_MAX && !connection.broken.get() {
+        while connection.unacked_frames.get() >= TCP_UNACKED_FRAMES_MAX && !connection.broken() {
             let stop = shard.stopping.wait();
             futures_lite::future::or(connection.reader_wake.wait(), stop).await;
             if shard.stopping.is_open() {
@@ -196,7 +198,7 @@ async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream:
             Some(Err(_)) | Some(Ok(0)) => return CloseReason::PeerClosed,
             Some(Ok(read_bytes)) => read_bytes,
         };
-        if connection.broken.get() {
+        if connection.broken() {
             return CloseReason::WriteFailed;
         }
         shard.metrics.bytes_received[Transport::Tcp as usize].add(read_bytes as u64);
