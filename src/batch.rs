@@ -1,13 +1,15 @@
 //! A batch: the events of one script call, and where each answer goes.
 //!
 //! A shard owns `batches_in_flight_max + 1` batches, allocated at start: one
-//! open (filling) and the rest free or in Redis. A batch's two buffers are
+//! open (filling) and the rest free, in Redis, or held. A batch's buffers are
 //! sized for its worst case, so filling one never allocates. The blob is handed
-//! to fred as a `Bytes` that owns the batch's buffer, and the batch keeps a
-//! second handle on it. fred drops its copy some time after the call returns,
-//! so the batch takes the buffer back lazily, when it is next filled: by then
-//! it has been through the spare pool and fred is long done. Only if fred
-//! still holds it does the batch allocate a new buffer (counted).
+//! to fred as a `Bytes` that shares the batch's buffer. fred drops its copy
+//! some time after the call returns, or, for a call that passed its deadline,
+//! only once Redis answers or the connection drops. Until then the batch is
+//! *held*: answered, but not reusable (`try_release`). The shard counts held
+//! batches against its in-flight bound, so a Redis that stalls while staying
+//! connected holds at most `batches_in_flight_max` blobs, never a growing pile
+//! of them, and the batch never allocates a second buffer.
 
 use std::time::Instant;
 
@@ -29,10 +31,8 @@ pub struct Pending {
 pub struct Batch {
     events: Vec<Pending>,
     blob: BytesMut,
-    /// The blob lent to the Redis client, kept to take its buffer back.
-    lent: Option<Bytes>,
-    /// Times the buffer could not be taken back and was allocated anew.
-    blob_allocations: u64,
+    /// True from `take_blob` until the Redis client let go of the blob.
+    lent: bool,
     /// Redis's answer per event, then the status each event is answered with.
     outcomes: Vec<Outcome>,
     statuses: Vec<Status>,
@@ -47,8 +47,7 @@ impl Batch {
         Batch {
             events: Vec::with_capacity(events_max),
             blob: BytesMut::with_capacity(events_max * BATCH_RECORD_BYTES_MAX),
-            lent: None,
-            blob_allocations: 0,
+            lent: false,
             outcomes: Vec::with_capacity(events_max),
             statuses: Vec::with_capacity(events_max),
             events_max,
@@ -75,9 +74,7 @@ impl Batch {
     /// Adds one event. The caller checks `is_full` first.
     pub fn push(&mut self, action: &Action<'_>, partition: u32, recv_us: u64, route: Route, received_at: Instant) {
         assert!(!self.is_full(), "the shard flushes a full batch before adding to it");
-        if self.events.is_empty() {
-            self.reclaim_blob();
-        }
+        assert!(!self.lent, "a held batch is not filled");
         debug_assert!(self.blob.capacity() - self.blob.len() >= BATCH_RECORD_BYTES_MAX);
         let record = Record {
             partition,
@@ -100,36 +97,29 @@ impl Batch {
     /// The blob to send. The batch keeps its events until `finish`.
     pub fn take_blob(&mut self) -> Bytes {
         debug_assert!(!self.is_empty());
-        debug_assert!(self.lent.is_none(), "a batch is sent once per fill");
+        debug_assert!(!self.lent, "a batch is sent once per fill");
         // `split` leaves `self.blob` as the empty rest of the same buffer;
-        // `reserve` later reuses the whole buffer if no other handle is left.
-        let blob = self.blob.split().freeze();
-        self.lent = Some(blob.clone());
-        blob
+        // `try_release` later moves it back to the buffer's start.
+        self.lent = true;
+        self.blob.split().freeze()
     }
 
-    /// Takes back the buffer lent to the Redis client, or allocates a new one
-    /// if the client still holds it.
-    fn reclaim_blob(&mut self) {
-        let Some(lent) = self.lent.take() else {
-            return;
-        };
-        // Once the Redis client dropped its copy, only `self.blob` (the empty
-        // rest) refers to the buffer, and `reserve` moves back to its start
-        // instead of allocating.
-        let buffer_start = lent.as_ptr();
-        drop(lent);
+    /// Takes back the buffer lent to the Redis client if the client has let
+    /// go of it; false while the client still holds it. Never allocates.
+    pub fn try_release(&mut self) -> bool {
+        if !self.lent {
+            return true;
+        }
+        debug_assert!(self.is_empty(), "a batch is released after it was answered");
         let capacity_bytes = self.events_max * BATCH_RECORD_BYTES_MAX;
         self.blob.clear();
-        self.blob.reserve(capacity_bytes);
-        if self.blob.as_ptr() != buffer_start {
-            self.blob_allocations += 1;
+        // Asks for the whole buffer: only possible once no other handle is left.
+        if !self.blob.try_reclaim(capacity_bytes) {
+            return false;
         }
+        self.lent = false;
         debug_assert!(self.blob.is_empty() && self.blob.capacity() >= capacity_bytes);
-    }
-
-    pub fn blob_allocations(&self) -> u64 {
-        self.blob_allocations
+        true
     }
 
     pub fn events(&self) -> &[Pending] {
@@ -149,7 +139,7 @@ impl Batch {
         &self.statuses
     }
 
-    /// Empties the batch for reuse; its blob buffer comes back on the next fill.
+    /// Empties the batch; its blob buffer comes back with `try_release`.
     pub fn finish(&mut self) {
         self.events.clear();
         self.outcomes.clear();
@@ -157,5 +147,46 @@ impl Batch {
         self.opened_at = None;
         self.blob.clear();
         debug_assert!(self.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Action, EventId};
+
+    fn action(seq: u64) -> Action<'static> {
+        Action {
+            id: EventId { player_id: 1, seq },
+            client_time_us: 0,
+            action_type: 0,
+            payload: b"x",
+            auth_tag: None,
+            signed: b"",
+        }
+    }
+
+    /// A batch is reusable only once the client dropped the blob, and then
+    /// reuses the same buffer; while the blob is held it is not reusable.
+    #[test]
+    fn held_until_the_client_lets_go() {
+        let mut batch = Batch::new(4);
+        let route = Route::Udp("127.0.0.1:1".parse().unwrap());
+        batch.push(&action(1), 0, 0, route.clone(), Instant::now());
+        let blob = batch.take_blob();
+        let buffer_start = blob.as_ptr();
+        batch.finish();
+        assert!(!batch.try_release(), "the client still holds the blob");
+        let second_handle = blob.clone();
+        drop(blob);
+        assert!(!batch.try_release(), "any handle left keeps it held");
+        drop(second_handle);
+        assert!(batch.try_release());
+        batch.push(&action(2), 0, 0, route, Instant::now());
+        assert_eq!(
+            batch.take_blob().as_ptr(),
+            buffer_start,
+            "the same buffer, not a new one"
+        );
     }
 }

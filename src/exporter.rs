@@ -7,13 +7,16 @@
 //! `Accept` header) gets it as is, anyone else the classic Prometheus text
 //! format 0.0.4 (`to_prometheus_text`), which is what `promtool check metrics`
 //! and `curl` readers expect. Connections are served
-//! one at a time with short timeouts, which bounds what a misbehaving scraper
-//! can hold: one socket, one 8 KiB request buffer, one response.
+//! one at a time, each request within one deadline (`REQUEST_DEADLINE`) for
+//! its whole read and write, which bounds what a misbehaving scraper can hold:
+//! one socket, one 8 KiB request buffer, one response, for 2 s at most. A
+//! per-read timeout alone would let a client that sends or reads one byte a
+//! second hold the endpoint for hours.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -23,10 +26,12 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::frame::{RejectReason, Status};
-use crate::metrics::{CloseReason, Histogram, LookupOutcome, RedisErrorKind, RetryCause, ShardMetrics, Transport};
+use crate::metrics::{
+    CloseReason, EventErrorReason, Histogram, LookupOutcome, RedisErrorKind, RetryCause, ShardMetrics, Transport,
+};
 
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 const MICROS_PER_SECOND: f64 = 1e6;
 
 /// Binds the endpoint and serves it on a thread for the life of the process.
@@ -45,9 +50,46 @@ pub fn start(address: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::io::Re
     Ok(bound)
 }
 
-fn serve(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+/// A connection whose every read and write must finish by one deadline.
+struct DeadlineStream {
+    stream: TcpStream,
+    deadline: Instant,
+}
+
+impl DeadlineStream {
+    fn remaining(&self) -> std::io::Result<Duration> {
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "metrics request passed its deadline",
+            ));
+        }
+        Ok(remaining)
+    }
+
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.remaining()?))?;
+        self.stream.read(buffer)
+    }
+
+    fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            self.stream.set_write_timeout(Some(self.remaining()?))?;
+            match self.stream.write(bytes)? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                written => bytes = &bytes[written..],
+            }
+        }
+        Ok(())
+    }
+}
+
+fn serve(stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+    let mut stream = DeadlineStream {
+        stream,
+        deadline: Instant::now() + REQUEST_DEADLINE,
+    };
     let mut request = [0u8; REQUEST_BYTES_MAX];
     let mut length = 0;
     while !request[..length].windows(4).any(|window| window == b"\r\n\r\n") && length < request.len() {
@@ -258,11 +300,14 @@ impl Collector for ShardCollector {
         self.counter(
             encoder,
             "frames_rejected",
-            "Frames answered REJECTED, by reason.",
+            "Frames answered REJECTED, by reason (a crc mismatch is never answered: frames_corrupt).",
             None,
             |index, shard, emit| {
                 for transport in Transport::ALL {
-                    for reason in RejectReason::ALL {
+                    for reason in RejectReason::ALL
+                        .into_iter()
+                        .filter(|&reason| reason != RejectReason::Crc)
+                    {
                         let value = shard.frames_rejected[transport as usize][reason as usize].get();
                         emit(
                             labels(index, &[("transport", transport.name()), ("reason", reason.name())]),
@@ -285,6 +330,27 @@ impl Collector for ShardCollector {
                     );
                 }
             },
+        )?;
+        self.counter(
+            encoder,
+            "frames_corrupt",
+            "Whole frames whose crc32c did not match: never answered; a TCP connection that sends one is closed.",
+            None,
+            |index, shard, emit| {
+                for transport in Transport::ALL {
+                    emit(
+                        labels(index, &[("transport", transport.name())]),
+                        shard.frames_corrupt[transport as usize].get(),
+                    );
+                }
+            },
+        )?;
+        self.counter(
+            encoder,
+            "udp_receive_errors",
+            "Errors the UDP socket returned on receive.",
+            None,
+            |index, shard, emit| emit(shard_label(index), shard.udp_receive_errors.get()),
         )?;
         self.counter(
             encoder,
@@ -359,6 +425,20 @@ impl Collector for ShardCollector {
                     emit(
                         labels(index, &[("kind", kind.name())]),
                         shard.redis_errors[kind as usize].get(),
+                    );
+                }
+            },
+        )?;
+        self.counter(
+            encoder,
+            "redis_event_errors",
+            "Events Redis refused one by one (answered RETRY; the rest of their batch was stored), by reason.",
+            None,
+            |index, shard, emit| {
+                for reason in EventErrorReason::ALL {
+                    emit(
+                        labels(index, &[("reason", reason.name())]),
+                        shard.redis_event_errors[reason as usize].get(),
                     );
                 }
             },

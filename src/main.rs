@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "stopped with an error");
-            ExitCode::FAILURE
+            ExitCode::from(error.exit_code())
         }
     }
 }

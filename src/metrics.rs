@@ -206,14 +206,17 @@ pub enum RedisErrorKind {
     Connection = 1,
     Script = 2,
     Abandoned = 3,
+    /// The reply did not echo the call's nonce or had the wrong length.
+    ReplyMismatch = 4,
 }
 
 impl RedisErrorKind {
-    pub const ALL: [RedisErrorKind; 4] = [
+    pub const ALL: [RedisErrorKind; 5] = [
         RedisErrorKind::Timeout,
         RedisErrorKind::Connection,
         RedisErrorKind::Script,
         RedisErrorKind::Abandoned,
+        RedisErrorKind::ReplyMismatch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -222,6 +225,44 @@ impl RedisErrorKind {
             RedisErrorKind::Connection => "connection",
             RedisErrorKind::Script => "script",
             RedisErrorKind::Abandoned => "abandoned_at_shutdown",
+            RedisErrorKind::ReplyMismatch => "reply_mismatch",
+        }
+    }
+}
+
+/// Why Redis refused one event of a batch, from its error's code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventErrorReason {
+    /// `WRONGTYPE`: the event's stream or marker key holds another type.
+    WrongType = 0,
+    /// `OOM`: Redis is at `maxmemory` and may not evict.
+    OutOfMemory = 1,
+    Other = 2,
+}
+
+impl EventErrorReason {
+    pub const ALL: [EventErrorReason; 3] = [
+        EventErrorReason::WrongType,
+        EventErrorReason::OutOfMemory,
+        EventErrorReason::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EventErrorReason::WrongType => "wrong_type",
+            EventErrorReason::OutOfMemory => "out_of_memory",
+            EventErrorReason::Other => "other",
+        }
+    }
+
+    /// The reason from a Redis error message's code (`WRONGTYPE ...`).
+    pub fn of_message(message: &str) -> EventErrorReason {
+        if message.starts_with("WRONGTYPE") {
+            EventErrorReason::WrongType
+        } else if message.starts_with("OOM") {
+            EventErrorReason::OutOfMemory
+        } else {
+            EventErrorReason::Other
         }
     }
 }
@@ -240,10 +281,12 @@ pub enum CloseReason {
     Idle = 6,
     /// Did not read its acks for `tcp_write_timeout_ms`.
     SlowReader = 7,
+    /// Sent a frame whose crc32c does not match: its framing can no longer be trusted.
+    Corrupt = 8,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::PeerClosed,
         CloseReason::Unparseable,
         CloseReason::WriteFailed,
@@ -252,6 +295,7 @@ impl CloseReason {
         CloseReason::SourceLimit,
         CloseReason::Idle,
         CloseReason::SlowReader,
+        CloseReason::Corrupt,
     ];
 
     pub fn name(self) -> &'static str {
@@ -264,6 +308,7 @@ impl CloseReason {
             CloseReason::SourceLimit => "source_limit",
             CloseReason::Idle => "idle",
             CloseReason::SlowReader => "slow_reader",
+            CloseReason::Corrupt => "corrupt",
         }
     }
 }
@@ -279,6 +324,10 @@ pub struct ShardMetrics {
     pub acks_sent: [[Counter; 4]; TRANSPORTS],
     pub frames_rejected: [[Counter; 4]; TRANSPORTS],
     pub unparseable: [Counter; TRANSPORTS],
+    /// Whole frames whose crc32c did not match: never answered (protocol revision 2).
+    pub frames_corrupt: [Counter; TRANSPORTS],
+    /// Errors the UDP socket returned on receive (ICMP errors of earlier replies, mostly).
+    pub udp_receive_errors: Counter,
     /// Frames dropped unanswered because their source was over its rate
     /// (`limiter.rs`; UDP only, TCP is bounded by its window).
     pub frames_limited: [Counter; TRANSPORTS],
@@ -287,7 +336,9 @@ pub struct ShardMetrics {
     pub dedup_cache_evictions: Counter,
     pub batch_events: Histogram<11>,
     pub redis_round_trip_us: Histogram<16>,
-    pub redis_errors: [Counter; 4],
+    pub redis_errors: [Counter; RedisErrorKind::ALL.len()],
+    /// Events Redis refused one by one inside a call that succeeded.
+    pub redis_event_errors: [Counter; EventErrorReason::ALL.len()],
     pub redis_reconnects: Counter,
     pub redis_up: Gauge,
     pub events_in_flight: Gauge,
@@ -309,6 +360,8 @@ impl Default for ShardMetrics {
             acks_sent: Default::default(),
             frames_rejected: Default::default(),
             unparseable: Default::default(),
+            frames_corrupt: Default::default(),
+            udp_receive_errors: Counter::default(),
             frames_limited: Default::default(),
             dedup_lookups: Default::default(),
             dedup_cache_events: Gauge::default(),
@@ -316,6 +369,7 @@ impl Default for ShardMetrics {
             batch_events: Histogram::new(&BATCH_BOUNDS_EVENTS),
             redis_round_trip_us: Histogram::new(&LATENCY_BOUNDS_US),
             redis_errors: Default::default(),
+            redis_event_errors: Default::default(),
             redis_reconnects: Counter::default(),
             redis_up: Gauge::default(),
             events_in_flight: Gauge::default(),
@@ -430,6 +484,9 @@ mod tests {
         }
         for (index, kind) in RedisErrorKind::ALL.iter().enumerate() {
             assert_eq!(*kind as usize, index);
+        }
+        for (index, reason) in EventErrorReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index);
         }
     }
 }

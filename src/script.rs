@@ -17,12 +17,19 @@
 //!
 //! # The script, per event
 //! `SET <prefix>:{p}:seen:<player>:<seq> 1 NX EX <window>`. If it was set, the
-//! event is new: `XADD <prefix>:{p}:events * player .. payload ..`. If that
-//! XADD fails the marker is deleted again and the call fails, so each event is
-//! both marked and appended or neither. Events earlier in a failed batch stay
-//! stored; the whole batch gets RETRY and those copies come back DUPLICATE, so
-//! a failure never loses or doubles an event. The reply is one string with a
-//! byte per event: `A` appended (ACCEPTED) or `D` already marked (DUPLICATE).
+//! event is new: `XADD <prefix>:{p}:events * player .. payload ..`. Both run
+//! under `pcall`, so one event's error is that event's alone (protocol
+//! revision 2): a failed SET leaves no marker, a failed XADD deletes the
+//! marker it just set, and the event's outcome is `E`. The other events of the
+//! batch are stored as usual. Each event is therefore both marked and appended,
+//! or neither.
+//!
+//! # The reply
+//! One string: the call's nonce, a space, one byte per event (`A` appended:
+//! ACCEPTED; `D` already marked: DUPLICATE; `E` failed: RETRY), then for each
+//! failed event a line `\n<index> <key> <error>`. The nonce is the shard's
+//! count of calls, echoed so that a reply is matched to its call by more than
+//! its length (the project once met a client bug that reordered replies).
 //!
 //! The script touches keys of several partitions and declares none in KEYS:
 //! that is allowed on a standalone Redis, which is what shardgate targets (see
@@ -33,13 +40,14 @@ use bytes::{BufMut, BytesMut};
 use crate::frame::PAYLOAD_BYTES_MAX;
 use crate::limits::BATCH_RECORD_BYTES_MAX;
 
-/// ARGV: prefix, window seconds, event count, blob.
+/// ARGV: prefix, window seconds, event count, blob, nonce.
 pub const DEDUP_APPEND_LUA: &str = r#"
 local prefix = ARGV[1]
 local window_secs = ARGV[2]
 local count = tonumber(ARGV[3])
 local blob = ARGV[4]
 local outcomes = {}
+local failures = {}
 local position = 1
 for index = 1, count do
   local partition, player, seq, action_type, ts, recv_us, payload
@@ -47,14 +55,21 @@ for index = 1, count do
     struct.unpack('<Bc0Bc0Bc0Bc0Bc0Bc0I2c0', blob, position)
   local tag = prefix .. ':{' .. partition .. '}:'
   local marker = tag .. 'seen:' .. player .. ':' .. seq
-  if redis.call('SET', marker, '1', 'NX', 'EX', window_secs) then
-    local appended = redis.pcall('XADD', tag .. 'events', '*', 'player', player, 'seq', seq,
+  local marked = redis.pcall('SET', marker, '1', 'NX', 'EX', window_secs)
+  if type(marked) == 'table' and marked.err then
+    outcomes[index] = 'E'
+    failures[#failures + 1] = (index - 1) .. ' ' .. marker .. ' ' .. marked.err
+  elseif marked then
+    local stream = tag .. 'events'
+    local appended = redis.pcall('XADD', stream, '*', 'player', player, 'seq', seq,
       'type', action_type, 'ts', ts, 'recv_us', recv_us, 'payload', payload)
     if type(appended) == 'table' and appended.err then
       redis.call('DEL', marker)
-      return redis.error_reply('xadd failed: ' .. appended.err)
+      outcomes[index] = 'E'
+      failures[#failures + 1] = (index - 1) .. ' ' .. stream .. ' ' .. appended.err
+    else
+      outcomes[index] = 'A'
     end
-    outcomes[index] = 'A'
   else
     outcomes[index] = 'D'
   end
@@ -62,12 +77,35 @@ end
 if position ~= #blob + 1 then
   return redis.error_reply('batch blob has trailing bytes')
 end
-return table.concat(outcomes)
+local reply = ARGV[5] .. ' ' .. table.concat(outcomes)
+if #failures > 0 then
+  reply = reply .. '\n' .. table.concat(failures, '\n')
+end
+return reply
 "#;
+
+/// Records the prefix's partition count the first time, and returns the
+/// count recorded (protocol revision 2: the count is part of the data).
+/// KEYS: the count's key. ARGV: this server's count.
+pub const PARTITIONS_LUA: &str = r#"
+local recorded = redis.call('GET', KEYS[1])
+if not recorded then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return ARGV[1]
+end
+return recorded
+"#;
+
+/// The key holding a prefix's partition count. It carries no hash tag: it is
+/// read once per connection, by a call of its own.
+pub fn partitions_key(prefix: &str) -> String {
+    format!("{prefix}:partitions")
+}
 
 /// Outcome bytes of the script's reply.
 pub const OUTCOME_APPENDED: u8 = b'A';
 pub const OUTCOME_ALREADY_STORED: u8 = b'D';
+pub const OUTCOME_FAILED: u8 = b'E';
 
 /// One event's fields as the script stores them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

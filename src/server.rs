@@ -34,16 +34,40 @@ use crate::shard::Shard;
 use crate::snapshot::Snapshots;
 use crate::store::{Store, TimeDriver};
 
+/// How long a starting shard waits for Redis to check the partition count
+/// before it serves anyway (answering RETRY until Redis comes).
+const STARTUP_REDIS_WAIT: Duration = Duration::from_secs(1);
+
 /// Glommio's default io_uring buffer memory per shard, plus headroom.
 const MEMLOCK_BYTES_PER_SHARD: u64 = 16 << 20;
 
 /// Why the server could not start, or stopped with an error.
 #[derive(Debug)]
-pub struct ServerError(String);
+pub struct ServerError {
+    message: String,
+    exit_code: u8,
+}
 
 impl fmt::Display for ServerError {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str(&self.0)
+        formatter.write_str(&self.message)
+    }
+}
+
+impl ServerError {
+    fn failed(message: String) -> ServerError {
+        ServerError { message, exit_code: 1 }
+    }
+
+    /// A start refused because serving would break the contract (a partition
+    /// count that differs from the recorded one): exit code 2, like a bad flag.
+    fn refused(message: String) -> ServerError {
+        ServerError { message, exit_code: 2 }
+    }
+
+    /// The process's exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        self.exit_code
     }
 }
 
@@ -51,7 +75,7 @@ impl std::error::Error for ServerError {}
 
 impl From<crate::config::ConfigError> for ServerError {
     fn from(error: crate::config::ConfigError) -> ServerError {
-        ServerError(error.to_string())
+        ServerError::failed(error.to_string())
     }
 }
 
@@ -79,18 +103,18 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     tracing::info!(config = ?*config, memlock_bytes, allowed_cores = %allowed.cores_text(), allowed_from = %allowed.source_name(), "starting");
     let notifier = Arc::new(Notifier::from_env());
     let time_driver =
-        TimeDriver::start().map_err(|error| ServerError(format!("cannot start timer thread: {error}")))?;
+        TimeDriver::start().map_err(|error| ServerError::failed(format!("cannot start timer thread: {error}")))?;
     let stop = Arc::new(AtomicBool::new(false));
     let metrics: Vec<Arc<ShardMetrics>> = config.cores.iter().map(|_| Arc::default()).collect();
     let metrics_address = match config.metrics {
         Some(address) => Some(
             crate::exporter::start(address, metrics.clone())
-                .map_err(|error| ServerError(format!("cannot serve metrics on {address}: {error}")))?,
+                .map_err(|error| ServerError::failed(format!("cannot serve metrics on {address}: {error}")))?,
         ),
         None => None,
     };
     let snapshots = Snapshots::start(config.hdr_out.clone(), config.cores.len(), started)
-        .map_err(|error| ServerError(format!("cannot start the snapshot thread: {error}")))?;
+        .map_err(|error| ServerError::failed(format!("cannot start the snapshot thread: {error}")))?;
     let (events, event_receiver) = mpsc::channel();
     spawn_signal_thread(
         signals,
@@ -98,6 +122,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         events.clone(),
         snapshots.clone(),
         Arc::clone(&notifier),
+        metrics.clone(),
     )?;
     let heartbeats = Heartbeats::new(config.cores.len());
 
@@ -167,7 +192,7 @@ fn tell_systemd_serving(
     };
     tracing::info!(watchdog_ms = timeout.as_millis() as u64, "systemd watchdog on");
     sdnotify::spawn_watchdog(Arc::clone(notifier), timeout, heartbeats, Arc::clone(stop))
-        .map_err(|error| ServerError(format!("cannot start the watchdog thread: {error}")))
+        .map_err(|error| ServerError::failed(format!("cannot start the watchdog thread: {error}")))
 }
 
 /// With the `count-allocations` feature: heap use while serving, per frame.
@@ -192,7 +217,7 @@ fn report_allocations(at_serving: (u64, u64), frames: u64) {
 /// Merges the shards' reports, writes the histograms, prints the summary.
 fn finish(config: &Config, reports: &[ShardReport], started: SystemTime) -> Result<(), ServerError> {
     if reports.len() != config.cores.len() {
-        return Err(ServerError(format!(
+        return Err(ServerError::failed(format!(
             "{} of {} shards failed",
             config.cores.len() - reports.len(),
             config.cores.len()
@@ -206,7 +231,7 @@ fn finish(config: &Config, reports: &[ShardReport], started: SystemTime) -> Resu
     if let Some(path) = &config.hdr_out {
         let shards: Vec<Latency> = reports.iter().map(|report| report.latency.clone()).collect();
         let files = latency::write_files(path, &merged, &shards, started)
-            .map_err(|error| ServerError(format!("cannot write histograms to {}: {error}", path.display())))?;
+            .map_err(|error| ServerError::failed(format!("cannot write histograms to {}: {error}", path.display())))?;
         tracing::info!(files = files.len(), path = %path.display(), "wrote histograms");
     }
     let total = |count: fn(&ShardMetrics) -> u64| -> u64 { reports.iter().map(|report| count(&report.metrics)).sum() };
@@ -238,6 +263,8 @@ enum StartEvent {
     Prepared,
     Listening,
     Failed(usize, String),
+    /// A shard found the prefix's recorded partition count differs from ours.
+    Refused(String),
     Signal(Signal),
 }
 
@@ -321,7 +348,7 @@ fn start_shards(
             .preempt_timer(Duration::from_micros(crate::limits::PREEMPT_TIMER_US))
             .spin_before_park(Duration::from_micros(config.spin_before_park_us))
             .spawn(move || run_shard(init))
-            .map_err(|error| ServerError(format!("cannot start shard {index} on core {core}: {error}")))?;
+            .map_err(|error| ServerError::failed(format!("cannot start shard {index} on core {core}: {error}")))?;
         handles.push(handle);
     }
     Ok(handles)
@@ -334,11 +361,12 @@ fn wait_until_serving(
     stop: &AtomicBool,
 ) -> Result<(), ServerError> {
     let shard_count = config.cores.len();
-    let abort = |message: String| {
+    let abort_with = |error: ServerError| {
         stop.store(true, Ordering::Relaxed);
         gate.decide(false);
-        Err(ServerError(message))
+        Err(error)
     };
+    let abort = |message: String| abort_with(ServerError::failed(message));
     for phase in [Phase::Prepared, Phase::Listening] {
         let mut ready = 0;
         while ready < shard_count {
@@ -346,6 +374,7 @@ fn wait_until_serving(
                 Ok(StartEvent::Prepared) if phase == Phase::Prepared => ready += 1,
                 Ok(StartEvent::Listening) if phase == Phase::Listening => ready += 1,
                 Ok(StartEvent::Failed(index, error)) => return abort(format!("shard {index} cannot start: {error}")),
+                Ok(StartEvent::Refused(message)) => return abort_with(ServerError::refused(message)),
                 Ok(StartEvent::Signal(signal)) => return abort(format!("stopped by {signal} while starting")),
                 Ok(_) | Err(_) => return abort("shards stopped while starting".into()),
             }
@@ -386,6 +415,10 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
         init.peers,
         Arc::clone(&init.metrics),
     ));
+    if let Err(message) = shard.check_partitions_at_start(STARTUP_REDIS_WAIT).await {
+        let _ = common.events.send(StartEvent::Refused(message.clone()));
+        return Err(message);
+    }
     let _ = common.events.send(StartEvent::Prepared);
     if !common.gate.wait() {
         return Err("start aborted".into());
@@ -437,17 +470,23 @@ fn block_signals() -> Result<SigSet, ServerError> {
     signals.add(Signal::SIGUSR1);
     signals
         .thread_block()
-        .map_err(|error| ServerError(format!("cannot block signals: {error}")))?;
+        .map_err(|error| ServerError::failed(format!("cannot block signals: {error}")))?;
     Ok(signals)
 }
 
-/// SIGUSR1 asks for a histogram snapshot; the first SIGTERM or SIGINT stops.
+/// Exit code after a second SIGTERM or SIGINT cut the drain short: 128 + SIGINT,
+/// what a shell reports for an interrupted command.
+const EXIT_CODE_INTERRUPTED: i32 = 130;
+
+/// SIGUSR1 asks for a histogram snapshot; the first SIGTERM or SIGINT stops
+/// (drains), and a second one exits at once, saying how many events it abandons.
 fn spawn_signal_thread(
     signals: SigSet,
     stop: Arc<AtomicBool>,
     events: mpsc::Sender<StartEvent>,
     snapshots: Snapshots,
     notifier: Arc<Notifier>,
+    metrics: Vec<Arc<ShardMetrics>>,
 ) -> Result<(), ServerError> {
     std::thread::Builder::new()
         .name("shardgate-signals".into())
@@ -459,15 +498,20 @@ fn spawn_signal_thread(
                     }
                     continue;
                 }
+                if stop.load(Ordering::Relaxed) {
+                    let abandoned_events: i64 = metrics.iter().map(|shard| shard.events_in_flight.get()).sum();
+                    tracing::warn!(%signal, abandoned_events, "second signal: exiting without finishing the drain; the abandoned events were not answered and their clients resend them");
+                    eprintln!("shardgate: second {signal}: exiting now, {abandoned_events} events abandoned unanswered");
+                    std::process::exit(EXIT_CODE_INTERRUPTED);
+                }
                 tracing::info!(%signal, "draining");
                 notifier.send("STOPPING=1\nSTATUS=draining");
                 stop.store(true, Ordering::Relaxed);
                 let _ = events.send(StartEvent::Signal(signal));
-                return;
             }
         })
         .map(|_| ())
-        .map_err(|error| ServerError(format!("cannot start signal thread: {error}")))
+        .map_err(|error| ServerError::failed(format!("cannot start signal thread: {error}")))
 }
 
 /// Raises RLIMIT_MEMLOCK for glommio's io_uring buffers. Kernels since 5.12
@@ -552,7 +596,8 @@ fn reserve(
             .ok_or_else(|| std::io::Error::other("not an inet address"))?;
         Ok((socket, bound))
     };
-    let (socket, bound) = bind().map_err(|error| ServerError(format!("cannot pick a port on {address}: {error}")))?;
+    let (socket, bound) =
+        bind().map_err(|error| ServerError::failed(format!("cannot pick a port on {address}: {error}")))?;
     placeholders.push(socket);
     Ok(bound)
 }

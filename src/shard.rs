@@ -41,7 +41,22 @@ use crate::metrics::{LookupOutcome, RetryCause, ShardMetrics, Transport};
 use crate::notify::{Latch, Notify};
 use crate::reply::{Route, UdpReply};
 use crate::snapshot::Snapshots;
-use crate::store::{Outcome, Store};
+use crate::store::{EventFailures, Outcome, Partitions, Store};
+
+/// What becomes of one whole frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// Answered at once with this status.
+    Now(Status),
+    /// Joined a batch; answered when its call completes.
+    Later,
+    /// Its crc32c does not match: never answered, since its id cannot be
+    /// trusted (protocol revision 2). UDP drops it; TCP closes the connection.
+    Corrupt,
+}
+
+/// At most one log line per this period about events Redis refused one by one.
+const EVENT_FAILURE_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 pub struct Shard {
     pub index: usize,
@@ -52,10 +67,22 @@ pub struct Shard {
     peers: Vec<DedupReader>,
     in_flight: RefCell<HashSet<EventId>>,
     open: RefCell<Batch>,
-    /// Free batches, used oldest first so the Redis client has long let go
-    /// of a batch's blob before it is filled again (see `batch.rs`).
+    /// Free batches, ready to fill.
     spare: RefCell<VecDeque<Batch>>,
+    /// Answered batches whose blob the Redis client still holds (`batch.rs`):
+    /// they count against the in-flight bound until it lets go.
+    held: RefCell<Vec<Batch>>,
+    /// Calls sent and not yet answered.
     batches_in_flight: Cell<usize>,
+    /// Numbers the calls; the script echoes it (`script.rs`).
+    call_nonce: Cell<u64>,
+    /// Set once this process's partition count agrees with the one recorded
+    /// under the prefix; until then the shard answers RETRY as if Redis were down.
+    partitions_agreed: Cell<bool>,
+    partitions_check_running: Cell<bool>,
+    /// Refused events since the last log line, and when that line was written.
+    event_failures_unlogged: Cell<u64>,
+    event_failures_logged_at: Cell<Option<Instant>>,
     pub metrics: Arc<ShardMetrics>,
     pub latency: RefCell<Latency>,
     redis_up: Cell<bool>,
@@ -96,7 +123,13 @@ impl Shard {
             in_flight: RefCell::new(in_flight),
             open: RefCell::new(Batch::new(config.batch_events_max)),
             spare: RefCell::new(batches),
+            held: RefCell::new(Vec::with_capacity(config.batches_in_flight_max)),
             batches_in_flight: Cell::new(0),
+            call_nonce: Cell::new(0),
+            partitions_agreed: Cell::new(false),
+            partitions_check_running: Cell::new(false),
+            event_failures_unlogged: Cell::new(0),
+            event_failures_logged_at: Cell::new(None),
             metrics,
             latency: RefCell::new(Latency::default()),
             redis_up: Cell::new(false),
@@ -111,8 +144,7 @@ impl Shard {
         }
     }
 
-    /// Parses one whole frame and decides its fate: `Some` is the answer to
-    /// send now, `None` means it joined a batch and is answered later.
+    /// Parses one whole frame and decides its fate (see `Fate`).
     pub fn take_frame(
         self: &Rc<Self>,
         frame: &[u8],
@@ -120,7 +152,7 @@ impl Shard {
         route: &Route,
         received_at: Instant,
         recv_us: u64,
-    ) -> Option<Status> {
+    ) -> Fate {
         debug_assert_eq!(frame.len(), header.frame_bytes);
         let transport = route.transport();
         let answer = match parse(frame).and_then(|action| self.authenticate(action, recv_us)) {
@@ -128,16 +160,23 @@ impl Shard {
                 debug_assert_eq!(action.id, header.id);
                 self.admit(&action, route, received_at, recv_us)
             }
+            Err(RejectReason::Crc) => {
+                self.metrics.frames_corrupt[transport as usize].add(1);
+                return Fate::Corrupt;
+            }
             Err(reason) => {
                 self.metrics.reject(transport, reason);
                 Some(Status::Rejected)
             }
         };
-        if let Some(status) = answer {
-            // Answered now: the ack goes out with the rest of this read's answers.
-            self.record_answered(transport, status, received_at, Instant::now());
+        match answer {
+            Some(status) => {
+                // Answered now: the ack goes out with the rest of this read's answers.
+                self.record_answered(transport, status, received_at, Instant::now());
+                Fate::Now(status)
+            }
+            None => Fate::Later,
         }
-        answer
     }
 
     /// With auth on, a frame needs a valid, fresh tag (`auth.rs`); without
@@ -173,6 +212,7 @@ impl Shard {
         debug_assert!(in_flight.len() <= self.config.inflight_events_max());
         self.metrics.events_in_flight.set(in_flight.len() as i64);
         drop(in_flight);
+        debug_assert!(self.slots_taken() <= self.config.batches_in_flight_max);
         if is_full {
             self.flush();
         } else if is_first {
@@ -222,28 +262,56 @@ impl Shard {
         self.metrics.intake_to_ack_us[transport as usize].observe(elapsed_us);
     }
 
-    /// Sends the open batch if it has events and an in-flight slot is free.
+    /// Sends the open batch if it has events and an in-flight slot is free:
+    /// a spare batch to take its place. Held batches take no slot back until
+    /// the Redis client lets go of them.
     pub fn flush(self: &Rc<Self>) {
-        if self.open.borrow().is_empty() || self.batches_in_flight.get() >= self.config.batches_in_flight_max {
+        if self.open.borrow().is_empty() {
             return;
         }
-        let spare = self
-            .spare
-            .borrow_mut()
-            .pop_front()
-            .expect("one spare batch per free in-flight slot");
+        if self.spare.borrow().is_empty() {
+            self.release_held();
+        }
+        let Some(spare) = self.spare.borrow_mut().pop_front() else {
+            return;
+        };
         let batch = self.open.replace(spare);
         self.batches_in_flight.set(self.batches_in_flight.get() + 1);
+        debug_assert!(self.batches_in_flight.get() <= self.config.batches_in_flight_max);
         let shard = Rc::clone(self);
         glommio::spawn_local(async move { shard.send(batch).await }).detach();
+    }
+
+    /// Moves held batches whose blob the Redis client dropped back to the spare pool.
+    fn release_held(&self) {
+        let mut held = self.held.borrow_mut();
+        let mut spare = self.spare.borrow_mut();
+        let mut index = 0;
+        while index < held.len() {
+            if held[index].try_release() {
+                spare.push_back(held.swap_remove(index));
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    /// Batches not free: in Redis or held.
+    fn slots_taken(&self) -> usize {
+        self.batches_in_flight.get() + self.held.borrow().len()
     }
 
     async fn send(self: Rc<Self>, mut batch: Batch) {
         let blob = batch.take_blob();
         let event_count = batch.len();
+        let nonce = self.call_nonce.get().wrapping_add(1);
+        self.call_nonce.set(nonce);
         let started = Instant::now();
         let mut outcomes = std::mem::take(batch.outcomes_mut());
-        let call = self.store.dedup_append(event_count, blob, &mut outcomes);
+        let mut failures = EventFailures::default();
+        let call = self
+            .store
+            .dedup_append(nonce, event_count, blob, &mut outcomes, &mut failures);
         let abandoned = async {
             self.abandon.wait().await;
             Err(crate::store::StoreError::abandoned())
@@ -257,16 +325,51 @@ impl Shard {
             self.metrics.redis_errors[error.kind() as usize].add(1);
             self.redis_failures.set(self.redis_failures.get() + 1);
         }
+        self.count_event_failures(&failures);
         *batch.outcomes_mut() = outcomes;
         self.complete(&mut batch, result.is_ok());
         self.answer(&batch).await;
         batch.finish();
-        self.spare.borrow_mut().push_back(batch);
+        if batch.try_release() {
+            self.spare.borrow_mut().push_back(batch);
+        } else {
+            self.held.borrow_mut().push(batch);
+        }
         self.batches_in_flight.set(self.batches_in_flight.get() - 1);
         if self.batches_in_flight.get() == 0 {
             self.drained.notify();
         }
         self.linger.notify();
+    }
+
+    /// Counts events Redis refused one by one, and logs the first failing
+    /// key at most once per `EVENT_FAILURE_LOG_PERIOD`.
+    fn count_event_failures(&self, failures: &EventFailures) {
+        if failures.total() == 0 {
+            return;
+        }
+        for (counter, &count) in self.metrics.redis_event_errors.iter().zip(&failures.by_reason) {
+            counter.add(count);
+        }
+        let unlogged = self.event_failures_unlogged.get() + failures.total();
+        let now = Instant::now();
+        let due = self
+            .event_failures_logged_at
+            .get()
+            .is_none_or(|logged| now.duration_since(logged) >= EVENT_FAILURE_LOG_PERIOD);
+        if !due {
+            self.event_failures_unlogged.set(unlogged);
+            return;
+        }
+        let first = failures.first.as_deref().unwrap_or("");
+        tracing::warn!(
+            shard = self.index,
+            refused_events = unlogged,
+            first,
+            "redis refused events one by one; they got RETRY, the rest of their batches were stored"
+        );
+        self.event_failures_unlogged.set(0);
+        self.event_failures_logged_at.set(Some(now));
     }
 
     /// Bookkeeping for a finished call, before any answer goes out: a copy
@@ -282,7 +385,7 @@ impl Shard {
             let status = match (stored, outcomes.get(index)) {
                 (true, Some(Outcome::Appended)) => Status::Accepted,
                 (true, Some(Outcome::AlreadyStored)) => Status::Duplicate,
-                _ => Status::Retry,
+                (true, Some(Outcome::Failed)) | (true, None) | (false, _) => Status::Retry,
             };
             if status == Status::Retry {
                 self.metrics.retry(RetryCause::RedisError);
@@ -370,7 +473,12 @@ impl Shard {
             if let Some(generation) = snapshots.due(&mut snapshot_answered) {
                 snapshots.submit(self.index, generation, self.latency.borrow().clone());
             }
+            self.release_held();
             let connected = self.store.is_connected();
+            if connected && !self.partitions_agreed.get() {
+                self.check_partitions_once();
+            }
+            let connected = connected && self.partitions_agreed.get();
             if connected && !self.redis_up.get() && outage.was_ever_up {
                 self.metrics.redis_reconnects.add(1);
             }
@@ -388,6 +496,55 @@ impl Shard {
                 return;
             }
             glommio::timer::sleep(period).await;
+        }
+    }
+
+    /// Starts a partition count check unless one is running. A count that
+    /// differs from the recorded one stops the process with exit code 2:
+    /// serving it would store resent events a second time.
+    fn check_partitions_once(self: &Rc<Self>) {
+        if self.partitions_check_running.replace(true) {
+            return;
+        }
+        let shard = Rc::clone(self);
+        glommio::spawn_local(async move {
+            match shard.store.check_partitions().await {
+                Ok(Partitions::Agree) => shard.partitions_agreed.set(true),
+                Ok(Partitions::Differ { recorded }) => {
+                    let message = partitions_differ_message(&shard.config.prefix, recorded, shard.config.partitions);
+                    tracing::error!(shard = shard.index, "{message}");
+                    eprintln!("shardgate: {message}");
+                    std::process::exit(2);
+                }
+                Err(error) => tracing::debug!(shard = shard.index, %error, "partition count check failed; retrying"),
+            }
+            shard.partitions_check_running.set(false);
+        })
+        .detach();
+    }
+
+    /// Waits up to `timeout` for Redis and checks the partition count, so a
+    /// server with the wrong count exits before it serves. `Ok` also when
+    /// Redis did not come in time: the tick loop checks once it does.
+    pub async fn check_partitions_at_start(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while !self.store.is_connected() && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        if !self.store.is_connected() {
+            return Ok(());
+        }
+        match self.store.check_partitions().await {
+            Ok(Partitions::Agree) => {
+                self.partitions_agreed.set(true);
+                Ok(())
+            }
+            Ok(Partitions::Differ { recorded }) => Err(partitions_differ_message(
+                &self.config.prefix,
+                recorded,
+                self.config.partitions,
+            )),
+            Err(_) => Ok(()),
         }
     }
 
@@ -418,6 +575,14 @@ impl Shard {
     pub fn dedup_len_events(&self) -> usize {
         self.dedup.borrow().len_events()
     }
+}
+
+fn partitions_differ_message(prefix: &str, recorded: u32, configured: u32) -> String {
+    format!(
+        "prefix {prefix:?} holds events stored with --partitions {recorded}, and this server has --partitions \
+         {configured}: a resent event would miss its marker and be stored twice. Start with --partitions \
+         {recorded}, or use a new --prefix once the dedup window has passed"
+    )
 }
 
 /// Turns the Redis-up flag and failure counts into rate-limited log lines:

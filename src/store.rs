@@ -14,8 +14,21 @@
 //! The client never gives up reconnecting (exponential backoff to 1 s), and
 //! the first connection uses the same policy (`fail_fast = false`), so a
 //! server started while Redis is down comes up and answers RETRY until Redis
-//! is back. Every call has a timeout. A call that times out may still run in
-//! Redis later; that is safe because the script is idempotent per event id.
+//! is back.
+//!
+//! # Bounded while Redis stalls
+//! Every call has one deadline, `redis_timeout_ms`, that covers the `NOSCRIPT`
+//! reload too; it is a glommio timer, not fred's per-command Tokio timer. A call
+//! past its deadline is answered RETRY but may still sit in fred's queue, or
+//! run in Redis later: RETRY means "not confirmed" (protocol revision 2), and
+//! the script is idempotent per event id. What such a call holds is bounded
+//! elsewhere: its batch does not come back to the shard until fred has let go
+//! of the blob (`batch.rs`), so the shard's in-flight bound counts it; fred's
+//! own queue is bounded (`max_command_buffer_len`); a connection that answers
+//! nothing for `UNRESPONSIVE_TIMEOUT_CALLS` deadlines is closed and reopened
+//! (a blackholed host keeps a socket "connected" for minutes); and a command
+//! is sent once (`max_command_attempts = 1`), never replayed by fred after a
+//! reconnect, so a dead connection lets go of every blob it held.
 
 use std::fmt;
 use std::time::Duration;
@@ -26,14 +39,23 @@ use fred::types::scripts::Script;
 use fred::types::Builder;
 
 use crate::config::Config;
-use crate::metrics::RedisErrorKind;
-use crate::script::{DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED};
+use crate::metrics::{EventErrorReason, RedisErrorKind};
+use crate::script::{
+    partitions_key, DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED, OUTCOME_FAILED, PARTITIONS_LUA,
+};
 
 /// Reconnect backoff: quick first retries for a restart, capped at 1 s.
 const RECONNECT_DELAY_MS_MIN: u32 = 10;
 const RECONNECT_DELAY_MS_MAX: u32 = 1_000;
 const CONNECT_TIMEOUT_MS: u64 = 1_000;
 const QUIT_TIMEOUT: Duration = Duration::from_millis(100);
+/// A connection with a command unanswered for this many call deadlines is
+/// closed and reopened; see the module doc.
+const UNRESPONSIVE_TIMEOUT_CALLS: u32 = 3;
+const UNRESPONSIVE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// fred's command queue beyond the shard's own in-flight calls: room for the
+/// partition check and a `SCRIPT LOAD`.
+const COMMAND_BUFFER_SPARE: usize = 4;
 
 /// Keeps a Tokio time driver running for fred; see the module doc.
 pub struct TimeDriver {
@@ -83,6 +105,13 @@ impl StoreError {
         StoreError::new(kind, format!("redis script failed: {error}"))
     }
 
+    fn timeout(timeout: Duration) -> StoreError {
+        StoreError::new(
+            RedisErrorKind::Timeout,
+            format!("redis did not answer within {} ms", timeout.as_millis()),
+        )
+    }
+
     pub fn kind(&self) -> RedisErrorKind {
         self.kind
     }
@@ -107,13 +136,47 @@ pub enum Outcome {
     Appended,
     /// The marker was there: an earlier copy is stored. DUPLICATE.
     AlreadyStored,
+    /// Redis refused this event alone; no marker is left. RETRY.
+    Failed,
+}
+
+/// The events of a call that Redis refused one by one: counts by reason, and
+/// the first one's key and error for the (rate-limited) log.
+#[derive(Debug, Default)]
+pub struct EventFailures {
+    pub by_reason: [u64; EventErrorReason::ALL.len()],
+    pub first: Option<String>,
+}
+
+impl EventFailures {
+    pub fn total(&self) -> u64 {
+        self.by_reason.iter().sum()
+    }
+
+    fn clear(&mut self) {
+        self.by_reason = [0; EventErrorReason::ALL.len()];
+        self.first = None;
+    }
+}
+
+/// What the prefix's recorded partition count says about ours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partitions {
+    /// Recorded now, or recorded earlier with the same count.
+    Agree,
+    /// Recorded earlier with another count: serving would store copies twice.
+    Differ { recorded: u32 },
 }
 
 pub struct Store {
     client: fred::clients::Client,
     script: Script,
+    partitions_script: Script,
     prefix: Bytes,
     window_secs: Bytes,
+    partitions_key: String,
+    partitions: u32,
+    call_timeout: Duration,
 }
 
 impl Store {
@@ -122,15 +185,21 @@ impl Store {
     pub fn new(config: &Config) -> Result<Store, StoreError> {
         let fred_config = FredConfig::from_url(config.redis_url.expose())
             .map_err(|error| StoreError::new(RedisErrorKind::Connection, format!("invalid redis url: {error}")))?;
+        let call_timeout = Duration::from_millis(config.redis_timeout_ms);
         let mut builder = Builder::from_config(fred_config);
         builder
             .with_config(|fred_config| fred_config.fail_fast = false)
             .with_performance_config(|performance| {
-                performance.default_command_timeout = Duration::from_millis(config.redis_timeout_ms);
+                // Our own deadline per call (module doc); no Tokio timer per command.
+                performance.default_command_timeout = Duration::ZERO;
             })
             .with_connection_config(|connection| {
                 connection.connection_timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
-                connection.internal_command_timeout = Duration::from_millis(config.redis_timeout_ms);
+                connection.internal_command_timeout = call_timeout;
+                connection.max_command_attempts = 1;
+                connection.max_command_buffer_len = config.batches_in_flight_max + COMMAND_BUFFER_SPARE;
+                connection.unresponsive.max_timeout = Some(call_timeout * UNRESPONSIVE_TIMEOUT_CALLS);
+                connection.unresponsive.interval = UNRESPONSIVE_CHECK_INTERVAL;
             })
             .set_policy(ReconnectPolicy::new_exponential(
                 0,
@@ -147,8 +216,12 @@ impl Store {
         Ok(Store {
             client,
             script: Script::from_lua(DEDUP_APPEND_LUA),
+            partitions_script: Script::from_lua(PARTITIONS_LUA),
             prefix: Bytes::copy_from_slice(config.prefix.as_bytes()),
             window_secs: Bytes::copy_from_slice(config.dedup_window_secs.to_string().as_bytes()),
+            partitions_key: partitions_key(&config.prefix),
+            partitions: config.partitions,
+            call_timeout,
         })
     }
 
@@ -162,26 +235,74 @@ impl Store {
     }
 
     /// Runs the script on one batch. `outcomes` receives one entry per event,
-    /// in order. On error nothing is known about any event of the batch.
+    /// in order, and `failures` what Redis refused event by event. On error
+    /// nothing is known about any event of the batch: any of them may be
+    /// stored (RETRY means "not confirmed").
     pub async fn dedup_append(
         &self,
+        nonce: u64,
         event_count: usize,
         blob: Bytes,
         outcomes: &mut Vec<Outcome>,
+        failures: &mut EventFailures,
     ) -> Result<(), StoreError> {
         outcomes.clear();
+        failures.clear();
+        let mut nonce_text = itoa::Buffer::new();
+        let nonce_text = nonce_text.format(nonce);
         let arguments = vec![
             Value::Bytes(self.prefix.clone()),
             Value::Bytes(self.window_secs.clone()),
             Value::Integer(event_count as i64),
             Value::Bytes(blob),
+            Value::Bytes(Bytes::copy_from_slice(nonce_text.as_bytes())),
         ];
-        let reply: Value = self
-            .script
-            .evalsha_with_reload(&self.client, Vec::<fred::types::Key>::new(), arguments)
-            .await
-            .map_err(|error| StoreError::from_fred(&error))?;
-        decode_outcomes(&reply, event_count, outcomes)
+        let call =
+            self.script
+                .evalsha_with_reload::<Value, _, _>(&self.client, Vec::<fred::types::Key>::new(), arguments);
+        let reply = self.within_deadline(call).await?;
+        decode_reply(&reply, nonce_text.as_bytes(), event_count, outcomes, failures)
+    }
+
+    /// Records our partition count under the prefix if none is, and says
+    /// whether a recorded one agrees.
+    pub async fn check_partitions(&self) -> Result<Partitions, StoreError> {
+        let call = self.partitions_script.evalsha_with_reload::<Value, _, _>(
+            &self.client,
+            vec![fred::types::Key::from(self.partitions_key.as_str())],
+            vec![Value::Integer(i64::from(self.partitions))],
+        );
+        let reply = self.within_deadline(call).await?;
+        let recorded = reply
+            .as_string()
+            .and_then(|text| text.parse::<u32>().ok())
+            .ok_or_else(|| {
+                StoreError::new(
+                    RedisErrorKind::Script,
+                    format!("{} holds {reply:?}, not a partition count", self.partitions_key),
+                )
+            })?;
+        Ok(if recorded == self.partitions {
+            Partitions::Agree
+        } else {
+            Partitions::Differ { recorded }
+        })
+    }
+
+    /// One deadline for a whole call, `NOSCRIPT` reload included.
+    async fn within_deadline(
+        &self,
+        call: impl std::future::Future<Output = Result<Value, fred::error::Error>>,
+    ) -> Result<Value, StoreError> {
+        let call = async { Some(call.await) };
+        let deadline = async {
+            glommio::timer::sleep(self.call_timeout).await;
+            None
+        };
+        match futures_lite::future::or(call, deadline).await {
+            Some(result) => result.map_err(|error| StoreError::from_fred(&error)),
+            None => Err(StoreError::timeout(self.call_timeout)),
+        }
     }
 
     /// Closes the connection; bounded, since a client still trying to connect
@@ -194,8 +315,16 @@ impl Store {
     }
 }
 
-/// Reads the script's reply: exactly one `A` or `D` per event.
-fn decode_outcomes(reply: &Value, event_count: usize, outcomes: &mut Vec<Outcome>) -> Result<(), StoreError> {
+/// Reads the script's reply (`script.rs`): the call's nonce, then exactly one
+/// `A`, `D` or `E` per event, then one line per failed event. Anything else is
+/// an error for the whole call, never a guess.
+fn decode_reply(
+    reply: &Value,
+    nonce: &[u8],
+    event_count: usize,
+    outcomes: &mut Vec<Outcome>,
+    failures: &mut EventFailures,
+) -> Result<(), StoreError> {
     let bytes: &[u8] = match reply {
         Value::String(text) => text.as_bytes(),
         Value::Bytes(bytes) => bytes,
@@ -206,16 +335,28 @@ fn decode_outcomes(reply: &Value, event_count: usize, outcomes: &mut Vec<Outcome
             ))
         }
     };
-    if bytes.len() != event_count {
+    let (head, failure_lines) = match bytes.iter().position(|&byte| byte == b'\n') {
+        Some(end) => (&bytes[..end], &bytes[end + 1..]),
+        None => (bytes, &[][..]),
+    };
+    let echoed = head.strip_prefix(nonce).and_then(|rest| rest.strip_prefix(b" "));
+    let Some(outcome_bytes) = echoed else {
         return Err(StoreError::new(
-            RedisErrorKind::Script,
-            format!("redis script answered {} events of {event_count}", bytes.len()),
+            RedisErrorKind::ReplyMismatch,
+            "redis script reply does not echo its call's nonce".into(),
+        ));
+    };
+    if outcome_bytes.len() != event_count {
+        return Err(StoreError::new(
+            RedisErrorKind::ReplyMismatch,
+            format!("redis script answered {} events of {event_count}", outcome_bytes.len()),
         ));
     }
-    for &byte in bytes {
+    for &byte in outcome_bytes {
         let outcome = match byte {
             OUTCOME_APPENDED => Outcome::Appended,
             OUTCOME_ALREADY_STORED => Outcome::AlreadyStored,
+            OUTCOME_FAILED => Outcome::Failed,
             _ => {
                 return Err(StoreError::new(
                     RedisErrorKind::Script,
@@ -225,7 +366,31 @@ fn decode_outcomes(reply: &Value, event_count: usize, outcomes: &mut Vec<Outcome
         };
         outcomes.push(outcome);
     }
+    read_failures(failure_lines, failures);
+    let failed_events = outcomes.iter().filter(|&&outcome| outcome == Outcome::Failed).count();
+    if failures.total() != failed_events as u64 {
+        return Err(StoreError::new(
+            RedisErrorKind::ReplyMismatch,
+            format!(
+                "redis script listed {} failures for {failed_events} failed events",
+                failures.total()
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// Lines `<index> <key> <error>`; counted by the error's code.
+fn read_failures(lines: &[u8], failures: &mut EventFailures) {
+    for line in lines.split(|&byte| byte == b'\n').filter(|line| !line.is_empty()) {
+        let line = String::from_utf8_lossy(line);
+        let mut parts = line.splitn(3, ' ');
+        let (_index, key, message) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        failures.by_reason[EventErrorReason::of_message(message) as usize] += 1;
+        if failures.first.is_none() {
+            failures.first = Some(format!("{key}: {message}"));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -236,13 +401,48 @@ mod tests {
     #[test]
     fn outcomes_decode_strictly() {
         let mut outcomes = Vec::new();
-        decode_outcomes(&Value::Bytes(Bytes::from_static(b"ADA")), 3, &mut outcomes).unwrap();
+        let mut failures = EventFailures::default();
+        let reply = |text: &'static str| Value::Bytes(Bytes::from_static(text.as_bytes()));
+        decode_reply(&reply("7 ADA"), b"7", 3, &mut outcomes, &mut failures).unwrap();
         assert_eq!(
             outcomes,
             vec![Outcome::Appended, Outcome::AlreadyStored, Outcome::Appended]
         );
-        assert!(decode_outcomes(&Value::Bytes(Bytes::from_static(b"AD")), 3, &mut outcomes).is_err());
-        assert!(decode_outcomes(&Value::Bytes(Bytes::from_static(b"AX")), 2, &mut outcomes).is_err());
-        assert!(decode_outcomes(&Value::Integer(1), 1, &mut outcomes).is_err());
+        assert_eq!(failures.total(), 0);
+        assert!(decode_reply(&reply("7 AD"), b"7", 3, &mut outcomes, &mut failures).is_err());
+        assert!(decode_reply(&reply("7 AX"), b"7", 2, &mut outcomes, &mut failures).is_err());
+        assert!(decode_reply(&Value::Integer(1), b"7", 1, &mut outcomes, &mut failures).is_err());
+    }
+
+    /// A reply that echoes another call's nonce fails the call, whatever its length.
+    #[test]
+    fn a_reply_for_another_call_is_refused() {
+        let mut outcomes = Vec::new();
+        let mut failures = EventFailures::default();
+        let reply = Value::Bytes(Bytes::from_static(b"8 AA"));
+        let error = decode_reply(&reply, b"7", 2, &mut outcomes, &mut failures).unwrap_err();
+        assert_eq!(error.kind(), RedisErrorKind::ReplyMismatch);
+        let prefix_of_nonce = Value::Bytes(Bytes::from_static(b"17 AA"));
+        assert!(decode_reply(&prefix_of_nonce, b"1", 2, &mut outcomes, &mut failures).is_err());
+    }
+
+    /// A failed event is that event's alone: its outcome is `Failed`, counted by its error's code.
+    #[test]
+    fn failed_events_are_counted_by_reason() {
+        let mut outcomes = Vec::new();
+        let mut failures = EventFailures::default();
+        let text =
+            "3 AEE\n1 sg:{3}:events WRONGTYPE Operation against a key\n2 sg:{4}:seen:1:2 OOM command not allowed";
+        let reply = Value::Bytes(Bytes::copy_from_slice(text.as_bytes()));
+        decode_reply(&reply, b"3", 3, &mut outcomes, &mut failures).unwrap();
+        assert_eq!(outcomes, vec![Outcome::Appended, Outcome::Failed, Outcome::Failed]);
+        assert_eq!(failures.by_reason[EventErrorReason::WrongType as usize], 1);
+        assert_eq!(failures.by_reason[EventErrorReason::OutOfMemory as usize], 1);
+        assert_eq!(
+            failures.first.as_deref(),
+            Some("sg:{3}:events: WRONGTYPE Operation against a key")
+        );
+        let unlisted = Value::Bytes(Bytes::from_static(b"3 AE"));
+        assert!(decode_reply(&unlisted, b"3", 2, &mut outcomes, &mut failures).is_err());
     }
 }

@@ -35,7 +35,7 @@ use crate::limits::{TCP_OUTBOX_BYTES, TCP_READ_BUFFER_BYTES, TCP_SEND_BUFFER_BYT
 use crate::metrics::{CloseReason, Transport};
 use crate::notify::Notify;
 use crate::reply::Route;
-use crate::shard::Shard;
+use crate::shard::{Fate, Shard};
 use crate::source::SourceKey;
 use crate::stream::{self, Stop};
 use crate::tcp_sources::TcpSources;
@@ -203,9 +203,13 @@ async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream:
         }
         shard.metrics.bytes_received[Transport::Tcp as usize].add(read_bytes as u64);
         filled_bytes += read_bytes;
-        let Some(consumed_bytes) = take_frames(shard, connection, &route, &buffer[..filled_bytes]) else {
-            shard.metrics.unparseable[Transport::Tcp as usize].add(1);
-            return CloseReason::Unparseable;
+        let consumed_bytes = match take_frames(shard, connection, &route, &buffer[..filled_bytes]) {
+            Ok(consumed_bytes) => consumed_bytes,
+            Err(CloseReason::Unparseable) => {
+                shard.metrics.unparseable[Transport::Tcp as usize].add(1);
+                return CloseReason::Unparseable;
+            }
+            Err(reason) => return reason,
         };
         buffer.copy_within(consumed_bytes..filled_bytes, 0);
         filled_bytes -= consumed_bytes;
@@ -214,8 +218,9 @@ async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream:
 }
 
 /// Admits every whole frame at the front of `data`; returns the bytes used,
-/// or `None` if the stream cannot go on.
-fn take_frames(shard: &Rc<Shard>, connection: &Connection, route: &Route, data: &[u8]) -> Option<usize> {
+/// or why the stream cannot go on: bytes that are no frame, or a frame whose
+/// crc does not match (the framing itself may be what was corrupted).
+fn take_frames(shard: &Rc<Shard>, connection: &Connection, route: &Route, data: &[u8]) -> Result<usize, CloseReason> {
     let received_at = Instant::now();
     let recv_us = unix_now_us();
     let mut frames = stream::split(data);
@@ -223,14 +228,21 @@ fn take_frames(shard: &Rc<Shard>, connection: &Connection, route: &Route, data: 
     for frame in frames.by_ref() {
         frame_count += 1;
         connection.unacked_frames.set(connection.unacked_frames.get() + 1);
-        if let Some(status) = shard.take_frame(frame.bytes, frame.header, route, received_at, recv_us) {
-            connection.push_ack(status, frame.header.id);
+        match shard.take_frame(frame.bytes, frame.header, route, received_at, recv_us) {
+            Fate::Now(status) => connection.push_ack(status, frame.header.id),
+            Fate::Later => {}
+            Fate::Corrupt => {
+                // Never answered, so never owed: the writer must not wait for it.
+                connection.unacked_frames.set(connection.unacked_frames.get() - 1);
+                shard.metrics.frames_received[Transport::Tcp as usize].add(frame_count);
+                return Err(CloseReason::Corrupt);
+            }
         }
     }
     shard.metrics.frames_received[Transport::Tcp as usize].add(frame_count);
     match frames.stop() {
-        Some(Stop::Broken(_)) => None,
-        Some(Stop::NeedMoreBytes { .. }) | None => Some(frames.consumed_bytes()),
+        Some(Stop::Broken(_)) => Err(CloseReason::Unparseable),
+        Some(Stop::NeedMoreBytes { .. }) | None => Ok(frames.consumed_bytes()),
     }
 }
 

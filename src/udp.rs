@@ -27,7 +27,7 @@ use crate::limiter::SourceLimiter;
 use crate::limits::{DATAGRAM_BYTES_MAX, UDP_SOCKET_BUFFER_BYTES};
 use crate::metrics::Transport;
 use crate::reply::{Route, UdpReply};
-use crate::shard::Shard;
+use crate::shard::{Fate, Shard};
 use crate::source::SourceKey;
 
 /// One shard's UDP socket, through two handles on the same descriptor.
@@ -114,6 +114,12 @@ pub fn unix_now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// Receive errors in a row after which the shard pauses reading for
+/// `RECEIVE_ERROR_PAUSE`: an error that persists must not spin the shard and
+/// starve its ticks (heartbeats, Redis liveness, the stop signal).
+const RECEIVE_ERRORS_BEFORE_PAUSE: u32 = 16;
+const RECEIVE_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Receives until the shard stops: drains every ready datagram, then waits.
 pub async fn serve(shard: Rc<Shard>) {
     let mut datagram = vec![0u8; DATAGRAM_BYTES_MAX];
@@ -123,20 +129,32 @@ pub async fn serve(shard: Rc<Shard>) {
         shard.config.udp_source_frames_per_sec,
         shard.config.udp_source_burst_frames,
     );
+    let mut errors_in_a_row = 0u32;
     while !shard.stopping.is_open() {
         match shard.udp.try_receive(&mut datagram) {
             Ok(Some((length_bytes, source))) => {
+                errors_in_a_row = 0;
                 handle_datagram(&shard, &mut limiter, &datagram[..length_bytes], source, &mut reply).await;
                 // A socket under a flood never makes us wait; let the Redis
                 // connection, timers and completions run (see PREEMPT_TIMER_US).
                 glommio::yield_if_needed().await;
             }
             Ok(None) => {
+                errors_in_a_row = 0;
                 futures_lite::future::or(shard.stopping.wait(), shard.udp.readable()).await;
             }
             // ICMP errors from earlier replies surface here; they concern one
-            // client, never the socket.
-            Err(_) => {}
+            // client, never the socket. Anything that repeats gets a pause.
+            Err(_) => {
+                shard.metrics.udp_receive_errors.add(1);
+                errors_in_a_row += 1;
+                if errors_in_a_row >= RECEIVE_ERRORS_BEFORE_PAUSE {
+                    errors_in_a_row = 0;
+                    glommio::timer::sleep(RECEIVE_ERROR_PAUSE).await;
+                } else {
+                    glommio::executor().yield_now().await;
+                }
+            }
         }
     }
 }
@@ -162,7 +180,11 @@ async fn handle_datagram(
                 frames += 1;
                 let status = if limiter.admit(source_key, received_at) {
                     let frame = &rest[..header.frame_bytes];
-                    shard.take_frame(frame, header, &route, received_at, recv_us)
+                    match shard.take_frame(frame, header, &route, received_at, recv_us) {
+                        Fate::Now(status) => Some(status),
+                        // A corrupt frame is counted by the shard and never answered.
+                        Fate::Later | Fate::Corrupt => None,
+                    }
                 } else {
                     limited_frames += 1;
                     None
