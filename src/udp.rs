@@ -3,8 +3,10 @@
 //! A datagram carries one or more whole frames. Each whole frame gets exactly
 //! one answer. The first bytes that do not form a whole frame end the
 //! datagram: a header announcing a payload over the limit is REJECTED by its
-//! id (the protocol's "length" reason); anything else (unparseable bytes, or a
-//! tail cut short, even after a whole header) gets no answer and is counted.
+//! id (the protocol's "length" reason) when the whole frame it announces is
+//! there and its crc matches, since REJECTED names only an id the crc vouched
+//! for (protocol revision 2); anything else (unparseable bytes, or a tail cut
+//! short, even after a whole header) gets no answer and is counted.
 //! A cut frame is not REJECTED because REJECTED tells a client never to resend
 //! it unchanged, and the same bytes, whole, would be a valid event. Immediate answers for one
 //! datagram are coalesced into as few reply datagrams as the MTU allows.
@@ -22,7 +24,9 @@ use std::time::{Instant, SystemTime};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::frame::{check, CheckError, EventId, RejectReason, Status};
+use crate::frame::{
+    check, crc, CheckError, EventId, RejectReason, Status, AUTH_TAG_BYTES, CRC_BYTES, FLAG_AUTH, FRAME_OVERHEAD_BYTES,
+};
 use crate::limiter::SourceLimiter;
 use crate::limits::{DATAGRAM_BYTES_MAX, UDP_SOCKET_BUFFER_BYTES};
 use crate::metrics::Transport;
@@ -192,9 +196,13 @@ async fn handle_datagram(
                 (status.map(|status| (status, header.id)), header.frame_bytes)
             }
             Err(error) => {
-                let rejected = rejected_id(error);
-                let answered = match rejected {
-                    Some(_) => {
+                let fate = oversized(rest, error);
+                let rejected = match fate {
+                    Oversized::Intact(id) => Some(id),
+                    Oversized::Corrupt | Oversized::NotOne => None,
+                };
+                let answered = match fate {
+                    Oversized::Intact(_) => {
                         frames += 1;
                         let admitted = limiter.admit(source_key, received_at);
                         if admitted {
@@ -205,7 +213,12 @@ async fn handle_datagram(
                         }
                         admitted
                     }
-                    None => {
+                    Oversized::Corrupt => {
+                        frames += 1;
+                        shard.metrics.frames_corrupt[Transport::Udp as usize].add(1);
+                        false
+                    }
+                    Oversized::NotOne => {
                         shard.metrics.unparseable[Transport::Udp as usize].add(1);
                         false
                     }
@@ -233,9 +246,37 @@ async fn handle_datagram(
 
 /// The bytes that end a datagram get a REJECTED answer only when the header
 /// parsed and announces a payload over the limit; see the module doc.
-fn rejected_id(error: CheckError) -> Option<EventId> {
-    match error {
-        CheckError::PayloadTooLong(id) => Some(id),
-        CheckError::FrameIncomplete(_) | CheckError::HeaderIncomplete | CheckError::Unparseable => None,
+/// What the bytes that `check` refused are, as far as an answer goes.
+enum Oversized {
+    /// A whole frame over the payload limit whose crc matches: REJECTED by its id.
+    Intact(EventId),
+    /// A whole frame over the payload limit whose crc does not match: its id
+    /// cannot be trusted, so it is counted and never answered.
+    Corrupt,
+    /// No whole frame: unparseable bytes or a tail cut short.
+    NotOne,
+}
+
+fn oversized(rest: &[u8], error: CheckError) -> Oversized {
+    let CheckError::PayloadTooLong(id) = error else {
+        return Oversized::NotOne;
+    };
+    // `check` read the whole header, so these bytes are there.
+    let (Some(&flags), Some(length_bytes)) = (rest.get(4), rest.get(6..8)) else {
+        return Oversized::NotOne;
+    };
+    let payload_bytes = usize::from(u16::from_le_bytes([length_bytes[0], length_bytes[1]]));
+    let tag_bytes = if flags & FLAG_AUTH != 0 { AUTH_TAG_BYTES } else { 0 };
+    let frame_bytes = FRAME_OVERHEAD_BYTES + payload_bytes + tag_bytes;
+    let Some(frame) = rest.get(..frame_bytes) else {
+        return Oversized::NotOne;
+    };
+    let Some((covered, crc_field)) = frame.split_last_chunk::<CRC_BYTES>() else {
+        return Oversized::NotOne;
+    };
+    if crc(covered) == u32::from_le_bytes(*crc_field) {
+        Oversized::Intact(id)
+    } else {
+        Oversized::Corrupt
     }
 }
