@@ -484,7 +484,7 @@ impl Checks {
 const UDP_CHANNELS: usize = 4;
 const TCP_CHANNELS: usize = 2;
 
-// The counters on /metrics match, exactly, a known mix of valid, duplicate, bad-crc, bad-flag, oversized and garbage input on UDP and TCP to a 2-shard server.
+// The counters on /metrics match, exactly, a known mix of valid, duplicate, bad-crc (unanswered), bad-flag, oversized and garbage input on UDP and TCP to a 2-shard server.
 #[test]
 fn counters_match_the_traffic_exactly() {
     let seed = test_seed("counters_match_the_traffic_exactly");
@@ -536,15 +536,13 @@ fn counters_match_the_traffic_exactly() {
         "every copy is DUPLICATE in the end: {duplicate_finals:?}; seen {seen:?}"
     );
 
-    // 3. K frames with a bad crc, J with an unknown flag bit or a nonzero reserved byte, on
-    //    every channel; P with payload_len over the limit, alone in a UDP datagram each.
+    // 3. J frames with an unknown flag bit or a nonzero reserved byte (crc intact), on every
+    //    channel; P whole frames with payload_len over the limit, alone in a UDP datagram each.
     let mut invalid = Vec::new();
-    for index in 0..n_bad_crc + n_bad_flags {
+    for index in 0..n_bad_flags {
         let event = Event::random(&mut rng, 1_000_000 + index as u64, index as u64, 100);
         let mut raw = event.raw();
-        if index < n_bad_crc {
-            raw.crc_xor = 0x5a5a_0001;
-        } else if index % 2 == 0 {
+        if index % 2 == 0 {
             raw.flags = 0x80;
         } else {
             raw.reserved5 = 1;
@@ -552,18 +550,40 @@ fn counters_match_the_traffic_exactly() {
         invalid.push(Job::new(index % n_channels, event.key(), raw.bytes()));
     }
     for index in 0..n_oversized {
-        let event = Event::new(2_000_000 + index as u64, 7, &[0xab; 64]);
-        let mut raw = event.raw();
-        raw.payload_len = Some(1025 + index as u16);
-        invalid.push(Job::new(index % UDP_CHANNELS, event.key(), raw.bytes()));
+        let event = Event::new(2_000_000 + index as u64, 7, &vec![0xab; 1025 + index]);
+        invalid.push(Job::new(index % UDP_CHANNELS, event.key(), event.raw().bytes()));
     }
     drive(&mut channels, &mut invalid, &mut seen, 1, deadline);
     assert_all_answered("invalid", &invalid, &seen);
     let invalid_finals = finals(&invalid);
     assert_eq!(
         invalid_finals.rejected,
-        n_bad_crc + n_bad_flags + n_oversized,
+        n_bad_flags + n_oversized,
         "every invalid frame is REJECTED: {invalid_finals:?}"
+    );
+
+    // 3b. K UDP frames with a bad crc, one per datagram, and one TCP connection that sends
+    //     one: never answered (protocol revision 2); the connection is closed.
+    let mut corrupt_client = UdpClient::new(server.udp_addr());
+    for index in 0..n_bad_crc {
+        let event = Event::random(&mut rng, 1_500_000 + index as u64, index as u64, 100);
+        let mut raw = event.raw();
+        raw.crc_xor = 0x5a5a_0001;
+        let datagram = raw.bytes();
+        corrupt_client.send_frames(&datagram);
+        *seen.bytes_sent.entry("udp").or_default() += datagram.len() as u64;
+    }
+    let answers = corrupt_client.recv_acks(Instant::now() + Duration::from_millis(500));
+    assert!(answers.is_empty(), "bad-crc datagrams were answered: {answers:?}");
+    let mut corrupt_raw = Event::random(&mut rng, 1_600_000, 1, 100).raw();
+    corrupt_raw.crc_xor = 0x0000_0100;
+    let corrupt_tcp_frame = corrupt_raw.bytes();
+    let mut corrupt_tcp = TcpClient::connect(server.tcp_addr()).expect("connect");
+    corrupt_tcp.send(&corrupt_tcp_frame).expect("send a bad-crc frame");
+    let (closed, acks) = corrupt_tcp.wait_closed(Instant::now() + Duration::from_secs(3));
+    assert!(
+        closed && acks.is_empty(),
+        "bad-crc TCP frame: closed {closed}, answers {acks:?}"
     );
 
     // 4. L UDP datagrams of garbage: no answer, counted as unparseable.
@@ -622,11 +642,12 @@ fn counters_match_the_traffic_exactly() {
     let expected = Expected {
         valid: n_valid,
         duplicates: n_duplicates,
-        bad_crc: n_bad_crc,
+        bad_crc_udp: n_bad_crc,
         bad_flags: n_bad_flags,
         oversized: n_oversized,
         garbage_datagrams: n_garbage,
         garbage_tcp_bytes: garbage.len() as u64,
+        corrupt_tcp_bytes: corrupt_tcp_frame.len() as u64,
         shards: server.shards(),
     };
     // Counts of unanswered input (garbage, TCP closes) land a moment after the client is done.
@@ -657,11 +678,13 @@ fn counters_match_the_traffic_exactly() {
 struct Expected {
     valid: usize,
     duplicates: usize,
-    bad_crc: usize,
+    /// UDP frames with a bad crc; TCP had one, on a connection of its own.
+    bad_crc_udp: usize,
     bad_flags: usize,
     oversized: usize,
     garbage_datagrams: usize,
     garbage_tcp_bytes: u64,
+    corrupt_tcp_bytes: u64,
     shards: usize,
 }
 
@@ -671,13 +694,18 @@ fn compare(metrics: &Exposition, seen: &Seen, expected: &Expected) -> Vec<String
     let all = seen.answers(None);
     let m = |name: &str, filter: &[(&str, &str)]| metrics.sum(&format!("shardgate_{name}"), filter);
 
-    // Frames and bytes.
-    for transport in ["udp", "tcp"] {
+    // Frames and bytes: every whole frame is received, answered or (bad crc) not.
+    for (transport, corrupt) in [("udp", expected.bad_crc_udp as u64), ("tcp", 1)] {
         let answers = seen.answers(Some(transport)).total() as u64;
         checks.eq(
             &format!("frames_received_total{{transport={transport}}}"),
             m("frames_received_total", &[("transport", transport)]),
-            answers,
+            answers + corrupt,
+        );
+        checks.eq(
+            &format!("frames_corrupt_total{{transport={transport}}}"),
+            m("frames_corrupt_total", &[("transport", transport)]),
+            corrupt,
         );
     }
     checks.eq(
@@ -687,12 +715,15 @@ fn compare(metrics: &Exposition, seen: &Seen, expected: &Expected) -> Vec<String
     );
     let tcp_data_bytes = seen.bytes_sent.get("tcp").copied().unwrap_or(0);
     let tcp_bytes = m("received_bytes_total", &[("transport", "tcp")]);
+    // The bad-crc frame is read whole before it is judged; garbage may be judged early.
+    let tcp_bytes_min = tcp_data_bytes + expected.corrupt_tcp_bytes;
     checks.that(
         "received_bytes_total{transport=tcp}",
-        tcp_bytes > tcp_data_bytes && tcp_bytes <= tcp_data_bytes + expected.garbage_tcp_bytes,
+        tcp_bytes > tcp_bytes_min && tcp_bytes <= tcp_bytes_min + expected.garbage_tcp_bytes,
         format!(
-            "{tcp_bytes}, expected the {tcp_data_bytes} data bytes plus 1..={} garbage bytes",
-            expected.garbage_tcp_bytes
+            "{tcp_bytes}, expected the {tcp_data_bytes} data bytes, the {} bytes of the bad-crc frame, and \
+             1..={} garbage bytes",
+            expected.corrupt_tcp_bytes, expected.garbage_tcp_bytes
         ),
     );
 
@@ -729,12 +760,15 @@ fn compare(metrics: &Exposition, seen: &Seen, expected: &Expected) -> Vec<String
     checks.eq(
         "client saw REJECTED",
         all.rejected as u64,
-        (expected.bad_crc + expected.bad_flags + expected.oversized) as u64,
+        (expected.bad_flags + expected.oversized) as u64,
     );
 
-    // Rejections by reason; unparseable input; TCP connections.
+    // Rejections by reason (a bad crc is no longer one); unparseable input; TCP connections.
+    let crc_series = metrics
+        .matching("shardgate_frames_rejected_total", &[("reason", "crc")])
+        .count();
+    checks.eq("frames_rejected_total{reason=crc} series", crc_series as u64, 0);
     for (reason, count) in [
-        ("crc", expected.bad_crc),
         ("flags", expected.bad_flags),
         ("length", expected.oversized),
         ("auth", 0),
@@ -758,10 +792,11 @@ fn compare(metrics: &Exposition, seen: &Seen, expected: &Expected) -> Vec<String
     checks.eq(
         "tcp_connections_accepted_total",
         m("tcp_connections_accepted_total", &[]),
-        TCP_CHANNELS as u64 + 1,
+        TCP_CHANNELS as u64 + 2,
     );
     for (reason, count) in [
         ("unparseable", 1),
+        ("corrupt", 1),
         ("peer_closed", TCP_CHANNELS as u64),
         ("write_failed", 0),
         ("at_limit", 0),
