@@ -1,0 +1,387 @@
+//! Proves the rules that protocol revision 2 added, end to end against a real Redis:
+//! one event that Redis refuses fails alone (RETRY, no marker) while the rest of its batch is
+//! stored; the partition count is recorded under the prefix and a server with another count
+//! exits 2, at start or once a late Redis comes; a second SIGTERM during the drain exits at
+//! once with code 130; and a /metrics client that never finishes its request cannot hold
+//! the endpoint.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use support::*;
+
+const PARTITIONS: u64 = 16;
+/// The partition whose stream key the tests turn into a string.
+const BROKEN_PARTITION: u64 = 3;
+
+fn redis_set(conn: &mut redis::Connection, key: &str, value: &str) {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query::<()>(conn)
+        .unwrap_or_else(|e| panic!("SET {key}: {e}"));
+}
+
+fn redis_get(conn: &mut redis::Connection, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(key)
+        .query(conn)
+        .unwrap_or_else(|e| panic!("GET {key}: {e}"))
+}
+
+/// Sends every event once per round over one UDP socket (6 frames a datagram, all at
+/// once so that they share batches) and collects the answers, resending what got RETRY or
+/// nothing in the next round, until each event in `settle` has a stored answer or the
+/// rounds run out. Returns every answer per event id.
+fn exchange_rounds(server: &Server, events: &[Event], settle: &HashSet<Key>, rounds: usize) -> HashMap<Key, Vec<St>> {
+    let mut client = UdpClient::new(server.udp_addr());
+    let mut answers: HashMap<Key, Vec<St>> = HashMap::new();
+    for _round in 0..rounds {
+        let open: Vec<&Event> = events
+            .iter()
+            .filter(|event| {
+                !answers
+                    .get(&event.key())
+                    .is_some_and(|got| got.iter().any(|st| st.is_stored()))
+            })
+            .collect();
+        if !open.iter().any(|event| settle.contains(&event.key())) {
+            break;
+        }
+        for chunk in open.chunks(6) {
+            let mut datagram = Vec::new();
+            for event in chunk {
+                event.encode_into(&mut datagram);
+            }
+            client.send_frames(&datagram);
+        }
+        let mut answered = 0;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while answered < open.len() && Instant::now() < deadline {
+            for ack in client.try_recv() {
+                answers.entry(ack.key()).or_default().push(ack.status);
+                answered += 1;
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    answers
+}
+
+// With `SET sg:{3}:events x` in place, partition 3's events get RETRY and leave no marker while every other event (in the same batches) is ACCEPTED and stored; Redis refusals are counted and logged once; after DEL a resend stores each exactly once.
+#[test]
+fn an_event_redis_refuses_fails_alone() {
+    let seed = test_seed("an_event_redis_refuses_fails_alone");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let redis = RedisServer::start();
+    let mut conn = redis.connection();
+    let broken_key = format!("sg:{{{BROKEN_PARTITION}}}:events");
+    redis_set(&mut conn, &broken_key, "x");
+    let mut server = Server::builder(&redis.url())
+        .arg("--metrics", "127.0.0.1:0")
+        .arg("--batch-linger-us", 2000)
+        .start();
+    let metrics = serving_metrics_address(&server);
+
+    // 10 players per partition, 2 events each: partition 3 has 20 of the 320.
+    let events: Vec<Event> = (0..320u64)
+        .map(|index| Event::random(&mut rng, 5_000 + index % 160, 1 + index / 160, 200))
+        .collect();
+    let (broken, healthy): (Vec<&Event>, Vec<&Event>) = events
+        .iter()
+        .partition(|event| event.player % PARTITIONS == BROKEN_PARTITION);
+    let healthy_keys: HashSet<Key> = healthy.iter().map(|event| event.key()).collect();
+    let answers = exchange_rounds(&server, &events, &healthy_keys, 5);
+
+    let context = format!("seed {seed}; answers {answers:?}");
+    for event in &healthy {
+        let got = answers.get(&event.key()).map(Vec::as_slice).unwrap_or(&[]);
+        assert!(!got.is_empty(), "event {:?} was never answered; {context}", event.key());
+        // DUPLICATE only after a RETRY whose write had landed (RETRY means "not confirmed").
+        let (last, before) = got.split_last().expect("an answer");
+        assert!(
+            before.iter().all(|&st| st == St::Retry)
+                && (*last == St::Accepted || (*last == St::Duplicate && !before.is_empty())),
+            "event {:?} of a healthy partition: expected ACCEPTED (after RETRY at most), got {got:?}; {context}",
+            event.key()
+        );
+    }
+    let mut broken_retries = 0u64;
+    for event in &broken {
+        let got = answers.get(&event.key()).map(Vec::as_slice).unwrap_or(&[]);
+        assert!(
+            !got.is_empty() && got.iter().all(|&st| st == St::Retry),
+            "event {:?} of the broken partition: expected only RETRY, got {got:?}; {context}",
+            event.key()
+        );
+        broken_retries += got.len() as u64;
+    }
+
+    // No marker is left for a refused event, and the key still holds the string.
+    let markers: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("sg:{{{BROKEN_PARTITION}}}:seen:*"))
+        .query(&mut conn)
+        .expect("KEYS");
+    assert!(markers.is_empty(), "refused events left markers: {markers:?}");
+    let key_type: String = redis::cmd("TYPE").arg(&broken_key).query(&mut conn).expect("TYPE");
+    assert_eq!(key_type, "string");
+
+    // The refusals are counted one by one, the calls themselves all succeeded.
+    let body = scrape_metrics(metrics);
+    let wrong_type = metric_sum(&body, "shardgate_redis_event_errors_total", &[("reason", "wrong_type")]);
+    let call_errors = metric_sum(&body, "shardgate_redis_errors_total", &[]);
+    assert_eq!(
+        wrong_type, broken_retries,
+        "one wrong_type event error per RETRY of the broken partition"
+    );
+    assert_eq!(call_errors, 0, "no whole call failed");
+
+    // One rate-limited warning names the key.
+    let warnings: Vec<String> = server
+        .stderr_lines()
+        .into_iter()
+        .filter(|line| line.contains("redis refused events one by one"))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning per 10 s, not one per event: {warnings:?}"
+    );
+    assert!(
+        warnings[0].contains(&broken_key) && warnings[0].contains("WRONGTYPE"),
+        "the warning names the key and the error: {warnings:?}"
+    );
+
+    // Fixed: resending stores each refused event exactly once (and the rest stay once).
+    redis::cmd("DEL").arg(&broken_key).query::<()>(&mut conn).expect("DEL");
+    let report = deliver_resolved(&server, &events, seed, Duration::from_secs(30));
+    for event in &broken {
+        let got = &report.answers[&event.key()];
+        assert!(
+            got.iter().any(|&st| st == St::Accepted),
+            "refused event {:?} was ACCEPTED once its key was fixed: {got:?}",
+            event.key()
+        );
+    }
+    let stored = read_events(&mut conn, "sg", PARTITIONS);
+    let all_keys: HashSet<Key> = events.iter().map(Event::key).collect();
+    let stored_keys = check_stored(&stored, &events, &all_keys, PARTITIONS, None, &format!("seed {seed}"));
+    assert_eq!(stored_keys.len(), events.len());
+
+    server.terminate();
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// `serve` arguments for `redis_url` with these partitions and prefix; the builder holds
+/// the temp dir they point into.
+fn serve_args(redis_url: &str, partitions: u32, prefix: &str) -> (ServerBuilder, Vec<String>) {
+    let builder = Server::builder(redis_url)
+        .arg("--partitions", partitions)
+        .arg("--prefix", prefix);
+    let args = builder.args();
+    (builder, args)
+}
+
+fn assert_refused(run: &CliRun, recorded: u32, configured: u32) {
+    assert_eq!(
+        run.code(),
+        Some(2),
+        "a server with another partition count exits 2: {run:?}"
+    );
+    assert!(
+        !run.stderr.contains("shardgate: serving"),
+        "it exits before serving: {}",
+        run.stderr
+    );
+    for needle in [
+        format!("--partitions {recorded}"),
+        format!("--partitions {configured}"),
+        "--prefix".to_string(),
+    ] {
+        assert!(
+            run.stderr.contains(&needle),
+            "the message gives both counts and the way forward ({needle:?} missing): {}",
+            run.stderr
+        );
+    }
+}
+
+// The first server records its partition count under its prefix; a server with another count exits 2 before serving, saying both counts and the way forward; the same count, or a new prefix, starts.
+#[test]
+fn a_changed_partition_count_is_refused_at_start() {
+    let redis = RedisServer::start();
+    let mut conn = redis.connection();
+    let mut first = Server::builder(&redis.url()).arg("--partitions", 16).start();
+    deliver_resolved(&first, &[Event::new(1, 1, b"first")], 1, Duration::from_secs(15));
+    assert_eq!(redis_get(&mut conn, "sg:partitions").as_deref(), Some("16"));
+    first.terminate();
+    assert!(first.wait_exit(Duration::from_secs(10)).success());
+
+    let (_builder, args) = serve_args(&redis.url(), 8, "sg");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = run_cli(&args, Duration::from_secs(20));
+    assert_refused(&run, 16, 8);
+    assert_eq!(
+        redis_get(&mut conn, "sg:partitions").as_deref(),
+        Some("16"),
+        "the refused server changed nothing"
+    );
+
+    // The ways forward: the recorded count, or another prefix with its own count.
+    let mut same = Server::builder(&redis.url()).arg("--partitions", 16).start();
+    let report = deliver_resolved(&same, &[Event::new(1, 1, b"first")], 2, Duration::from_secs(15));
+    assert_eq!(report.counts.duplicate, 1, "the same count finds the marker: {}", report.summary());
+    same.terminate();
+    assert!(same.wait_exit(Duration::from_secs(10)).success());
+    let mut other = Server::builder(&redis.url())
+        .arg("--partitions", 8)
+        .arg("--prefix", "sg2")
+        .start();
+    deliver_resolved(&other, &[Event::new(1, 1, b"first")], 3, Duration::from_secs(15));
+    assert_eq!(redis_get(&mut conn, "sg2:partitions").as_deref(), Some("8"));
+    other.terminate();
+    assert!(other.wait_exit(Duration::from_secs(10)).success());
+}
+
+// A server started while Redis is down serves (answering RETRY); when Redis comes with a recorded count that differs, the server exits 2 with the message.
+#[test]
+fn a_late_redis_with_another_partition_count_stops_the_server() {
+    let mut redis = RedisServer::start_with_aof();
+    redis_set(&mut redis.connection(), "sg:partitions", "16");
+    redis.kill();
+    let mut server = Server::builder(&redis.url()).arg("--partitions", 8).start();
+    // While Redis is away the server answers RETRY.
+    let mut client = UdpClient::new(server.udp_addr());
+    client.send_frames(&Event::new(1, 1, b"early").frame());
+    let acks = client.recv_acks_until(Instant::now() + Duration::from_secs(3), 1);
+    assert!(
+        acks.iter().all(|ack| ack.status == St::Retry),
+        "nothing is stored while Redis is away: {acks:?}"
+    );
+    assert!(server.is_alive());
+
+    redis.restart();
+    let started = Instant::now();
+    let status = server.wait_exit(Duration::from_secs(15));
+    println!("exited {status} {:?} after Redis came back", started.elapsed());
+    assert_eq!(status.code(), Some(2), "exit code 2 once the count is known to differ");
+    let stderr = server.stderr_lines().join("\n");
+    assert!(
+        stderr.contains("--partitions 16") && stderr.contains("--partitions 8"),
+        "the message gives both counts: {stderr}"
+    );
+    assert_eq!(redis_get(&mut redis.connection(), "sg:partitions").as_deref(), Some("16"));
+    let streams = stream_keys(&mut redis.connection());
+    assert!(streams.is_empty(), "the server stored nothing: {streams:?}");
+}
+
+// A second SIGTERM while the drain waits on a stalled Redis exits at once with code 130 and says how many events it abandoned.
+#[test]
+fn a_second_sigterm_cuts_the_drain_short() {
+    let redis = RedisServer::start();
+    let mut server = Server::builder(&redis.url())
+        .arg("--drain-timeout-ms", 30_000)
+        .arg("--redis-timeout-ms", 30_000)
+        .start();
+    deliver_resolved(&server, &[Event::new(1, 1, b"warm-up")], 1, Duration::from_secs(15));
+
+    redis.pause();
+    let client = UdpClient::new(server.udp_addr());
+    let events: Vec<Event> = (0..50).map(|seq| Event::new(2, seq, b"stalled")).collect();
+    for chunk in events.chunks(5) {
+        let mut datagram = Vec::new();
+        for event in chunk {
+            event.encode_into(&mut datagram);
+        }
+        client.send_frames(&datagram);
+    }
+    // The batches reach the stalled Redis and wait there.
+    thread::sleep(Duration::from_millis(500));
+
+    server.terminate();
+    thread::sleep(Duration::from_millis(700));
+    assert!(server.is_alive(), "the first SIGTERM drains: it waits for the stalled calls");
+    let second = Instant::now();
+    server.terminate();
+    let status = server.wait_exit(Duration::from_secs(5));
+    let took = second.elapsed();
+    redis.resume();
+    println!("second SIGTERM: exit {status} after {took:?}");
+    assert_eq!(status.code(), Some(130), "a second signal exits 130");
+    assert!(took < Duration::from_millis(1500), "at once, not after the drain: {took:?}");
+    let stderr = server.stderr_lines().join("\n");
+    let abandoned = server
+        .stderr_lines()
+        .iter()
+        .find_map(|line| {
+            let (before, _) = line.split_once(" events abandoned")?;
+            before.rsplit(' ').next()?.parse::<u64>().ok()
+        })
+        .unwrap_or_else(|| panic!("no \"N events abandoned\" line: {stderr}"));
+    assert!(
+        (1..=50).contains(&abandoned),
+        "the stalled events are counted as abandoned ({abandoned}): {stderr}"
+    );
+}
+
+/// A /metrics client that sends one byte a second and never ends its request. Returns how
+/// long after connecting the server closed it, if it did within `for_how_long`.
+fn slow_metrics_client(address: std::net::SocketAddr, for_how_long: Duration) -> Option<Duration> {
+    let mut stream = TcpStream::connect(address).expect("connect to /metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("read timeout");
+    let connected = Instant::now();
+    let request = b"GET /metrics HTTP/1.1\r\nHost: slow\r\n";
+    let mut buffer = [0u8; 1024];
+    for byte in request.iter().cycle() {
+        if connected.elapsed() > for_how_long {
+            return None;
+        }
+        if stream.write_all(&[*byte]).is_err() {
+            return Some(connected.elapsed());
+        }
+        // The read paces the client at a byte a second, and sees the server close.
+        match stream.read(&mut buffer) {
+            Ok(0) => return Some(connected.elapsed()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return Some(connected.elapsed()),
+        }
+    }
+    None
+}
+
+// A /metrics client that sends one byte a second and never finishes its request does not block another scrape for more than its 2 s deadline.
+#[test]
+fn a_slow_metrics_client_cannot_hold_the_endpoint() {
+    let redis = RedisServer::start();
+    let server = Server::builder(&redis.url()).arg("--metrics", "127.0.0.1:0").start();
+    let address = serving_metrics_address(&server);
+    let slow = thread::spawn(move || slow_metrics_client(address, Duration::from_secs(10)));
+    thread::sleep(Duration::from_millis(300));
+    for scrape in 0..2 {
+        let started = Instant::now();
+        let body = scrape_metrics(address);
+        let took = started.elapsed();
+        println!("scrape {scrape} beside the slow client took {took:?}");
+        assert!(body.contains("shardgate_build_info"), "a whole exposition: {body}");
+        assert!(
+            took < Duration::from_secs(3),
+            "scrape {scrape} waited {took:?} behind a client that never finishes"
+        );
+    }
+    let closed_after = slow.join().expect("slow client thread");
+    println!("the slow client was closed after {closed_after:?}");
+    assert!(
+        closed_after.is_some_and(|after| after < Duration::from_secs(4)),
+        "the server closes a request that passed its 2 s deadline: {closed_after:?}"
+    );
+}
