@@ -270,7 +270,7 @@ impl Shard {
             return;
         }
         if self.spare.borrow().is_empty() {
-            self.release_held();
+            let _ = self.release_held();
         }
         let Some(spare) = self.spare.borrow_mut().pop_front() else {
             return;
@@ -282,18 +282,22 @@ impl Shard {
         glommio::spawn_local(async move { shard.send(batch).await }).detach();
     }
 
-    /// Moves held batches whose blob the Redis client dropped back to the spare pool.
-    fn release_held(&self) {
+    /// Moves held batches whose blob the Redis client dropped back to the
+    /// spare pool; true if any came back.
+    fn release_held(&self) -> bool {
         let mut held = self.held.borrow_mut();
         let mut spare = self.spare.borrow_mut();
         let mut index = 0;
+        let mut released = false;
         while index < held.len() {
             if held[index].try_release() {
                 spare.push_back(held.swap_remove(index));
+                released = true;
             } else {
                 index += 1;
             }
         }
+        released
     }
 
     /// Batches not free: in Redis or held.
@@ -473,7 +477,12 @@ impl Shard {
             if let Some(generation) = snapshots.due(&mut snapshot_answered) {
                 snapshots.submit(self.index, generation, self.latency.borrow().clone());
             }
-            self.release_held();
+            // When every slot was held, no call is left to complete and wake
+            // `linger_loop`: a full open batch would wait (and every new event
+            // get RETRY, overload) until the next stop. A slot freed here wakes it.
+            if self.release_held() && !self.open.borrow().is_empty() {
+                self.linger.notify();
+            }
             let connected = self.store.is_connected();
             if connected && !self.partitions_agreed.get() {
                 self.check_partitions_once();
