@@ -3,7 +3,9 @@
 //! SHARDGATE_FLOOD_SECS, 10 s by default, loopback only), a client at a modest rate on the
 //! same shard gets every one of its events answered ACCEPTED or DUPLICATE (resending on RETRY
 //! and on silence, as a real client does) and each is stored exactly once; the flooder gets
-//! no more stored than its token bucket allows.
+//! no more stored than its token bucket allows. None of the flood's bad-crc frames or
+//! header-like garbage is answered (protocol revision 2: REJECTED names only an id whose crc
+//! matched); they are counted as corrupt or unparseable.
 //!
 //! The flooder sends from 127.0.0.2, the client from 127.0.0.1: two hosts to the per-source
 //! limit, on one server of one shard.
@@ -282,11 +284,13 @@ fn flood_from_one_source_does_not_hurt_a_well_behaved_client() {
     let body = scrape_metrics(metrics);
     let limited = metric_sum(&body, "shardgate_frames_limited_total", &[("transport", "udp")]);
     let kernel_drops = metric_sum(&body, "shardgate_udp_kernel_drops_total", &[]);
+    let corrupt = metric_sum(&body, "shardgate_frames_corrupt_total", &[("transport", "udp")]);
+    let rejected = metric_sum(&body, "shardgate_frames_rejected_total", &[("transport", "udp")]);
     let mut latencies = client.latencies_us.clone();
     latencies.sort_unstable();
     println!(
         "flood: {} datagrams, {} valid frames in {:?} ({:.0} datagrams/s); server: {limited} frames limited, \
-         {kernel_drops} datagrams dropped by the kernel",
+         {kernel_drops} datagrams dropped by the kernel, {corrupt} frames corrupt, {rejected} REJECTED",
         flood.datagrams,
         flood.valid_frames,
         flood.elapsed,
@@ -313,6 +317,11 @@ fn flood_from_one_source_does_not_hurt_a_well_behaved_client() {
         &client.lost[..client.lost.len().min(10)]
     );
     assert!(limited > 0, "the flood was never limited");
+    assert!(corrupt > 0, "no bad-crc frame of the flood was counted corrupt");
+    assert_eq!(
+        rejected, 0,
+        "the flood sends no frame whose crc matches and is invalid, so nothing may be REJECTED"
+    );
 
     // Redis: each of the client's events exactly once; the flood's stored events are its own
     // valid frames, no more than its bucket let through.
