@@ -571,6 +571,18 @@ impl Shard {
             if now >= deadline {
                 self.abandon.open();
             }
+            if self.batches_in_flight.get() == 0 {
+                // The open batch has events but no slot: the Redis client holds
+                // every batch (calls past their deadline), and no completing call
+                // will wake us. Look for a slot until the deadline, then answer
+                // the open batch RETRY unsent.
+                if self.abandon.is_open() {
+                    self.abandon_open_batch().await;
+                } else {
+                    glommio::timer::sleep(Duration::from_millis(crate::limits::SHUTDOWN_POLL_MS).min(deadline - now)).await;
+                }
+                continue;
+            }
             if self.abandon.is_open() {
                 self.drained.wait().await;
             } else {
@@ -579,6 +591,19 @@ impl Shard {
         }
         debug_assert!(self.in_flight.borrow().is_empty());
         held_events
+    }
+
+    /// Answers the open batch RETRY without a Redis call: the drain passed its
+    /// deadline with every batch held by the Redis client. Its replacement is
+    /// allocated, which is fine once: the shard is stopping.
+    async fn abandon_open_batch(&self) {
+        let mut batch = self.open.replace(Batch::new(self.config.batch_events_max));
+        self.metrics.redis_errors[crate::metrics::RedisErrorKind::Abandoned as usize].add(1);
+        self.complete(&mut batch, false);
+        self.answer(&batch).await;
+        batch.finish();
+        // `linger_loop` may wait for a slot for this batch; it can end now.
+        self.linger.notify();
     }
 
     pub fn dedup_len_events(&self) -> usize {

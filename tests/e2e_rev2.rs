@@ -385,3 +385,45 @@ fn a_slow_metrics_client_cannot_hold_the_endpoint() {
         "the server closes a request that passed its 2 s deadline: {closed_after:?}"
     );
 }
+
+// SIGTERM while Redis stalls and the Redis client still holds every batch (calls past their deadline) ends the drain by --drain-timeout-ms: the open batch is answered RETRY unsent and the server exits 0.
+#[test]
+fn a_drain_ends_while_every_batch_is_held() {
+    let redis = RedisServer::start();
+    let mut server = Server::builder(&redis.url())
+        .arg("--batch-events-max", 4)
+        .arg("--batches-in-flight-max", 2)
+        .arg("--drain-timeout-ms", 1000)
+        .start();
+    deliver_resolved(&server, &[Event::new(1, 1, b"warm-up")], 1, Duration::from_secs(15));
+
+    redis.pause();
+    // Two full batches go to the stalled Redis, the third fills the open batch and waits.
+    let mut client = UdpClient::new(server.udp_addr());
+    let events: Vec<Event> = (0..12).map(|seq| Event::new(2, seq, b"held")).collect();
+    for event in &events {
+        client.send_frames(&event.frame());
+    }
+    // The two calls pass their 1 s deadline (RETRY); the Redis client keeps their batches.
+    let mut answers = client.recv_acks(Instant::now() + Duration::from_millis(1500));
+    let signalled = Instant::now();
+    server.terminate();
+    let status = server.wait_exit(Duration::from_secs(10));
+    let took = signalled.elapsed();
+    answers.extend(client.recv_acks(Instant::now() + Duration::from_millis(300)));
+    redis.resume();
+    println!("exit {status} {took:?} after SIGTERM; answers {answers:?}");
+    assert!(status.success(), "a drain cut by its deadline still exits 0: {status}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the drain ends by its 1 s deadline, not when Redis comes back: {took:?}"
+    );
+    for event in &events {
+        let got: Vec<St> = answers
+            .iter()
+            .filter(|ack| ack.key() == event.key())
+            .map(|ack| ack.status)
+            .collect();
+        assert_eq!(got, vec![St::Retry], "event {:?}: one RETRY", event.key());
+    }
+}
