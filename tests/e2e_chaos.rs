@@ -20,7 +20,8 @@
 //! 3. the server's RSS (VmRSS and VmHWM from /proc, sampled through every incarnation)
 //!    stayed under [`RSS_BOUND_BYTES`];
 //! 4. no incarnation printed "panicked", each exited 0 on SIGTERM within its drain bound, and
-//!    garbage was only ever answered REJECTED.
+//!    garbage was only ever answered REJECTED, and only for a frame whose crc matched, by
+//!    that frame's id (protocol revision 2: a bad crc is never answered).
 //!
 //! A server that stops answering (no ack for [`STALL_LIMIT`]), dies, or does not exit after
 //! SIGTERM fails the test with a message; every wait has a deadline.
@@ -730,12 +731,17 @@ fn run_channel(name: String, mut link: Link, inbox: Receiver<Work>, load: Arc<Lo
 // garbage
 // ---------------------------------------------------------------------------------------
 
-/// Sends garbage and keeps its sockets a while to check what comes back: only REJECTED.
+/// Sends garbage and keeps its sockets a while to check what comes back: only REJECTED,
+/// by the id of a garbage frame whose crc matched.
 struct GarbageSender {
     udp: UdpClient,
     tcp: Vec<(TcpClient, Instant)>,
     answers: StatusCounts,
     not_rejected: Vec<AckMsg>,
+    /// Ids of garbage frames sent with a matching crc: the only ids REJECTED may name.
+    vouched: HashSet<Key>,
+    /// REJECTED answers naming another id (revision 2: only an intact crc vouches for one).
+    rejected_unvouched: Vec<AckMsg>,
     datagrams: usize,
     tcp_conns: usize,
     tcp_refused: usize,
@@ -749,6 +755,8 @@ impl GarbageSender {
             tcp: Vec::new(),
             answers: StatusCounts::default(),
             not_rejected: Vec::new(),
+            vouched: HashSet::new(),
+            rejected_unvouched: Vec::new(),
             datagrams: 0,
             tcp_conns: 0,
             tcp_refused: 0,
@@ -761,6 +769,8 @@ impl GarbageSender {
             self.answers.add(a.status);
             if a.status != St::Rejected {
                 self.not_rejected.push(a);
+            } else if !self.vouched.contains(&a.key()) {
+                self.rejected_unvouched.push(a);
             }
         }
     }
@@ -779,8 +789,9 @@ impl GarbageSender {
         self.tcp = tcp;
     }
 
-    /// A frame that must be answered REJECTED (when it is whole, or its header is).
-    /// `last`: nothing after it in a datagram is needed, so it may also break the length.
+    /// A frame that may be answered REJECTED only if its crc matches (then by its id), and
+    /// not at all otherwise. `last`: nothing after it in a datagram is needed, so it may
+    /// also break the length.
     fn bad_frame(&mut self, rng: &mut StdRng, real: &[Event], last: bool) -> Vec<u8> {
         let event = if !real.is_empty() && rng.gen_bool(0.5) {
             // a corrupted copy of a real event: must not disturb the real one
@@ -803,13 +814,17 @@ impl GarbageSender {
                 bytes[at] ^= 1 << rng.gen_range(0..8);
                 return bytes;
             }
-            2 => raw.flags = 1 << rng.gen_range(1..8),
+            2 => {
+                raw.flags = 1 << rng.gen_range(1..8);
+                self.vouched.insert(event.key());
+            }
             3 => {
                 if rng.gen_bool(0.5) {
                     raw.reserved5 = rng.gen_range(1..=255);
                 } else {
                     raw.reserved34 = rng.gen_range(1..=u16::MAX);
                 }
+                self.vouched.insert(event.key());
             }
             4 => raw.payload_len = Some(raw.payload.len() as u16 + rng.gen_range(1..200)),
             5 => raw.payload_len = Some(rng.gen_range(1025..=u16::MAX)),
@@ -1527,6 +1542,12 @@ fn soak(seed: u64, master: &mut StdRng, secs: u64, schedule: &[Planned], journal
         problems.push(format!(
             "garbage was answered other than REJECTED: {:?}",
             &garbage.not_rejected[..garbage.not_rejected.len().min(10)]
+        ));
+    }
+    if !garbage.rejected_unvouched.is_empty() {
+        problems.push(format!(
+            "garbage was answered REJECTED by an id no intact frame carried (a bad crc must get no answer): {:?}",
+            &garbage.rejected_unvouched[..garbage.rejected_unvouched.len().min(10)]
         ));
     }
 
