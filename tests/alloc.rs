@@ -36,6 +36,7 @@ fn prime(batch: &mut Batch, frames: &[u8]) {
     );
     drop(batch.take_blob());
     batch.finish();
+    assert!(batch.try_release(), "the primed blob's buffer comes back");
 }
 
 // Decode, the rate limit, dedup, ack encoding and batching of 20 000 events make zero heap allocations.
