@@ -579,7 +579,8 @@ impl Shard {
                 if self.abandon.is_open() {
                     self.abandon_open_batch().await;
                 } else {
-                    glommio::timer::sleep(Duration::from_millis(crate::limits::SHUTDOWN_POLL_MS).min(deadline - now)).await;
+                    glommio::timer::sleep(Duration::from_millis(crate::limits::SHUTDOWN_POLL_MS).min(deadline - now))
+                        .await;
                 }
                 continue;
             }

@@ -165,7 +165,7 @@ fn an_event_redis_refuses_fails_alone() {
     for event in &broken {
         let got = &report.answers[&event.key()];
         assert!(
-            got.iter().any(|&st| st == St::Accepted),
+            got.contains(&St::Accepted),
             "refused event {:?} was ACCEPTED once its key was fixed: {got:?}",
             event.key()
         );
@@ -237,7 +237,12 @@ fn a_changed_partition_count_is_refused_at_start() {
     // The ways forward: the recorded count, or another prefix with its own count.
     let mut same = Server::builder(&redis.url()).arg("--partitions", 16).start();
     let report = deliver_resolved(&same, &[Event::new(1, 1, b"first")], 2, Duration::from_secs(15));
-    assert_eq!(report.counts.duplicate, 1, "the same count finds the marker: {}", report.summary());
+    assert_eq!(
+        report.counts.duplicate,
+        1,
+        "the same count finds the marker: {}",
+        report.summary()
+    );
     same.terminate();
     assert!(same.wait_exit(Duration::from_secs(10)).success());
     let mut other = Server::builder(&redis.url())
@@ -277,7 +282,10 @@ fn a_late_redis_with_another_partition_count_stops_the_server() {
         stderr.contains("--partitions 16") && stderr.contains("--partitions 8"),
         "the message gives both counts: {stderr}"
     );
-    assert_eq!(redis_get(&mut redis.connection(), "sg:partitions").as_deref(), Some("16"));
+    assert_eq!(
+        redis_get(&mut redis.connection(), "sg:partitions").as_deref(),
+        Some("16")
+    );
     let streams = stream_keys(&mut redis.connection());
     assert!(streams.is_empty(), "the server stored nothing: {streams:?}");
 }
@@ -307,7 +315,10 @@ fn a_second_sigterm_cuts_the_drain_short() {
 
     server.terminate();
     thread::sleep(Duration::from_millis(700));
-    assert!(server.is_alive(), "the first SIGTERM drains: it waits for the stalled calls");
+    assert!(
+        server.is_alive(),
+        "the first SIGTERM drains: it waits for the stalled calls"
+    );
     let second = Instant::now();
     server.terminate();
     let status = server.wait_exit(Duration::from_secs(5));
@@ -315,7 +326,10 @@ fn a_second_sigterm_cuts_the_drain_short() {
     redis.resume();
     println!("second SIGTERM: exit {status} after {took:?}");
     assert_eq!(status.code(), Some(130), "a second signal exits 130");
-    assert!(took < Duration::from_millis(1500), "at once, not after the drain: {took:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "at once, not after the drain: {took:?}"
+    );
     let stderr = server.stderr_lines().join("\n");
     let abandoned = server
         .stderr_lines()

@@ -156,9 +156,13 @@ fn memory_stays_flat_while_redis_stalls() {
     let redis_lines: Vec<&str> = body
         .lines()
         .filter(|line| {
-            ["shardgate_redis_", "shardgate_retries_total", "shardgate_events_in_flight"]
-                .iter()
-                .any(|name| line.starts_with(name))
+            [
+                "shardgate_redis_",
+                "shardgate_retries_total",
+                "shardgate_events_in_flight",
+            ]
+            .iter()
+            .any(|name| line.starts_with(name))
                 && !line.contains("_bucket")
         })
         .collect();
