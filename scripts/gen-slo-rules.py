@@ -400,7 +400,9 @@ def main():
         slos = load(args.slos)
         alerts = splice_alerts(args.alerts.read_text(), rules_text(slos))
         dashboard = splice_dashboard(args.dashboard.read_text(), slos)
-    except (SloError, KeyError, OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+    except KeyError as error:
+        sys.exit(f"gen-slo-rules.py: {args.slos}: missing key {error}")
+    except (SloError, OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
         sys.exit(f"gen-slo-rules.py: {error}")
     args.alerts.write_text(alerts)
     args.dashboard.write_text(dashboard)
