@@ -461,7 +461,10 @@ fn leave_udp_group_if_shared(shard: &Shard) {
         Ok(crate::udp::GroupShare::Shared { other_sockets }) => {
             shard.udp.leave_group();
             if shard.index == 0 {
-                tracing::info!(other_sockets, "another process serves the udp address: left the group before draining");
+                tracing::info!(
+                    other_sockets,
+                    "another process serves the udp address: left the group before draining"
+                );
             }
         }
         Err(error) => {

@@ -304,7 +304,10 @@ mod tests {
         let members = udp_group_inodes(address).unwrap();
         assert_eq!(members.len(), 3, "{members:?}");
         let own = own_socket_inodes().unwrap();
-        assert!(members.iter().all(|inode| own.contains(inode)), "{members:?} not in {own:?}");
+        assert!(
+            members.iter().all(|inode| own.contains(inode)),
+            "{members:?} not in {own:?}"
+        );
         let outsider_members = udp_group_inodes(outsider.local_addr().unwrap()).unwrap();
         assert_eq!(outsider_members.len(), 1);
         assert!(!members.contains(&outsider_members[0]));
@@ -322,11 +325,19 @@ mod tests {
     fn proc_key_matches_the_kernel_format() {
         let (table, key) = proc_net_udp_key("127.0.0.1:8080".parse().unwrap());
         assert_eq!(table, "/proc/net/udp");
-        let expected = if cfg!(target_endian = "little") { "0100007F:1F90" } else { "7F000001:1F90" };
+        let expected = if cfg!(target_endian = "little") {
+            "0100007F:1F90"
+        } else {
+            "7F000001:1F90"
+        };
         assert_eq!(key, expected);
         let (table, key) = proc_net_udp_key("[::1]:8080".parse().unwrap());
         assert_eq!(table, "/proc/net/udp6");
-        let last = if cfg!(target_endian = "little") { "01000000" } else { "00000001" };
+        let last = if cfg!(target_endian = "little") {
+            "01000000"
+        } else {
+            "00000001"
+        };
         assert_eq!(key, format!("000000000000000000000000{last}:1F90"));
         let row = format!("   1: {key} 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 4242 2 0000000000000000 0");
         let table = format!("  sl  local_address remote_address st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n{row}\n");

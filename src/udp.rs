@@ -176,7 +176,11 @@ impl UdpIo {
         match crate::sys::spread_datagrams_randomly(&sockets.direct, size as u32) {
             Ok(()) => {
                 if attached_size != 0 {
-                    tracing::info!(group_sockets = size, was = attached_size, "udp group changed; spreading over all of it");
+                    tracing::info!(
+                        group_sockets = size,
+                        was = attached_size,
+                        "udp group changed; spreading over all of it"
+                    );
                 }
                 size
             }
