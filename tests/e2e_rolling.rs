@@ -4,7 +4,8 @@
 //! under continuous UDP and TCP load from resending clients, every event acked ACCEPTED or
 //! DUPLICATE is in Redis exactly once, and no event is left unresolved.
 //!
-//! The load is `LOADERS` threads, each running `deliver_all` on chunks of fresh events back to
+//! The old and the new process run different shard counts (`CORES`), so the spreading program
+//! is sized by the group, not by one process. The load is `LOADERS` threads, each running `deliver_all` on chunks of fresh events back to
 //! back (two UDP sockets and a TCP connection each, one or two copies per event), so frames
 //! are in flight at every moment of both handovers. A frame that reached the old process's
 //! socket after it stopped reading gets no answer and is resent after `UDP_ACK_TIMEOUT`; a
@@ -25,9 +26,11 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use support::*;
 
-/// Shards per process: two, so each handover moves a group of several sockets.
-const CORES: &str = "0,1";
+/// The processes' cores, in start order: two shards, then one, then two, so the group is
+/// counted across processes of different sizes (3 sockets while A and B both serve).
+const CORES: [&str; 3] = ["0,1", "0", "0,1"];
 const HANDOVERS: usize = 2;
+const _: () = assert!(CORES.len() == HANDOVERS + 1, "one core list per process");
 const LOADERS: usize = 2;
 /// Events per `deliver_all` call of one loader: a chunk takes a few hundred milliseconds on a
 /// debug build, so the gaps between chunks are short against the handovers.
@@ -90,9 +93,9 @@ fn run_loader(loader: usize, seed: u64, udp: SocketAddr, tcp: SocketAddr, stop: 
     result
 }
 
-fn start_process(redis: &RedisServer, address: SocketAddr) -> Server {
+fn start_process(redis: &RedisServer, address: SocketAddr, cores: &str) -> Server {
     Server::builder(&redis.url())
-        .cores(CORES)
+        .cores(cores)
         .arg("--udp", address)
         .arg("--tcp", address)
         .arg("--drain-timeout-ms", DRAIN_TIMEOUT_MS)
@@ -117,7 +120,7 @@ fn two_handovers_under_load_store_every_acked_event_once() {
     let port = free_port_outside_ephemeral();
     let address: SocketAddr = ([127, 0, 0, 1], port).into();
     let started_us = unix_us();
-    let mut current = start_process(&redis, address);
+    let mut current = start_process(&redis, address, CORES[0]);
     let stop = Arc::new(AtomicBool::new(false));
     let loaders: Vec<_> = (0..LOADERS)
         .map(|loader| {
@@ -127,8 +130,8 @@ fn two_handovers_under_load_store_every_acked_event_once() {
         .collect();
     thread::sleep(SETTLE);
     let mut journal = Vec::new();
-    for handover in 1..=HANDOVERS {
-        let successor = start_process(&redis, address);
+    for (handover, cores) in CORES.iter().enumerate().skip(1) {
+        let successor = start_process(&redis, address, cores);
         thread::sleep(OVERLAP);
         let udp_while_both = scrape(&successor, "shardgate_frames_received_total", &[("transport", "udp")]);
         assert!(
