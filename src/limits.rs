@@ -171,6 +171,13 @@ pub const PREEMPT_TIMER_US: u64 = 250;
 /// core, 50-200 µs saves a wake-up (tens of µs) per quiet-to-busy edge.
 pub const SPIN_BEFORE_PARK_US_MAX: u64 = 10_000;
 
+/// How often shard 0 counts the sockets of the UDP group (its own process's
+/// and, during a rolling restart, the other's) to re-size the spreading
+/// program. A count reads /proc/net/udp, ~100 µs on shard 0 however few
+/// sockets there are, so once a second; until a change is seen, datagrams are
+/// still delivered, only spread less evenly (`sys.rs`).
+pub const UDP_GROUP_RECOUNT_MS: u64 = 1_000;
+
 /// How often each shard looks at the process-wide shutdown flag.
 pub const SHUTDOWN_POLL_MS: u64 = 5;
 
