@@ -717,7 +717,7 @@ goals_section() {
   echo "  before every step; the same for shardgate and the redis peer. Durability is Redis's own choice and costs both"
   echo "  alike; run \`scripts/bench.sh --durable\` for \`appendfsync always\`."
   echo "- NATS: $nats_note; duplicate window 2 min."
-  echo "- shardgate: \`serve --cores 0-$(( $(nproc) - 1 )) --placement fenced\`, defaults otherwise (batches of up to 256 events, 200 µs linger), started afresh for every step."
+  echo "- shardgate: \`serve --cores 0-$(( $(nproc) - 1 )) --placement fenced\`, defaults otherwise (batches of up to 256 events, calls paced 1 ms apart), started afresh for every step."
   echo "- Generator: \`shardgate-bench run\` (8 UDP sockets or TCP connections); the peers use 16 connections, each sending every event that is due as one pipeline of one-event \`EVALSHA\`s"
   echo "  (redis), or publishing each event and awaiting its ack asynchronously (nats)."
   echo "- Time: build ${build_s} s, whole script $(elapsed) s of a ${budget_s} s budget (${instr_s} s of it kept for the instrumentation sweeps)."

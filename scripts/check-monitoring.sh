@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Checks the operator artifacts in docs/monitoring/:
+#   - the SLO rules and panels are what scripts/gen-slo-rules.py makes of
+#     shardgate-slos.toml today: regenerated on copies, any difference fails
+#     (stale rules after an objective changed);
 #   - shardgate-alerts.yml: `promtool check rules`, then `promtool test rules`
 #     with synthetic series, so each main alert is shown to fire (and not to
-#     fire early);
+#     fire early), and shardgate-slo-tests.yml for the burn-rate alerts;
 #   - shardgate-dashboard.json: valid JSON, importable (a ${DS_PROMETHEUS}
 #     input that every panel uses), and every panel query valid PromQL
 #     (promtool checks them as recording rules);
@@ -14,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ALERTS=docs/monitoring/shardgate-alerts.yml
+SLO_TESTS=docs/monitoring/shardgate-slo-tests.yml
 DASHBOARD=docs/monitoring/shardgate-dashboard.json
 REFERENCE=docs/operations.md
 
@@ -29,13 +33,27 @@ if ! command -v promtool >/dev/null 2>&1; then
     exit 1
   fi
 fi
-if ! command -v python3 >/dev/null 2>&1 && ! command -v jq >/dev/null 2>&1; then
-  echo "missing: python3 (or jq) to check $DASHBOARD. Install with: sudo apt-get install -y python3" >&2
+# The SLO generator reads TOML with tomllib (Python 3.11, Debian 12's python3).
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "missing: python3 3.11 or newer (scripts/gen-slo-rules.py). Install with: sudo apt-get install -y python3" >&2
   exit 1
 fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+
+echo "== SLO rules and panels against docs/monitoring/shardgate-slos.toml"
+cp "$ALERTS" "$work/regenerated-alerts.yml"
+cp "$DASHBOARD" "$work/regenerated-dashboard.json"
+python3 scripts/gen-slo-rules.py --alerts "$work/regenerated-alerts.yml" --dashboard "$work/regenerated-dashboard.json"
+stale=0
+diff -u "$ALERTS" "$work/regenerated-alerts.yml" || stale=1
+diff -u "$DASHBOARD" "$work/regenerated-dashboard.json" || stale=1
+if [ "$stale" -ne 0 ]; then
+  echo "stale SLO rules or panels (diff above): run python3 scripts/gen-slo-rules.py and commit the result" >&2
+  exit 1
+fi
+echo "  generated rules and panels are up to date"
 
 echo "== promtool check rules $ALERTS"
 promtool check rules "$ALERTS"
@@ -184,9 +202,12 @@ tests:
 EOF
 (cd "$work" && promtool test rules alerts-test.yml)
 
+echo "== promtool test rules $SLO_TESTS (burn-rate alerts)"
+cp "$SLO_TESTS" "$work/"
+(cd "$work" && promtool test rules "$(basename "$SLO_TESTS")")
+
 echo "== $DASHBOARD"
-if command -v python3 >/dev/null 2>&1; then
-  python3 - "$DASHBOARD" "$work/dashboard-queries.yml" <<'EOF'
+python3 - "$DASHBOARD" "$work/dashboard-queries.yml" <<'EOF'
 import json, sys
 
 path, rules_path = sys.argv[1], sys.argv[2]
@@ -230,16 +251,12 @@ with open(rules_path, "w") as out:
         out.write(f"      - record: dashboard:panel{panel_id}_{ref}\n        expr: {json.dumps(expr)}\n")
 print(f"  {len(ids)} panels, {len(queries)} queries, importable with ${{DS_PROMETHEUS}}")
 EOF
-  promtool check rules "$work/dashboard-queries.yml" >/dev/null || {
-    promtool check rules "$work/dashboard-queries.yml"
-    echo "a dashboard query is not valid PromQL (above)" >&2
-    exit 1
-  }
-  echo "  every panel query is valid PromQL"
-else
-  jq empty "$DASHBOARD"
-  echo "  valid JSON (install python3 for the full dashboard checks)"
-fi
+promtool check rules "$work/dashboard-queries.yml" >/dev/null || {
+  promtool check rules "$work/dashboard-queries.yml"
+  echo "a dashboard query is not valid PromQL (above)" >&2
+  exit 1
+}
+echo "  every panel query is valid PromQL"
 
 echo "== metric names against the reference in $REFERENCE"
 missing=0

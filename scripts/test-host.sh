@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SCRIPTS=(scripts/tune-host.sh scripts/test-host.sh cgroups/setup.sh tests/host/*.sh)
+SCRIPTS=(scripts/tune-host.sh scripts/test-host.sh scripts/rolling-restart.sh cgroups/setup.sh tests/host/*.sh)
 
 # apt_install PACKAGE: installs it, refreshing the package lists if needed.
 apt_install() {

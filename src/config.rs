@@ -93,7 +93,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub batch_events_max: Option<usize>,
 
-    /// Longest time an open batch waits for more events. [default: 200]
+    /// Pace of the script calls: a call starts at most this long after the previous one unless its batch is full; after a quiet period the first event goes at once. [default: 1000]
     #[arg(long, value_name = "MICROS")]
     pub batch_linger_us: Option<u64>,
 

@@ -11,9 +11,11 @@
 //!   percentile-distribution text format (what its plotter reads);
 //! - `NAME.redis.hgrm`: Redis round trip, merged;
 //! - `NAME.shard<N>.hgrm` and `NAME.shard<N>.redis.hgrm`: the same per shard;
-//! - `NAME.hlog`: every histogram above in one V2 interval log, tagged
-//!   `ack`, `redis`, `ack-shard<N>`, `redis-shard<N>`, one interval each
-//!   covering the whole run.
+//! - `NAME.hlog`: every histogram above in one HdrHistogram interval log
+//!   (log format 1.3, as Java's `HistogramLogWriter` writes it: header lines,
+//!   then one line per histogram with a compressed V2 payload), tagged `ack`,
+//!   `redis`, `ack-shard<N>`, `redis-shard<N>`, one interval each covering the
+//!   run so far. Values and the `Interval_Max` column are in microseconds.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -21,13 +23,21 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
-use hdrhistogram::serialization::V2Serializer;
+use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::Histogram;
 
 use crate::limits::{HISTOGRAM_HIGHEST_US, HISTOGRAM_SIGNIFICANT_DIGITS};
 
 /// Quantile steps per half-distance in the percentile output, as HdrHistogram's default.
 const TICKS_PER_HALF_DISTANCE: u32 = 5;
+
+/// The interval log format version Java's `HistogramLogWriter` announces; readers
+/// of every port accept it.
+const INTERVAL_LOG_FORMAT_VERSION: &str = "1.3";
+
+/// The column legend line that Java's `HistogramLogWriter` writes before the intervals.
+const INTERVAL_LOG_LEGEND: &str =
+    "\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\"";
 
 #[derive(Clone)]
 pub struct Latency {
@@ -159,17 +169,40 @@ pub fn write_files(
     Ok(written)
 }
 
+/// An HdrHistogram interval log, line for line what Java's `HistogramLogWriter`
+/// writes: a comment naming the writer and the unit, the format version, the
+/// start and base time, the legend, then one `Tag=...` line per histogram whose
+/// payload is compressed V2 (cookie 0x1c849314), the only encoding the readers
+/// of interval logs (HistogramLogAnalyzer, the Java, Python, C and Go ports)
+/// accept. Timestamps are seconds since the start; every interval covers the
+/// run so far.
 fn write_interval_log(path: &Path, merged: &Latency, shards: &[Latency], started: SystemTime) -> std::io::Result<()> {
     let invalid = |error: String| std::io::Error::new(std::io::ErrorKind::InvalidData, error);
     let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut serializer = V2Serializer::new();
     let run_duration = SystemTime::now().duration_since(started).unwrap_or_default();
+    let started_unix = started.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let started_secs = started_unix.as_secs_f64();
+    writeln!(
+        file,
+        "#[Logged with shardgate {} (intake to ack and Redis round trip in microseconds)]",
+        env!("CARGO_PKG_VERSION")
+    )?;
+    writeln!(file, "#[Histogram log format version {INTERVAL_LOG_FORMAT_VERSION}]")?;
+    writeln!(
+        file,
+        "#[StartTime: {started_secs:.3} (seconds since epoch), {}]",
+        java_date_utc(started_unix.as_secs())
+    )?;
+    writeln!(file, "#[BaseTime: {started_secs:.3} (seconds since epoch)]")?;
+    writeln!(file, "{INTERVAL_LOG_LEGEND}")?;
+    let mut serializer = V2DeflateSerializer::new();
+    // The header is ours (the crate's builder writes neither the version nor
+    // the legend); with no start time, base time or divisor set, the builder
+    // adds nothing to it and the writer only formats the interval lines.
     let mut writer = IntervalLogWriterBuilder::new()
-        .with_start_time(started)
-        .with_base_time(started)
         .with_max_value_divisor(1.0)
         .begin_log_with(&mut file, &mut serializer)
-        .map_err(|error| invalid(format!("cannot start interval log: {error:?}")))?;
+        .map_err(|error| invalid(format!("cannot start interval log: {error}")))?;
     let mut entries: Vec<(String, &Histogram<u64>)> = vec![
         ("ack".into(), &merged.intake_to_ack_us),
         ("redis".into(), &merged.redis_round_trip_us),
@@ -182,7 +215,69 @@ fn write_interval_log(path: &Path, merged: &Latency, shards: &[Latency], started
         let tag = Tag::new(tag).ok_or_else(|| invalid(format!("invalid interval log tag {tag}")))?;
         writer
             .write_histogram(histogram, Duration::ZERO, run_duration, Some(tag))
-            .map_err(|error| invalid(format!("cannot write interval log: {error:?}")))?;
+            .map_err(|error| invalid(format!("cannot write interval log: {error}")))?;
     }
     file.flush()
+}
+
+/// `Sun Dec 06 20:15:50 UTC 2026`: what Java's `Date.toString()` prints in UTC,
+/// which its `HistogramLogWriter` puts after the StartTime seconds.
+fn java_date_utc(unix_secs: u64) -> String {
+    const WEEKDAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = unix_secs / 86_400;
+    let second_of_day = unix_secs % 86_400;
+    // 1970-01-01 was a Thursday.
+    let weekday = WEEKDAYS[((days + 4) % 7) as usize];
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{weekday} {} {day:02} {:02}:{:02}:{:02} UTC {year}",
+        MONTHS[(month - 1) as usize],
+        second_of_day / 3600,
+        second_of_day / 60 % 60,
+        second_of_day % 60
+    )
+}
+
+/// (year, month 1..=12, day 1..=31) of a day count since 1970-01-01, by Howard
+/// Hinnant's `civil_from_days` (proleptic Gregorian, eras of 400 years).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let shifted = days + 719_468; // days from 0000-03-01 to 1970-01-01
+    let era = shifted / 146_097;
+    let day_of_era = shifted - era * 146_097;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    // Months counted from March, so that February's leap day falls last.
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Java's Date.toString() in UTC for days across leap years, century rules and month ends.
+    #[test]
+    fn java_date_matches_known_days() {
+        let cases = [
+            (0, "Thu Jan 01 00:00:00 UTC 1970"),
+            (951_782_400, "Tue Feb 29 00:00:00 UTC 2000"),
+            (4_107_542_399, "Sun Feb 28 23:59:59 UTC 2100"),
+            (4_107_542_400, "Mon Mar 01 00:00:00 UTC 2100"),
+            (1_796_588_150, "Sun Dec 06 20:15:50 UTC 2026"),
+            (1_704_067_199, "Sun Dec 31 23:59:59 UTC 2023"),
+        ];
+        for (unix_secs, expected) in cases {
+            assert_eq!(java_date_utc(unix_secs), expected, "unix {unix_secs}");
+        }
+    }
 }

@@ -49,18 +49,25 @@ local blob = ARGV[4]
 local outcomes = {}
 local failures = {}
 local position = 1
+local markers = {}
+local streams = {}
 for index = 1, count do
   local partition, player, seq, action_type, ts, recv_us, payload
   partition, player, seq, action_type, ts, recv_us, payload, position =
     struct.unpack('<Bc0Bc0Bc0Bc0Bc0Bc0I2c0', blob, position)
-  local tag = prefix .. ':{' .. partition .. '}:'
-  local marker = tag .. 'seen:' .. player .. ':' .. seq
+  local marker_prefix = markers[partition]
+  if not marker_prefix then
+    marker_prefix = prefix .. ':{' .. partition .. '}:seen:'
+    markers[partition] = marker_prefix
+    streams[partition] = prefix .. ':{' .. partition .. '}:events'
+  end
+  local marker = marker_prefix .. player .. ':' .. seq
   local marked = redis.pcall('SET', marker, '1', 'NX', 'EX', window_secs)
   if type(marked) == 'table' and marked.err then
     outcomes[index] = 'E'
     failures[#failures + 1] = (index - 1) .. ' ' .. marker .. ' ' .. marked.err
   elseif marked then
-    local stream = tag .. 'events'
+    local stream = streams[partition]
     local appended = redis.pcall('XADD', stream, '*', 'player', player, 'seq', seq,
       'type', action_type, 'ts', ts, 'recv_us', recv_us, 'payload', payload)
     if type(appended) == 'table' and appended.err then

@@ -10,7 +10,10 @@
 //! dedicated thread with `sigwait`, which sets one flag. Each shard notices it
 //! within `SHUTDOWN_POLL_MS`, stops reading, drains what is in flight (bounded
 //! by `drain_timeout_ms`), answers every copy, and returns its statistics and
-//! histograms; the histograms are then written to `--hdr-out`.
+//! histograms; the histograms are then written to `--hdr-out`. When another
+//! process has joined the UDP group (a rolling restart), each shard first
+//! leaves it, and TCP listeners close as intake ends, so new traffic goes to
+//! the other process; UDP answers of the drain then go unsent (clients resend).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -399,7 +402,7 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
         let _ = common.events.send(StartEvent::Failed(init.index, error.clone()));
         error
     };
-    let udp = crate::udp::UdpIo::bind(init.config.udp, init.config.cores.len())
+    let udp = crate::udp::UdpIo::bind(init.config.udp)
         .map_err(|error| failed(format!("cannot bind udp {}: {error}", init.config.udp)))?;
     init.metrics
         .udp_socket_inode
@@ -425,6 +428,12 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
     }
     let listener = crate::tcp::bind(init.config.tcp)
         .map_err(|error| failed(format!("cannot listen on tcp {}: {error}", init.config.tcp)))?;
+    // Every shard has bound by now: size the UDP group's program for all of it, including
+    // another process's sockets during a rolling restart, before the process says it serves.
+    let spread_task = (init.index == 0).then(|| {
+        let attached_size = shard.udp.spread_over_group(0, init.config.cores.len());
+        glommio::spawn_local(crate::udp::keep_spread_over_group(Rc::clone(&shard), attached_size))
+    });
     let _ = common.events.send(StartEvent::Listening);
 
     let udp_task = glommio::spawn_local(crate::udp::serve(Rc::clone(&shard)));
@@ -440,6 +449,11 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
 
     // Stopping: intake ends, in-flight work drains, then connections flush.
     udp_task.await;
+    if let Some(task) = spread_task {
+        task.await;
+    }
+    leave_udp_group_if_shared(&shard);
+    // The listener closes here: new connections go to the other process's listeners.
     tcp_task.await;
     let deadline = Instant::now() + Duration::from_millis(init.config.drain_timeout_ms);
     let drained_events = shard.drain(deadline).await;
@@ -452,6 +466,14 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
         .await;
     }
     shard.store.quit().await;
+    let replies_unsent = shard.udp.replies_unsent();
+    if replies_unsent > 0 {
+        tracing::info!(
+            shard = init.index,
+            replies_unsent,
+            "udp replies of the drain not sent: the socket had left the group; their clients resend"
+        );
+    }
     let report = ShardReport {
         metrics: Arc::clone(&shard.metrics),
         latency: shard.latency.borrow().clone(),
@@ -459,6 +481,29 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
         cache_events: shard.dedup_len_events(),
     };
     Ok(report)
+}
+
+/// A rolling restart (docs/design.md, "Rolling restart"): when another process has joined the
+/// UDP group, this shard closes its socket before draining, so the kernel routes every later
+/// datagram to the sockets that are still read; the frames already queued on it go unanswered
+/// and are resent by their clients. Alone in the group, the socket stays open to send the
+/// drain's answers: no other process could take the datagrams anyway.
+fn leave_udp_group_if_shared(shard: &Shard) {
+    match shard.udp.group_share() {
+        Ok(crate::udp::GroupShare::Alone) => {}
+        Ok(crate::udp::GroupShare::Shared { other_sockets }) => {
+            shard.udp.leave_group();
+            if shard.index == 0 {
+                tracing::info!(
+                    other_sockets,
+                    "another process serves the udp address: left the group before draining"
+                );
+            }
+        }
+        Err(error) => {
+            tracing::warn!(shard = shard.index, %error, "cannot tell whether another process serves the udp address; keeping the socket while draining");
+        }
+    }
 }
 
 /// Blocks SIGTERM, SIGINT and SIGUSR1 in this thread and every thread it

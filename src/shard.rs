@@ -74,6 +74,8 @@ pub struct Shard {
     held: RefCell<Vec<Batch>>,
     /// Calls sent and not yet answered.
     batches_in_flight: Cell<usize>,
+    /// When the last call started: calls are paced `batch_linger_us` apart.
+    last_call_at: Cell<Option<Instant>>,
     /// Numbers the calls; the script echoes it (`script.rs`).
     call_nonce: Cell<u64>,
     /// Set once this process's partition count agrees with the one recorded
@@ -125,6 +127,7 @@ impl Shard {
             spare: RefCell::new(batches),
             held: RefCell::new(Vec::with_capacity(config.batches_in_flight_max)),
             batches_in_flight: Cell::new(0),
+            last_call_at: Cell::new(None),
             call_nonce: Cell::new(0),
             partitions_agreed: Cell::new(false),
             partitions_check_running: Cell::new(false),
@@ -213,7 +216,8 @@ impl Shard {
         self.metrics.events_in_flight.set(in_flight.len() as i64);
         drop(in_flight);
         debug_assert!(self.slots_taken() <= self.config.batches_in_flight_max);
-        if is_full {
+        let pace = Duration::from_micros(self.config.batch_linger_us);
+        if is_full || (is_first && send_due(received_at, self.last_call_at.get(), pace) <= received_at) {
             self.flush();
         } else if is_first {
             self.linger.notify();
@@ -276,6 +280,7 @@ impl Shard {
             return;
         };
         let batch = self.open.replace(spare);
+        self.last_call_at.set(Some(Instant::now()));
         self.batches_in_flight.set(self.batches_in_flight.get() + 1);
         debug_assert!(self.batches_in_flight.get() <= self.config.batches_in_flight_max);
         let shard = Rc::clone(self);
@@ -434,8 +439,8 @@ impl Shard {
         }
     }
 
-    /// Sends the open batch once it has lingered long enough. Full batches are
-    /// sent by `admit` at once; this catches the quiet periods.
+    /// Sends the open batch when it is due (`send_due`). Full batches are
+    /// sent by `admit` at once.
     pub async fn linger_loop(self: Rc<Self>) {
         let linger = Duration::from_micros(self.config.batch_linger_us);
         loop {
@@ -447,7 +452,7 @@ impl Shard {
                 self.linger.wait().await;
                 continue;
             };
-            let due = opened_at + linger;
+            let due = send_due(opened_at, self.last_call_at.get(), linger);
             let now = Instant::now();
             if now < due && !self.stopping.is_open() {
                 glommio::timer::sleep(due - now).await;
@@ -612,6 +617,19 @@ impl Shard {
     }
 }
 
+/// When an open batch that is not full goes to Redis: one pace after the last
+/// call started, but never before its first event came. So after a quiet
+/// period the first event goes at once, and under load calls go one pace
+/// apart with every event that came meanwhile: batches grow with the load
+/// while calls per second stay flat (group commit). An event waits at most
+/// one pace.
+fn send_due(opened_at: Instant, last_call_at: Option<Instant>, pace: Duration) -> Instant {
+    match last_call_at {
+        Some(last_call_at) => opened_at.max(last_call_at + pace),
+        None => opened_at,
+    }
+}
+
 fn partitions_differ_message(prefix: &str, recorded: u32, configured: u32) -> String {
     format!(
         "prefix {prefix:?} holds events stored with --partitions {recorded}, and this server has --partitions \
@@ -686,5 +704,27 @@ impl Outage {
             self.last_logged = Some(now);
         }
         self.was_ever_up |= connected;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a quiet period a batch goes at once; under load calls go one pace apart, and no event waits longer.
+    #[test]
+    fn calls_are_paced() {
+        let pace = Duration::from_millis(1);
+        let start = Instant::now();
+        assert_eq!(send_due(start, None, pace), start, "the first batch ever goes at once");
+        let quiet = start + Duration::from_millis(5);
+        assert_eq!(send_due(quiet, Some(start), pace), quiet, "after a quiet period: at once");
+        let busy = start + Duration::from_micros(100);
+        assert_eq!(send_due(busy, Some(start), pace), start + pace, "under load: one pace after the last call");
+        for offset_us in [0, 1, 500, 999, 1_000, 5_000] {
+            let opened_at = start + Duration::from_micros(offset_us);
+            let due = send_due(opened_at, Some(start), pace);
+            assert!(due >= opened_at && due <= opened_at + pace, "waits at most one pace");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The only `unsafe` in shardgate: a second handle on an accepted TCP socket,
 //! the UDP group's spreading program, and a counting global allocator for
-//! measuring the hot path's allocations.
+//! measuring the hot path's allocations. Beside the program, the safe reads of
+//! /proc that tell how many sockets the group has and which are this process's.
 //!
 //! The kernel hands each datagram to one socket of an SO_REUSEPORT group by a
 //! hash of its source address and port, so a few busy sources (a relay, a NAT,
@@ -11,6 +12,15 @@
 //! per datagram. Order per source does not matter here: every copy of an event
 //! is deduplicated across shards and by Redis.
 //!
+//! The program takes the group's size as a constant (classic BPF has no way to
+//! ask for it), and the group is shared with any other process bound to the
+//! same address: during a rolling restart the old and the new process
+//! (docs/design.md, "Rolling restart"). So the size is counted from the
+//! kernel's socket table, /proc/net/udp, and the program re-attached when the
+//! count changes. A stale size never loses a datagram: a smaller one leaves
+//! the sockets past it idle, a larger one sends the datagrams whose index
+//! falls past the end to the kernel's hash, which picks a live socket.
+//!
 //! Each TCP connection has a reader task and a writer task, so that acks for
 //! earlier frames go out while the reader waits for more bytes. Glommio's
 //! `TcpStream` takes `&mut self` for both directions and has no split, and a
@@ -19,7 +29,9 @@
 //! closes the connection when both are dropped.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashSet;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -86,6 +98,68 @@ pub fn spread_datagrams_randomly(socket: &impl AsRawFd, group_size: u32) -> io::
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The kernel's socket table for `address`'s family, and how it writes `address` in its
+/// `local_address` column: each 32-bit word of the address in host byte order as hex, then the
+/// port (`udp4_format_sock` and `udp6_sock_seq_show` in the kernel).
+fn proc_net_udp_key(address: SocketAddr) -> (&'static str, String) {
+    match address {
+        SocketAddr::V4(v4) => (
+            "/proc/net/udp",
+            format!("{:08X}:{:04X}", u32::from_ne_bytes(v4.ip().octets()), v4.port()),
+        ),
+        SocketAddr::V6(v6) => {
+            let octets = v6.ip().octets();
+            let words: String = octets
+                .chunks_exact(4)
+                .map(|word| format!("{:08X}", u32::from_ne_bytes([word[0], word[1], word[2], word[3]])))
+                .collect();
+            ("/proc/net/udp6", format!("{words}:{:04X}", v6.port()))
+        }
+    }
+}
+
+/// Inodes of the rows of a /proc/net/udp{,6} `table` whose local address is `key`.
+fn inodes_bound_to(table: &str, key: &str) -> Vec<u64> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+            (columns.get(1) == Some(&key)).then(|| columns.get(9)?.parse().ok())?
+        })
+        .collect()
+}
+
+/// Inodes of every UDP socket in this network namespace bound to exactly `address`: the members
+/// of its SO_REUSEPORT group, of this process and of any other. Sockets that set no
+/// SO_REUSEADDR (shardgate's do not) share a bound address only through the group. Costs
+/// about 100 µs however few sockets there are: the kernel walks its whole UDP hash table.
+pub fn udp_group_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
+    let (path, key) = proc_net_udp_key(address);
+    Ok(inodes_bound_to(&std::fs::read_to_string(path)?, &key))
+}
+
+/// Inodes of the sockets this process holds open (the `socket:[INODE]` links in
+/// /proc/self/fd). A socket whose last descriptor is closed is no longer among them, even while
+/// the kernel finishes with it.
+pub fn own_socket_inodes() -> io::Result<HashSet<u64>> {
+    let mut inodes = HashSet::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        // A descriptor closed while we list is simply not there.
+        let Ok(target) = entry.and_then(|entry| std::fs::read_link(entry.path())) else {
+            continue;
+        };
+        let inode: Option<u64> = target
+            .to_str()
+            .and_then(|target| target.strip_prefix("socket:["))
+            .and_then(|rest| rest.strip_suffix(']'))
+            .and_then(|number| number.parse().ok());
+        inodes.extend(inode);
+    }
+    Ok(inodes)
 }
 
 /// The system allocator, counting allocations and bytes. Installed by the
@@ -197,6 +271,108 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Sends `count` datagrams from one source port to `address`, and says how many each socket of
+    /// `group` received.
+    fn spread_counts(group: &[std::net::UdpSocket], address: std::net::SocketAddr, count: usize) -> Vec<usize> {
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut received = vec![0usize; group.len()];
+        for sent in 0..count {
+            sender.send_to(&(sent as u32).to_le_bytes(), address).unwrap();
+            if sent % 100 == 99 {
+                for (member, socket) in group.iter().enumerate() {
+                    received[member] += drain(socket);
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for (member, socket) in group.iter().enumerate() {
+            received[member] += drain(socket);
+        }
+        received
+    }
+
+    /// The group's members are found in /proc/net/udp by the bound address, as this process's
+    /// sockets, and one that closes is gone from both lists.
+    #[test]
+    fn group_members_are_counted_by_bound_address() {
+        let first = group_member("127.0.0.1:0".parse().unwrap());
+        let address = first.local_addr().unwrap();
+        let mut group = vec![first, group_member(address), group_member(address)];
+        let outsider = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let members = udp_group_inodes(address).unwrap();
+        assert_eq!(members.len(), 3, "{members:?}");
+        let own = own_socket_inodes().unwrap();
+        assert!(
+            members.iter().all(|inode| own.contains(inode)),
+            "{members:?} not in {own:?}"
+        );
+        let outsider_members = udp_group_inodes(outsider.local_addr().unwrap()).unwrap();
+        assert_eq!(outsider_members.len(), 1);
+        assert!(!members.contains(&outsider_members[0]));
+        drop(group.pop());
+        let after = udp_group_inodes(address).unwrap();
+        assert_eq!(after.len(), 2, "{after:?}");
+        assert!(after.iter().all(|inode| members.contains(inode)));
+        let members: HashSet<u64> = members.into_iter().collect();
+        assert_eq!(own_socket_inodes().unwrap().intersection(&members).count(), 2);
+    }
+
+    /// The kernel's table writes addresses as host-order 32-bit words: 127.0.0.1:8080 and
+    /// [::1]:8080 as the kernel prints them on this machine's byte order.
+    #[test]
+    fn proc_key_matches_the_kernel_format() {
+        let (table, key) = proc_net_udp_key("127.0.0.1:8080".parse().unwrap());
+        assert_eq!(table, "/proc/net/udp");
+        let expected = if cfg!(target_endian = "little") {
+            "0100007F:1F90"
+        } else {
+            "7F000001:1F90"
+        };
+        assert_eq!(key, expected);
+        let (table, key) = proc_net_udp_key("[::1]:8080".parse().unwrap());
+        assert_eq!(table, "/proc/net/udp6");
+        let last = if cfg!(target_endian = "little") {
+            "01000000"
+        } else {
+            "00000001"
+        };
+        assert_eq!(key, format!("000000000000000000000000{last}:1F90"));
+        let row = format!("   1: {key} 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 4242 2 0000000000000000 0");
+        let table = format!("  sl  local_address remote_address st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n{row}\n");
+        assert_eq!(inodes_bound_to(&table, &key), vec![4242]);
+        assert_eq!(inodes_bound_to(&table, "0100007F:1F91"), Vec::<u64>::new());
+    }
+
+    /// A handover at the socket level: a second set of sockets joins a group of two, and with the
+    /// program sized by the counted group all four get datagrams; when the first two close, a
+    /// stale size loses nothing (indices past the end go by hash), and the recounted size spreads
+    /// over the remaining two.
+    #[test]
+    fn handover_spreads_over_both_sets_then_the_new_one() {
+        const DATAGRAMS: usize = 2000;
+        let first = group_member("127.0.0.1:0".parse().unwrap());
+        let address = first.local_addr().unwrap();
+        let old = vec![first, group_member(address)];
+        spread_datagrams_randomly(&old[0], udp_group_inodes(address).unwrap().len() as u32).unwrap();
+        let new = vec![group_member(address), group_member(address)];
+        let size = udp_group_inodes(address).unwrap().len();
+        assert_eq!(size, 4);
+        spread_datagrams_randomly(&new[0], size as u32).unwrap();
+        let both: Vec<std::net::UdpSocket> = old.into_iter().chain(new).collect();
+        let received = spread_counts(&both, address, DATAGRAMS);
+        assert_eq!(received.iter().sum::<usize>(), DATAGRAMS, "{received:?}");
+        assert!(received.iter().all(|count| *count > DATAGRAMS / 8), "{received:?}");
+        let new: Vec<std::net::UdpSocket> = both.into_iter().skip(2).collect();
+        let stale = spread_counts(&new, address, DATAGRAMS);
+        assert_eq!(stale.iter().sum::<usize>(), DATAGRAMS, "stale size: {stale:?}");
+        let size = udp_group_inodes(address).unwrap().len();
+        assert_eq!(size, 2);
+        spread_datagrams_randomly(&new[1], size as u32).unwrap();
+        let recounted = spread_counts(&new, address, DATAGRAMS);
+        assert_eq!(recounted.iter().sum::<usize>(), DATAGRAMS, "{recounted:?}");
+        assert!(recounted.iter().all(|count| *count > DATAGRAMS / 4), "{recounted:?}");
     }
 
     /// The program is the documented three instructions, and a group of none is refused.

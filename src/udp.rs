@@ -18,9 +18,10 @@
 //! docs/design.md, "Abuse limits"). Bytes that are no frame take no token:
 //! they cost no more than their read and get no answer anyway.
 
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -28,7 +29,7 @@ use crate::frame::{
     check, crc, CheckError, EventId, RejectReason, Status, AUTH_TAG_BYTES, CRC_BYTES, FLAG_AUTH, FRAME_OVERHEAD_BYTES,
 };
 use crate::limiter::SourceLimiter;
-use crate::limits::{DATAGRAM_BYTES_MAX, UDP_SOCKET_BUFFER_BYTES};
+use crate::limits::{DATAGRAM_BYTES_MAX, UDP_GROUP_RECOUNT_MS, UDP_SOCKET_BUFFER_BYTES};
 use crate::metrics::Transport;
 use crate::reply::{Route, UdpReply};
 use crate::shard::{Fate, Shard};
@@ -43,16 +44,37 @@ use crate::source::SourceKey;
 /// wait, which under a steady trickle is one 64 KiB allocation per datagram;
 /// this way a wake-up costs one tiny buffer and then drains every datagram
 /// that is ready.
+///
+/// The socket can be closed while the shard lives on (`leave_group`): in a
+/// rolling restart the old process leaves the SO_REUSEPORT group before it
+/// drains, so the kernel sends every later datagram to the new process. From
+/// then on answers cannot be sent (any socket bound to the address would join
+/// the group again); they are counted, and their clients resend.
 pub struct UdpIo {
+    address: SocketAddr,
+    open: RefCell<Option<Rc<UdpSockets>>>,
+    replies_unsent: Cell<u64>,
+}
+
+struct UdpSockets {
     waiter: glommio::net::UdpSocket,
     direct: std::net::UdpSocket,
 }
 
+/// Whether this process shares its UDP group with another one, as seen at stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupShare {
+    /// Only this process's sockets are bound to the address.
+    Alone,
+    /// Sockets of another process (a rolling restart's successor) are in the group.
+    Shared { other_sockets: usize },
+}
+
 impl UdpIo {
-    /// A socket in the shared SO_REUSEPORT group on `address`, which the
-    /// kernel then spreads over its `group_size` sockets at random per datagram
-    /// (`sys.rs` says why); where the kernel refuses the program, by the hash.
-    pub fn bind(address: SocketAddr, group_size: usize) -> std::io::Result<UdpIo> {
+    /// A socket in the shared SO_REUSEPORT group on `address`. The group's
+    /// spreading program is attached later, by `spread_over_group`, once every
+    /// shard has bound its socket and the group can be counted.
+    pub fn bind(address: SocketAddr) -> std::io::Result<UdpIo> {
         let socket = Socket::new(Domain::for_address(address), Type::DGRAM, Some(Protocol::UDP))?;
         socket.set_reuse_port(true)?;
         // Larger buffers absorb a burst while the shard is busy; the kernel caps
@@ -60,54 +82,156 @@ impl UdpIo {
         let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER_BYTES);
         let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES);
         socket.bind(&address.into())?;
-        if let Err(error) = crate::sys::spread_datagrams_randomly(&socket, group_size as u32) {
-            tracing::warn!(%error, "udp datagrams spread by the kernel's source hash, not at random");
-        }
         let direct: std::net::UdpSocket = socket.try_clone()?.into();
         direct.set_nonblocking(true)?;
         Ok(UdpIo {
-            waiter: glommio::net::UdpSocket::from(socket),
-            direct,
+            address,
+            open: RefCell::new(Some(Rc::new(UdpSockets {
+                waiter: glommio::net::UdpSocket::from(socket),
+                direct,
+            }))),
+            replies_unsent: Cell::new(0),
         })
     }
 
-    /// The next datagram if one is ready, `Ok(None)` if none is.
+    /// The next datagram if one is ready, `Ok(None)` if none is (or the socket is closed).
     fn try_receive(&self, buffer: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>> {
-        match self.direct.recv_from(buffer) {
+        let open = self.open.borrow();
+        let Some(sockets) = open.as_ref() else {
+            return Ok(None);
+        };
+        match sockets.direct.recv_from(buffer) {
             Ok(received) => Ok(Some(received)),
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
             Err(error) => Err(error),
         }
     }
 
-    /// Resolves when a datagram is waiting, without taking it.
+    /// Resolves when a datagram is waiting, without taking it; never, once the socket is closed.
     async fn readable(&self) {
+        let Some(sockets) = self.open.borrow().clone() else {
+            return futures_lite::future::pending().await;
+        };
         let mut one_byte = [0u8; 1];
-        let _ = self.waiter.peek_from(&mut one_byte).await;
+        let _ = sockets.waiter.peek_from(&mut one_byte).await;
     }
 
     /// Sends one datagram, waiting through io_uring only if the socket's send
-    /// buffer is full.
+    /// buffer is full. After `leave_group` nothing is sent; the reply is only counted.
     pub async fn send_to(&self, bytes: &[u8], destination: SocketAddr) -> std::io::Result<()> {
-        match self.direct.send_to(bytes, destination) {
+        let sent = match self.open.borrow().as_ref() {
+            Some(sockets) => sockets.direct.send_to(bytes, destination),
+            None => {
+                self.replies_unsent.set(self.replies_unsent.get() + 1);
+                return Ok(());
+            }
+        };
+        match sent {
             Ok(_) => Ok(()),
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => self
-                .waiter
-                .send_to(bytes, destination)
-                .await
-                .map(|_| ())
-                .map_err(std::io::Error::from),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                // Held for the wait, so a leave meanwhile closes the socket after this send.
+                let Some(sockets) = self.open.borrow().clone() else {
+                    return Ok(());
+                };
+                sockets
+                    .waiter
+                    .send_to(bytes, destination)
+                    .await
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            }
             Err(error) => Err(error),
         }
     }
 
-    /// The socket's inode: how /proc/net/udp names it (see `exporter.rs`).
+    /// The socket's inode: how /proc/net/udp names it (see `exporter.rs`); 0 once closed.
     pub fn socket_inode(&self) -> u64 {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(format!("/proc/self/fd/{}", self.direct.as_raw_fd()))
+        let Some(fd) = self.open.borrow().as_ref().map(|sockets| sockets.direct.as_raw_fd()) else {
+            return 0;
+        };
+        std::fs::metadata(format!("/proc/self/fd/{fd}"))
             .map(|metadata| metadata.ino())
             .unwrap_or(0)
+    }
+
+    /// Counts the sockets in the group (this process's and any other's) and, if the count
+    /// differs from `attached_size`, attaches the spreading program for the new count; returns
+    /// the size now attached. Where the group cannot be counted (no /proc), the first call
+    /// attaches `fallback_size`, this process's shard count, as before rolling restarts existed.
+    pub fn spread_over_group(&self, attached_size: usize, fallback_size: usize) -> usize {
+        let Some(sockets) = self.open.borrow().clone() else {
+            return attached_size;
+        };
+        let size = match crate::sys::udp_group_inodes(self.address) {
+            Ok(members) if !members.is_empty() => members.len(),
+            // A failed re-count keeps what is attached: it still delivers every datagram.
+            _ if attached_size != 0 => return attached_size,
+            counted => {
+                let error = counted.map_or_else(|error| error.to_string(), |_| "not in the socket table".into());
+                tracing::warn!(%error, "cannot count the udp group's sockets; spreading over this process's only");
+                fallback_size
+            }
+        };
+        if size == attached_size {
+            return attached_size;
+        }
+        match crate::sys::spread_datagrams_randomly(&sockets.direct, size as u32) {
+            Ok(()) => {
+                if attached_size != 0 {
+                    tracing::info!(
+                        group_sockets = size,
+                        was = attached_size,
+                        "udp group changed; spreading over all of it"
+                    );
+                }
+                size
+            }
+            Err(error) => {
+                if attached_size == 0 {
+                    tracing::warn!(%error, "udp datagrams spread by the kernel's source hash, not at random");
+                }
+                attached_size
+            }
+        }
+    }
+
+    /// Whether sockets of another process are in the group: group members that are not among
+    /// this process's open sockets. Every shard asks before any of this process's shards closes
+    /// its socket, unless another process is there: only then do shards close theirs.
+    pub fn group_share(&self) -> std::io::Result<GroupShare> {
+        let members = crate::sys::udp_group_inodes(self.address)?;
+        let own = crate::sys::own_socket_inodes()?;
+        let other_sockets = members.iter().filter(|inode| !own.contains(inode)).count();
+        Ok(match other_sockets {
+            0 => GroupShare::Alone,
+            other_sockets => GroupShare::Shared { other_sockets },
+        })
+    }
+
+    /// Closes the socket, which takes it out of the group: the kernel stops routing datagrams to
+    /// it (those already queued are dropped unanswered, and their clients resend).
+    pub fn leave_group(&self) {
+        self.open.borrow_mut().take();
+    }
+
+    /// Reply datagrams not sent because the socket had left the group.
+    pub fn replies_unsent(&self) -> u64 {
+        self.replies_unsent.get()
+    }
+}
+
+/// Shard 0's task: re-counts the group every `UDP_GROUP_RECOUNT_MS` and re-attaches the
+/// program when another process joined or left it, until the shard stops.
+pub async fn keep_spread_over_group(shard: Rc<Shard>, mut attached_size: usize) {
+    let period = Duration::from_millis(UDP_GROUP_RECOUNT_MS);
+    loop {
+        futures_lite::future::or(shard.stopping.wait(), glommio::timer::sleep(period)).await;
+        if shard.stopping.is_open() {
+            return;
+        }
+        attached_size = shard.udp.spread_over_group(attached_size, shard.config.cores.len());
     }
 }
 

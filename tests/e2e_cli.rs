@@ -25,7 +25,7 @@ const FLAGS: &[(&str, Option<&str>)] = &[
     ("--metrics", None),
     ("--hdr-out", None),
     ("--auth-secret-file", None),
-    ("--batch-linger-us", Some("200")),
+    ("--batch-linger-us", Some("1000")),
     ("--drain-timeout-ms", Some("5000")),
     ("--redis-timeout-ms", Some("1000")),
     ("--log-format", Some("text")),

@@ -18,6 +18,10 @@ use crate::verify::Verification;
 /// First-attempt p99.9 must stay below this for the SLO.
 pub const SLO_FIRST_P999_US: u64 = 5_000;
 
+/// The latency SLI's bound: an answer this fast is good. The same 5 ms as the server's SLO
+/// (docs/monitoring/shardgate-slos.toml), so a run reads the way the burn-rate alerts do.
+pub const SLI_LATENCY_BOUND_US: u64 = 5_000;
+
 /// Latency quantiles in microseconds; all 0 when nothing was measured (`count` says so).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Percentiles {
@@ -27,6 +31,8 @@ pub struct Percentiles {
     pub p9999: u64,
     pub max: u64,
     pub count: u64,
+    /// Latencies within [`SLI_LATENCY_BOUND_US`] (to the histogram's 3 significant digits).
+    pub within_5ms: u64,
 }
 
 impl Percentiles {
@@ -41,7 +47,13 @@ impl Percentiles {
             p9999: histogram.value_at_quantile(0.9999),
             max: histogram.max(),
             count: histogram.len(),
+            within_5ms: histogram.count_between(0, SLI_LATENCY_BOUND_US),
         }
+    }
+
+    /// The share within [`SLI_LATENCY_BOUND_US`]; `None` when nothing was measured.
+    pub fn within_5ms_share(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.within_5ms as f64 / self.count as f64)
     }
 }
 
@@ -78,6 +90,12 @@ pub struct Summary {
     pub reconnects: u64,
     pub latency_first_us: Percentiles,
     pub latency_final_us: Percentiles,
+    /// The two SLIs of docs/operations.md ("Service level objectives"), as the alerts read
+    /// them: the share of first-attempt answers within 5 ms (client side, so the network
+    /// is in it), and the share of the server's answers that were RETRY with a cause of ours
+    /// (from `--scrape`; null without it or with fewer than two good scrapes).
+    pub sli_within_5ms_share: Option<f64>,
+    pub sli_retry_ours_share: Option<f64>,
     /// Distinct events (fresh ids) sent.
     pub events: u64,
     /// The verification; null without --redis.
@@ -128,6 +146,8 @@ impl Summary {
             reconnects: tally.reconnects,
             latency_first_us: Percentiles::of(&outcome.latencies.first_us),
             latency_final_us: Percentiles::of(&outcome.latencies.final_us),
+            sli_within_5ms_share: None,
+            sli_retry_ours_share: outcome.scrape.as_ref().and_then(ScrapeStats::retry_ours_share),
             events: outcome.events,
             stored: verification.map(|verification| verification.stored),
             stored_twice: verification.map(|verification| verification.stored_twice),
@@ -141,9 +161,19 @@ impl Summary {
             ),
             scrape: outcome.scrape.clone(),
         };
+        summary.sli_within_5ms_share = summary.latency_first_us.within_5ms_share();
         summary.slo_failures = slo_failures(&summary);
         summary.slo_ok = summary.slo_failures.is_empty();
         summary
+    }
+
+    /// The two SLIs in a few words: `within 5 ms 99.950%  RETRY ours 0.010%`.
+    pub fn sli_text(&self) -> String {
+        format!(
+            "within 5 ms {}  RETRY ours {}",
+            share_text(self.sli_within_5ms_share, "no answer"),
+            share_text(self.sli_retry_ours_share, "n/a (no --scrape)")
+        )
     }
 
     pub fn to_json(&self) -> String {
@@ -188,6 +218,7 @@ impl Summary {
             "  generator cpu {:.2} s, {:.2} µs per frame sent",
             self.generator_cpu_s, self.generator_cpu_us_per_frame
         );
+        let _ = writeln!(text, "  SLIs      {}", self.sli_text());
         if let Some(scrape) = &self.scrape {
             let first_error = scrape
                 .first_error
@@ -255,6 +286,14 @@ pub fn slo_failures(summary: &Summary) -> Vec<String> {
         ));
     }
     failures
+}
+
+/// A share as a percentage with three decimals (99.9% leaves 0.1% to see), or what is missing.
+fn share_text(share: Option<f64>, missing: &str) -> String {
+    match share {
+        Some(share) => format!("{:.3}%", share * 100.0),
+        None => missing.to_string(),
+    }
 }
 
 fn round_tenths(value: f64) -> f64 {
@@ -430,6 +469,52 @@ pub(crate) mod tests {
         assert!(failures[0].contains("p99.9"), "{failures:?}");
     }
 
+    // The latency SLI counts first-attempt answers within 5 ms; the availability SLI comes from
+    // the scrape's counters, and is missing without it.
+    #[test]
+    fn slis_next_to_the_latencies() {
+        let summary = Summary::new(&plan(), &outcome(), None);
+        assert_eq!(summary.latency_first_us.within_5ms, 1_000);
+        assert_eq!(summary.sli_within_5ms_share, Some(1.0));
+        assert_eq!(summary.sli_retry_ours_share, None);
+        assert!(
+            summary
+                .to_text()
+                .contains("SLIs      within 5 ms 100.000%  RETRY ours n/a (no --scrape)"),
+            "{}",
+            summary.to_text()
+        );
+
+        let mut slow = outcome();
+        slow.latencies.first_us.record_n(6_000, 1).unwrap();
+        slow.latencies.first_us.record_n(5_000, 1).unwrap();
+        slow.scrape = Some(ScrapeStats {
+            answers: Some(20_000),
+            retries_ours: Some(3),
+            ..ScrapeStats::default()
+        });
+        let summary = Summary::new(&plan(), &slow, None);
+        assert_eq!(
+            (summary.latency_first_us.within_5ms, summary.latency_first_us.count),
+            (1_001, 1_002)
+        );
+        assert_eq!(summary.sli_retry_ours_share, Some(0.00015));
+        assert_eq!(summary.sli_text(), "within 5 ms 99.900%  RETRY ours 0.015%");
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["latency_first_us"]["within_5ms"], 1_001);
+        assert_eq!(json["sli_retry_ours_share"], 0.00015);
+        let nothing = Summary::new(
+            &plan(),
+            &RunOutcome {
+                latencies: crate::tracker::Latencies::new(),
+                ..outcome()
+            },
+            None,
+        );
+        assert_eq!(nothing.sli_within_5ms_share, None);
+        assert!(nothing.sli_text().starts_with("within 5 ms no answer"));
+    }
+
     // The text names every number a reader needs.
     #[test]
     fn text_names_the_numbers() {
@@ -450,7 +535,7 @@ pub(crate) mod tests {
         ] {
             assert!(text.contains(needle), "{needle:?} not in:\n{text}");
         }
-        assert!(!text.contains("scrape"));
+        assert!(!text.contains("  scrape    "), "{text}");
         assert!(serde_json::to_value(Summary::new(&plan(), &outcome(), None)).unwrap()["scrape"].is_null());
         let mut scraped = outcome();
         scraped.scrape = Some(ScrapeStats {

@@ -8,6 +8,10 @@
 //! scrape as failed unless the answer is `200` with a body. Loopback only: like the load, this
 //! tool must not poke other machines.
 //!
+//! Each good scrape also reads two counters the availability SLI needs (docs/operations.md,
+//! "Service level objectives"): the server's answers and its RETRY answers with a cause of
+//! ours, summed over shards; the run reports their growth between the first and last good scrape.
+//!
 //! The thread keeps a fixed timetable (`start + k × interval`): a slow scrape delays the next
 //! one but does not shift the ones after it, and a scrape that would be more than one interval
 //! late is skipped, as Prometheus does.
@@ -28,6 +32,9 @@ const TIMEOUT_MIN: Duration = Duration::from_millis(100);
 const TIMEOUT_MAX: Duration = Duration::from_secs(5);
 /// Largest answer read; past it the scrape fails (a metrics page is a few tens of KiB).
 const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// RETRY causes that spend the availability budget, as in docs/monitoring/shardgate-slos.toml:
+/// in_flight_copy (the client resent too early) and shutting_down (a planned stop) do not.
+pub const RETRY_CAUSES_OURS: [&str; 3] = ["overload", "redis_down", "redis_error"];
 
 /// Where to scrape: a parsed `http://HOST:PORT/PATH` on loopback.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +126,59 @@ pub struct ScrapeStats {
     pub duration_max_ms: f64,
     /// The first failure's reason, if any.
     pub first_error: Option<String>,
+    /// Growth of `shardgate_acks_sent_total` and of `shardgate_retries_total` with a cause in
+    /// [`RETRY_CAUSES_OURS`] between the first and the last good scrape; null with fewer than two.
+    pub answers: Option<u64>,
+    pub retries_ours: Option<u64>,
+}
+
+impl ScrapeStats {
+    /// The availability SLI's bad share over the run; `None` without two good scrapes or answers.
+    pub fn retry_ours_share(&self) -> Option<f64> {
+        match (self.answers, self.retries_ours) {
+            (Some(answers), Some(retries_ours)) if answers > 0 => Some(retries_ours as f64 / answers as f64),
+            _ => None,
+        }
+    }
+}
+
+/// The counters of one scrape the availability SLI needs, summed over shards and transports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct AnswerCounts {
+    answers: u64,
+    retries_ours: u64,
+}
+
+/// Reads [`AnswerCounts`] from a Prometheus text page; lines it does not need are skipped.
+fn answer_counts(body: &str) -> AnswerCounts {
+    let mut counts = AnswerCounts::default();
+    for line in body.lines().filter(|line| !line.starts_with('#')) {
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let (name, rest) = line.split_at(name_end);
+        let (labels, value) = match rest.strip_prefix('{').and_then(|rest| rest.split_once('}')) {
+            Some((labels, value)) => (labels, value),
+            None => ("", rest),
+        };
+        // Counters are whole numbers, though the format writes them as floats.
+        let Some(value) = value
+            .split_whitespace()
+            .next()
+            .and_then(|value| value.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let value = value.max(0.0) as u64;
+        if name == "shardgate_acks_sent_total" {
+            counts.answers += value;
+        } else if name == "shardgate_retries_total"
+            && RETRY_CAUSES_OURS
+                .iter()
+                .any(|cause| labels.split(',').any(|label| label == format!("cause=\"{cause}\"")))
+        {
+            counts.retries_ours += value;
+        }
+    }
+    counts
 }
 
 /// The running scraper thread; [`Scraper::stop`] ends it and returns its counts.
@@ -140,13 +200,19 @@ impl Scraper {
                 ..ScrapeStats::default()
             };
             let mut total = Duration::ZERO;
+            let mut counts_first: Option<AnswerCounts> = None;
+            let mut counts_last: Option<AnswerCounts> = None;
             let start = Instant::now();
             let mut due = start;
             loop {
                 let began = Instant::now();
                 stats.scrapes += 1;
                 match scrape_once(&config.endpoint, timeout) {
-                    Ok(body_bytes) => stats.body_bytes_last = body_bytes as u64,
+                    Ok((body_bytes, counts)) => {
+                        stats.body_bytes_last = body_bytes as u64;
+                        counts_first.get_or_insert(counts);
+                        counts_last = Some(counts);
+                    }
                     Err(error) => {
                         stats.failures += 1;
                         stats.first_error.get_or_insert(error);
@@ -168,6 +234,13 @@ impl Scraper {
             }
             stats.duration_mean_ms = round_thousandths(total.as_secs_f64() * 1e3 / stats.scrapes.max(1) as f64);
             stats.duration_max_ms = round_thousandths(stats.duration_max_ms);
+            if let (Some(first), Some(last)) = (counts_first, counts_last) {
+                if stats.scrapes - stats.failures >= 2 {
+                    // A restarted server starts its counters at 0 again: count no growth then.
+                    stats.answers = Some(last.answers.saturating_sub(first.answers));
+                    stats.retries_ours = Some(last.retries_ours.saturating_sub(first.retries_ours));
+                }
+            }
             stats
         })?;
         Ok(Scraper { stop, thread })
@@ -183,8 +256,8 @@ impl Scraper {
     }
 }
 
-/// One `GET`: the body's length, or why it failed.
-fn scrape_once(endpoint: &Endpoint, timeout: Duration) -> Result<usize, String> {
+/// One `GET`: the body's length and the SLI counters in it, or why it failed.
+fn scrape_once(endpoint: &Endpoint, timeout: Duration) -> Result<(usize, AnswerCounts), String> {
     let deadline = Instant::now() + timeout;
     let mut stream =
         TcpStream::connect_timeout(&endpoint.address, timeout).map_err(|error| format!("connect: {error}"))?;
@@ -217,7 +290,11 @@ fn scrape_once(endpoint: &Endpoint, timeout: Duration) -> Result<usize, String> 
             Err(error) => return Err(format!("read: {error}")),
         }
     }
-    body_length(&response)
+    let body = body_length(&response)?;
+    Ok((
+        body,
+        answer_counts(&String::from_utf8_lossy(&response[response.len() - body..])),
+    ))
 }
 
 /// The body's length of a whole `200` answer (checked against `Content-Length` when given).
@@ -289,6 +366,75 @@ mod tests {
         assert!(body_length(b"HTTP/1.1 200 OK").is_err());
     }
 
+    // The availability SLI's counters: every answer, and only RETRY whose cause is ours, over
+    // shards and transports; comments, other metrics and other causes are skipped.
+    #[test]
+    fn answer_counts_sum_ours_only() {
+        let page = "\
+# HELP shardgate_acks_sent Answers sent, by status.
+# TYPE shardgate_acks_sent counter
+shardgate_acks_sent_total{shard=\"0\",transport=\"udp\",status=\"accepted\"} 900
+shardgate_acks_sent_total{shard=\"0\",transport=\"udp\",status=\"retry\"} 60
+shardgate_acks_sent_total{shard=\"1\",transport=\"tcp\",status=\"accepted\"} 40
+shardgate_acks_sent_created{shard=\"1\",transport=\"tcp\",status=\"accepted\"} 1700000000.5
+# TYPE shardgate_retries counter
+shardgate_retries_total{shard=\"0\",cause=\"overload\"} 3
+shardgate_retries_total{shard=\"0\",cause=\"redis_down\"} 2
+shardgate_retries_total{shard=\"1\",cause=\"redis_error\"} 1
+shardgate_retries_total{shard=\"0\",cause=\"in_flight_copy\"} 50
+shardgate_retries_total{shard=\"0\",cause=\"shutting_down\"} 4
+shardgate_redis_up{shard=\"0\"} 1
+broken line
+";
+        assert_eq!(
+            answer_counts(page),
+            AnswerCounts {
+                answers: 1_000,
+                retries_ours: 6
+            }
+        );
+        assert_eq!(answer_counts(""), AnswerCounts::default());
+    }
+
+    // Against a server whose counters grow by the same amounts on every scrape: the run reports
+    // their growth from the first to the last scrape, and the share of RETRY with our cause.
+    #[test]
+    fn scrapes_count_answers_between_first_and_last() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for (index, mut stream) in (1u64..).zip(listener.incoming().flatten()) {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request);
+                let body = format!(
+                    "shardgate_acks_sent_total{{shard=\"0\",transport=\"udp\",status=\"accepted\"}} {}\n\
+                     shardgate_retries_total{{shard=\"0\",cause=\"overload\"}} {}\n\
+                     shardgate_retries_total{{shard=\"0\",cause=\"in_flight_copy\"}} {}\n",
+                    1_000 * index,
+                    2 * index,
+                    7 * index
+                );
+                let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        let config = ScrapeConfig::new(
+            parse_url(&format!("http://{address}/metrics")).unwrap(),
+            Duration::from_millis(20),
+        )
+        .unwrap();
+        let scraper = Scraper::start(&config).unwrap();
+        std::thread::sleep(Duration::from_millis(110));
+        let stats = scraper.stop();
+        let growths = stats.scrapes - 1;
+        assert!(growths >= 2 && stats.failures == 0, "{stats:?}");
+        assert_eq!(stats.answers, Some(1_000 * growths), "{stats:?}");
+        assert_eq!(stats.retries_ours, Some(2 * growths), "{stats:?}");
+        assert_eq!(stats.retry_ours_share(), Some(0.002));
+        let single = ScrapeStats { answers: None, ..stats };
+        assert_eq!(single.retry_ours_share(), None);
+    }
+
     // Against a tiny server: scrapes happen on the timetable and are counted; a 404 is a failure.
     #[test]
     fn scrapes_a_server() {
@@ -317,6 +463,9 @@ mod tests {
         assert!(stats.scrapes >= 3, "{stats:?}");
         assert_eq!(stats.failures, 0, "{stats:?}");
         assert_eq!(stats.body_bytes_last, 5);
+        // No counters in the page: no answers between scrapes, so no share.
+        assert_eq!((stats.answers, stats.retries_ours), (Some(0), Some(0)));
+        assert_eq!(stats.retry_ours_share(), None);
         let config = ScrapeConfig::new(
             parse_url(&format!("http://{address}/nope")).unwrap(),
             Duration::from_millis(20),

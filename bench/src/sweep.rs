@@ -135,12 +135,13 @@ pub fn step_line(index: usize, steps: usize, summary: &Summary) -> String {
         format!("SLO FAILED: {}", summary.slo_failures.join("; "))
     };
     format!(
-        "step {}/{steps}  rate {}/s  achieved {:.1}/s  first p99.9 {} µs  final p99.9 {} µs  lost {}{redis}  \
+        "step {}/{steps}  rate {}/s  achieved {:.1}/s  first p99.9 {} µs  {}  final p99.9 {} µs  lost {}{redis}  \
          resent {}  cpu {:.2} µs/frame{scrape}  {verdict}",
         index + 1,
         summary.offered_rate,
         summary.achieved_rate,
         summary.latency_first_us.p999,
+        summary.sli_text(),
         summary.latency_final_us.p999,
         summary.lost,
         summary.resent,
@@ -272,7 +273,14 @@ mod tests {
         let outcome = crate::report::tests::outcome();
         let summary = Summary::new(&plan, &outcome, None);
         let line = step_line(0, 3, &summary);
-        for needle in ["step 1/3", "rate 1000/s", "first p99.9 ", "lost 0", "SLO met"] {
+        for needle in [
+            "step 1/3",
+            "rate 1000/s",
+            "first p99.9 ",
+            "within 5 ms 100.000%  RETRY ours n/a",
+            "lost 0",
+            "SLO met",
+        ] {
             assert!(line.contains(needle), "{needle:?} not in {line}");
         }
         let report = SweepReport {

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Tests of systemd/shardgate.service, the slices in cgroups/, and the sample
-# systemd/shardgate.toml: `systemd-analyze verify` accepts the units with no
-# warning, the unit has what issue 5 asks for, and the sample config has every
-# key of src/config.rs with its default. Run by scripts/test-host.sh.
+# Tests of systemd/shardgate.service, systemd/shardgate@.service, the slices in
+# cgroups/, the sample systemd/shardgate.toml and scripts/rolling-restart.sh:
+# `systemd-analyze verify` accepts the units with no warning, the unit has what
+# issue 5 asks for, the instance unit differs from it only where a rolling
+# restart needs it, the sample config has every key of src/config.rs with its
+# default, and the rolling restart drives a fake systemctl in the right order.
+# Run by scripts/test-host.sh.
 #
 # systemd-analyze verify checks that ExecStart's binary exists, so the unit is
 # verified as a copy whose ExecStart points at a dummy executable (same
@@ -110,6 +113,154 @@ test_service_unit_security_exposure_is_ok() {
   exposure=$(sed -n 's/.*Overall exposure level for shardgate.service: \([0-9.]*\).*/\1/p' <<<"$output")
   [[ -n $exposure ]] || fail "no exposure level in:"$'\n'"$output"
   awk -v e="$exposure" 'BEGIN { exit !(e < 2.0) }' || fail "exposure $exposure is 2.0 or more"
+}
+
+# The instance unit with ExecStart's binary replaced by a dummy executable, as shardgate@.service.
+instance_unit_copy() {
+  mkdir -p units bin
+  printf '#!/bin/sh\nexit 0\n' >bin/shardgate
+  chmod +x bin/shardgate
+  sed "s#^ExecStart=/usr/local/bin/shardgate #ExecStart=$WORK/bin/shardgate #" \
+    "$REPO_DIR/systemd/shardgate@.service" >units/shardgate@.service
+  grep -q "^ExecStart=$WORK/bin/shardgate serve --config /etc/shardgate/shardgate.toml$" units/shardgate@.service ||
+    fail "the instance unit's ExecStart is not the single unit's"
+  cp "$REPO_DIR/cgroups/shardgate.slice" units/
+}
+
+test_instance_unit_verifies() {
+  # Proves: systemd-analyze verify accepts shardgate@a.service and shardgate@b.service (the template, instantiated) without a warning, and rates its exposure OK.
+  need_systemd_analyze
+  instance_unit_copy
+  verify "$WORK/units/shardgate@a.service"
+  verify "$WORK/units/shardgate@b.service"
+  local output exposure
+  output=$(systemd-analyze security --offline=yes "$WORK/units/shardgate@a.service" 2>&1) ||
+    skip "systemd-analyze security --offline is not supported here: ${output##*$'\n'}"
+  exposure=$(sed -n 's/.*Overall exposure level for shardgate@a.service: \([0-9.]*\).*/\1/p' <<<"$output")
+  [[ -n $exposure ]] || fail "no exposure level in:"$'\n'"$output"
+  awk -v e="$exposure" 'BEGIN { exit !(e < 2.0) }' || fail "exposure $exposure is 2.0 or more"
+}
+
+# settings FILE: the unit's KEY=VALUE lines, without comments and blank lines.
+settings() {
+  grep -v -e '^#' -e '^$' "$1"
+}
+
+test_instance_unit_is_the_single_unit_plus_a_shared_user() {
+  # Proves: shardgate@.service has every setting of shardgate.service, and differs only in its Description (naming the instance) and a fixed User=/Group=, which both instances need to share one SO_REUSEPORT group.
+  local single instance
+  single=$(settings "$REPO_DIR/systemd/shardgate.service" | grep -v '^Description=')
+  instance=$(settings "$REPO_DIR/systemd/shardgate@.service" | grep -v -e '^Description=' -e '^User=shardgate$' -e '^Group=shardgate$')
+  assert_eq "$instance" "$single" "the instance unit's settings besides Description, User and Group"
+  assert_eq "$(grep -c '^User=shardgate$' "$REPO_DIR/systemd/shardgate@.service")" 1 "User=shardgate lines"
+  assert_eq "$(grep -c '^Group=shardgate$' "$REPO_DIR/systemd/shardgate@.service")" 1 "Group=shardgate lines"
+  grep -q '^DynamicUser=yes$' "$REPO_DIR/systemd/shardgate@.service" || fail "the instance unit lacks DynamicUser=yes"
+  grep -q '^Description=.*%i' "$REPO_DIR/systemd/shardgate@.service" || fail "the instance unit's Description does not name the instance"
+}
+
+# A fake systemctl for scripts/rolling-restart.sh: a unit is active while
+# state/UNIT exists; every call is appended to calls. FAKE_FAIL_START=UNIT makes
+# starting that unit fail; FAKE_STOP_RESULT is the Result= a stopped unit shows.
+fake_systemctl() {
+  mkdir -p state
+  cat >systemctl <<'FAKE'
+#!/usr/bin/env bash
+set -euo pipefail
+dir=$(dirname "$0")
+echo "$*" >>"$dir/calls"
+case $1 in
+is-active) [[ -e $dir/state/$3 ]] ;;
+start)
+  [[ $2 != "${FAKE_FAIL_START:-}" ]] || exit 1
+  touch "$dir/state/$2"
+  ;;
+stop) rm -f "$dir/state/$2" ;;
+enable | disable) echo "$1d $2" ;;
+show) echo "${FAKE_STOP_RESULT:-success}" ;;
+*) exit 3 ;;
+esac
+FAKE
+  chmod +x systemctl
+  local unit
+  for unit in "$@"; do
+    touch "state/$unit"
+  done
+}
+
+# rolling_restart: runs the script with the fake systemctl; sets $output and $status.
+rolling_restart() {
+  status=0
+  output=$(SYSTEMCTL=$WORK/systemctl bash "$REPO_DIR/scripts/rolling-restart.sh" "$@" 2>&1) || status=$?
+}
+
+# changes: the fake's calls that change something, in order.
+changes() {
+  grep -v -e '^is-active' -e '^show' calls || true
+}
+
+test_rolling_restart_hands_over_from_a_to_b_and_back() {
+  # Proves: with shardgate@a active the script starts shardgate@b before it stops shardgate@a, then enables b and disables a; run again, it hands back to a.
+  fake_systemctl shardgate@a.service
+  rolling_restart
+  assert_eq "$status" 0 "exit status ($output)"
+  assert_eq "$(changes)" $'start shardgate@b.service\nstop shardgate@a.service\nenable shardgate@b.service\ndisable shardgate@a.service'
+  assert_contains "$output" "done: shardgate@b.service serves, shardgate@a.service stopped"
+  [[ -e state/shardgate@b.service && ! -e state/shardgate@a.service ]] || fail "b is not the one active"
+  rm calls
+  rolling_restart
+  assert_eq "$status" 0 "exit status ($output)"
+  assert_eq "$(changes)" $'start shardgate@a.service\nstop shardgate@b.service\nenable shardgate@a.service\ndisable shardgate@b.service'
+}
+
+test_rolling_restart_moves_the_single_unit_onto_the_instances() {
+  # Proves: with only shardgate.service active, the script starts shardgate@a, then stops and disables shardgate.service.
+  fake_systemctl shardgate.service
+  rolling_restart
+  assert_eq "$status" 0 "exit status ($output)"
+  assert_eq "$(changes)" $'start shardgate@a.service\nstop shardgate.service\nenable shardgate@a.service\ndisable shardgate.service'
+}
+
+test_rolling_restart_keeps_the_old_instance_when_the_new_fails() {
+  # Proves: when shardgate@b fails to start, the script exits 1 saying so and never stops, enables or disables anything.
+  fake_systemctl shardgate@a.service
+  FAKE_FAIL_START=shardgate@b.service rolling_restart
+  assert_eq "$status" 1 "exit status"
+  assert_contains "$output" "shardgate@b.service did not start; shardgate@a.service still serves"
+  assert_eq "$(changes)" "start shardgate@b.service"
+}
+
+test_rolling_restart_refuses_without_exactly_one_active_unit() {
+  # Proves: with no unit active, or with both instances active, the script exits 1 with a message and changes nothing.
+  fake_systemctl
+  rolling_restart
+  assert_eq "$status" 1 "exit status with none active"
+  assert_contains "$output" "no shardgate unit is active"
+  assert_eq "$(changes)" ""
+  touch state/shardgate@a.service state/shardgate@b.service
+  rolling_restart
+  assert_eq "$status" 1 "exit status with both active"
+  assert_contains "$output" "shardgate@a.service shardgate@b.service are all active"
+  assert_eq "$(changes)" ""
+}
+
+test_rolling_restart_reports_an_unclean_stop() {
+  # Proves: when the old instance's stop ends in a Result other than success (a drain that was killed), the script exits 1 naming it, with the new instance left serving and enabled.
+  fake_systemctl shardgate@b.service
+  FAKE_STOP_RESULT=timeout rolling_restart
+  assert_eq "$status" 1 "exit status"
+  assert_contains "$output" "shardgate@b.service did not stop cleanly (result 'timeout'); shardgate@a.service serves"
+  assert_contains "$(changes)" "enable shardgate@a.service"
+  [[ -e state/shardgate@a.service ]] || fail "a is not active"
+}
+
+test_rolling_restart_dry_run_only_prints() {
+  # Proves: --dry-run prints the start, stop, enable and disable commands and runs none of them.
+  fake_systemctl shardgate@a.service
+  rolling_restart --dry-run
+  assert_eq "$status" 0 "exit status ($output)"
+  assert_contains "$output" "$WORK/systemctl start shardgate@b.service"
+  assert_contains "$output" "$WORK/systemctl stop shardgate@a.service"
+  assert_eq "$(changes)" ""
 }
 
 # ServeArgs' keys from src/config.rs, each with the default its doc comment

@@ -31,9 +31,12 @@ const POLL_TIMEOUT_MAX: Duration = Duration::from_secs(24 * 3600);
 pub struct Event<'a> {
     pub player_id: u64,
     /// Picked by the caller; `(player_id, seq)` names the event, and the server stores each name
-    /// once, so a new event needs a new seq.
+    /// once, so a new event needs a new seq, and a seq is never reused for a different event of
+    /// the same player (a [`SeqCounter`](crate::SeqCounter) hands out such seqs). Sending the
+    /// same event again, every field equal, is how an [`Outcome::Unknown`] event is resolved.
     pub seq: u64,
-    /// Stored as is; with auth it must be the Unix time in microseconds.
+    /// Stored as is; with auth it must be the Unix time in microseconds. A resend of the same
+    /// event keeps the original value, so that its frame is the same bytes.
     pub client_time_us: u64,
     pub action_type: u16,
     /// At most 1024 bytes.
@@ -47,18 +50,38 @@ pub enum Outcome {
     /// the one stored) and false for DUPLICATE (an earlier copy was stored: possibly this
     /// client's own earlier copy whose ACCEPTED was lost, or another sender's).
     Stored { first: bool },
-    /// The server found the frame invalid (crc, length, flags or auth). It was not stored and is
-    /// never resent, since the same bytes would be rejected again.
+    /// The server found the frame invalid (length, flags, auth tag or freshness) and did not
+    /// store this copy. It is never resent, since the same bytes would be rejected again. When
+    /// earlier copies went unanswered (`attempts > 1`) and the frame is signed, the rejection can
+    /// be a copy gone stale past half the dedup window after an earlier copy was stored; a
+    /// [`ClientConfig::give_up_after`](crate::ClientConfig::give_up_after) below that bound rules
+    /// it out.
     Rejected,
-    /// No final answer within `attempts_max` copies, or `flush` hit its deadline. The event may
-    /// or may not be stored; with `attempts == 0` it was never sent, so it is not.
-    GaveUp,
+    /// Not confirmed: the event was sent (`attempts > 0`) but got no final answer before a
+    /// deadline the caller set ([`Client::flush`], `give_up_after`) or the opt-in
+    /// `attempts_max` ran out. It may or may not be stored: RETRY and silence can both follow a
+    /// write that reached Redis. Sending the same event again later (same `player_id`, `seq` and
+    /// every other field) is safe within the server's dedup window, and is answered DUPLICATE if
+    /// it was stored.
+    Unknown,
+    /// Given up at a caller's deadline before its first copy left the queue (`attempts == 0`):
+    /// not stored.
+    NotSent,
 }
 
 impl Outcome {
     /// Whether the event is known to be stored.
     pub fn is_stored(self) -> bool {
         matches!(self, Outcome::Stored { .. })
+    }
+
+    /// How a caller's deadline ends an event with no final answer: unknown once a copy was sent.
+    fn given_up(attempts: u32) -> Outcome {
+        if attempts == 0 {
+            Outcome::NotSent
+        } else {
+            Outcome::Unknown
+        }
     }
 }
 
@@ -109,7 +132,8 @@ pub struct Client {
     backoff: Backoff,
     signer: Option<Signer>,
     stats: Stats,
-    attempts_max: u32,
+    attempts_max: Option<u32>,
+    give_up_after: Option<Duration>,
     in_flight_max: usize,
     queue_max: usize,
 }
@@ -139,8 +163,25 @@ struct Entry {
     attempts: u32,
     /// The wait after the latest copy (jitter included), reused when a RETRY restarts it.
     delay: Duration,
-    /// When the next copy goes out (or the event gives up) if no final answer came.
+    /// When the next copy goes out (or the event gives up) if no final answer came; never later
+    /// than `give_up_at`.
     due: Instant,
+    /// `send` time plus `give_up_after`, if set: the event resolves unanswered then.
+    give_up_at: Option<Instant>,
+}
+
+impl Entry {
+    /// The moment the current wait ends: `delay` after `from`, or the give-up deadline if sooner.
+    fn wait_end(&self, from: Instant) -> Instant {
+        let end = from + self.delay;
+        self.give_up_at.map_or(end, |give_up_at| end.min(give_up_at))
+    }
+
+    /// Whether this event's own limits end it now instead of another copy.
+    fn is_given_up(&self, now: Instant, attempts_max: Option<u32>) -> bool {
+        self.give_up_at.is_some_and(|give_up_at| give_up_at <= now)
+            || attempts_max.is_some_and(|attempts_max| self.attempts >= attempts_max)
+    }
 }
 
 /// Signs frames with per-player keys derived from the server's secret.
@@ -191,6 +232,7 @@ impl Client {
             signer: config.auth_secret.map(|secret| Signer { secret, cached: None }),
             stats: Stats::default(),
             attempts_max: config.attempts_max,
+            give_up_after: config.give_up_after,
             in_flight_max: config.in_flight_max,
             queue_max: config.queue_max,
         })
@@ -240,6 +282,7 @@ impl Client {
                 attempts: 0,
                 delay: Duration::ZERO,
                 due: now,
+                give_up_at: self.give_up_after.map(|after| now + after),
             },
         );
         self.book.queue.push_back(id);
@@ -254,7 +297,8 @@ impl Client {
     }
 
     /// Drives the client: sends queued events while fewer than `in_flight_max` are in flight,
-    /// resends what is due, gives up on what ran out of attempts, and reads acks. Appends each
+    /// resends what is due, gives up on what passed `give_up_after` or the opt-in
+    /// `attempts_max` (nothing, by default), and reads acks. Appends each
     /// resolution to `resolved` and returns how many it appended.
     ///
     /// Returns as soon as something resolved (after taking in the acks already read), when
@@ -290,8 +334,10 @@ impl Client {
     }
 
     /// Polls until nothing is pending or `deadline` passes, then resolves whatever is still
-    /// pending as [`Outcome::GaveUp`] (with `attempts == 0` for events never sent). Afterwards
-    /// the client holds no events; it can go on being used.
+    /// pending as [`Outcome::Unknown`] if it was sent, or [`Outcome::NotSent`] if it never left
+    /// the queue. Afterwards the client holds no events; it can go on being used. This caller's
+    /// deadline is the only way an event ends without a final answer, unless the config opts in
+    /// to `give_up_after` or `attempts_max`.
     pub fn flush(&mut self, deadline: Instant) -> Vec<Resolution> {
         let mut resolved = Vec::new();
         self.flush_into(deadline, &mut resolved);
@@ -309,7 +355,8 @@ impl Client {
             if now >= deadline {
                 let pending: Vec<EventId> = self.book.entries.keys().copied().collect();
                 for id in pending {
-                    self.book.resolve(id, Outcome::GaveUp, now, resolved);
+                    let attempts = self.book.entries.get(&id).map_or(0, |entry| entry.attempts);
+                    self.book.resolve(id, Outcome::given_up(attempts), now, resolved);
                 }
                 self.book.queue.clear();
                 self.book.timers.clear();
@@ -348,12 +395,14 @@ impl Client {
     fn drive(&mut self, now: Instant, deadline: Instant, resolved: &mut Vec<Resolution>) {
         self.wire.maintain(now, deadline, &mut self.stats);
         self.expire(now, resolved);
+        self.expire_queued(now, resolved);
         self.promote(now);
         self.wire.transmit(&mut self.stats);
         self.book.sweep_timers();
     }
 
-    /// Resends every in-flight event whose wait ran out, or gives it up after its last copy.
+    /// Resends every in-flight event whose wait ran out, or resolves it as unknown once its
+    /// give-up deadline passed or its opt-in last copy went unanswered.
     fn expire(&mut self, now: Instant, resolved: &mut Vec<Resolution>) {
         while let Some(&Reverse((due, nonce, id))) = self.book.timers.peek() {
             if due > now {
@@ -371,16 +420,33 @@ impl Client {
                 self.book.timers.push(Reverse((entry.due, nonce, id)));
                 continue;
             }
-            if entry.attempts >= self.attempts_max {
-                self.book.resolve(id, Outcome::GaveUp, now, resolved);
+            if entry.is_given_up(now, self.attempts_max) {
+                self.book.resolve(id, Outcome::Unknown, now, resolved);
                 continue;
             }
-            entry.attempts += 1;
+            entry.attempts = entry.attempts.saturating_add(1);
             entry.delay = self.backoff.delay(entry.attempts);
-            entry.due = now + entry.delay;
+            entry.due = entry.wait_end(now);
             self.book.timers.push(Reverse((entry.due, nonce, id)));
             self.wire.push_frame(&entry.frame, &mut self.stats);
             self.stats.resends += 1;
+        }
+    }
+
+    /// Resolves as not sent the queued events whose give-up deadline passed. All share one
+    /// `give_up_after` and the queue is in `send` order, so they are at its front.
+    fn expire_queued(&mut self, now: Instant, resolved: &mut Vec<Resolution>) {
+        while let Some(&id) = self.book.queue.front() {
+            let expired = self
+                .book
+                .entries
+                .get(&id)
+                .is_none_or(|entry| entry.give_up_at.is_some_and(|give_up_at| give_up_at <= now));
+            if !expired {
+                break;
+            }
+            self.book.queue.pop_front();
+            self.book.resolve(id, Outcome::NotSent, now, resolved);
         }
     }
 
@@ -397,7 +463,7 @@ impl Client {
             };
             entry.attempts = 1;
             entry.delay = self.backoff.delay(1);
-            entry.due = now + entry.delay;
+            entry.due = entry.wait_end(now);
             self.book.timers.push(Reverse((entry.due, entry.nonce, id)));
             self.book.in_flight += 1;
             self.wire.push_frame(&entry.frame, &mut self.stats);
@@ -409,10 +475,14 @@ impl Client {
     fn next_wake(&self) -> Option<Instant> {
         let timer = self.book.timers.peek().map(|Reverse((due, _, _))| *due);
         let reconnect = self.wire.reconnect_at().filter(|_| !self.book.entries.is_empty());
-        match (timer, reconnect) {
-            (Some(timer), Some(reconnect)) => Some(timer.min(reconnect)),
-            (timer, reconnect) => timer.or(reconnect),
-        }
+        // The oldest queued event's deadline: it may pass while nothing can be sent.
+        let queued_give_up = self
+            .book
+            .queue
+            .front()
+            .and_then(|id| self.book.entries.get(id))
+            .and_then(|entry| entry.give_up_at);
+        [timer, reconnect, queued_give_up].into_iter().flatten().min()
     }
 
     /// Takes in every ack that has already arrived, without waiting.
@@ -449,7 +519,14 @@ impl Client {
 
 impl Book {
     /// Applies one well-formed ack to the event it names.
-    fn apply(&mut self, ack: Ack, attempts_max: u32, stats: &mut Stats, now: Instant, resolved: &mut Vec<Resolution>) {
+    fn apply(
+        &mut self,
+        ack: Ack,
+        attempts_max: Option<u32>,
+        stats: &mut Stats,
+        now: Instant,
+        resolved: &mut Vec<Resolution>,
+    ) {
         if ack.status == Status::Retry {
             stats.acks_retry += 1;
         }
@@ -466,12 +543,14 @@ impl Book {
             Status::Accepted => Outcome::Stored { first: true },
             Status::Duplicate => Outcome::Stored { first: false },
             Status::Rejected => Outcome::Rejected,
-            Status::Retry if entry.attempts >= attempts_max => Outcome::GaveUp,
+            // Not confirmed, so never an end in itself: only a limit the caller opted in to
+            // ends the event here, and then as unknown.
+            Status::Retry if entry.is_given_up(now, attempts_max) => Outcome::Unknown,
             Status::Retry => {
-                // The server asked for a pause: the full wait starts now, not at the send. Later
-                // than the current due time (now is after the send), so the timer item stays
-                // valid and is pushed again when it comes up.
-                entry.due = entry.due.max(now + entry.delay);
+                // The server asked for a pause: the full wait starts now, not at the send (but
+                // ends by the give-up deadline). Never earlier than the current due time, so the
+                // timer item stays valid and is pushed again when it comes up.
+                entry.due = entry.due.max(entry.wait_end(now));
                 return;
             }
         };

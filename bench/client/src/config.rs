@@ -44,9 +44,18 @@ pub struct ClientConfig {
     /// Up to this percentage of each wait is randomly cut off (0..=100), so that clients that
     /// failed together do not retry in lockstep. Default 50.
     pub jitter_percent: u32,
-    /// Most copies of one event sent before it resolves as given up. Default 8, which with the
-    /// default waits gives up about 9 s after the first copy.
-    pub attempts_max: u32,
+    /// Opt-in cap on the copies of one event: after this many unanswered or RETRY-answered
+    /// copies it resolves as [`Outcome::Unknown`](crate::Outcome::Unknown). Default `None`: an
+    /// event is resent until it gets a final answer, because RETRY means "not confirmed", not
+    /// "not stored", and giving up cannot make a stored event unstored.
+    pub attempts_max: Option<u32>,
+    /// Opt-in deadline per event, counted from its [`Client::send`](crate::Client::send): an
+    /// event with no final answer by then resolves as [`Outcome::Unknown`](crate::Outcome::Unknown)
+    /// if it was sent, or [`Outcome::NotSent`](crate::Outcome::NotSent) if it was still queued.
+    /// Default `None`: only [`Client::flush`](crate::Client::flush) gives up. Keep it below the
+    /// server's dedup window (10 minutes by default; half of it with auth), past which a resent
+    /// copy is no longer answered DUPLICATE; see the crate docs.
+    pub give_up_after: Option<Duration>,
     /// Most events sent and not yet resolved; further events wait in the queue. Default 1024.
     pub in_flight_max: usize,
     /// Most events accepted by `send` and not yet sent; `send` fails beyond it. Default 4096.
@@ -83,7 +92,8 @@ impl ClientConfig {
             ack_timeout: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             jitter_percent: 50,
-            attempts_max: 8,
+            attempts_max: None,
+            give_up_after: None,
             in_flight_max: 1024,
             queue_max: 4096,
             connect_timeout: Duration::from_secs(1),
@@ -100,8 +110,13 @@ impl ClientConfig {
             Some("backoff_max must be at least ack_timeout and at most one hour")
         } else if self.jitter_percent > 100 {
             Some("jitter_percent must be at most 100")
-        } else if self.attempts_max == 0 {
-            Some("attempts_max must be at least 1")
+        } else if self.attempts_max == Some(0) {
+            Some("attempts_max must be at least 1 when set")
+        } else if self
+            .give_up_after
+            .is_some_and(|after| after.is_zero() || after > DURATION_MAX)
+        {
+            Some("give_up_after must be above zero and at most one hour when set")
         } else if self.in_flight_max == 0 || self.in_flight_max > CAPACITY_MAX {
             Some("in_flight_max must be between 1 and 1048576")
         } else if self.queue_max == 0 || self.queue_max > CAPACITY_MAX {
@@ -126,16 +141,25 @@ mod tests {
         ClientConfig::udp(SocketAddr::from(([127, 0, 0, 1], 7700)))
     }
 
-    // The defaults pass validation, and each bound is enforced with a lowercase message.
+    // The defaults pass validation and never give up on their own; each bound is enforced with
+    // a lowercase message.
     #[test]
     fn validate_defaults_and_bounds() {
-        assert!(config().validate().is_ok());
-        let cases: [fn(&mut ClientConfig); 8] = [
+        let defaults = config();
+        assert!(defaults.validate().is_ok());
+        assert_eq!((defaults.attempts_max, defaults.give_up_after), (None, None));
+        let mut opted_in = config();
+        opted_in.attempts_max = Some(1);
+        opted_in.give_up_after = Some(DURATION_MAX);
+        assert!(opted_in.validate().is_ok());
+        let cases: [fn(&mut ClientConfig); 10] = [
             |c| c.frames_per_datagram_max = 0,
             |c| c.ack_timeout = Duration::ZERO,
             |c| c.backoff_max = c.ack_timeout / 2,
             |c| c.jitter_percent = 101,
-            |c| c.attempts_max = 0,
+            |c| c.attempts_max = Some(0),
+            |c| c.give_up_after = Some(Duration::ZERO),
+            |c| c.give_up_after = Some(DURATION_MAX * 2),
             |c| c.in_flight_max = 0,
             |c| c.queue_max = CAPACITY_MAX + 1,
             |c| c.connect_timeout = DURATION_MAX * 2,

@@ -202,17 +202,18 @@ fn rejected_is_never_resent() {
     assert_eq!(client.pending(), 0);
 }
 
-// An event never answered gives up after attempts_max copies, each after its own wait.
+// With the opt-in attempts cap, an event never answered resolves unknown after that many
+// copies, each after its own wait.
 #[test]
-fn silence_gives_up_after_attempts_max() {
+fn silence_is_unknown_after_opt_in_attempts_max() {
     let server = silent();
     let mut config = support::config(&server);
-    config.attempts_max = 3;
+    config.attempts_max = Some(3);
     config.ack_timeout = Duration::from_millis(10);
     let mut client = Client::connect(config).expect("connect");
     client.send(&event(7, 1, b"")).expect("send");
     let resolved = resolve(&mut client, 1, PATIENCE);
-    assert_eq!((resolved[0].outcome, resolved[0].attempts), (Outcome::GaveUp, 3));
+    assert_eq!((resolved[0].outcome, resolved[0].attempts), (Outcome::Unknown, 3));
     // 10 + 20 + 40 ms: the last copy too gets its full wait.
     assert!(
         resolved[0].latency >= Duration::from_millis(70),
@@ -222,17 +223,18 @@ fn silence_gives_up_after_attempts_max() {
     assert_eq!(server.log().copies_of(id(7, 1)).len(), 3);
 }
 
-// RETRY to the last allowed copy gives up at once rather than waiting out its timeout.
+// RETRY to the last copy the opt-in cap allows resolves unknown at once rather than waiting out
+// its timeout.
 #[test]
-fn retry_on_the_last_attempt_gives_up_at_once() {
+fn retry_on_the_last_allowed_attempt_is_unknown_at_once() {
     let server = FakeServer::udp(|_, _| Answer::Ack(Status::Retry), Style::default());
     let mut config = support::config(&server);
-    config.attempts_max = 2;
+    config.attempts_max = Some(2);
     config.ack_timeout = Duration::from_millis(200);
     let mut client = Client::connect(config).expect("connect");
     client.send(&event(8, 1, b"")).expect("send");
     let resolved = resolve(&mut client, 1, PATIENCE);
-    assert_eq!((resolved[0].outcome, resolved[0].attempts), (Outcome::GaveUp, 2));
+    assert_eq!((resolved[0].outcome, resolved[0].attempts), (Outcome::Unknown, 2));
     // One wait of 200 ms before the second copy; not the 400 ms after it.
     let latency = resolved[0].latency;
     assert!(
@@ -336,8 +338,8 @@ fn in_flight_is_bounded() {
     assert!(answering.log().datagrams.iter().all(|d| frame_lengths(d).len() <= 4));
 }
 
-// flush returns once all is resolved, or at its deadline gives up on the rest: those never
-// sent with attempts 0.
+// flush returns once all is resolved, or at its deadline gives up on the rest: those sent as
+// unknown, those never sent as not sent with attempts 0.
 #[test]
 fn flush_resolves_everything_by_its_deadline() {
     let answering = accept_all();
@@ -352,7 +354,6 @@ fn flush_resolves_everything_by_its_deadline() {
     let server = silent();
     let mut config = support::config(&server);
     config.in_flight_max = 2;
-    config.attempts_max = 100;
     let mut client = Client::connect(config).expect("connect");
     for seq in 0..5 {
         client.send(&event(12, seq, b"")).expect("send");
@@ -365,7 +366,14 @@ fn flush_resolves_everything_by_its_deadline() {
         "{elapsed:?}"
     );
     assert_eq!(resolved.len(), 5);
-    assert!(resolved.iter().all(|r| r.outcome == Outcome::GaveUp));
+    for resolution in &resolved {
+        let expected = if resolution.attempts == 0 {
+            Outcome::NotSent
+        } else {
+            Outcome::Unknown
+        };
+        assert_eq!(resolution.outcome, expected, "{resolution:?}");
+    }
     assert_eq!(resolved.iter().filter(|r| r.attempts == 0).count(), 3);
     assert_eq!(client.pending(), 0);
     // Still usable afterwards.
