@@ -1587,7 +1587,8 @@ fn checkers_reject_malformed_input() {
 // operator artifacts
 // ---------------------------------------------------------------------------------------
 
-/// Every `shardgate_*` token in `text`.
+/// Every `shardgate_*` token in `text`, except inside a recording rule's
+/// `level:metric:operations` name (a series the rules make, not the server).
 fn metric_tokens(text: &str) -> std::collections::BTreeSet<String> {
     let mut tokens = std::collections::BTreeSet::new();
     let mut rest = text;
@@ -1597,7 +1598,7 @@ fn metric_tokens(text: &str) -> std::collections::BTreeSet<String> {
             .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
             .unwrap_or(tail.len());
         let before = rest[..start].chars().next_back();
-        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
             tokens.insert(tail[..end].to_string());
         }
         rest = &tail[end..];
