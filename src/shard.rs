@@ -274,7 +274,7 @@ impl Shard {
             return;
         }
         if self.spare.borrow().is_empty() {
-            let _ = self.release_held();
+            self.release_held();
         }
         let Some(spare) = self.spare.borrow_mut().pop_front() else {
             return;
@@ -718,9 +718,17 @@ mod tests {
         let start = Instant::now();
         assert_eq!(send_due(start, None, pace), start, "the first batch ever goes at once");
         let quiet = start + Duration::from_millis(5);
-        assert_eq!(send_due(quiet, Some(start), pace), quiet, "after a quiet period: at once");
+        assert_eq!(
+            send_due(quiet, Some(start), pace),
+            quiet,
+            "after a quiet period: at once"
+        );
         let busy = start + Duration::from_micros(100);
-        assert_eq!(send_due(busy, Some(start), pace), start + pace, "under load: one pace after the last call");
+        assert_eq!(
+            send_due(busy, Some(start), pace),
+            start + pace,
+            "under load: one pace after the last call"
+        );
         for offset_us in [0, 1, 500, 999, 1_000, 5_000] {
             let opened_at = start + Duration::from_micros(offset_us);
             let due = send_due(opened_at, Some(start), pace);

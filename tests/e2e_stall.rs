@@ -1,7 +1,7 @@
 //! Proves that the server's memory stays flat while Redis stalls with its connection open:
 //! under a steady load of unique UDP events (with resends of what got RETRY), a 60 s SIGSTOP
 //! of Redis grows the server's RSS by at most 2 MiB, and once Redis continues, events are
-//! ACCEPTED again within 5 s. The whole test takes about 80 s.
+//! ACCEPTED again within 5 s. The whole test takes about 70 s.
 
 mod support;
 
