@@ -29,6 +29,11 @@ stop() {
   for _ in $(seq 80); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$1" 2>/dev/null || true
   wait "$1" 2>/dev/null || true
+  forget "$1"
+}
+# Drops a process that has ended and been waited for from $pids, so that nothing signals its pid
+# (which the kernel may give to another process) later.
+forget() {
   local kept=() pid
   for pid in "${pids[@]}"; do [ "$pid" = "$1" ] || kept+=("$pid"); done
   pids=("${kept[@]}")

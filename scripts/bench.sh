@@ -3,7 +3,13 @@
 # raw ceiling of this machine and next to clients that store directly ("no
 # middle tier"). Writes bench/RESULTS.md.
 #
-#   scripts/bench.sh [--out FILE] [--step 8s] [--budget-secs 560] [--instr-secs 180] [--durable] [--nats URL] [--keep-logs DIR]
+#   scripts/bench.sh [--out FILE] [--step 8s] [--budget-secs 560] [--instr-secs 180] [--durable] [--nats URL] [--keep-logs DIR] [--no-efficiency]
+#   scripts/bench.sh --only efficiency [scripts/bench-efficiency.sh's flags]
+#
+# After the flood section, the efficiency section (issue 14: server CPU per frame against a
+# blocking UDP echo, Redis CPU and memory per stored event, system calls per frame, the headline
+# three times in a row; about 5 more minutes) is scripts/bench-efficiency.sh, which also runs
+# alone; --no-efficiency leaves it out.
 #
 # Series, each searched for the highest rate that holds the SLO (0 lost,
 # 0 stored twice, 0 acked but missing, first-attempt p99.9 < 5 ms):
@@ -45,6 +51,12 @@
 set -euo pipefail
 command_line="scripts/bench.sh${*:+ $*}"
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --only ]; then
+  case "${2:-}" in
+    efficiency) shift 2; exec scripts/bench-efficiency.sh "$@" ;;
+    *) echo "--only takes: efficiency" >&2; exit 2 ;;
+  esac
+fi
 started_s=$(date +%s)
 load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -56,6 +68,7 @@ instr_s=180
 durable=0
 nats_url=""
 keep_logs=""
+efficiency=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -65,7 +78,8 @@ while [ $# -gt 0 ]; do
     --durable) durable=1; shift ;;
     --nats) nats_url="$2"; shift 2 ;;
     --keep-logs) keep_logs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
+    --no-efficiency) efficiency=0; shift ;;
+    -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -707,3 +721,8 @@ if [ -s bench/wins.md ]; then
   { echo; cat bench/wins.md; } >>"$out"
 fi
 sed -n '/^## Flood$/,$p' "$out"
+# The efficiency section, with the binaries built above; it goes in before "## Wins".
+if [ "$efficiency" = 1 ]; then
+  stop "$redis_pid"
+  scripts/bench-efficiency.sh --out "$out" --no-build ${keep_logs:+--keep-logs "$keep_logs/efficiency"}
+fi
