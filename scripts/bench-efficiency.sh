@@ -4,7 +4,7 @@
 # "## Efficiency" section of bench/RESULTS.md (in place if it is there, else before "## Wins",
 # else at the end) and prints it. About 5 minutes after the build.
 #
-#   scripts/bench-efficiency.sh [--out FILE] [--window 8s] [--sys-window 3s] [--no-build] [--heap] [--keep-logs DIR]
+#   scripts/bench-efficiency.sh [--out FILE] [--window 8s] [--sys-window 3s] [--headline 30s] [--no-build] [--heap] [--keep-logs DIR]
 #   scripts/bench.sh --only efficiency [the same flags]
 #
 # 1. Server CPU per frame at 40 000/s and 80 000/s: UDP, 1 frame per datagram, 30% copies, 8
@@ -50,6 +50,8 @@ load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 out=bench/RESULTS.md
 window_s=8
 sys_s=3
+# The goal as stated: 30 s timed. Shorter only to try the script out.
+headline_timed_s=30
 build=1
 heap=0
 keep_logs=""
@@ -58,6 +60,7 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift 2 ;;
     --window) window_s="${2%s}"; shift 2 ;;
     --sys-window) sys_s="${2%s}"; shift 2 ;;
+    --headline) headline_timed_s="${2%s}"; shift 2 ;;
     --no-build) build=0; shift ;;
     --heap) heap=1; shift ;;
     --keep-logs) keep_logs="$2"; shift 2 ;;
@@ -66,7 +69,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 [[ "$window_s" =~ ^[0-9]+$ ]] && [ "$window_s" -ge 2 ] && [[ "$sys_s" =~ ^[0-9]+$ ]] && [ "$sys_s" -ge 1 ] \
-  || { echo "--window must be whole seconds, at least 2s; --sys-window at least 1s" >&2; exit 2; }
+  && [[ "$headline_timed_s" =~ ^[0-9]+$ ]] && [ "$headline_timed_s" -ge 1 ] \
+  || { echo "--window must be whole seconds, at least 2s; --sys-window and --headline at least 1s" >&2; exit 2; }
 
 # The workload and its limits, in one place.
 cpu_rates=(40000 80000)
@@ -74,12 +78,13 @@ redis_goal_rate=40000
 warmup_s=3
 generator_core=1
 echo_ratio_goal=1.5
+# A CPU window whose frames arrived below this share of the offered rate is marked "fell behind".
+behind_floor=0.9
 redis_cpu_goal_us=4
 heap_goal_bytes=150
 headline_rate=50000
 headline_runs=3
 headline_warmup_s=5
-headline_timed_s=30
 
 source scripts/ensure-deps.sh
 for tool in jq curl taskset; do
@@ -125,7 +130,7 @@ if command -v perf >/dev/null 2>&1 \
       grep -qx "syscalls:sys_enter_$name" "$events_file" && perf_events+=",syscalls:sys_enter_$name"
     done
   fi
-  syscall_method="\`perf stat -e raw_syscalls:sys_enter,syscalls:sys_enter_NAME... -p PID\` ($(perf --version 2>/dev/null)), every thread of the server, for ${sys_s} s right after the CPU window"
+  syscall_method="\`perf stat -e raw_syscalls:sys_enter,syscalls:sys_enter_NAME... -p PID\` ($(perf --version 2>/dev/null)), every thread of the server, switched on and off through its \`--control\` fifo for ${sys_s} s right after the CPU window"
 elif command -v strace >/dev/null 2>&1; then
   syscall_tool=strace
   syscall_method="\`strace -c -f -p PID\` for ${sys_s} s right after the CPU window (perf cannot count syscall tracepoints here; strace slows the server while attached, so fewer frames arrive, but each call is still counted)"
@@ -134,17 +139,53 @@ else
 fi
 log "system calls: $syscall_tool"
 
-# Counts PID's system calls for sys_s seconds into FILE as "NAME<TAB>COUNT" lines, "total" first.
-count_syscalls() { # PID FILE
+# Counts the system calls of KIND's server (target_pid) over one window into FILE as
+# "NAME<TAB>COUNT" lines, "total" first, and the frames it received in that window into
+# FILE.frames. perf starts with its counters off and is switched on and off through its control
+# fifo: each switch comes right after a frame reading, so both ends of the counting window lag
+# their frame reading by about the same few milliseconds, and perf's own start-up (attaching to
+# every thread) is outside it.
+count_syscalls() { # KIND FILE
+  local frames0 perf_pid control ack answer
   case "$syscall_tool" in
     perf)
-      perf stat -x, -o "$2.raw" -e "$perf_events" -p "$1" -- sleep "$sys_s" >/dev/null 2>&1 || true
-      awk -F, '!/^#/ && $1 ~ /^[0-9]+$/ {
+      rm -f "$work/perf-control" "$work/perf-ack"
+      mkfifo "$work/perf-control" "$work/perf-ack"
+      # Read-write opens never block, whether perf has opened its ends yet or not.
+      exec {control}<>"$work/perf-control" {ack}<>"$work/perf-ack"
+      perf stat -x, -o "$2.raw" -D -1 --control "fifo:$work/perf-control,$work/perf-ack" -e "$perf_events" \
+        -p "$target_pid" >/dev/null 2>&1 &
+      perf_pid=$!
+      pids+=("$perf_pid")
+      # perf answers its first command once its counters are open: then it is ready.
+      echo disable >&"$control"
+      read -r -t 10 answer <&"$ack" || true
+      frames0=$(frames_now "$1")
+      echo enable >&"$control"
+      read -r -t 5 answer <&"$ack" || true
+      sleep "$sys_s"
+      echo $(( $(frames_now "$1") - frames0 )) >"$2.frames"
+      echo disable >&"$control"
+      read -r -t 5 answer <&"$ack" || true
+      kill -INT "$perf_pid" 2>/dev/null || true
+      wait "$perf_pid" 2>/dev/null || true
+      forget "$perf_pid"
+      exec {control}>&- {ack}>&-
+      awk -F, '$1 ~ /^[0-9]+$/ {
           name = $3; sub(/^raw_syscalls:sys_enter$/, "total", name); sub(/^syscalls:sys_enter_/, "", name)
           print name "\t" $1 }' "$2.raw" >"$2"
       ;;
     strace)
-      timeout -s INT "$sys_s" strace -c -f -q -o "$2.raw" -p "$1" >/dev/null 2>&1 || true
+      strace -c -f -q -o "$2.raw" -p "$target_pid" >/dev/null 2>&1 &
+      perf_pid=$!
+      pids+=("$perf_pid")
+      sleep 1 # attaching to every thread
+      frames0=$(frames_now "$1")
+      sleep "$sys_s"
+      echo $(( $(frames_now "$1") - frames0 )) >"$2.frames"
+      kill -INT "$perf_pid" 2>/dev/null || true
+      wait "$perf_pid" 2>/dev/null || true
+      forget "$perf_pid"
       # Columns: % time, seconds, usecs/call, calls, [errors], syscall; the last row is "total".
       awk '$1 ~ /^[0-9.]+$/ && $4 ~ /^[0-9]+$/ { if ($NF == "total") total = $4; else rows = rows $NF "\t" $4 "\n" }
            END { if (total != "") printf "total\t%s\n%s", total, rows }' "$2.raw" >"$2"
@@ -154,18 +195,17 @@ count_syscalls() { # PID FILE
 }
 
 # ---- the servers under test ----------------------------------------------------------------
-# Starts one server of KIND (echo, mmsg, sg2, sg1); sets target_pid, target_log, target_udp and,
-# for shardgate, metrics_address.
-start_target() { # KIND [extra shardgate arguments]
+# Starts one server of KIND (echo, mmsg, sg2, sg1, headline), logging to NAME-server.log; sets
+# target_pid, target_log, target_udp and, for shardgate, metrics_address.
+start_target() { # KIND NAME
   local kind=$1
-  shift
-  target_log="$work/$kind-server.log"
+  target_log="$work/$2-server.log"
   metrics_address=""
   case "$kind" in
     echo|mmsg)
       local mode=()
       [ "$kind" = echo ] && mode=(--blocking)
-      "$bench" reflector --udp 127.0.0.1:0 --core 0 "${mode[@]}" 2>>"$target_log" &
+      "$bench" reflector --udp 127.0.0.1:0 --core 0 "${mode[@]}" 2>"$target_log" &
       target_pid=$!
       pids+=("$target_pid")
       wait_for "$target_log" "reflector: serving" || return 1
@@ -175,9 +215,8 @@ start_target() { # KIND [extra shardgate arguments]
       local cores=(--cores 0,1)
       [ "$kind" = sg1 ] && cores=(--cores 0)
       [ "$kind" = headline ] && cores=(--cores 0-1 --placement fenced)
-      : >"$target_log"
       "$server" serve "${cores[@]}" --udp 127.0.0.1:0 --tcp 127.0.0.1:0 --redis "$redis_url" --prefix sge \
-        --metrics 127.0.0.1:0 "$@" 2>"$target_log" &
+        --metrics 127.0.0.1:0 2>"$target_log" &
       target_pid=$!
       pids+=("$target_pid")
       wait_for "$target_log" "shardgate: serving" || return 1
@@ -203,6 +242,13 @@ reflector_count() { # FIELD
   done
   grep 'reflector: counts' "$target_log" | tail -1 | grep -o "$1=[0-9]*" | cut -d= -f2
 }
+# The frames KIND's server has received so far, by its own count.
+frames_now() { # KIND
+  case "$1" in
+    echo|mmsg) reflector_count acks_sent ;;
+    *) scrape; metric_sum '^shardgate_frames_received_total' ;;
+  esac
+}
 # One reading of the target: sets read_cpu, read_frames, read_stored, read_redis_cpu,
 # read_redis_memory, read_time (CPU first, so the two ends of a window read in the same order).
 read_target() { # KIND
@@ -210,14 +256,10 @@ read_target() { # KIND
   read_cpu=$(process_cpu_s "$target_pid")
   read_redis_cpu=$(process_cpu_s "$redis_pid")
   read_redis_memory=$(redis-cli -p "$redis_port" info memory | awk -F: '$1 == "used_memory" { printf "%d", $2 }')
-  case "$1" in
-    echo|mmsg) read_frames=$(reflector_count acks_sent); read_stored=0 ;;
-    *)
-      scrape
-      read_frames=$(metric_sum '^shardgate_frames_received_total')
-      read_stored=$(metric_sum '^shardgate_acks_sent_total.*status="accepted"')
-      ;;
-  esac
+  read_frames=$(frames_now "$1")
+  read_stored=0
+  # frames_now has just scraped shardgate's metrics: the stored events come from the same scrape.
+  case "$1" in echo|mmsg) ;; *) read_stored=$(metric_sum '^shardgate_acks_sent_total.*status="accepted"') ;; esac
 }
 
 # One CPU step: KIND at RATE. Appends a row to cpu.tsv:
@@ -225,9 +267,9 @@ read_target() { # KIND
 : >"$work/cpu.tsv"
 cpu_step() { # KIND RATE
   local kind=$1 rate=$2 name="$1-$2"
-  local cpu0 frames0 stored0 rcpu0 mem0 time0 sys_frames0 generator_pid lost
+  local cpu0 frames0 stored0 rcpu0 mem0 time0 sys_frames generator_pid lost
   redis-cli -p "$redis_port" flushall >/dev/null
-  if ! start_target "$kind"; then
+  if ! start_target "$kind" "$name"; then
     log "$name: the server did not start ($(tail -1 "$target_log"))"
     stop "$target_pid"
     return
@@ -242,19 +284,15 @@ cpu_step() { # KIND RATE
   cpu0=$read_cpu frames0=$read_frames stored0=$read_stored rcpu0=$read_redis_cpu mem0=$read_redis_memory time0=$read_time
   sleep "$window_s"
   read_target "$kind"
-  sys_frames0=$read_frames
-  count_syscalls "$target_pid" "$work/$name.sys"
-  case "$kind" in
-    echo|mmsg) sys_frames0=$(( $(reflector_count acks_sent) - sys_frames0 )) ;;
-    *) scrape; sys_frames0=$(( $(metric_sum '^shardgate_frames_received_total') - sys_frames0 )) ;;
-  esac
+  count_syscalls "$kind" "$work/$name.sys"
+  sys_frames=$(cat "$work/$name.sys.frames" 2>/dev/null || echo 0)
   wait "$generator_pid" 2>/dev/null || true
   forget "$generator_pid"
   stop "$target_pid"
   lost=$(jq -r '.lost' "$work/$name.json" 2>/dev/null || echo "-")
   awk -v OFS='\t' -v kind="$kind" -v rate="$rate" -v c0="$cpu0" -v c1="$read_cpu" -v f0="$frames0" -v f1="$read_frames" \
     -v t0="$time0" -v t1="$read_time" -v r0="$rcpu0" -v r1="$read_redis_cpu" -v s0="$stored0" -v s1="$read_stored" \
-    -v m0="$mem0" -v m1="$read_redis_memory" -v sf="$sys_frames0" -v lost="$lost" \
+    -v m0="$mem0" -v m1="$read_redis_memory" -v sf="$sys_frames" -v lost="$lost" \
     'BEGIN { print kind, rate, c1 - c0, f1 - f0, t1 - t0, r1 - r0, s1 - s0, m1 - m0, sf, lost }' >>"$work/cpu.tsv"
   log "$name: $(tail -1 "$work/cpu.tsv" | awk -F'\t' '{ printf "%.2f CPU-s over %d frames (%.2f µs each) in %.1f s", $3, $4, ($4 > 0 ? $3 * 1e6 / $4 : 0), $5 }')"
 }
@@ -273,7 +311,7 @@ cpu_headline=("$snap_busy" "$snap_own" "$(elapsed)")
 for run in $(seq "$headline_runs"); do
   redis-cli -p "$redis_port" flushall >/dev/null
   log "headline $run/$headline_runs: ${headline_rate}/s for ${headline_timed_s} s after ${headline_warmup_s} s"
-  if ! start_target headline; then
+  if ! start_target headline "headline-$run"; then
     log "headline $run: the server did not start ($(tail -1 "$target_log"))"
     stop "$target_pid"
     printf '%s\t-\n' "$run" >>"$work/headline.tsv"
@@ -316,6 +354,13 @@ syscalls_per_frame() { # KIND RATE [NAME]: NAME's count (default the total) per 
   frames=$(field_of "$1" "$2" 9)
   [ -s "$work/$1-$2.sys" ] && [[ "$frames" =~ ^[0-9]+$ ]] && [ "$frames" -gt 0 ] || return 0
   awk -F'\t' -v n="${3:-total}" -v f="$frames" '$1 == n { printf "%.2f", $2 / f }' "$work/$1-$2.sys"
+}
+# Frames per second the server received in the CPU window, marked when below the offered rate by
+# more than the copies' resends could explain: that server (or the machine) fell behind, and its
+# CPU per frame is then measured at a lower rate than the row says.
+window_rate() { # KIND RATE
+  row_of "$1" "$2" | awk -F'\t' -v floor="$behind_floor" '$5 > 0 {
+    r = $4 / $5; printf "%.0f%s", r, (r < $2 * floor ? " ✗ fell behind" : "") }'
 }
 divide() { awk -v a="$1" -v b="$2" -v f="${3:-%.2f}" 'BEGIN { if (a != "" && b + 0 > 0) printf f, a / b; else printf "-" }'; }
 label() {
@@ -387,7 +432,8 @@ section="$work/section.md"
   echo "Each row is its own run against a freshly started server: ${warmup_s} s warmup, then a ${window_s} s window over which the server's"
   echo "utime + stime (\`/proc/PID/stat\`, all threads) is divided by the frames it received in that window (shardgate:"
   echo "\`shardgate_frames_received_total\`, copies and resends included; the reflectors: their acks). Both reflectors are pinned"
-  echo "to core 0. System calls: $syscall_method, divided by the frames received in that window."
+  echo "to core 0. System calls: $syscall_method, divided by the frames received in that window. A rate marked ✗ fell more"
+  echo "than $(awk -v f="$behind_floor" 'BEGIN { printf "%.0f%%", (1 - f) * 100 }') below the offered one: the server or the machine could not keep up, and that row's figures are not at its rate."
   echo
   echo "| rate | server | CPU per frame | ÷ echo | system calls per frame | frames/s in the window | generator: lost | Redis CPU per stored event | Redis memory per stored event |"
   echo "|---|---|---|---|---|---|---|---|---|"
@@ -404,7 +450,7 @@ section="$work/section.md"
       case "$kind" in
         sg*) redis_cells=$(echo "$row" | awk -F'\t' '$7 > 0 { printf "%.2f µs | %.0f B", $6 * 1e6 / $7, $8 / $7; exit } { printf "- | -" }') ;;
       esac
-      echo "| ${rate}/s | $(label "$kind") | **${per:--} µs** | $(divide "$per" "$ref") | $(syscalls_per_frame "$kind" "$rate" | sed 's/^$/-/') | $(echo "$row" | awk -F'\t' '$5 > 0 { printf "%.0f", $4 / $5 }') | $(echo "$row" | cut -f10) | $redis_cells |"
+      echo "| ${rate}/s | $(label "$kind") | **${per:--} µs** | $(divide "$per" "$ref") | $(syscalls_per_frame "$kind" "$rate" | sed 's/^$/-/') | $(window_rate "$kind" "$rate") | $(echo "$row" | cut -f10) | $redis_cells |"
     done
   done
   echo
@@ -439,7 +485,8 @@ section="$work/section.md"
     verdict="**FAIL**"
     [ "$(jq -r '.slo_ok' "$json")" = true ] && [ "$redis_retries" = 0 ] && verdict=PASS
     jq -r --arg r "$run" --arg rr "$redis_retries" --arg ar "$all_retries" --arg v "$verdict" \
-      '"| \($r) | \(.achieved_rate)/s | \(.latency_first_us.p999) µs | \(.latency_first_us.p99) µs | \(.lost) | \(.stored_twice) | \(.acked_missing) | \($rr) | \($ar) | \($v) |"' "$json"
+      'def us(v): if .latency_first_us.count > 0 then "\(v) µs" else "- (none answered first time)" end;
+       "| \($r) | \(.achieved_rate)/s | \(us(.latency_first_us.p999)) | \(us(.latency_first_us.p99)) | \(.lost) | \(.stored_twice) | \(.acked_missing) | \($rr) | \($ar) | \($v) |"' "$json"
   done <"$work/headline.tsv"
   echo
   echo "Headline: **$passes of $headline_runs runs PASS**."
