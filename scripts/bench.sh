@@ -3,7 +3,13 @@
 # raw ceiling of this machine and next to clients that store directly ("no
 # middle tier"). Writes bench/RESULTS.md.
 #
-#   scripts/bench.sh [--out FILE] [--step 8s] [--budget-secs 560] [--instr-secs 180] [--durable] [--nats URL] [--keep-logs DIR]
+#   scripts/bench.sh [--out FILE] [--step 8s] [--budget-secs 560] [--instr-secs 180] [--durable] [--nats URL] [--keep-logs DIR] [--no-efficiency]
+#   scripts/bench.sh --only efficiency [scripts/bench-efficiency.sh's flags]
+#
+# After the flood section, the efficiency section (issue 14: server CPU per frame against a
+# blocking UDP echo, Redis CPU and memory per stored event, system calls per frame, the headline
+# three times in a row; about 5 more minutes) is scripts/bench-efficiency.sh, which also runs
+# alone; --no-efficiency leaves it out.
 #
 # Series, each searched for the highest rate that holds the SLO (0 lost,
 # 0 stored twice, 0 acked but missing, first-attempt p99.9 < 5 ms):
@@ -45,6 +51,12 @@
 set -euo pipefail
 command_line="scripts/bench.sh${*:+ $*}"
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --only ]; then
+  case "${2:-}" in
+    efficiency) shift 2; exec scripts/bench-efficiency.sh "$@" ;;
+    *) echo "--only takes: efficiency" >&2; exit 2 ;;
+  esac
+fi
 started_s=$(date +%s)
 load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -56,6 +68,7 @@ instr_s=180
 durable=0
 nats_url=""
 keep_logs=""
+efficiency=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -65,7 +78,8 @@ while [ $# -gt 0 ]; do
     --durable) durable=1; shift ;;
     --nats) nats_url="$2"; shift 2 ;;
     --keep-logs) keep_logs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
+    --no-efficiency) efficiency=0; shift ;;
+    -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -90,65 +104,10 @@ fi
 command -v jq >/dev/null 2>&1 || { echo "missing: jq (apt-get install jq)" >&2; exit 1; }
 
 work=$(mktemp -d /tmp/shardgate-bench.XXXXXX)
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  if [ -n "$keep_logs" ]; then
-    mkdir -p "$keep_logs" && cp "$work"/*.txt "$work"/*.json "$work"/*.log "$work"/*.tsv "$keep_logs"/ 2>/dev/null || true
-  fi
-  rm -rf "$work"
-}
+# pids, cleanup, log, stop, free_port, wait_for, process_cpu_s, cpu_snapshot, foreign_cpu, start_redis.
+source scripts/bench-lib.sh
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-elapsed() { echo $(( $(date +%s) - started_s )); }
-log() { echo "== [$(elapsed)s] $*" >&2; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo $((20000 + RANDOM % 20000)); }
-# Waits up to 10 s for a line matching $2 in file $1.
-wait_for() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-# Stops one process this script started, by pid, and forgets it (its pid may be reused later).
-stop() {
-  kill -TERM "$1" 2>/dev/null || true
-  for _ in $(seq 80); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
-  local kept=() pid
-  for pid in "${pids[@]}"; do [ "$pid" = "$1" ] || kept+=("$pid"); done
-  pids=("${kept[@]}")
-}
-
-# CPU seconds since boot: all cores busy (user, nice, system from /proc/stat), and this script's
-# own processes (its reaped children from `times`, plus those still running: Redis, NATS, a
-# server), so that other work on the machine can be told apart. Sets snap_busy and snap_own; it
-# must run in this shell, not in $(...), for `times` to see the children.
-clk_tck=$(getconf CLK_TCK 2>/dev/null || echo 100)
-# CPU seconds (user + system) one process has used so far.
-process_cpu_s() { awk -v hz="$clk_tck" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-cpu_snapshot() {
-  local pid
-  snap_busy=$(awk -v hz="$clk_tck" '/^cpu / { printf "%.2f", ($2 + $3 + $4) / hz; exit }' /proc/stat)
-  times >"$work/times"
-  snap_own=$(awk '{ for (i = 1; i <= 2; i++) { split($i, part, "m"); s += part[1] * 60 + part[2] } } END { printf "%.2f", s }' "$work/times")
-  for pid in "${pids[@]}"; do
-    [ -r "/proc/$pid/stat" ] || continue
-    snap_own=$(awk -v own="$snap_own" -v process="$(process_cpu_s "$pid")" 'BEGIN { printf "%.2f", own + process }')
-  done
-}
-# Other work's CPU between two snapshots, as "S s (C cores on average over W s)".
-foreign_cpu() { # BUSY0 OWN0 TIME0 BUSY1 OWN1 TIME1
-  awk -v b0="$1" -v o0="$2" -v t0="$3" -v b1="$4" -v o1="$5" -v t1="$6" 'BEGIN {
-    f = (b1 - b0) - (o1 - o0); if (f < 0) f = 0; w = t1 - t0; if (w < 1) w = 1
-    printf "%.0f CPU-s (%.2f cores on average over %d s)", f, f / w, w }'
-}
-foreign_cores() { # the same, only the average cores
-  awk -v b0="$1" -v o0="$2" -v t0="$3" -v b1="$4" -v o1="$5" -v t1="$6" 'BEGIN {
-    f = (b1 - b0) - (o1 - o0); if (f < 0) f = 0; w = t1 - t0; if (w < 1) w = 1; printf "%.2f", f / w }'
-}
 cpu_snapshot
 cpu_start=("$snap_busy" "$snap_own" "$(elapsed)")
 
@@ -160,20 +119,13 @@ cp target/release/shardgate target/release/shardgate-bench "$work/"
 bench="$work/shardgate-bench"
 server="$work/shardgate"
 
-redis_port=$(free_port)
 if [ "$durable" = 1 ]; then
-  redis_persistence=(--appendonly yes --appendfsync always)
+  start_redis --appendonly yes --appendfsync always
   redis_settings="appendonly yes, appendfsync always"
 else
-  redis_persistence=(--appendonly no)
+  start_redis --appendonly no
   redis_settings="no persistence (save \"\", appendonly no)"
 fi
-redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$work" --save "" "${redis_persistence[@]}" \
-  --daemonize no --logfile "$work/redis.log" &
-pids+=($!)
-redis_url="redis://127.0.0.1:$redis_port"
-for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-redis-cli -p "$redis_port" ping >/dev/null || { echo "redis-server did not start" >&2; cat "$work/redis.log" >&2; exit 1; }
 log "private redis-server on $redis_url ($redis_settings)"
 
 nats_note=""
@@ -769,3 +721,8 @@ if [ -s bench/wins.md ]; then
   { echo; cat bench/wins.md; } >>"$out"
 fi
 sed -n '/^## Flood$/,$p' "$out"
+# The efficiency section, with the binaries built above; it goes in before "## Wins".
+if [ "$efficiency" = 1 ]; then
+  stop "$redis_pid"
+  scripts/bench-efficiency.sh --out "$out" --no-build ${keep_logs:+--keep-logs "$keep_logs/efficiency"}
+fi

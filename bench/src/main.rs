@@ -93,7 +93,8 @@ enum Command {
     Run(RunArgs),
     /// Run the same workload at rising rates until the SLO breaks; report the highest that held.
     Sweep(SweepArgs),
-    /// The raw ceiling: a UDP server that only answers every frame ACCEPTED (recvmmsg/sendmmsg).
+    /// The raw ceiling: a UDP server that only answers every frame ACCEPTED (recvmmsg/sendmmsg,
+    /// or --blocking: one recv_from and one send_to per datagram).
     Reflector(reflector::ReflectorArgs),
     /// No middle tier: clients store each event in Redis (same script) or NATS JetStream directly.
     Peer(peer::PeerArgs),

@@ -13,8 +13,16 @@
 //! system call per datagram would make the reflector, not the generator, the bottleneck, and
 //! the point is to measure the most a single-threaded reader could ever get.
 //!
+//! `--blocking` is the other reference, the plainest echo server there is: one thread, one
+//! blocking `recv_from` and one `send_to` per datagram. The efficiency section of
+//! `scripts/bench.sh` sets shardgate's CPU per frame against it, because "what would a
+//! do-nothing server written the obvious way cost here" is the bar a middle tier is judged by,
+//! while the batched mode shows how much of that is system calls.
+//!
 //! SIGTERM and SIGINT set a flag; the receive call returns on the signal (the handler is
-//! installed without `SA_RESTART`) or within [`RECEIVE_POLL`] at the latest.
+//! installed without `SA_RESTART`) or within [`RECEIVE_POLL`] at the latest. SIGUSR1 prints the
+//! counts so far as one `reflector: counts ...` line on stderr, so a script can read what was
+//! served between two moments without stopping the reflector.
 
 use std::io::{self, ErrorKind};
 use std::mem::{size_of, MaybeUninit};
@@ -57,6 +65,11 @@ pub struct ReflectorArgs {
     #[arg(long, value_name = "N", default_value_t = 64)]
     batch: usize,
 
+    /// One blocking `recv_from` and one `send_to` per datagram instead of batches (`--batch`
+    /// then does not apply): the plain echo server, for the CPU-per-frame reference.
+    #[arg(long)]
+    blocking: bool,
+
     /// Pin the serving thread to this CPU core.
     #[arg(long, value_name = "N")]
     core: Option<usize>,
@@ -81,10 +94,16 @@ pub struct ReflectorStats {
 
 /// Set by SIGTERM/SIGINT. A static, because a signal handler can reach nothing else.
 static STOP: AtomicBool = AtomicBool::new(false);
+/// Set by SIGUSR1: print the counts at the next turn of the serving loop.
+static REPORT: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_stop_signal(_signal: libc::c_int) {
     // Only an atomic store: the one thing a signal handler may safely do here.
     STOP.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_report_signal(_signal: libc::c_int) {
+    REPORT.store(true, Ordering::SeqCst);
 }
 
 /// Runs the subcommand: serve until SIGTERM or SIGINT, then print the counts.
@@ -111,9 +130,14 @@ pub fn command(arguments: ReflectorArgs) -> ExitCode {
         Err(error) => return fail(EXIT_SOCKET, &format!("cannot bind udp {}: {error}", arguments.udp)),
     };
     let local = socket.local_addr().map_or(arguments.udp, |address| address);
-    eprintln!("reflector: serving udp={local}");
+    let mode = if arguments.blocking { "blocking" } else { "batched" };
+    eprintln!("reflector: serving udp={local} mode={mode}");
     let counters = Counters::default();
-    let result = serve(&socket, arguments.batch, &STOP, &counters);
+    let result = if arguments.blocking {
+        serve_blocking(&socket, &STOP, &counters)
+    } else {
+        serve(&socket, arguments.batch, &STOP, &counters)
+    };
     let stats = counters.snapshot();
     eprintln!(
         "reflector: stopped; echoed {} datagrams ({} received, {} replies, {} acks, {} send errors)",
@@ -154,6 +178,18 @@ impl Counters {
     fn add(counter: &AtomicU64, amount: u64) {
         // One writer (the serving thread): a load and a store, no locked instruction.
         counter.store(counter.load(Ordering::Relaxed) + amount, Ordering::Relaxed);
+    }
+
+    /// Prints the counts if SIGUSR1 asked for them since the last call. Called once per turn
+    /// of a serving loop, between system calls, so the line is at most one turn late.
+    fn report_if_asked(&self) {
+        if REPORT.swap(false, Ordering::Relaxed) {
+            let stats = self.snapshot();
+            eprintln!(
+                "reflector: counts datagrams_received={} datagrams_echoed={} replies_sent={} acks_sent={} send_errors={}",
+                stats.datagrams_received, stats.datagrams_echoed, stats.replies_sent, stats.acks_sent, stats.send_errors
+            );
+        }
     }
 }
 
@@ -197,6 +233,7 @@ pub fn serve(socket: &UdpSocket, batch: usize, stop: &AtomicBool, counters: &Cou
         socket.as_raw_fd()
     };
     while !stop.load(Ordering::Relaxed) {
+        counters.report_if_asked();
         let received = match receive.receive(descriptor) {
             Ok(received) => received,
             Err(error) if is_transient(&error) => continue,
@@ -223,6 +260,55 @@ pub fn serve(socket: &UdpSocket, batch: usize, stop: &AtomicBool, counters: &Cou
         Counters::add(&counters.datagrams_echoed, echoed);
     }
     Ok(())
+}
+
+/// Serves `socket` until `stop` is set, the obvious way: one blocking `recv_from`, then one
+/// `send_to` per reply (one per datagram unless it held more than [`ACKS_PER_REPLY_MAX`]
+/// frames). Buffers are allocated once, before the loop.
+pub fn serve_blocking(socket: &UdpSocket, stop: &AtomicBool, counters: &Counters) -> io::Result<()> {
+    let mut datagram = vec![0u8; DATAGRAM_BYTES_MAX];
+    let mut reply: Vec<u8> = Vec::with_capacity(REPLY_BYTES_MAX);
+    while !stop.load(Ordering::Relaxed) {
+        counters.report_if_asked();
+        let (length, source) = match socket.recv_from(&mut datagram) {
+            Ok(received) => received,
+            Err(error) if is_transient(&error) => continue,
+            Err(error) => return Err(error),
+        };
+        Counters::add(&counters.datagrams_received, 1);
+        let acks = acks_for_datagram(&datagram[..length], |ack| {
+            if reply.len() + ACK_BYTES > REPLY_BYTES_MAX {
+                send_reply(socket, &reply, source, counters);
+                reply.clear();
+            }
+            reply.extend_from_slice(&ack);
+        });
+        if !reply.is_empty() {
+            send_reply(socket, &reply, source, counters);
+            reply.clear();
+        }
+        Counters::add(&counters.datagrams_echoed, u64::from(acks > 0));
+    }
+    Ok(())
+}
+
+/// Sends one reply with `send_to`, again if a signal interrupted it; any other refusal is
+/// counted and the reply dropped, as the batched mode and shardgate drop a refused reply.
+fn send_reply(socket: &UdpSocket, reply: &[u8], destination: SocketAddr, counters: &Counters) {
+    loop {
+        match socket.send_to(reply, destination) {
+            Ok(_) => {
+                Counters::add(&counters.replies_sent, 1);
+                Counters::add(&counters.acks_sent, (reply.len() / ACK_BYTES) as u64);
+                return;
+            }
+            Err(error) if error.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => {
+                Counters::add(&counters.send_errors, 1);
+                return;
+            }
+        }
+    }
 }
 
 /// Errors after which serving goes on: the poll timeout, a signal, and ICMP errors reported
@@ -394,15 +480,20 @@ struct Source {
     length: libc::socklen_t,
 }
 
-/// SIGTERM and SIGINT set [`STOP`]. Without `SA_RESTART`, so a blocked `recvmmsg` returns
-/// `EINTR` at once instead of after the poll timeout.
+/// SIGTERM and SIGINT set [`STOP`], SIGUSR1 sets [`REPORT`]. Without `SA_RESTART`, so a
+/// blocked receive returns `EINTR` at once instead of after the poll timeout.
 fn install_stop_handlers() -> io::Result<()> {
-    for signal in [libc::SIGTERM, libc::SIGINT] {
+    let handlers: [(libc::c_int, extern "C" fn(libc::c_int)); 3] = [
+        (libc::SIGTERM, on_stop_signal),
+        (libc::SIGINT, on_stop_signal),
+        (libc::SIGUSR1, on_report_signal),
+    ];
+    for (signal, handler) in handlers {
         // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic, which is
         // async-signal-safe; sigemptyset and sigaction get valid pointers.
         unsafe {
             let mut action: libc::sigaction = MaybeUninit::zeroed().assume_init();
-            action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_sigaction = handler as libc::sighandler_t;
             libc::sigemptyset(&mut action.sa_mask);
             if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
                 return Err(io::Error::last_os_error());
@@ -509,16 +600,18 @@ mod tests {
         assert!(!batch.append(source, &ack, REPLY_BYTES_MAX), "both slots are taken");
     }
 
-    // End to end over loopback: frames in, acks out, counts kept, stop honoured.
-    #[test]
-    fn serves_over_loopback() {
+    /// Serves over loopback with `serve` on its own thread: 60 frames in one datagram and one
+    /// junk datagram in; returns the acked seqs in order of arrival and the final counts.
+    fn echo_over_loopback(
+        serve: impl FnOnce(&UdpSocket, &AtomicBool, &Counters) -> io::Result<()> + Send + 'static,
+    ) -> (Vec<u64>, ReflectorStats) {
         let socket = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let address = socket.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let server = {
             let (stop, counters) = (stop.clone(), counters.clone());
-            std::thread::spawn(move || serve(&socket, 4, &stop, &counters))
+            std::thread::spawn(move || serve(&socket, &stop, &counters))
         };
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         client.connect(address).unwrap();
@@ -540,7 +633,6 @@ mod tests {
                     .map(|ack| decode_ack(ack).unwrap().id.seq),
             );
         }
-        assert_eq!(acked, (1..=60).collect::<Vec<_>>());
         // The junk datagram is counted as received but never answered.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while counters.snapshot().datagrams_received < 2 && std::time::Instant::now() < deadline {
@@ -548,16 +640,32 @@ mod tests {
         }
         stop.store(true, Ordering::SeqCst);
         server.join().unwrap().unwrap();
-        let stats = counters.snapshot();
-        assert_eq!(
-            stats,
-            ReflectorStats {
-                datagrams_received: 2,
-                datagrams_echoed: 1,
-                replies_sent: 2,
-                acks_sent: 60,
-                send_errors: 0,
-            }
-        );
+        (acked, counters.snapshot())
+    }
+
+    /// What both modes must report for `echo_over_loopback`'s traffic: 60 acks in two replies
+    /// (50 + 10), the junk received but not echoed.
+    const LOOPBACK_STATS: ReflectorStats = ReflectorStats {
+        datagrams_received: 2,
+        datagrams_echoed: 1,
+        replies_sent: 2,
+        acks_sent: 60,
+        send_errors: 0,
+    };
+
+    // End to end over loopback, batched: frames in, acks out, counts kept, stop honoured.
+    #[test]
+    fn serves_over_loopback() {
+        let (acked, stats) = echo_over_loopback(|socket, stop, counters| serve(socket, 4, stop, counters));
+        assert_eq!(acked, (1..=60).collect::<Vec<_>>());
+        assert_eq!(stats, LOOPBACK_STATS);
+    }
+
+    // The blocking echo answers the same traffic with the same replies and counts.
+    #[test]
+    fn blocking_mode_serves_over_loopback() {
+        let (acked, stats) = echo_over_loopback(serve_blocking);
+        assert_eq!(acked, (1..=60).collect::<Vec<_>>());
+        assert_eq!(stats, LOOPBACK_STATS);
     }
 }
