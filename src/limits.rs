@@ -78,6 +78,12 @@ pub const DRAIN_TIMEOUT_MS_MAX: u64 = 60_000;
 /// Largest UDP datagram read. 64 KiB is the IPv4 maximum, so nothing is cut.
 pub const DATAGRAM_BYTES_MAX: usize = 65_536;
 
+/// Datagrams one `recvmmsg` reads (`sys::DatagramBatch`). A system call costs
+/// microseconds in a VM, so a wake-up that finds several datagrams reads them
+/// in one; 16 slots of `DATAGRAM_BYTES_MAX` are 1 MiB per shard, allocated at
+/// start. More slots would rarely fill: the shard wakes every few datagrams.
+pub const RECEIVE_BATCH_DATAGRAMS: usize = 16;
+
 /// Largest reply datagram of coalesced acks: under a typical 1500-byte MTU so
 /// a reply is never fragmented.
 pub const REPLY_DATAGRAM_BYTES_MAX: usize = 1_400;

@@ -29,11 +29,12 @@ use crate::frame::{
     check, crc, CheckError, EventId, RejectReason, Status, AUTH_TAG_BYTES, CRC_BYTES, FLAG_AUTH, FRAME_OVERHEAD_BYTES,
 };
 use crate::limiter::SourceLimiter;
-use crate::limits::{DATAGRAM_BYTES_MAX, UDP_GROUP_RECOUNT_MS, UDP_SOCKET_BUFFER_BYTES};
+use crate::limits::{DATAGRAM_BYTES_MAX, RECEIVE_BATCH_DATAGRAMS, UDP_GROUP_RECOUNT_MS, UDP_SOCKET_BUFFER_BYTES};
 use crate::metrics::Transport;
 use crate::reply::{Route, UdpReply};
 use crate::shard::{Fate, Shard};
 use crate::source::SourceKey;
+use crate::sys::DatagramBatch;
 
 /// One shard's UDP socket, through two handles on the same descriptor.
 ///
@@ -94,17 +95,14 @@ impl UdpIo {
         })
     }
 
-    /// The next datagram if one is ready, `Ok(None)` if none is (or the socket is closed).
-    fn try_receive(&self, buffer: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>> {
+    /// Reads every datagram that is ready, up to the batch's slots, in one
+    /// system call; `Ok(0)` if none is (or the socket is closed).
+    fn try_receive(&self, batch: &mut DatagramBatch) -> std::io::Result<usize> {
         let open = self.open.borrow();
         let Some(sockets) = open.as_ref() else {
-            return Ok(None);
+            return Ok(0);
         };
-        match sockets.direct.recv_from(buffer) {
-            Ok(received) => Ok(Some(received)),
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-            Err(error) => Err(error),
-        }
+        batch.receive(&sockets.direct)
     }
 
     /// Resolves when a datagram is waiting, without taking it; never, once the socket is closed.
@@ -248,9 +246,10 @@ pub fn unix_now_us() -> u64 {
 const RECEIVE_ERRORS_BEFORE_PAUSE: u32 = 16;
 const RECEIVE_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// Receives until the shard stops: drains every ready datagram, then waits.
+/// Receives until the shard stops: drains every ready datagram, many per
+/// system call, then waits.
 pub async fn serve(shard: Rc<Shard>) {
-    let mut datagram = vec![0u8; DATAGRAM_BYTES_MAX];
+    let mut batch = DatagramBatch::new(RECEIVE_BATCH_DATAGRAMS, DATAGRAM_BYTES_MAX);
     let mut reply = Box::<UdpReply>::default();
     let mut limiter = SourceLimiter::new(
         shard.config.udp_source_table_entries,
@@ -259,17 +258,28 @@ pub async fn serve(shard: Rc<Shard>) {
     );
     let mut errors_in_a_row = 0u32;
     while !shard.stopping.is_open() {
-        match shard.udp.try_receive(&mut datagram) {
-            Ok(Some((length_bytes, source))) => {
-                errors_in_a_row = 0;
-                handle_datagram(&shard, &mut limiter, &datagram[..length_bytes], source, &mut reply).await;
-                // A socket under a flood never makes us wait; let the Redis
-                // connection, timers and completions run (see PREEMPT_TIMER_US).
-                glommio::yield_if_needed().await;
-            }
-            Ok(None) => {
+        match shard.udp.try_receive(&mut batch) {
+            Ok(0) => {
                 errors_in_a_row = 0;
                 futures_lite::future::or(shard.stopping.wait(), shard.udp.readable()).await;
+            }
+            Ok(count) => {
+                errors_in_a_row = 0;
+                for index in 0..count {
+                    match batch.datagram(index) {
+                        Some((data, source)) => handle_datagram(&shard, &mut limiter, data, source, &mut reply).await,
+                        // Cut short by the kernel, or from an unknown address family: no frame to trust.
+                        None => shard.metrics.unparseable[Transport::Udp as usize].add(1),
+                    }
+                }
+                if count < batch.slots() {
+                    // The queue was drained: wait, without a system call that would find it empty.
+                    futures_lite::future::or(shard.stopping.wait(), shard.udp.readable()).await;
+                } else {
+                    // A socket under a flood never makes us wait; let the Redis
+                    // connection, timers and completions run (see PREEMPT_TIMER_US).
+                    glommio::yield_if_needed().await;
+                }
             }
             // ICMP errors from earlier replies surface here; they concern one
             // client, never the socket. Anything that repeats gets a pause.
