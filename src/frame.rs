@@ -110,9 +110,11 @@ pub enum Status {
     Accepted = 0,
     /// An earlier copy of this event id is durably stored.
     Duplicate = 1,
-    /// Not stored; the client should retry later with backoff.
+    /// Not confirmed: the event may or may not be stored. The client resends the same frame
+    /// with backoff; a stored event's resend is answered DUPLICATE.
     Retry = 2,
-    /// Invalid frame; the client must not resend it unchanged.
+    /// A frame whose crc matched but which is invalid (length, flags, auth, freshness); the
+    /// client must not resend it unchanged. A crc mismatch is never answered at all.
     Rejected = 3,
 }
 
@@ -154,12 +156,15 @@ pub enum CheckError {
     /// on UDP it is a truncated tail (no ack).
     HeaderIncomplete,
     /// Header whole and valid, frame not: `Header::frame_bytes` says how long it will be.
-    /// TCP: read more. UDP: answer REJECTED (length) using header.id, drop the rest of the datagram.
+    /// TCP: read more. UDP: a tail cut short, no answer (no crc vouched for the id, and the same
+    /// bytes whole would be a valid event), counted.
     FrameIncomplete(Header),
     /// Wrong magic, version or kind (seen as soon as those bytes are present): no boundary can be
     /// trusted. UDP: no ack, drop rest. TCP: close.
     Unparseable,
-    /// payload_len > PAYLOAD_BYTES_MAX. UDP: REJECTED (length) with this id, drop rest. TCP: close.
+    /// payload_len > PAYLOAD_BYTES_MAX. UDP: REJECTED (length) with this id only if the whole
+    /// frame it announces is there and its crc matches, else no answer; drop the rest either
+    /// way. TCP: close.
     PayloadTooLong(EventId),
 }
 
@@ -180,7 +185,9 @@ impl std::error::Error for CheckError {}
 /// Why a whole frame is REJECTED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RejectReason {
-    /// The trailing crc32c does not match the bytes before it.
+    /// The trailing crc32c does not match the bytes before it. Never answered REJECTED: the
+    /// id cannot be trusted, so the frame is counted corrupt and dropped (TCP: the connection
+    /// is closed).
     Crc,
     /// The frame's length disagrees with its payload_len and flags.
     Length,
