@@ -89,6 +89,11 @@ pub const RECEIVE_BATCH_DATAGRAMS: usize = 16;
 pub const REPLY_DATAGRAM_BYTES_MAX: usize = 1_400;
 pub const REPLY_ACKS_MAX: usize = REPLY_DATAGRAM_BYTES_MAX / ACK_BYTES;
 
+/// Destinations with an open reply at once (`reply::ReplyBook`): a batch or a
+/// `recvmmsg` holds events of a few sources interleaved. 16 replies of
+/// `REPLY_DATAGRAM_BYTES_MAX` are 22 KiB, held by one answering task.
+pub const REPLY_BOOK_DESTINATIONS: usize = 16;
+
 /// Kernel socket buffers for the UDP socket: a burst of 120k/s for 20 ms of
 /// executor stall is ~2400 frames, ~250 KiB; 4 MiB leaves room for much worse.
 pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;

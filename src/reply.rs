@@ -6,6 +6,13 @@
 //! back) up to `REPLY_ACKS_MAX`, which keeps replies under one MTU; the bytes
 //! sent back to an address never exceed the bytes it sent, so a spoofed source
 //! cannot turn shardgate into an amplifier.
+//!
+//! A `ReplyBook` keeps one open reply per destination for a handful of
+//! destinations at once. The events of one batch, or the datagrams of one
+//! `recvmmsg`, come from a few sources interleaved; one reply buffer would be
+//! sent at every change of source, nearly one datagram per ack. Each reply
+//! datagram costs a system call and a trip through the network stack, the
+//! largest single cost of a frame (`perf`, issue 14).
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -78,6 +85,52 @@ impl UdpReply {
     }
 }
 
+/// Open replies to up to `N` destinations; see the module doc.
+pub struct ReplyBook<const N: usize> {
+    replies: [UdpReply; N],
+}
+
+impl<const N: usize> Default for ReplyBook<N> {
+    fn default() -> ReplyBook<N> {
+        ReplyBook {
+            replies: std::array::from_fn(|_| UdpReply::default()),
+        }
+    }
+}
+
+impl<const N: usize> ReplyBook<N> {
+    /// Adds an ack to the open reply for `destination`. When there is no room
+    /// (that reply is full, or every reply is open for another destination),
+    /// nothing is added and the index of the reply to send first is returned.
+    pub fn push(&mut self, destination: SocketAddr, status: Status, id: EventId) -> Result<(), usize> {
+        const { assert!(N > 0) };
+        let open = self
+            .replies
+            .iter()
+            .position(|reply| reply.destination == Some(destination));
+        let index = match open {
+            Some(index) if !self.replies[index].accepts(destination) => return Err(index),
+            Some(index) => index,
+            None => self.replies.iter().position(UdpReply::is_empty).ok_or(0usize)?,
+        };
+        self.replies[index].push(destination, status, id);
+        Ok(())
+    }
+
+    /// The datagram of reply `index`, if it holds any ack; it is empty afterwards.
+    pub fn take(&mut self, index: usize) -> Option<(SocketAddr, &[u8])> {
+        self.replies[index].take()
+    }
+
+    pub fn len(&self) -> usize {
+        N
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replies.iter().all(UdpReply::is_empty)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +162,67 @@ mod tests {
         let last = decode_ack(&bytes[bytes.len() - ACK_BYTES..]).unwrap();
         assert_eq!(last.id.seq, pushed - 1);
         assert!(reply.is_empty() && reply.accepts(second) && reply.take().is_none());
+    }
+}
+
+#[cfg(test)]
+mod book_tests {
+    use super::*;
+    use crate::frame::decode_ack;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the order of destinations, every ack goes out exactly once, to its own destination, in
+        /// datagrams under the bound, and never more datagrams than a new one per change of reply.
+        #[test]
+        fn every_ack_reaches_its_destination_once(destinations in proptest::collection::vec(0u16..12, 0..400)) {
+            let mut book = ReplyBook::<4>::default();
+            let mut sent: Vec<(SocketAddr, EventId)> = Vec::new();
+            let mut datagrams = 0;
+            let collect = |destination: SocketAddr, bytes: &[u8], sent: &mut Vec<(SocketAddr, EventId)>| {
+                assert!(bytes.len() <= REPLY_DATAGRAM_BYTES_MAX && bytes.len() % ACK_BYTES == 0 && !bytes.is_empty());
+                for ack in bytes.chunks(ACK_BYTES) {
+                    sent.push((destination, decode_ack(ack).unwrap().id));
+                }
+            };
+            for (seq, &port) in destinations.iter().enumerate() {
+                let destination = SocketAddr::from(([127, 0, 0, 1], 1000 + port));
+                let id = EventId { player_id: u64::from(port), seq: seq as u64 };
+                while let Err(index) = book.push(destination, Status::Accepted, id) {
+                    let (to, bytes) = book.take(index).expect("a reply that blocks holds acks");
+                    collect(to, bytes, &mut sent);
+                    datagrams += 1;
+                }
+            }
+            for index in 0..book.len() {
+                if let Some((to, bytes)) = book.take(index) {
+                    collect(to, bytes, &mut sent);
+                    datagrams += 1;
+                }
+            }
+            prop_assert!(book.is_empty());
+            prop_assert!(datagrams <= destinations.len());
+            let mut expected: Vec<(SocketAddr, EventId)> = destinations
+                .iter()
+                .enumerate()
+                .map(|(seq, &port)| (SocketAddr::from(([127, 0, 0, 1], 1000 + port)), EventId { player_id: u64::from(port), seq: seq as u64 }))
+                .collect();
+            expected.sort_by_key(|(to, id)| (*to, id.seq));
+            sent.sort_by_key(|(to, id)| (*to, id.seq));
+            prop_assert_eq!(sent, expected);
+        }
+    }
+
+    /// Acks for a few interleaved destinations go out as one datagram per destination, not one per change.
+    #[test]
+    fn interleaved_destinations_share_datagrams() {
+        let mut book = ReplyBook::<8>::default();
+        for seq in 0..40u64 {
+            let destination = SocketAddr::from(([127, 0, 0, 1], 2000 + (seq % 4) as u16));
+            book.push(destination, Status::Duplicate, EventId { player_id: 1, seq })
+                .unwrap();
+        }
+        let datagrams = (0..book.len()).filter(|&index| book.take(index).is_some()).count();
+        assert_eq!(datagrams, 4);
     }
 }

@@ -26,6 +26,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,9 +38,10 @@ use crate::config::Config;
 use crate::dedup::{DedupReader, DedupWriter};
 use crate::frame::{parse, Action, EventId, Header, RejectReason, Status};
 use crate::latency::Latency;
+use crate::limits::REPLY_BOOK_DESTINATIONS;
 use crate::metrics::{LookupOutcome, RetryCause, ShardMetrics, Transport};
 use crate::notify::{Latch, Notify};
-use crate::reply::{Route, UdpReply};
+use crate::reply::{ReplyBook, Route};
 use crate::snapshot::Snapshots;
 use crate::store::{EventFailures, Outcome, Partitions, Store};
 
@@ -414,25 +416,41 @@ impl Shard {
 
     /// Sends every answer of a completed batch, coalescing UDP acks per source.
     async fn answer(&self, batch: &Batch) {
-        let mut reply = UdpReply::default();
+        let mut replies = ReplyBook::<REPLY_BOOK_DESTINATIONS>::default();
         let now = Instant::now();
         for (event, &status) in batch.events().iter().zip(batch.statuses()) {
             self.record_answered(event.route.transport(), status, event.received_at, now);
             match &event.route {
-                Route::Udp(source) => {
-                    if !reply.accepts(*source) {
-                        self.send_udp_reply(&mut reply).await;
-                    }
-                    reply.push(*source, status, event.id);
-                }
+                Route::Udp(source) => self.push_udp_answer(&mut replies, *source, status, event.id).await,
                 Route::Tcp(connection) => connection.push_ack(status, event.id),
             }
         }
-        self.send_udp_reply(&mut reply).await;
+        self.send_udp_replies(&mut replies).await;
     }
 
-    pub async fn send_udp_reply(&self, reply: &mut UdpReply) {
-        if let Some((destination, bytes)) = reply.take() {
+    /// Adds one UDP ack to `replies`, sending a reply first when there is no room.
+    pub async fn push_udp_answer<const N: usize>(
+        &self,
+        replies: &mut ReplyBook<N>,
+        destination: SocketAddr,
+        status: Status,
+        id: EventId,
+    ) {
+        while let Err(index) = replies.push(destination, status, id) {
+            self.send_reply_of(replies, index).await;
+        }
+    }
+
+    /// Sends every open reply of `replies`.
+    pub async fn send_udp_replies<const N: usize>(&self, replies: &mut ReplyBook<N>) {
+        for index in 0..replies.len() {
+            self.send_reply_of(replies, index).await;
+        }
+        debug_assert!(replies.is_empty());
+    }
+
+    async fn send_reply_of<const N: usize>(&self, replies: &mut ReplyBook<N>, index: usize) {
+        if let Some((destination, bytes)) = replies.take(index) {
             if self.udp.send_to(bytes, destination).await.is_err() {
                 self.metrics.reply_send_errors.add(1);
             }

@@ -9,7 +9,8 @@
 //! short, even after a whole header) gets no answer and is counted.
 //! A cut frame is not REJECTED because REJECTED tells a client never to resend
 //! it unchanged, and the same bytes, whole, would be a valid event. Immediate answers for one
-//! datagram are coalesced into as few reply datagrams as the MTU allows.
+//! datagram, and of every datagram one `recvmmsg` read, are coalesced per
+//! source into as few reply datagrams as the MTU allows (`reply::ReplyBook`).
 //!
 //! Each frame first takes a token from its source's bucket (`limiter.rs`). A
 //! frame that finds none is dropped before it is parsed, unanswered, and
@@ -29,9 +30,11 @@ use crate::frame::{
     check, crc, CheckError, EventId, RejectReason, Status, AUTH_TAG_BYTES, CRC_BYTES, FLAG_AUTH, FRAME_OVERHEAD_BYTES,
 };
 use crate::limiter::SourceLimiter;
-use crate::limits::{DATAGRAM_BYTES_MAX, RECEIVE_BATCH_DATAGRAMS, UDP_GROUP_RECOUNT_MS, UDP_SOCKET_BUFFER_BYTES};
+use crate::limits::{
+    DATAGRAM_BYTES_MAX, RECEIVE_BATCH_DATAGRAMS, REPLY_BOOK_DESTINATIONS, UDP_GROUP_RECOUNT_MS, UDP_SOCKET_BUFFER_BYTES,
+};
 use crate::metrics::Transport;
-use crate::reply::{Route, UdpReply};
+use crate::reply::{ReplyBook, Route};
 use crate::shard::{Fate, Shard};
 use crate::source::SourceKey;
 use crate::sys::DatagramBatch;
@@ -250,7 +253,7 @@ const RECEIVE_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_milli
 /// system call, then waits.
 pub async fn serve(shard: Rc<Shard>) {
     let mut batch = DatagramBatch::new(RECEIVE_BATCH_DATAGRAMS, DATAGRAM_BYTES_MAX);
-    let mut reply = Box::<UdpReply>::default();
+    let mut replies = Box::<ReplyBook<REPLY_BOOK_DESTINATIONS>>::default();
     let mut limiter = SourceLimiter::new(
         shard.config.udp_source_table_entries,
         shard.config.udp_source_frames_per_sec,
@@ -267,11 +270,13 @@ pub async fn serve(shard: Rc<Shard>) {
                 errors_in_a_row = 0;
                 for index in 0..count {
                     match batch.datagram(index) {
-                        Some((data, source)) => handle_datagram(&shard, &mut limiter, data, source, &mut reply).await,
+                        Some((data, source)) => handle_datagram(&shard, &mut limiter, data, source, &mut replies).await,
                         // Cut short by the kernel, or from an unknown address family: no frame to trust.
                         None => shard.metrics.unparseable[Transport::Udp as usize].add(1),
                     }
                 }
+                // Immediate answers of every datagram of this read, coalesced per source.
+                shard.send_udp_replies(&mut replies).await;
                 if count < batch.slots() {
                     // The queue was drained: wait, without a system call that would find it empty.
                     futures_lite::future::or(shard.stopping.wait(), shard.udp.readable()).await;
@@ -302,7 +307,7 @@ async fn handle_datagram(
     limiter: &mut SourceLimiter,
     data: &[u8],
     source: SocketAddr,
-    reply: &mut UdpReply,
+    replies: &mut ReplyBook<REPLY_BOOK_DESTINATIONS>,
 ) {
     let received_at = Instant::now();
     let recv_us = unix_now_us();
@@ -365,17 +370,13 @@ async fn handle_datagram(
         };
         offset += consumed_bytes;
         if let Some((status, id)) = answer {
-            if !reply.accepts(source) {
-                shard.send_udp_reply(reply).await;
-            }
-            reply.push(source, status, id);
+            shard.push_udp_answer(replies, source, status, id).await;
         }
     }
     debug_assert_eq!(offset, data.len());
     shard.metrics.frames_received[Transport::Udp as usize].add(frames);
     shard.metrics.frames_limited[Transport::Udp as usize].add(limited_frames);
     shard.metrics.bytes_received[Transport::Udp as usize].add(data.len() as u64);
-    shard.send_udp_reply(reply).await;
 }
 
 /// The bytes that end a datagram get a REJECTED answer only when the header
