@@ -249,6 +249,27 @@ pub fn unix_now_us() -> u64 {
 const RECEIVE_ERRORS_BEFORE_PAUSE: u32 = 16;
 const RECEIVE_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// What the reader does after a receive error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReceiveBackoff {
+    /// Let the shard's other tasks run, then read again.
+    Yield,
+    /// Sleep this long: the error persists.
+    Pause(std::time::Duration),
+}
+
+/// The errors in a row after one more, and what to do: yield, and after
+/// `RECEIVE_ERRORS_BEFORE_PAUSE` in a row pause, so that an error that never
+/// clears costs a read per millisecond, not a spinning core.
+fn after_receive_error(errors_in_a_row: u32) -> (u32, ReceiveBackoff) {
+    let errors_in_a_row = errors_in_a_row + 1;
+    if errors_in_a_row >= RECEIVE_ERRORS_BEFORE_PAUSE {
+        (0, ReceiveBackoff::Pause(RECEIVE_ERROR_PAUSE))
+    } else {
+        (errors_in_a_row, ReceiveBackoff::Yield)
+    }
+}
+
 /// Receives until the shard stops: drains every ready datagram, many per
 /// system call, then waits.
 pub async fn serve(shard: Rc<Shard>) {
@@ -290,12 +311,11 @@ pub async fn serve(shard: Rc<Shard>) {
             // client, never the socket. Anything that repeats gets a pause.
             Err(_) => {
                 shard.metrics.udp_receive_errors.add(1);
-                errors_in_a_row += 1;
-                if errors_in_a_row >= RECEIVE_ERRORS_BEFORE_PAUSE {
-                    errors_in_a_row = 0;
-                    glommio::timer::sleep(RECEIVE_ERROR_PAUSE).await;
-                } else {
-                    glommio::executor().yield_now().await;
+                let backoff;
+                (errors_in_a_row, backoff) = after_receive_error(errors_in_a_row);
+                match backoff {
+                    ReceiveBackoff::Yield => glommio::executor().yield_now().await,
+                    ReceiveBackoff::Pause(pause) => glommio::timer::sleep(pause).await,
                 }
             }
         }
@@ -413,5 +433,36 @@ fn oversized(rest: &[u8], error: CheckError) -> Oversized {
         Oversized::Intact(id)
     } else {
         Oversized::Corrupt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that never clears makes the reader pause regularly, bounding it to a read per pause, never a spin.
+    #[test]
+    fn persistent_receive_errors_pause() {
+        let mut errors_in_a_row = 0;
+        let mut pauses = 0;
+        let reads = 10 * RECEIVE_ERRORS_BEFORE_PAUSE;
+        for _ in 0..reads {
+            let backoff;
+            (errors_in_a_row, backoff) = after_receive_error(errors_in_a_row);
+            assert!(errors_in_a_row < RECEIVE_ERRORS_BEFORE_PAUSE);
+            if let ReceiveBackoff::Pause(pause) = backoff {
+                assert!(pause >= std::time::Duration::from_millis(1));
+                pauses += 1;
+            }
+        }
+        assert_eq!(
+            pauses, 10,
+            "one pause per {RECEIVE_ERRORS_BEFORE_PAUSE} errors in a row"
+        );
+        assert_eq!(
+            after_receive_error(0),
+            (1, ReceiveBackoff::Yield),
+            "a lone error only yields"
+        );
     }
 }
