@@ -443,20 +443,7 @@ mod tests {
             let mut group = vec![first];
             group.extend((1..group_size).map(|_| group_member(address)));
             spread_datagrams_randomly(&group[group_size - 1], group_size as u32).unwrap();
-            let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            let mut received = vec![0usize; group_size];
-            for sent in 0..DATAGRAMS {
-                sender.send_to(&(sent as u32).to_le_bytes(), address).unwrap();
-                if sent % 100 == 99 {
-                    for (member, socket) in group.iter().enumerate() {
-                        received[member] += drain(socket);
-                    }
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            for (member, socket) in group.iter().enumerate() {
-                received[member] += drain(socket);
-            }
+            let received = spread_counts(&group, address, DATAGRAMS);
             assert_eq!(
                 received.iter().sum::<usize>(),
                 DATAGRAMS,
