@@ -15,8 +15,10 @@
 //! turns a "need more" prefix into a verdict when more bytes arrive, and never takes back an
 //! `Unparseable` it already saw in a prefix.
 //!
-//! The frames are only split, not verified: each still goes through [`frame::parse`], whose
-//! rejections (crc, flags, length) are answered per frame without ending the stream.
+//! The frames are only split, not verified: each still goes through [`frame::parse`]. Its
+//! rejections (flags, length) are answered per frame without ending the stream; a crc that does
+//! not match is never answered and ends the connection (`tcp.rs`, protocol revision 2), since the
+//! bytes that were corrupted may be the framing itself.
 
 use crate::frame::{self, CheckError, EventId, Header, HEADER_BYTES};
 
@@ -245,7 +247,7 @@ mod tests {
         );
     }
 
-    // A frame with a bad crc or unknown flags is still split: parse rejects it, the stream goes on.
+    // A frame with a bad crc or unknown flags is still split: judging it is parse's job (and tcp.rs's).
     #[test]
     fn damaged_frames_are_split_not_judged() {
         let mut stream = Vec::new();
