@@ -84,6 +84,7 @@ pub struct Shard {
     /// under the prefix; until then the shard answers RETRY as if Redis were down.
     partitions_agreed: Cell<bool>,
     partitions_check_running: Cell<bool>,
+    partitions_check_logged_at: Cell<Option<Instant>>,
     /// Refused events since the last log line, and when that line was written.
     event_failures_unlogged: Cell<u64>,
     event_failures_logged_at: Cell<Option<Instant>>,
@@ -133,6 +134,7 @@ impl Shard {
             call_nonce: Cell::new(0),
             partitions_agreed: Cell::new(false),
             partitions_check_running: Cell::new(false),
+            partitions_check_logged_at: Cell::new(None),
             event_failures_unlogged: Cell::new(0),
             event_failures_logged_at: Cell::new(None),
             metrics,
@@ -548,11 +550,26 @@ impl Shard {
                     eprintln!("shardgate: {message}");
                     std::process::exit(2);
                 }
-                Err(error) => tracing::debug!(shard = shard.index, %error, "partition count check failed; retrying"),
+                Err(error) => shard.log_partitions_check_failure(&error),
             }
             shard.partitions_check_running.set(false);
         })
         .detach();
+    }
+
+    /// A check that fails keeps the shard answering RETRY, so it is logged as a
+    /// warning, at most once per `EVENT_FAILURE_LOG_PERIOD`: a key that holds
+    /// something else than a count would otherwise go unnoticed.
+    fn log_partitions_check_failure(&self, error: &crate::store::StoreError) {
+        let now = Instant::now();
+        let due = self
+            .partitions_check_logged_at
+            .get()
+            .is_none_or(|logged| now.duration_since(logged) >= EVENT_FAILURE_LOG_PERIOD);
+        if due {
+            tracing::warn!(shard = self.index, %error, "partition count check failed; answering RETRY and retrying");
+            self.partitions_check_logged_at.set(Some(now));
+        }
     }
 
     /// Waits up to `timeout` for Redis and checks the partition count, so a
