@@ -366,10 +366,7 @@ impl Shard {
         }
         let unlogged = self.event_failures_unlogged.get() + failures.total();
         let now = Instant::now();
-        let due = self
-            .event_failures_logged_at
-            .get()
-            .is_none_or(|logged| now.duration_since(logged) >= EVENT_FAILURE_LOG_PERIOD);
+        let due = log_due(self.event_failures_logged_at.get(), now, EVENT_FAILURE_LOG_PERIOD);
         if !due {
             self.event_failures_unlogged.set(unlogged);
             return;
@@ -562,10 +559,7 @@ impl Shard {
     /// something else than a count would otherwise go unnoticed.
     fn log_partitions_check_failure(&self, error: &crate::store::StoreError) {
         let now = Instant::now();
-        let due = self
-            .partitions_check_logged_at
-            .get()
-            .is_none_or(|logged| now.duration_since(logged) >= EVENT_FAILURE_LOG_PERIOD);
+        let due = log_due(self.partitions_check_logged_at.get(), now, EVENT_FAILURE_LOG_PERIOD);
         if due {
             tracing::warn!(shard = self.index, %error, "partition count check failed; answering RETRY and retrying");
             self.partitions_check_logged_at.set(Some(now));
@@ -665,6 +659,12 @@ fn send_due(opened_at: Instant, last_call_at: Option<Instant>, pace: Duration) -
     }
 }
 
+/// Whether a rate-limited log line may be written again: never written, or
+/// last written at least `period` ago.
+fn log_due(last_logged: Option<Instant>, now: Instant, period: Duration) -> bool {
+    last_logged.is_none_or(|logged| now.duration_since(logged) >= period)
+}
+
 fn partitions_differ_message(prefix: &str, recorded: u32, configured: u32) -> String {
     format!(
         "prefix {prefix:?} holds events stored with --partitions {recorded}, and this server has --partitions \
@@ -693,9 +693,7 @@ const FIRST_CONNECT_GRACE: Duration = Duration::from_secs(1);
 impl Outage {
     fn observe(&mut self, shard: usize, connected: bool, failures: u64, redis_down_retries: u64) {
         let now = Instant::now();
-        let due = self
-            .last_logged
-            .is_none_or(|logged| now.duration_since(logged) >= OUTAGE_LOG_PERIOD);
+        let due = log_due(self.last_logged, now, OUTAGE_LOG_PERIOD);
         match (connected, self.down_since) {
             (true, Some(since)) => {
                 if self.outage_logged {
