@@ -1137,7 +1137,17 @@ fn sigusr1_writes_histograms_and_keeps_serving() {
         per_shard, merged.total_count,
         "the shards' snapshots add up to the merged one"
     );
-    let hlog = std::fs::read_to_string(file(".hlog")).expect("interval log");
+    // The snapshot thread writes the .hlog after the .hgrm files this test waited for: wait for it too.
+    let has_ack_line = |hlog: &str| {
+        hlog.lines()
+            .any(|line| !line.starts_with('#') && line.contains("Tag=ack,"))
+    };
+    let hlog_deadline = Instant::now() + Duration::from_secs(5);
+    let mut hlog = std::fs::read_to_string(file(".hlog")).unwrap_or_default();
+    while !has_ack_line(&hlog) && Instant::now() < hlog_deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        hlog = std::fs::read_to_string(file(".hlog")).unwrap_or_default();
+    }
     assert!(
         hlog.lines()
             .any(|line| !line.starts_with('#') && line.contains("Tag=ack,")),
