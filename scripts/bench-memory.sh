@@ -8,7 +8,7 @@
 # The server is a second build with the `count-allocations` feature (a counting
 # global allocator, shared atomics: for measuring only), in its own target
 # directory so it never replaces the release binary. It runs as the suite runs
-# it (`serve --cores 0-N --placement fenced`, defaults otherwise, --metrics on),
+# it (`serve --cores $(scripts/shard-cores.sh) --placement fenced`, defaults otherwise, --metrics on),
 # against a private redis-server on a free loopback port with no persistence.
 # The load is `shardgate-bench run` with the issue's workload: 1 frame per
 # datagram, 100 000 players, 30% copies, 64-byte payloads, for --duration after
@@ -72,7 +72,7 @@ for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break;
 redis_url="redis://127.0.0.1:$redis_port"
 
 metrics_port=$(free_port)
-"$server" serve --cores "0-$(( $(nproc) - 1 ))" --placement fenced --udp 127.0.0.1:0 --tcp 127.0.0.1:0 \
+"$server" serve --cores "$(scripts/shard-cores.sh)" --placement fenced --udp-source-frames-per-sec 100000 --udp 127.0.0.1:0 --tcp 127.0.0.1:0 \
   --redis "$redis_url" --prefix sgm --metrics "127.0.0.1:$metrics_port" 2>"$work/server.log" &
 server_pid=$!
 pids+=("$server_pid")

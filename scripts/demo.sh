@@ -63,7 +63,8 @@ if [ -z "$redis_url" ]; then
 fi
 
 prefix="demo$(date +%s)"
-cores="0-$(( $(nproc) - 1 ))"
+# Half the cores for the shards, one on a 2-core machine: Redis and the load run here too (the script says why).
+cores=$(scripts/shard-cores.sh)
 ./target/release/shardgate serve --cores "$cores" --placement fenced --udp 127.0.0.1:0 --tcp 127.0.0.1:0 \
   --redis "$redis_url" --prefix "$prefix" --hdr-out "$work/latency.hgrm" 2>"$work/server.log" &
 server_pid=$!

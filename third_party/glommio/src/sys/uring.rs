@@ -1227,6 +1227,12 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    // shardgate patch: the user timer armed before sleeping has a slot of its
+    // own (upstream shared the preempt timer's), with the instant it was armed
+    // for, so that it can stay armed across loops while the next timer is the
+    // same one.
+    user_timeout_src: Cell<Option<Source>>,
+    user_timeout_deadline: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1358,6 +1364,8 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            user_timeout_src: Cell::new(None),
+            user_timeout_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1819,22 +1827,44 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // shardgate patch: upstream cancelled the old preempt timer and the
+        // throughput timer on every call and armed new ones, which costs two
+        // cancellations, two new operations and their completions per reactor
+        // loop (io_uring_enter calls on two rings), about once per datagram
+        // under load. A preempt timer that has not fired yet is kept when
+        // there is still work to run: it only fires sooner than a fresh one
+        // would, which preempts early, never late. It is still cancelled
+        // before sleeping, so it cannot wake an idle executor. The throughput
+        // timer counts completions since it was armed and is kept until it
+        // fires, for the same reason.
+        let preempt_at_entry = preempt_timer();
+        let kept_preempt_timer = match self.latency_preemption_timeout_src.take() {
+            Some(source) if preempt_at_entry.is_some() && source.result().is_none() => Some(source),
+            // Cancel the old timer: if we will sleep, it would wake us up
+            // when it expires.
+            other => {
+                drop(other);
+                None
+            }
+        };
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        let throughput_timer = self.throughput_preemption_timeout_src.take();
+        match throughput_timer {
+            Some(source) if source.result().is_none() => {
+                self.throughput_preemption_timeout_src.set(Some(source));
+            }
+            other => {
+                drop(other);
+                self.throughput_preemption_timeout_src.set(Some(
+                    main_ring.prepare_throughput_preemption_timer(
+                        self.ring_depth() as u32,
+                        self.eventfd_src.raw(),
+                    ),
+                ));
+            }
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1855,10 +1885,33 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+            // shardgate patch: upstream cancelled the user timer on every
+            // loop and armed a new one before every sleep: an allocation, a
+            // cancellation and an io_uring_enter on the latency ring per sleep,
+            // although the next timer is mostly the same one (a shard sleeps
+            // many times per batch linger). The armed timer is kept when it
+            // fires no later than the one asked for (`user_timer_reusable`); a
+            // timer that fires early only wakes us early, to sleep again.
+            match user_timer {
+                Some(dur) => {
+                    let deadline = Instant::now() + dur;
+                    if !self.user_timer_reusable(deadline) {
+                        // Dropping the old one (if any) queues its cancellation,
+                        // which this flush submits with the new timer.
+                        self.user_timeout_src
+                            .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                        self.user_timeout_deadline.set(Some(deadline));
+                        assert!(flush_rings!(lat_ring)? > 0);
+                    }
+                }
+                None => {
+                    // No timer is due: an armed one would only wake us.
+                    if let Some(old) = self.user_timeout_src.take() {
+                        drop(old);
+                        self.user_timeout_deadline.set(None);
+                        flush_rings!(lat_ring)?;
+                    }
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1884,10 +1937,20 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
+        match (preempt_timer(), kept_preempt_timer) {
+            // shardgate patch: the armed preempt timer stays (see above).
+            (Some(_), Some(kept)) => {
+                self.latency_preemption_timeout_src.set(Some(kept));
+                flush_rings!(lat_ring, main_ring)?;
+            }
+            (Some(preempt), None) => {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                flush_rings!(lat_ring, main_ring)?;
+            }
+            // Work ran out between the two checks: cancel it, as upstream did
+            // at the top of the next call.
+            (None, kept) => drop(kept),
         }
 
         // A Note about `need_preempt`:
@@ -1898,6 +1961,22 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// shardgate patch: whether the armed user timer can stand for a timer
+    /// due at `deadline`: it has not fired, and it fires no later than
+    /// `USER_TIMER_LATE_MAX` after `deadline`. Both instants are taken a few
+    /// microseconds after the timer wheel computed its next expiry, so the same
+    /// wheel timer gives deadlines that differ by that jitter only.
+    fn user_timer_reusable(&self, deadline: Instant) -> bool {
+        const USER_TIMER_LATE_MAX: Duration = Duration::from_micros(50);
+        let Some(armed_for) = self.user_timeout_deadline.get() else {
+            return false;
+        };
+        let source = self.user_timeout_src.take();
+        let pending = source.as_ref().is_some_and(|source| source.result().is_none());
+        self.user_timeout_src.set(source);
+        pending && armed_for <= deadline + USER_TIMER_LATE_MAX
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
