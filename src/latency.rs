@@ -150,7 +150,9 @@ pub fn write_files(
     };
     let mut written = Vec::new();
     let mut write = |target: PathBuf, histogram: &Histogram<u64>| -> std::io::Result<()> {
-        std::fs::write(&target, percentile_distribution(histogram))?;
+        write_then_rename(&target, |file| {
+            file.write_all(percentile_distribution(histogram).as_bytes())
+        })?;
         written.push(target);
         Ok(())
     };
@@ -164,9 +166,31 @@ pub fn write_files(
         )?;
     }
     let log_path = sibling(".hlog");
-    write_interval_log(&log_path, merged, shards, started)?;
+    write_then_rename(&log_path, |file| write_interval_log(file, merged, shards, started))?;
     written.push(log_path);
     Ok(written)
+}
+
+/// Writes a file under a temporary name beside it and renames it into place,
+/// so that a reader (a test, an operator's script after SIGUSR1) sees either
+/// the previous file or the whole new one, never one being written.
+fn write_then_rename(
+    target: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut temporary_name = target.as_os_str().to_owned();
+    temporary_name.push(".tmp");
+    let temporary = PathBuf::from(temporary_name);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&temporary)?);
+    let written = write(&mut file).and_then(|()| file.flush());
+    drop(file);
+    match written {
+        Ok(()) => std::fs::rename(&temporary, target),
+        Err(error) => {
+            let _ = std::fs::remove_file(&temporary);
+            Err(error)
+        }
+    }
 }
 
 /// An HdrHistogram interval log, line for line what Java's `HistogramLogWriter`
@@ -176,9 +200,13 @@ pub fn write_files(
 /// of interval logs (HistogramLogAnalyzer, the Java, Python, C and Go ports)
 /// accept. Timestamps are seconds since the start; every interval covers the
 /// run so far.
-fn write_interval_log(path: &Path, merged: &Latency, shards: &[Latency], started: SystemTime) -> std::io::Result<()> {
+fn write_interval_log(
+    file: &mut std::io::BufWriter<std::fs::File>,
+    merged: &Latency,
+    shards: &[Latency],
+    started: SystemTime,
+) -> std::io::Result<()> {
     let invalid = |error: String| std::io::Error::new(std::io::ErrorKind::InvalidData, error);
-    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
     let run_duration = SystemTime::now().duration_since(started).unwrap_or_default();
     let started_unix = started.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let started_secs = started_unix.as_secs_f64();
@@ -201,7 +229,7 @@ fn write_interval_log(path: &Path, merged: &Latency, shards: &[Latency], started
     // adds nothing to it and the writer only formats the interval lines.
     let mut writer = IntervalLogWriterBuilder::new()
         .with_max_value_divisor(1.0)
-        .begin_log_with(&mut file, &mut serializer)
+        .begin_log_with(&mut *file, &mut serializer)
         .map_err(|error| invalid(format!("cannot start interval log: {error}")))?;
     let mut entries: Vec<(String, &Histogram<u64>)> = vec![
         ("ack".into(), &merged.intake_to_ack_us),
@@ -264,6 +292,29 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file is replaced whole or not at all: a failed write keeps the old
+    /// content and leaves no temporary file behind; a good one replaces it.
+    #[test]
+    fn files_are_replaced_whole_or_not_at_all() {
+        let directory = tempfile::tempdir().unwrap();
+        let target = directory.path().join("latency.hgrm");
+        std::fs::write(&target, "old").unwrap();
+        let failed = write_then_rename(&target, |file| {
+            file.write_all(b"half of the new")?;
+            Err(std::io::Error::other("disk full"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "old");
+        assert_eq!(
+            std::fs::read_dir(directory.path()).unwrap().count(),
+            1,
+            "no temporary file is left"
+        );
+        write_then_rename(&target, |file| file.write_all(b"new")).unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+        assert_eq!(std::fs::read_dir(directory.path()).unwrap().count(), 1);
+    }
 
     /// Java's Date.toString() in UTC for days across leap years, century rules and month ends.
     #[test]
