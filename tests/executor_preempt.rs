@@ -98,3 +98,75 @@ fn kept_preempt_timer_still_preempts_and_lets_timers_run() {
         "preempted {preemptions} times: more than the timer allows"
     );
 }
+
+/// An executor woken by I/O many times, and then left with nothing but a timer,
+/// still wakes for the timer: the user timer that the patched reactor keeps
+/// armed across sleeps is replaced when it fired and never left stale.
+#[test]
+fn timers_still_wake_a_sleeping_executor_after_io_wakes() {
+    const SENDING_FOR: Duration = Duration::from_millis(100);
+    const TICKING_FOR: Duration = Duration::from_millis(300);
+    const TICK: Duration = Duration::from_millis(2);
+    let (address_sent, address_received) = mpsc::channel::<std::net::SocketAddr>();
+    let sender = thread::spawn(move || {
+        let address = address_received.recv().expect("the executor's socket address");
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a loopback socket");
+        let started = std::time::Instant::now();
+        while started.elapsed() < SENDING_FOR {
+            let _ = socket.send_to(b"wake", address);
+            thread::sleep(Duration::from_micros(300));
+        }
+    });
+    let (done, finished) = mpsc::channel();
+    let worker = thread::spawn(move || {
+        let executor = glommio::LocalExecutorBuilder::default()
+            .preempt_timer(Duration::from_micros(250))
+            .make()
+            .expect("an executor starts");
+        let counts = executor.run(async move {
+            let socket = glommio::net::UdpSocket::bind("127.0.0.1:0").expect("a loopback socket");
+            address_sent
+                .send(socket.local_addr().unwrap())
+                .expect("the sender waits");
+            let reader = glommio::spawn_local(async move {
+                let mut buffer = [0u8; 16];
+                let mut datagrams = 0u32;
+                let read_until = std::time::Instant::now() + SENDING_FOR;
+                while std::time::Instant::now() < read_until {
+                    let wait = glommio::timer::timeout(Duration::from_millis(20), async {
+                        Ok(socket.recv_from(&mut buffer).await)
+                    });
+                    if let Ok(Ok(_)) = wait.await {
+                        datagrams += 1;
+                    }
+                }
+                datagrams
+            });
+            let ticker = glommio::spawn_local(async move {
+                let started = std::time::Instant::now();
+                let mut ticks = 0u32;
+                while started.elapsed() < TICKING_FOR {
+                    glommio::timer::sleep(TICK).await;
+                    ticks += 1;
+                }
+                ticks
+            });
+            (reader.await, ticker.await)
+        });
+        let _ = done.send(counts);
+    });
+    let (datagrams, ticks) = finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the executor slept through its timers after the I/O stopped");
+    worker.join().expect("the worker thread ends");
+    sender.join().expect("the sender ends");
+    assert!(
+        datagrams >= 20,
+        "only {datagrams} datagrams woke the executor: the test did not exercise I/O wakes"
+    );
+    // 150 ticks on a quiet machine; two thirds of them come after the I/O stopped.
+    assert!(
+        ticks >= 50,
+        "the 2 ms ticker ticked only {ticks} times in {TICKING_FOR:?}"
+    );
+}
