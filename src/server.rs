@@ -626,23 +626,88 @@ fn hold_port(
 }
 
 /// Binds a placeholder on `address` (port 0 picks one) and returns the bound address.
+///
+/// For UDP the kernel's pick is not enough: a socket that sets SO_REUSEPORT
+/// before binding port 0 may be given a port that another process of the same
+/// user already serves with SO_REUSEPORT, and would join that process's group
+/// and take its datagrams (two servers started with port 0 at once met this).
+/// So a UDP port is picked by a probe without SO_REUSEPORT, which the kernel
+/// never puts on a port in use, and the placeholder that then binds it must be
+/// the group's only member; otherwise another port is tried.
 fn reserve(
     address: SocketAddr,
     kind: socket2::Type,
     placeholders: &mut Vec<socket2::Socket>,
 ) -> Result<SocketAddr, ServerError> {
-    let bind = || -> std::io::Result<(socket2::Socket, SocketAddr)> {
-        let socket = socket2::Socket::new(socket2::Domain::for_address(address), kind, None)?;
-        socket.set_reuse_port(true)?;
-        socket.bind(&address.into())?;
-        let bound = socket
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| std::io::Error::other("not an inet address"))?;
-        Ok((socket, bound))
-    };
-    let (socket, bound) =
-        bind().map_err(|error| ServerError::failed(format!("cannot pick a port on {address}: {error}")))?;
-    placeholders.push(socket);
-    Ok(bound)
+    let cannot = |error: std::io::Error| ServerError::failed(format!("cannot pick a port on {address}: {error}"));
+    if kind != socket2::Type::DGRAM || address.port() != 0 {
+        let (socket, bound) = bind_placeholder(address, kind).map_err(cannot)?;
+        placeholders.push(socket);
+        return Ok(bound);
+    }
+    for _ in 0..PORT_PICK_ATTEMPTS {
+        let (probe, picked) = bind_socket(address, kind, false).map_err(cannot)?;
+        drop(probe);
+        let Ok((socket, bound)) = bind_placeholder(picked, kind) else {
+            continue; // Taken between the probe and the placeholder.
+        };
+        if crate::sys::udp_group_inodes(bound).map_err(cannot)?.len() == 1 {
+            placeholders.push(socket);
+            return Ok(bound);
+        }
+    }
+    Err(cannot(std::io::Error::other(format!(
+        "every port of {PORT_PICK_ATTEMPTS} picks was already served by another process"
+    ))))
+}
+
+/// Picks of a free UDP port before giving up: a pick is lost only to a process
+/// that binds the same port in the microseconds between probe and placeholder.
+const PORT_PICK_ATTEMPTS: usize = 8;
+
+fn bind_placeholder(address: SocketAddr, kind: socket2::Type) -> std::io::Result<(socket2::Socket, SocketAddr)> {
+    bind_socket(address, kind, true)
+}
+
+fn bind_socket(
+    address: SocketAddr,
+    kind: socket2::Type,
+    reuse_port: bool,
+) -> std::io::Result<(socket2::Socket, SocketAddr)> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(address), kind, None)?;
+    socket.set_reuse_port(reuse_port)?;
+    socket.bind(&address.into())?;
+    let bound = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an inet address"))?;
+    Ok((socket, bound))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A UDP port picked for port 0 is never one that another SO_REUSEPORT
+    /// group already serves, and its placeholder is alone in its group.
+    #[test]
+    fn picked_udp_port_joins_no_other_group() {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        // Other "servers": reuseport groups on ports the kernel picked.
+        let others: Vec<(socket2::Socket, SocketAddr)> = (0..64)
+            .map(|_| bind_socket(loopback, socket2::Type::DGRAM, true).unwrap())
+            .collect();
+        // With SO_REUSEPORT set before binding port 0, about 1 pick in 300
+        // landed on one of 64 held groups here: 512 picks would show it.
+        for _ in 0..512 {
+            let mut placeholders = Vec::new();
+            let picked = reserve(loopback, socket2::Type::DGRAM, &mut placeholders).unwrap();
+            assert!(
+                others.iter().all(|(_, other)| other.port() != picked.port()),
+                "picked {picked}, a port another group serves"
+            );
+            assert_eq!(crate::sys::udp_group_inodes(picked).unwrap().len(), 1);
+            assert_eq!(placeholders.len(), 1);
+        }
+    }
 }
