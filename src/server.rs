@@ -692,6 +692,7 @@ mod tests {
     /// group already serves, and its placeholder is alone in its group.
     #[test]
     fn picked_udp_port_joins_no_other_group() {
+        let _table = crate::sys::tests::lock_udp_table();
         let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
         // Other "servers": reuseport groups on ports the kernel picked.
         let others: Vec<(socket2::Socket, SocketAddr)> = (0..64)

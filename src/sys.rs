@@ -409,7 +409,7 @@ mod datagram_batch_tests {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
@@ -479,10 +479,19 @@ mod tests {
         received
     }
 
+    /// Serializes the tests that read /proc/net/udp with those that bind many UDP sockets:
+    /// the kernel prints the table in chunks, and sockets bound or closed between two chunks
+    /// can be missed, so a count read meanwhile is short.
+    pub(crate) fn lock_udp_table() -> std::sync::MutexGuard<'static, ()> {
+        static UDP_TABLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        UDP_TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The group's members are found in /proc/net/udp by the bound address, as this process's
     /// sockets, and one that closes is gone from both lists.
     #[test]
     fn group_members_are_counted_by_bound_address() {
+        let _table = lock_udp_table();
         let first = group_member("127.0.0.1:0".parse().unwrap());
         let address = first.local_addr().unwrap();
         let mut group = vec![first, group_member(address), group_member(address)];
@@ -537,6 +546,7 @@ mod tests {
     /// over the remaining two.
     #[test]
     fn handover_spreads_over_both_sets_then_the_new_one() {
+        let _table = lock_udp_table();
         const DATAGRAMS: usize = 2000;
         let first = group_member("127.0.0.1:0".parse().unwrap());
         let address = first.local_addr().unwrap();
