@@ -641,14 +641,14 @@ fn reserve(
 ) -> Result<SocketAddr, ServerError> {
     let cannot = |error: std::io::Error| ServerError::failed(format!("cannot pick a port on {address}: {error}"));
     if kind != socket2::Type::DGRAM || address.port() != 0 {
-        let (socket, bound) = bind_placeholder(address, kind).map_err(cannot)?;
+        let (socket, bound) = bind_socket(address, kind, true).map_err(cannot)?;
         placeholders.push(socket);
         return Ok(bound);
     }
     for _ in 0..PORT_PICK_ATTEMPTS {
         let (probe, picked) = bind_socket(address, kind, false).map_err(cannot)?;
         drop(probe);
-        let Ok((socket, bound)) = bind_placeholder(picked, kind) else {
+        let Ok((socket, bound)) = bind_socket(picked, kind, true) else {
             continue; // Taken between the probe and the placeholder.
         };
         if crate::sys::udp_group_inodes(bound).map_err(cannot)?.len() == 1 {
@@ -664,10 +664,6 @@ fn reserve(
 /// Picks of a free UDP port before giving up: a pick is lost only to a process
 /// that binds the same port in the microseconds between probe and placeholder.
 const PORT_PICK_ATTEMPTS: usize = 8;
-
-fn bind_placeholder(address: SocketAddr, kind: socket2::Type) -> std::io::Result<(socket2::Socket, SocketAddr)> {
-    bind_socket(address, kind, true)
-}
 
 fn bind_socket(
     address: SocketAddr,

@@ -48,19 +48,8 @@ fn kept_preempt_timer_still_preempts_and_lets_timers_run() {
                 glommio::Latency::Matters(Duration::from_millis(1)),
                 "ticker",
             );
-            let ticker = glommio::spawn_local_into(
-                async move {
-                    let started = std::time::Instant::now();
-                    let mut ticks = 0u32;
-                    while started.elapsed() < RUN_FOR {
-                        glommio::timer::sleep(TICK).await;
-                        ticks += 1;
-                    }
-                    ticks
-                },
-                ticker_queue,
-            )
-            .expect("the ticker queue exists");
+            let ticker =
+                glommio::spawn_local_into(ticks_for(RUN_FOR, TICK), ticker_queue).expect("the ticker queue exists");
             let busy = glommio::spawn_local(async move {
                 let started = std::time::Instant::now();
                 let mut preemptions = 0u32;
@@ -142,15 +131,7 @@ fn timers_still_wake_a_sleeping_executor_after_io_wakes() {
                 }
                 datagrams
             });
-            let ticker = glommio::spawn_local(async move {
-                let started = std::time::Instant::now();
-                let mut ticks = 0u32;
-                while started.elapsed() < TICKING_FOR {
-                    glommio::timer::sleep(TICK).await;
-                    ticks += 1;
-                }
-                ticks
-            });
+            let ticker = glommio::spawn_local(ticks_for(TICKING_FOR, TICK));
             (reader.await, ticker.await)
         });
         let _ = done.send(counts);
@@ -169,4 +150,15 @@ fn timers_still_wake_a_sleeping_executor_after_io_wakes() {
         ticks >= 50,
         "the 2 ms ticker ticked only {ticks} times in {TICKING_FOR:?}"
     );
+}
+
+/// Sleeps `tick` at a time for `run_for` and counts the wake-ups.
+async fn ticks_for(run_for: Duration, tick: Duration) -> u32 {
+    let started = std::time::Instant::now();
+    let mut ticks = 0u32;
+    while started.elapsed() < run_for {
+        glommio::timer::sleep(tick).await;
+        ticks += 1;
+    }
+    ticks
 }
