@@ -574,6 +574,7 @@ pub(crate) mod tests {
     /// The program is the documented three instructions, and a group of none is refused.
     #[test]
     fn program_is_random_modulo_group_size() {
+        let _table = lock_udp_table();
         let program = random_socket_program(7);
         assert_eq!(program[1].k, 7);
         assert_eq!(program[0].k as i32, libc::SKF_AD_OFF + libc::SKF_AD_RANDOM);
@@ -587,6 +588,7 @@ pub(crate) mod tests {
     /// the original, and dropping one handle leaves the other usable; for many rounds of random sizes.
     #[test]
     fn duplicate_shares_the_socket() {
+        let _table = lock_udp_table();
         LocalExecutorBuilder::default()
             .spawn(|| async move {
                 let listener = TcpListener::bind("127.0.0.1:0").unwrap();
