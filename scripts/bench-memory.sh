@@ -3,11 +3,13 @@
 # event, RSS over the run, and the share of duplicate copies answered without a
 # Redis round trip. Writes bench/RESULTS-memory.md.
 #
-#   scripts/bench-memory.sh [--rate 50000] [--duration 30s] [--out FILE]
+#   scripts/bench-memory.sh [--rate 50000] [--duration 30s] [--out FILE] [--server BIN]
 #
 # The server is a second build with the `count-allocations` feature (a counting
 # global allocator, shared atomics: for measuring only), in its own target
-# directory so it never replaces the release binary. It runs as the suite runs
+# directory so it never replaces the release binary (--server BIN runs a
+# count-allocations binary built before instead, to compare two of them in one
+# session). It runs as the suite runs
 # it (`serve --cores $(scripts/shard-cores.sh) --placement fenced`, defaults otherwise, --metrics on),
 # against a private redis-server on a free loopback port with no persistence.
 # The load is `shardgate-bench run` with the issue's workload: 1 frame per
@@ -26,12 +28,14 @@ rate=50000
 duration=30s
 warmup=5s
 out=bench/RESULTS-memory.md
+server=
 while [ $# -gt 0 ]; do
   case "$1" in
     --rate) rate="$2"; shift 2 ;;
     --duration) duration="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --server) server="$2"; shift 2 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -58,10 +62,14 @@ wait_for() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; 
 # The value of one metric line (the sum over shards of lines starting with $1).
 metric_sum() { grep "^$1" "$work/metrics.txt" | awk '{ s += $NF } END { printf "%d", s }'; }
 
-log "building: shardgate-bench (release), shardgate with count-allocations (target/count-allocations)"
+log "building: shardgate-bench (release)${server:+; the server is $server}"
 cargo build --release -q -p shardgate-bench
-cargo build --release -q -p shardgate --features count-allocations --target-dir target/count-allocations
-server=target/count-allocations/release/shardgate
+if [ -z "${server:-}" ]; then
+  log "building: shardgate with count-allocations (target/count-allocations)"
+  cargo build --release -q -p shardgate --features count-allocations --target-dir target/count-allocations
+  server=target/count-allocations/release/shardgate
+fi
+[ -x "$server" ] || { echo "--server $server: no such executable" >&2; exit 2; }
 bench=target/release/shardgate-bench
 
 redis_port=$(free_port)

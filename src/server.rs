@@ -439,6 +439,9 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
     let udp_task = glommio::spawn_local(crate::udp::serve(Rc::clone(&shard)));
     let tcp_task = glommio::spawn_local(crate::tcp::serve(Rc::clone(&shard), listener));
     let linger_task = glommio::spawn_local(Rc::clone(&shard).linger_loop());
+    let caller_tasks: Vec<_> = (0..init.config.batches_in_flight_max)
+        .map(|caller| glommio::spawn_local(Rc::clone(&shard).caller_loop(caller)))
+        .collect();
     Rc::clone(&shard)
         .tick_loop(
             Arc::clone(&common.stop),
@@ -458,6 +461,10 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
     let deadline = Instant::now() + Duration::from_millis(init.config.drain_timeout_ms);
     let drained_events = shard.drain(deadline).await;
     linger_task.await;
+    shard.close_callers();
+    for task in caller_tasks {
+        task.await;
+    }
     while shard.tcp_connections_open.get() > 0 && Instant::now() < deadline + Duration::from_millis(500) {
         futures_lite::future::or(
             shard.tcp_closed.wait(),

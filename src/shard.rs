@@ -57,6 +57,19 @@ pub enum Fate {
     Corrupt,
 }
 
+/// Makes one script call at a time, for the batch `Shard::flush` hands it.
+///
+/// A task per call was spawned before: its future, fred's call nested inside,
+/// is about 24 KB, and that allocation was two thirds of the heap the server
+/// allocated per frame (bench/wins.md). The shard's callers are spawned once,
+/// at start, so a call spawns nothing.
+struct Caller {
+    /// The batch to send, put here by `flush` and taken by the caller's task.
+    batch: RefCell<Option<Batch>>,
+    /// Wakes the caller's task for a batch, or to end.
+    ready: Notify,
+}
+
 /// At most one log line per this period about events Redis refused one by one.
 const EVENT_FAILURE_LOG_PERIOD: Duration = Duration::from_secs(10);
 
@@ -76,6 +89,13 @@ pub struct Shard {
     held: RefCell<Vec<Batch>>,
     /// Calls sent and not yet answered.
     batches_in_flight: Cell<usize>,
+    /// One per in-flight slot, each with a task spawned at start (`caller_loop`).
+    callers: Vec<Caller>,
+    /// Callers with no batch. A caller is busy exactly while its batch is in
+    /// flight, so a free slot means an idle caller.
+    idle_callers: RefCell<Vec<usize>>,
+    /// Set after the drain: the callers' tasks end.
+    callers_closed: Cell<bool>,
     /// When the last call started: calls are paced `batch_linger_us` apart.
     last_call_at: Cell<Option<Instant>>,
     /// Numbers the calls; the script echoes it (`script.rs`).
@@ -130,6 +150,14 @@ impl Shard {
             spare: RefCell::new(batches),
             held: RefCell::new(Vec::with_capacity(config.batches_in_flight_max)),
             batches_in_flight: Cell::new(0),
+            callers: (0..config.batches_in_flight_max)
+                .map(|_| Caller {
+                    batch: RefCell::new(None),
+                    ready: Notify::default(),
+                })
+                .collect(),
+            idle_callers: RefCell::new((0..config.batches_in_flight_max).rev().collect()),
+            callers_closed: Cell::new(false),
             last_call_at: Cell::new(None),
             call_nonce: Cell::new(0),
             partitions_agreed: Cell::new(false),
@@ -273,7 +301,7 @@ impl Shard {
     /// Sends the open batch if it has events and an in-flight slot is free:
     /// a spare batch to take its place. Held batches take no slot back until
     /// the Redis client lets go of them.
-    pub fn flush(self: &Rc<Self>) {
+    pub fn flush(&self) {
         if self.open.borrow().is_empty() {
             return;
         }
@@ -283,12 +311,47 @@ impl Shard {
         let Some(spare) = self.spare.borrow_mut().pop_front() else {
             return;
         };
+        assert!(!self.callers_closed.get(), "no batch is sent after the drain");
+        let caller = self.idle_callers.borrow_mut().pop();
+        let caller = caller.expect("a free slot means an idle caller: busy callers are the batches in flight");
         let batch = self.open.replace(spare);
         self.last_call_at.set(Some(Instant::now()));
         self.batches_in_flight.set(self.batches_in_flight.get() + 1);
         debug_assert!(self.batches_in_flight.get() <= self.config.batches_in_flight_max);
-        let shard = Rc::clone(self);
-        glommio::spawn_local(async move { shard.send(batch).await }).detach();
+        debug_assert_eq!(
+            self.batches_in_flight.get() + self.idle_callers.borrow().len(),
+            self.callers.len()
+        );
+        let previous = self.callers[caller].batch.replace(Some(batch));
+        assert!(previous.is_none(), "an idle caller holds no batch");
+        self.callers[caller].ready.notify();
+    }
+
+    /// The task of caller `caller`: sends each batch `flush` hands it, until
+    /// `close_callers`. Spawned once per in-flight slot at start.
+    pub async fn caller_loop(self: Rc<Self>, caller: usize) {
+        loop {
+            let batch = self.callers[caller].batch.take();
+            match batch {
+                Some(batch) => {
+                    self.send(batch).await;
+                    // No await since `send` counted the call done, so no
+                    // `flush` ran meanwhile without this caller.
+                    self.idle_callers.borrow_mut().push(caller);
+                }
+                None if self.callers_closed.get() => return,
+                None => self.callers[caller].ready.wait().await,
+            }
+        }
+    }
+
+    /// Ends the callers' tasks, once the drain has answered every batch.
+    pub fn close_callers(&self) {
+        assert_eq!(self.batches_in_flight.get(), 0, "the drain answered every batch");
+        self.callers_closed.set(true);
+        for caller in &self.callers {
+            caller.ready.notify();
+        }
     }
 
     /// Moves held batches whose blob the Redis client dropped back to the
@@ -314,7 +377,7 @@ impl Shard {
         self.batches_in_flight.get() + self.held.borrow().len()
     }
 
-    async fn send(self: Rc<Self>, mut batch: Batch) {
+    async fn send(&self, mut batch: Batch) {
         let blob = batch.take_blob();
         let event_count = batch.len();
         let nonce = self.call_nonce.get().wrapping_add(1);

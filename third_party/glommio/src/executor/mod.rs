@@ -1324,7 +1324,7 @@ impl LocalExecutor {
         let mut ran = false;
         loop {
             self.reactor.sys.install_eventfd();
-            // shardgate patch (see PATCHED.md, upstream glommio PR #53): a
+            // shardgate patch (see PATCHED.md; upstream PR #53 differs): a
             // preemption that fires before any queue ran must not read as
             // "nothing to run", or the executor parks with runnable tasks and
             // may never wake. Run one queue first, then honour preemption.

@@ -165,17 +165,27 @@ impl Source {
         stats_collection: Option<StatsCollection>,
         task_queue: Option<TaskQueueHandle>,
     ) -> Source {
-        Source {
-            inner: Rc::pin(RefCell::new(InnerSource {
-                raw,
-                wakers: Wakers::new(),
-                source_type,
-                io_requirements: ioreq,
-                enqueued: None,
-                timeout: None,
-                stats_collection,
-                task_queue,
-            })),
+        let fresh = InnerSource {
+            raw,
+            wakers: Wakers::new(),
+            source_type,
+            io_requirements: ioreq,
+            enqueued: None,
+            timeout: None,
+            stats_collection,
+            task_queue,
+        };
+        // shardgate patch: reuse an allocation a dropped source left in this
+        // thread's pool (see `SOURCE_POOL`); the placeholder it held owns nothing.
+        match SOURCE_POOL.try_with(|pool| pool.borrow_mut().pop()).ok().flatten() {
+            Some(inner) => {
+                let placeholder = std::mem::replace(&mut *inner.borrow_mut(), fresh);
+                debug_assert!(matches!(placeholder.source_type, SourceType::Invalid));
+                Source { inner }
+            }
+            None => Source {
+                inner: Rc::pin(RefCell::new(fresh)),
+            },
         }
     }
 
@@ -317,6 +327,87 @@ impl Source {
 
 impl Drop for Source {
     fn drop(&mut self) {
+        self.cancel_if_enqueued();
+        self.recycle_if_exclusive();
+    }
+}
+
+/// shardgate patch: how many source allocations a thread keeps for reuse.
+/// glommio allocated one `Rc<RefCell<InnerSource>>` (a few hundred bytes) for
+/// every io_uring operation, so a reactor that parks and wakes per datagram
+/// allocated and freed one or more per frame. A shard has a few dozen sources
+/// alive at most, so 64 covers the churn; a source dropped while the pool is
+/// full is freed as before.
+const SOURCE_POOL_MAX: usize = 64;
+
+thread_local! {
+    /// shardgate patch: allocations of dropped sources, each holding a
+    /// placeholder that owns nothing, and referenced from nowhere else.
+    static SOURCE_POOL: RefCell<Vec<Pin<Rc<RefCell<InnerSource>>>>> =
+        RefCell::new(Vec::with_capacity(SOURCE_POOL_MAX));
+}
+
+impl InnerSource {
+    /// What a pooled allocation holds: no descriptor, buffer, waker or queue.
+    fn placeholder() -> Self {
+        InnerSource {
+            raw: -1,
+            wakers: Wakers::new(),
+            source_type: SourceType::Invalid,
+            io_requirements: Default::default(),
+            enqueued: None,
+            timeout: None,
+            stats_collection: None,
+            task_queue: None,
+        }
+    }
+}
+
+/// shardgate patch: the reactor's side of the pool. A source whose owner
+/// dropped it while its operation was in the kernel (a cancelled timer, the
+/// poll that links the rings) is held last by the reactor, which hands it
+/// here once its completion is processed.
+pub(crate) fn recycle(inner: Pin<Rc<RefCell<InnerSource>>>) {
+    let inner = Pin::into_inner(inner);
+    if Rc::strong_count(&inner) != 1 || Rc::weak_count(&inner) != 0 {
+        return;
+    }
+    // Taken out before it is dropped: dropping wakers may run other code.
+    let contents = std::mem::replace(&mut *inner.borrow_mut(), InnerSource::placeholder());
+    drop(contents);
+    let inner = Pin::new(inner);
+    let _ = SOURCE_POOL.try_with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < SOURCE_POOL_MAX {
+            pool.push(inner);
+        }
+    });
+}
+
+impl Source {
+    /// shardgate patch: when nothing else holds this source's allocation (the
+    /// reactor holds a clone while an operation is queued or in the kernel),
+    /// its contents are dropped now and the allocation goes to the pool.
+    fn recycle_if_exclusive(&mut self) {
+        let inner = Pin::into_inner(self.inner.clone());
+        // Two strong references: `self` and the clone just taken.
+        let exclusive = Rc::strong_count(&inner) == 2 && Rc::weak_count(&inner) == 0;
+        drop(inner);
+        if !exclusive {
+            return;
+        }
+        // Taken out before it is dropped: dropping wakers may run other code.
+        let contents = std::mem::replace(&mut *self.inner.borrow_mut(), InnerSource::placeholder());
+        drop(contents);
+        let _ = SOURCE_POOL.try_with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < SOURCE_POOL_MAX {
+                pool.push(self.inner.clone());
+            }
+        });
+    }
+
+    fn cancel_if_enqueued(&mut self) {
         let mut inner = self.inner.borrow_mut();
         let enqueued = inner.enqueued.as_mut();
         if let Some(EnqueuedSource { id, queue, status }) = enqueued {

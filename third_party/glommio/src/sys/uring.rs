@@ -564,6 +564,9 @@ where
             inner_source.wakers.result = res;
             woke = inner_source.wakers.wake_waiters();
         }
+        // shardgate patch: a source its owner already dropped goes back to
+        // the thread's pool instead of being freed (`source.rs`, `SOURCE_POOL`).
+        crate::sys::source::recycle(src);
         return Some(woke);
     }
     None
