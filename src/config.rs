@@ -662,7 +662,8 @@ mod tests {
         );
     }
 
-    /// With fenced and no --cores, the shards take the cores this process may use.
+    /// With fenced and no --cores, the shards take the cores this thread may run on, as the
+    /// kernel lists them in /proc/thread-self/status (read here, not through `cpuset.rs`).
     #[test]
     fn fenced_without_cores_takes_the_allowed_set() {
         let config = ServeArgs {
@@ -672,8 +673,21 @@ mod tests {
         }
         .resolve()
         .unwrap();
-        assert_eq!(config.cores, crate::cpuset::allowed().unwrap().cores);
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let list = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+            .expect("the kernel lists the allowed cpus")
+            .trim();
+        let kernel_allowed: Vec<usize> = list
+            .split(',')
+            .flat_map(|range| {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                first.parse::<usize>().unwrap()..=last.parse::<usize>().unwrap()
+            })
+            .collect();
         assert!(!config.cores.is_empty());
+        assert_eq!(config.cores, kernel_allowed, "kernel's list: {list}");
     }
 
     /// The abuse limits default from limits.rs, come from the file, and refuse values outside their ranges.

@@ -27,7 +27,12 @@ pub struct Notifier {
 impl Notifier {
     /// Reads `$NOTIFY_SOCKET`: a path, or `@name` for an abstract socket.
     pub fn from_env() -> Notifier {
-        let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
+        Notifier::from_name(std::env::var_os("NOTIFY_SOCKET"))
+    }
+
+    /// The notifier for the socket `$NOTIFY_SOCKET` names, or none.
+    fn from_name(name: Option<std::ffi::OsString>) -> Notifier {
+        let Some(name) = name else {
             return Notifier { socket: None };
         };
         let name = name.to_string_lossy().into_owned();
@@ -163,12 +168,48 @@ mod tests {
         assert_eq!(&buffer[..length], b"READY=1\nSTATUS=serving 2 shards");
     }
 
-    /// Without a socket, sending does nothing and does not fail.
+    /// `$NOTIFY_SOCKET` decides where notifications go: nowhere when unset, else the path or the
+    /// abstract `@name` it gives; a socket nobody listens on is not an error for the server.
     #[test]
-    fn no_socket_is_a_no_op() {
-        let notifier = Notifier { socket: None };
-        assert!(!notifier.is_enabled());
-        notifier.send("READY=1");
+    fn notify_socket_names_where_notifications_go() {
+        let unset = Notifier::from_name(None);
+        assert!(!unset.is_enabled());
+        unset.send("READY=1");
+
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("notify");
+        let listener = UnixDatagram::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let by_path = Notifier::from_name(Some(path.clone().into_os_string()));
+        assert!(by_path.is_enabled());
+        by_path.send("READY=1");
+        let mut buffer = [0u8; 64];
+        let length = listener
+            .recv(&mut buffer)
+            .expect("the path's listener got the datagram");
+        assert_eq!(&buffer[..length], b"READY=1");
+
+        let name = format!("shardgate-notify-test-{}", std::process::id());
+        let abstract_listener =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        abstract_listener.set_nonblocking(true).unwrap();
+        Notifier::from_name(Some(format!("@{name}").into())).send("STOPPING=1");
+        let length = abstract_listener
+            .recv(&mut buffer)
+            .expect("the abstract listener got the datagram");
+        assert_eq!(&buffer[..length], b"STOPPING=1");
+        assert!(
+            listener.recv(&mut buffer).is_err(),
+            "nothing meant for the abstract name reached the path"
+        );
+
+        drop(listener);
+        let gone = Notifier::from_name(Some(path.into_os_string()));
+        assert!(
+            gone.is_enabled(),
+            "the socket is named; that nobody listens shows only on sending"
+        );
+        gone.send("WATCHDOG=1");
     }
 
     /// A shard that has not beaten within the period is stale; one that has is not.

@@ -9,9 +9,13 @@
 //! 2. `take_frame` parses it (REJECTED if invalid) and `admit` decides:
 //!    - DUPLICATE now, if this shard's or another shard's cache holds the id:
 //!      the cache only ever holds ids Redis confirmed stored;
-//!    - RETRY now, if a copy of the id is already in flight here (its outcome
-//!      is unknown, so DUPLICATE would be a lie if that write fails), if Redis
-//!      is down, if the shard is at its in-flight bound, or if it is stopping;
+//!    - held, if a copy of the id is already in flight here: its outcome is
+//!      unknown, so DUPLICATE now would be a lie if that write fails. The copy
+//!      is answered when the original's call completes, DUPLICATE if it was
+//!      stored and RETRY if not (`answer_held_copies`); RETRY at once when
+//!      `HELD_COPIES_MAX` copies already wait;
+//!    - RETRY now, if Redis is down, if the shard is at its in-flight bound,
+//!      or if it is stopping;
 //!    - otherwise it joins the open batch and answers later.
 //! 3. The batch is sent when full, or when `batch_linger_us` has passed since
 //!    its first event (`linger_loop`), as one script call (`store.rs`).
@@ -38,7 +42,7 @@ use crate::config::Config;
 use crate::dedup::{DedupReader, DedupWriter};
 use crate::frame::{parse, Action, EventId, Header, RejectReason, Status};
 use crate::latency::Latency;
-use crate::limits::REPLY_BOOK_DESTINATIONS;
+use crate::limits::{HELD_COPIES_MAX, REPLY_BOOK_DESTINATIONS};
 use crate::metrics::{LookupOutcome, RetryCause, ShardMetrics, Transport};
 use crate::notify::{Latch, Notify};
 use crate::reply::{ReplyBook, Route};
@@ -55,6 +59,22 @@ pub enum Fate {
     /// Its crc32c does not match: never answered, since its id cannot be
     /// trusted (protocol revision 2). UDP drops it; TCP closes the connection.
     Corrupt,
+}
+
+/// What `Shard::decide` makes of an event id before any batch.
+enum Decision {
+    Answer(Status),
+    /// A copy of an id in flight on this shard: it waits for the original.
+    Hold,
+    Batch,
+}
+
+/// A copy that arrived while its id was in flight on this shard, waiting for
+/// the original's call to complete (`Shard::answer_held_copies`).
+struct HeldCopy {
+    id: EventId,
+    route: Route,
+    received_at: Instant,
 }
 
 /// Makes one script call at a time, for the batch `Shard::flush` hands it.
@@ -81,6 +101,8 @@ pub struct Shard {
     dedup: RefCell<DedupWriter>,
     peers: Vec<DedupReader>,
     in_flight: RefCell<HashSet<EventId>>,
+    /// Copies of ids in flight, at most `HELD_COPIES_MAX`; allocated at start.
+    held_copies: RefCell<Vec<HeldCopy>>,
     open: RefCell<Batch>,
     /// Free batches, ready to fill.
     spare: RefCell<VecDeque<Batch>>,
@@ -146,6 +168,7 @@ impl Shard {
             dedup: RefCell::new(dedup),
             peers,
             in_flight: RefCell::new(in_flight),
+            held_copies: RefCell::new(Vec::with_capacity(HELD_COPIES_MAX)),
             open: RefCell::new(Batch::new(config.batch_events_max)),
             spare: RefCell::new(batches),
             held: RefCell::new(Vec::with_capacity(config.batches_in_flight_max)),
@@ -233,8 +256,10 @@ impl Shard {
         recv_us: u64,
     ) -> Option<Status> {
         let id = action.id;
-        if let Some(status) = self.answer_now(id) {
-            return Some(status);
+        match self.decide(id) {
+            Decision::Answer(status) => return Some(status),
+            Decision::Hold => return self.hold_copy(id, route, received_at),
+            Decision::Batch => {}
         }
         let partition = (id.player_id % u64::from(self.config.partitions)) as u32;
         let mut open = self.open.borrow_mut();
@@ -257,35 +282,53 @@ impl Shard {
         None
     }
 
-    /// The answer an event gets without a Redis call, if any; see the module doc.
-    fn answer_now(&self, id: EventId) -> Option<Status> {
+    /// Whether an event is answered now, waits for a copy in flight, or joins
+    /// the open batch; see the module doc.
+    fn decide(&self, id: EventId) -> Decision {
         if self.stopping.is_open() {
             self.metrics.retry(RetryCause::ShuttingDown);
-            return Some(Status::Retry);
+            return Decision::Answer(Status::Retry);
         }
         if self.dedup.borrow_mut().contains(id) {
             self.metrics.lookup(LookupOutcome::OwnHit);
-            return Some(Status::Duplicate);
+            return Decision::Answer(Status::Duplicate);
         }
         if self.in_flight.borrow().contains(&id) {
             self.metrics.lookup(LookupOutcome::InFlight);
-            self.metrics.retry(RetryCause::InFlightCopy);
-            return Some(Status::Retry);
+            return Decision::Hold;
         }
         if self.peers.iter().any(|peer| peer.contains(id)) {
             self.metrics.lookup(LookupOutcome::PeerHit);
-            return Some(Status::Duplicate);
+            return Decision::Answer(Status::Duplicate);
         }
         self.metrics.lookup(LookupOutcome::Miss);
         if !self.redis_up.get() {
             self.metrics.retry(RetryCause::RedisDown);
-            return Some(Status::Retry);
+            return Decision::Answer(Status::Retry);
         }
         if self.open.borrow().is_full() {
             // Full and not sent: every in-flight slot is taken.
             self.metrics.retry(RetryCause::Overload);
+            return Decision::Answer(Status::Retry);
+        }
+        Decision::Batch
+    }
+
+    /// Keeps a copy of an id in flight until the original's call completes;
+    /// RETRY at once (`None` means held) when `HELD_COPIES_MAX` already wait.
+    fn hold_copy(&self, id: EventId, route: &Route, received_at: Instant) -> Option<Status> {
+        debug_assert!(self.in_flight.borrow().contains(&id));
+        let mut held = self.held_copies.borrow_mut();
+        if held.len() == HELD_COPIES_MAX {
+            self.metrics.retry(RetryCause::InFlightCopy);
             return Some(Status::Retry);
         }
+        held.push(HeldCopy {
+            id,
+            route: route.clone(),
+            received_at,
+        });
+        debug_assert!(held.len() <= held.capacity(), "held copies never grow their buffer");
         None
     }
 
@@ -482,12 +525,49 @@ impl Shard {
         let now = Instant::now();
         for (event, &status) in batch.events().iter().zip(batch.statuses()) {
             self.record_answered(event.route.transport(), status, event.received_at, now);
-            match &event.route {
-                Route::Udp(source) => self.push_udp_answer(&mut replies, *source, status, event.id).await,
-                Route::Tcp(connection) => connection.push_ack(status, event.id),
-            }
+            self.push_answer(&mut replies, &event.route, status, event.id).await;
         }
+        self.answer_held_copies(&mut replies).await;
         self.send_udp_replies(&mut replies).await;
+    }
+
+    /// Answers every held copy whose id is no longer in flight: DUPLICATE if
+    /// the cache holds the id (the original was stored, or found stored), else
+    /// RETRY (its call failed). Each copy is looked up afresh after every
+    /// await, since another batch's answers may take some meanwhile.
+    async fn answer_held_copies<const N: usize>(&self, replies: &mut ReplyBook<N>) {
+        while let Some(copy) = self.take_resolved_copy() {
+            let status = if self.dedup.borrow_mut().contains(copy.id) {
+                Status::Duplicate
+            } else {
+                self.metrics.retry(RetryCause::RedisError);
+                Status::Retry
+            };
+            self.record_answered(copy.route.transport(), status, copy.received_at, Instant::now());
+            self.push_answer(replies, &copy.route, status, copy.id).await;
+        }
+    }
+
+    fn take_resolved_copy(&self) -> Option<HeldCopy> {
+        let in_flight = self.in_flight.borrow();
+        let mut held = self.held_copies.borrow_mut();
+        let index = held.iter().position(|copy| !in_flight.contains(&copy.id))?;
+        Some(held.swap_remove(index))
+    }
+
+    /// Queues one answer: UDP acks coalesce per source in `replies`, TCP acks
+    /// go to their connection's writer.
+    async fn push_answer<const N: usize>(
+        &self,
+        replies: &mut ReplyBook<N>,
+        route: &Route,
+        status: Status,
+        id: EventId,
+    ) {
+        match route {
+            Route::Udp(source) => self.push_udp_answer(replies, *source, status, id).await,
+            Route::Tcp(connection) => connection.push_ack(status, id),
+        }
     }
 
     /// Adds one UDP ack to `replies`, sending a reply first when there is no room.
@@ -688,6 +768,10 @@ impl Shard {
             }
         }
         debug_assert!(self.in_flight.borrow().is_empty());
+        debug_assert!(
+            self.held_copies.borrow().is_empty(),
+            "every held copy's original was answered"
+        );
         held_events
     }
 

@@ -4,10 +4,12 @@
 mod support;
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use shardgate::frame::{encode_action, ActionFields, EventId};
 use support::*;
 
 /// Starts Redis and a 2-shard server (plus `extra` flags), delivers `n` random events with
@@ -162,4 +164,78 @@ fn tiny_dedup_cache_still_exactly_once() {
             ..DeliverOpts::default()
         },
     );
+}
+
+/// One ACTION frame of player 9 with this seq.
+fn frame_of(seq: u64) -> Vec<u8> {
+    let mut frame = Vec::new();
+    let fields = ActionFields {
+        id: EventId { player_id: 9, seq },
+        client_time_us: 1,
+        action_type: 2,
+        payload: b"chest",
+    };
+    encode_action(&fields, &mut frame);
+    frame
+}
+
+/// The first answer `client` gets for (9, `seq`) before `deadline`.
+fn answer_before(client: &mut UdpClient, seq: u64, deadline: Instant) -> Option<St> {
+    while Instant::now() < deadline {
+        let acks = client.recv_acks_until(deadline, 1);
+        if let Some(ack) = acks.iter().find(|ack| ack.key() == (9, seq)) {
+            return Some(ack.status);
+        }
+    }
+    None
+}
+
+// A copy that arrives while its original is in Redis waits for the original's outcome: DUPLICATE
+// once the original is stored, RETRY when the original's call times out; never an answer before.
+#[test]
+fn a_copy_in_flight_waits_for_its_original() {
+    let redis = RedisServer::start();
+    let server = Server::builder(&redis.url())
+        .cores("0")
+        .arg("--redis-timeout-ms", "400")
+        .start();
+    let mut original = UdpClient::new(server.udp_addr());
+    let mut copy = UdpClient::new(server.udp_addr());
+
+    // Stored: Redis is stopped while both copies arrive, then goes on.
+    redis.pause();
+    original.send_frames(&frame_of(1));
+    thread::sleep(Duration::from_millis(50));
+    copy.send_frames(&frame_of(1));
+    let early = answer_before(&mut copy, 1, Instant::now() + Duration::from_millis(150));
+    assert_eq!(early, None, "the copy was answered while its original was in flight");
+    redis.resume();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    assert_eq!(answer_before(&mut original, 1, deadline), Some(St::Accepted));
+    assert_eq!(answer_before(&mut copy, 1, deadline), Some(St::Duplicate));
+
+    // Not confirmed: the original's call outlives its 400 ms deadline, and the copy shares its RETRY.
+    redis.pause();
+    original.send_frames(&frame_of(2));
+    thread::sleep(Duration::from_millis(50));
+    copy.send_frames(&frame_of(2));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    assert_eq!(answer_before(&mut original, 2, deadline), Some(St::Retry));
+    assert_eq!(answer_before(&mut copy, 2, deadline), Some(St::Retry));
+    redis.resume();
+
+    // The timed-out call ran once Redis went on: a resend is DUPLICATE, and each event is stored once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut resent = None;
+    while resent.is_none_or(|status| status == St::Retry) && Instant::now() < deadline {
+        copy.send_frames(&frame_of(2));
+        resent = answer_before(&mut copy, 2, Instant::now() + Duration::from_millis(300));
+    }
+    assert_eq!(resent, Some(St::Duplicate));
+    let mut stored: Vec<Key> = read_events(&mut redis.connection(), "sg", 16)
+        .iter()
+        .map(|event| event.key())
+        .collect();
+    stored.sort();
+    assert_eq!(stored, vec![(9, 1), (9, 2)], "each event stored once");
 }
