@@ -60,7 +60,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use self::sync::{fence, spin_loop, AtomicU32, AtomicU64, Ordering};
+use self::sync::{fence, prefetch, spin_loop, AtomicU32, AtomicU64, Ordering};
 
 use crate::frame::EventId;
 
@@ -70,6 +70,7 @@ use crate::frame::EventId;
 /// build uses std's, and the code using them is the same in both.
 #[cfg(not(all(loom, test)))]
 mod sync {
+    pub(super) use crate::sys::prefetch;
     pub(super) use std::hint::spin_loop;
     pub(super) use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 }
@@ -78,6 +79,9 @@ mod sync {
 mod sync {
     pub(super) use loom::hint::spin_loop;
     pub(super) use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+
+    /// A cache hint has no meaning in the model, and the test crate has no `sys`.
+    pub(super) fn prefetch<T>(_value: &T) {}
 }
 
 /// Event ids per bucket. 7 ids of 16 bytes plus two `u32` words fill 128 bytes.
@@ -241,6 +245,19 @@ impl Table {
     fn capacity_events(&self) -> usize {
         self.buckets.len() * WAYS
     }
+
+    /// Starts loading `id`'s bucket into the cache (`sys::prefetch`, a hint
+    /// that never waits). The table is tens of MB, so nearly every lookup
+    /// misses the cache; a shard prefetches every frame of a `recvmmsg` read
+    /// before deciding any, and the misses of that read overlap instead of
+    /// stalling one after another (one shard at 40 000/s spent 7.6% of its
+    /// samples on the one load in `contains`). Both lines of the bucket: the
+    /// ways a lookup reads span them.
+    fn prefetch(&self, id: EventId) {
+        let bucket = self.bucket_for(id);
+        prefetch(&bucket.count);
+        prefetch(&bucket.ways[WAYS - 1]);
+    }
 }
 
 /// Full 128-bit product folded to 64 bits: every output bit depends on every
@@ -369,6 +386,11 @@ impl DedupWriter {
         found_way.is_some()
     }
 
+    /// Starts loading `id`'s bucket; see `Table::prefetch`. Changes nothing.
+    pub fn prefetch(&self, id: EventId) {
+        self.table.prefetch(id);
+    }
+
     /// Records `id` as stored in Redis. Idempotent: inserting a present id
     /// only refreshes its recency. When the bucket is full its least recent
     /// id is evicted.
@@ -464,6 +486,11 @@ pub struct DedupReader {
 }
 
 impl DedupReader {
+    /// Starts loading `id`'s bucket; see `Table::prefetch`. Changes nothing.
+    pub fn prefetch(&self, id: EventId) {
+        self.table.prefetch(id);
+    }
+
     /// True only if `id` is certainly in the cache. A lookup that could not
     /// get a consistent snapshot answers false (see [`Lookup::Contended`]).
     pub fn contains(&self, id: EventId) -> bool {

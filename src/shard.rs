@@ -237,6 +237,21 @@ impl Shard {
         }
     }
 
+    /// Starts the dedup lookups of every frame in `datagram` without waiting
+    /// for them (`DedupWriter::prefetch`): called for a whole `recvmmsg` read
+    /// before `take_frame` decides any of it. Reads only the frames' headers.
+    pub fn prefetch(&self, datagram: &[u8]) {
+        let dedup = self.dedup.borrow();
+        let mut offset = 0;
+        while let Some(Ok(header)) = datagram.get(offset..).map(crate::frame::check) {
+            dedup.prefetch(header.id);
+            for peer in &self.peers {
+                peer.prefetch(header.id);
+            }
+            offset += header.frame_bytes;
+        }
+    }
+
     /// With auth on, a frame needs a valid, fresh tag (`auth.rs`); without
     /// it, any tag a client sends is ignored.
     fn authenticate<'a>(&self, action: Action<'a>, recv_us: u64) -> Result<Action<'a>, RejectReason> {

@@ -289,6 +289,12 @@ pub async fn serve(shard: Rc<Shard>) {
             }
             Ok(count) => {
                 errors_in_a_row = 0;
+                // The dedup lookups of the whole read start before any frame is decided.
+                for index in 0..count {
+                    if let Some((data, _)) = batch.datagram(index) {
+                        shard.prefetch(data);
+                    }
+                }
                 for index in 0..count {
                     match batch.datagram(index) {
                         Some((data, source)) => handle_datagram(&shard, &mut limiter, data, source, &mut replies).await,

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
-use shardgate::sys::{allocations, CountingAllocator};
+use shardgate::sys::{thread_allocations, CountingAllocator};
 
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
@@ -15,19 +15,18 @@ const WARM_UP_SLEEPS: u32 = 500;
 const MEASURED_SLEEPS: u32 = 2_000;
 
 /// Allocations and bytes per sleep of `MEASURED_SLEEPS` short sleeps, each a park and a wake of
-/// the reactor. The counters are process-wide; this file holds one test, so the harness's other
-/// threads are idle meanwhile.
+/// the reactor, counted on the executor's thread.
 fn per_sleep() -> (f64, f64) {
     let executor = LocalExecutorBuilder::new(Placement::Unbound)
         .spawn(|| async {
             for _ in 0..WARM_UP_SLEEPS {
                 glommio::timer::sleep(Duration::from_micros(50)).await;
             }
-            let (allocations_before, bytes_before) = allocations();
+            let (allocations_before, bytes_before) = thread_allocations();
             for _ in 0..MEASURED_SLEEPS {
                 glommio::timer::sleep(Duration::from_micros(50)).await;
             }
-            let (allocations_after, bytes_after) = allocations();
+            let (allocations_after, bytes_after) = thread_allocations();
             (allocations_after - allocations_before, bytes_after - bytes_before)
         })
         .expect("an executor starts");
