@@ -137,8 +137,8 @@ mkdir -p "$(dirname "$out")"
   echo "| $frames | $events | $allocations | $allocated_bytes | $(ratio "$allocations" "$frames" %.2f) | $(ratio "$allocated_bytes" "$frames" %.0f) | $(ratio "$allocated_bytes" "$events" %.0f) | $batches | $(ratio "$misses" "$batches" %.1f) |"
   echo
   echo "Goal: at most 16 bytes per event. Decode, dedup, batching and acks allocate nothing"
-  echo "(\`tests/alloc.rs\`); what is counted here is per reactor wake-up and per Redis call (glommio's"
-  echo "timer sources, the task per batch, fred's command and frame buffers), so it falls per event as"
+  echo "(\`tests/alloc.rs\`); what is counted here is per reactor wake-up and per Redis call (fred's"
+  echo "command, its boxed write future and the reply frame; glommio's timer entries), so it falls per event as"
   echo "batches grow with load."
   echo
   echo "## RSS"
@@ -149,7 +149,7 @@ mkdir -p "$(dirname "$out")"
   echo
   echo "## Duplicate copies answered without a Redis round trip"
   echo
-  echo "| DUPLICATE answers | from this shard's cache | from another shard's cache | share from a cache | copies in flight (RETRY) | misses (Redis decided) |"
+  echo "| DUPLICATE answers | from this shard's cache | from another shard's cache | share from a cache | copies that met their original in flight (held, answered with it) | misses (Redis decided) |"
   echo "|---|---|---|---|---|---|"
   echo "| $duplicates_answered | $own_hits | $peer_hits | $(ratio "$(( (own_hits + peer_hits) * 100 ))" "$duplicates_answered" %.1f)% | $in_flight | $misses |"
   echo
