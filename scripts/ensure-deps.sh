@@ -10,6 +10,8 @@ command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 # The metrics test lints /metrics with promtool, from Debian's prometheus package.
 if [ "${SHARDGATE_NEED_PROMTOOL:-0}" = 1 ]; then
   command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+  # scripts/glommio-patches.sh check, run by the tests.
+  command -v patch >/dev/null 2>&1 || need_apt+=(patch)
 fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -28,6 +28,8 @@ step "host tests (scripts/test-host.sh)"
 SHARDGATE_BIN="${SHARDGATE_BIN:-$PWD/target/debug/shardgate}" bash scripts/test-host.sh
 step "monitoring artifacts (scripts/check-monitoring.sh)"
 bash scripts/check-monitoring.sh
+step "the vendored glommio is crates.io's 0.9.0 plus its numbered patches (scripts/glommio-patches.sh)"
+bash scripts/glommio-patches.sh check
 step "the vendored glommio builds without warnings, and the demo's Redis keeps the documented durability"
 # cargo replays a path dependency's cached warnings on every build, so this costs no rebuild.
 glommio_warnings=$(cargo build -p glommio 2>&1 | grep -c '^warning' || true)
