@@ -289,6 +289,12 @@ pub async fn serve(shard: Rc<Shard>) {
             }
             Ok(count) => {
                 errors_in_a_row = 0;
+                // One clock reading for the whole read: its datagrams were all queued
+                // before it, and two clock calls per datagram showed in the profile.
+                let received = Received {
+                    at: Instant::now(),
+                    unix_us: unix_now_us(),
+                };
                 // The dedup lookups of the whole read start before any frame is decided.
                 for index in 0..count {
                     if let Some((data, _)) = batch.datagram(index) {
@@ -297,7 +303,9 @@ pub async fn serve(shard: Rc<Shard>) {
                 }
                 for index in 0..count {
                     match batch.datagram(index) {
-                        Some((data, source)) => handle_datagram(&shard, &mut limiter, data, source, &mut replies).await,
+                        Some((data, source)) => {
+                            handle_datagram(&shard, &mut limiter, data, source, received, &mut replies).await
+                        }
                         // Cut short by the kernel, or from an unknown address family: no frame to trust.
                         None => shard.metrics.unparseable[Transport::Udp as usize].add(1),
                     }
@@ -328,15 +336,25 @@ pub async fn serve(shard: Rc<Shard>) {
     }
 }
 
+/// When a read's datagrams were taken from the socket.
+#[derive(Clone, Copy)]
+struct Received {
+    at: Instant,
+    unix_us: u64,
+}
+
 async fn handle_datagram(
     shard: &Rc<Shard>,
     limiter: &mut SourceLimiter,
     data: &[u8],
     source: SocketAddr,
+    received: Received,
     replies: &mut ReplyBook<REPLY_BOOK_DESTINATIONS>,
 ) {
-    let received_at = Instant::now();
-    let recv_us = unix_now_us();
+    let Received {
+        at: received_at,
+        unix_us: recv_us,
+    } = received;
     let route = Route::Udp(source);
     let source_key = SourceKey::of(source.ip());
     let mut offset = 0;
