@@ -282,8 +282,8 @@ fn inodes_bound_to(table: &str, key: &str) -> Vec<u64> {
 ///
 /// The kernel prints the table in chunks and re-finds its place between them, so sockets bound
 /// or closed elsewhere meanwhile can hide rows from one read (a CI run read 2 members of 3).
-/// The table is read until two reads agree, at most `GROUP_READS_MAX` times, else the longest
-/// read counts. Each read costs about 100 µs however few sockets there are: the kernel walks
+/// The table is read until two reads in a row agree, at most `GROUP_READS_MAX` times, else the
+/// longest read counts. Each read costs about 100 µs however few sockets there are: the kernel walks
 /// its whole UDP hash table.
 pub fn udp_group_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
     let (path, key) = proc_net_udp_key(address);
@@ -292,15 +292,17 @@ pub fn udp_group_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
         inodes.sort_unstable();
         Ok(inodes)
     };
-    let mut longest = read()?;
+    let mut previous = read()?;
+    let mut longest = previous.clone();
     for _ in 1..GROUP_READS_MAX {
         let current = read()?;
-        if current == longest {
+        if current == previous {
             return Ok(current);
         }
         if current.len() > longest.len() {
-            longest = current;
+            longest.clone_from(&current);
         }
+        previous = current;
     }
     Ok(longest)
 }
