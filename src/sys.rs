@@ -281,7 +281,8 @@ fn inodes_bound_to(table: &str, key: &str) -> Vec<u64> {
 /// SO_REUSEADDR (shardgate's do not) share a bound address only through the group.
 ///
 /// The kernel prints the table in chunks and re-finds its place between them, so sockets bound
-/// or closed elsewhere meanwhile can hide rows from one read (a CI run read 2 members of 3).
+/// or closed elsewhere meanwhile can hide rows from one read, or print one twice (CI runs read 2
+/// members of 3, and 3 of 2).
 /// The table is read until two reads in a row agree, at most `GROUP_READS_MAX` times, else the
 /// longest read counts. Each read costs about 100 µs however few sockets there are: the kernel walks
 /// its whole UDP hash table.
@@ -290,6 +291,8 @@ pub fn udp_group_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
     let read = || -> io::Result<Vec<u64>> {
         let mut inodes = inodes_bound_to(&std::fs::read_to_string(path)?, &key);
         inodes.sort_unstable();
+        // A row the kernel printed twice, across two chunks, is one socket.
+        inodes.dedup();
         Ok(inodes)
     };
     let mut previous = read()?;
