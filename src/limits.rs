@@ -192,8 +192,8 @@ pub const SPIN_BEFORE_PARK_US_MAX: u64 = 10_000;
 
 /// How often shard 0 counts the sockets of the UDP group (its own process's
 /// and, during a rolling restart, the other's) to re-size the spreading
-/// program. A count reads /proc/net/udp at least twice (`sys::udp_group_inodes`),
-/// ~100 µs a read on shard 0 however few sockets there are, so once a second; until a change is seen, datagrams are
+/// program. A count reads /proc/net/udp, ~100 µs on shard 0 however few
+/// sockets there are, so once a second; until a change is seen, datagrams are
 /// still delivered, only spread less evenly (`sys.rs`).
 pub const UDP_GROUP_RECOUNT_MS: u64 = 1_000;
 

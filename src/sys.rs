@@ -277,41 +277,13 @@ fn inodes_bound_to(table: &str, key: &str) -> Vec<u64> {
 }
 
 /// Inodes of every UDP socket in this network namespace bound to exactly `address`: the members
-/// of its SO_REUSEPORT group, of this process and of any other, sorted. Sockets that set no
-/// SO_REUSEADDR (shardgate's do not) share a bound address only through the group.
-///
-/// The kernel prints the table in chunks and re-finds its place between them, so sockets bound
-/// or closed elsewhere meanwhile can hide rows from one read, or print one twice (CI runs read 2
-/// members of 3, and 3 of 2).
-/// The table is read until two reads in a row agree, at most `GROUP_READS_MAX` times, else the
-/// longest read counts. Each read costs about 100 µs however few sockets there are: the kernel walks
-/// its whole UDP hash table.
+/// of its SO_REUSEPORT group, of this process and of any other. Sockets that set no
+/// SO_REUSEADDR (shardgate's do not) share a bound address only through the group. Costs
+/// about 100 µs however few sockets there are: the kernel walks its whole UDP hash table.
 pub fn udp_group_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
     let (path, key) = proc_net_udp_key(address);
-    let read = || -> io::Result<Vec<u64>> {
-        let mut inodes = inodes_bound_to(&std::fs::read_to_string(path)?, &key);
-        inodes.sort_unstable();
-        // A row the kernel printed twice, across two chunks, is one socket.
-        inodes.dedup();
-        Ok(inodes)
-    };
-    let mut previous = read()?;
-    let mut longest = previous.clone();
-    for _ in 1..GROUP_READS_MAX {
-        let current = read()?;
-        if current == previous {
-            return Ok(current);
-        }
-        if current.len() > longest.len() {
-            longest.clone_from(&current);
-        }
-        previous = current;
-    }
-    Ok(longest)
+    Ok(inodes_bound_to(&std::fs::read_to_string(path)?, &key))
 }
-
-/// Reads of /proc/net/udp that `udp_group_inodes` makes at most.
-const GROUP_READS_MAX: usize = 4;
 
 /// Inodes of the sockets this process holds open (the `socket:[INODE]` links in
 /// /proc/self/fd). A socket whose last descriptor is closed is no longer among them, even while
