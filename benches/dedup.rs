@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use lru::LruCache;
-use shardgate::dedup::{new_cache, DedupReader, DedupWriter, WAYS};
-use shardgate::frame::EventId;
+use shardgate::pipeline::dedup::{new_cache, DedupReader, DedupWriter, WAYS};
+use shardgate::wire::frame::EventId;
 
 /// 917,504 events: a whole number of buckets for ours (16 MiB), the same count for all.
 const CAPACITY_EVENTS: usize = WAYS << 17;

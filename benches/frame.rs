@@ -6,8 +6,8 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use shardgate::auth;
-use shardgate::frame::{
+use shardgate::wire::auth;
+use shardgate::wire::frame::{
     check, decode_ack, encode_ack, encode_action, parse, ActionFields, EventId, Status, FRAME_BYTES_MAX,
 };
 
@@ -82,7 +82,7 @@ fn bench_auth_verify(criterion: &mut Criterion) {
     let payload = payload();
     let player_key = auth::player_key(b"bench-secret", 0x0102_0304_0506_0708);
     let mut frame = Vec::new();
-    shardgate::frame::encode_action_signed(&fields(&payload), &player_key, &mut frame);
+    shardgate::wire::frame::encode_action_signed(&fields(&payload), &player_key, &mut frame);
     let action = parse(&frame).expect("bench frame parses");
     let tag = action.auth_tag.expect("signed frame has a tag");
     let mut group = criterion.benchmark_group("auth");

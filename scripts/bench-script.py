@@ -5,9 +5,9 @@
 
 Against a redis-server you started for it on 127.0.0.1:PORT (it runs FLUSHALL!), it sends 120 000 events per
 batch size as EVALSHA calls of B events each, four calls pipelined, 30% of the events copies of earlier ones,
-64-byte payloads, in the blob layout of src/script.rs, and prints Redis's CPU (INFO cpu) per event and per call,
+64-byte payloads, in the blob layout of src/redis/script.rs, and prints Redis's CPU (INFO cpu) per event and per call,
 and its used_memory per stored event. To measure the server's own script, extract it first:
-    python3 -c "import re;s=open('src/script.rs').read();print(s.split('DEDUP_APPEND_LUA: &str = r#\"')[1].split('\"#;')[0])" > /tmp/dedup.lua
+    python3 -c "import re;s=open('src/redis/script.rs').read();print(s.split('DEDUP_APPEND_LUA: &str = r#\"')[1].split('\"#;')[0])" > /tmp/dedup.lua
 Variants are measured against each other in one run, since the machine's noise moves all of them."""
 import socket, sys, time, random, subprocess, os, tempfile, struct
 

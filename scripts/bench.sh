@@ -573,7 +573,7 @@ instr_section() {
   [ -n "$instr_plot_note" ] && echo "$instr_plot_note" && echo
   echo "The scraper is a thread of the generator (\`bench/src/scrape.rs\`): one plain HTTP/1.1 \`GET\` per interval,"
   echo "\`Connection: close\`, classic text format, timeouts of one interval; it counts failures and non-200 answers. The"
-  echo "metrics endpoint runs on its own thread in the server, outside the shards (\`src/exporter.rs\`); the shards'"
+  echo "metrics endpoint runs on its own thread in the server, outside the shards (\`src/telemetry/exporter.rs\`); the shards'"
   echo "counters are updated whether or not anyone scrapes, so this measures the scrape itself, not the counters."
   echo
 }

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SLOS = ROOT / "docs/monitoring/shardgate-slos.toml"
 ALERTS = ROOT / "docs/monitoring/shardgate-alerts.yml"
 DASHBOARD = ROOT / "docs/monitoring/shardgate-dashboard.json"
-METRICS_RS = ROOT / "src/metrics.rs"
+METRICS_RS = ROOT / "src/telemetry/metrics.rs"
 
 BEGIN = "  # BEGIN generated SLO rules"
 END = "  # END generated SLO rules"
@@ -88,7 +88,7 @@ def load(path):
     if round(bound_us) not in latency_bounds_us() or abs(bound_us - round(bound_us)) > 1e-6:
         raise SloError(
             f"latency bound {slos['latency']['bound_seconds']} s is not a bucket bound of "
-            f"shardgate_intake_to_ack_seconds (LATENCY_BOUNDS_US in src/metrics.rs): "
+            f"shardgate_intake_to_ack_seconds (LATENCY_BOUNDS_US in src/telemetry/metrics.rs): "
             "the SLI would be interpolated, not counted"
         )
     if not slos["availability"]["our_retry_causes"]:

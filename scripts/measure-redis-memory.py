@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Measures Redis memory per stored event: runs shardgate's own script (read
-from src/script.rs) on N synthetic events with 64-byte payloads against a
+from src/redis/script.rs) on N synthetic events with 64-byte payloads against a
 Redis, reads INFO memory before and after, then deletes its keys.
 
     python3 scripts/measure-redis-memory.py [HOST] [PORT] [EVENTS]
@@ -17,7 +17,7 @@ events = int(sys.argv[3]) if len(sys.argv) > 3 else 100_000
 batch = 250
 prefix = "memtest%d" % int(time.time())
 
-source = open(__file__.rsplit("/", 2)[0] + "/src/script.rs").read()
+source = open(__file__.rsplit("/", 2)[0] + "/src/redis/script.rs").read()
 lua = source[source.index('r#"') + 3:source.index('"#;')]
 connection = socket.create_connection((host, port))
 reader = connection.makefile("rb")

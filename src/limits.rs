@@ -7,7 +7,7 @@
 //! Bounds that depend on each other are tied together with `const` asserts at
 //! the bottom, so a change that breaks one relation fails to compile.
 
-use crate::frame::{ACK_BYTES, FRAME_BYTES_MAX, FRAME_BYTES_MIN, PAYLOAD_BYTES_MAX};
+use crate::wire::frame::{ACK_BYTES, FRAME_BYTES_MAX, FRAME_BYTES_MIN, PAYLOAD_BYTES_MAX};
 
 /// Shards (cores) one process may run. Far above any host we deploy on; the
 /// bound exists so per-shard tables sized by it stay small.

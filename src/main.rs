@@ -7,7 +7,7 @@ use clap::{CommandFactory, FromArgMatches};
 #[cfg(feature = "count-allocations")]
 #[global_allocator]
 static ALLOCATOR: shardgate::sys::CountingAllocator = shardgate::sys::CountingAllocator;
-use shardgate::config::{Cli, Command};
+use shardgate::host::config::{Cli, Command};
 
 fn main() -> ExitCode {
     let Cli {
@@ -20,8 +20,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    shardgate::logging::init(config.log_format, &config.log_level);
-    match shardgate::server::run(config) {
+    shardgate::telemetry::logging::init(config.log_format, &config.log_level);
+    match shardgate::host::server::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "stopped with an error");

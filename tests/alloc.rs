@@ -5,13 +5,13 @@
 
 use std::time::Instant;
 
-use shardgate::batch::Batch;
-use shardgate::dedup::new_cache;
-use shardgate::frame::{check, encode_ack, encode_action, parse, ActionFields, EventId, Status};
-use shardgate::limiter::SourceLimiter;
-use shardgate::reply::{Route, UdpReply};
-use shardgate::source::SourceKey;
+use shardgate::intake::limiter::SourceLimiter;
+use shardgate::intake::source::SourceKey;
+use shardgate::pipeline::answer::{Route, UdpReply};
+use shardgate::pipeline::batch::Batch;
+use shardgate::pipeline::dedup::new_cache;
 use shardgate::sys::{thread_allocations, CountingAllocator};
+use shardgate::wire::frame::{check, encode_ack, encode_action, parse, ActionFields, EventId, Status};
 
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
@@ -31,7 +31,7 @@ fn prime(batch: &mut Batch, frames: &[u8]) {
         &action,
         0,
         1,
-        Route::Udp("127.0.0.1:9".parse().unwrap()),
+        Route::Datagram("127.0.0.1:9".parse().unwrap()),
         Instant::now(),
     );
     drop(batch.take_blob());
@@ -62,7 +62,7 @@ fn hot_path_makes_no_allocations() {
     let mut batch = Batch::new(batch_events_max);
     // The first send turns the blob buffer into a shared one (one allocation per batch, at start).
     prime(&mut batch, &frames);
-    let route = Route::Udp("127.0.0.1:9".parse().unwrap());
+    let route = Route::Datagram("127.0.0.1:9".parse().unwrap());
     let destination = "127.0.0.1:9".parse().unwrap();
     let mut reply = UdpReply::default();
     let received_at = Instant::now();

@@ -1,4 +1,4 @@
-//! Tests of the per-shard dedup cache (`shardgate::dedup`): exact answers,
+//! Tests of the per-shard dedup cache (`shardgate::pipeline::dedup`): exact answers,
 //! bounded memory with LRU-ish eviction, per-bucket recency, readers on other
 //! threads while the writer churns, and a model check of every answer.
 //!
@@ -15,10 +15,10 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shardgate::dedup::{
+use shardgate::pipeline::dedup::{
     new_cache, new_cache_seeded, table_bytes, DedupReader, DedupWriter, Insert, Lookup, CAPACITY_EVENTS_MAX, WAYS,
 };
-use shardgate::frame::EventId;
+use shardgate::wire::frame::EventId;
 
 /// Seed of one randomized test; reports itself if the test panics.
 struct TestSeed(u64);

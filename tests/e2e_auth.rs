@@ -8,8 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use shardgate::auth::player_key;
-use shardgate::frame::{encode_action, encode_action_signed, ActionFields, EventId};
+use shardgate::wire::auth::player_key;
+use shardgate::wire::frame::{encode_action, encode_action_signed, ActionFields, EventId};
 use support::*;
 
 const OLD_SECRET: &[u8] = b"old-rotation-secret-0123456789";

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use shardgate::frame::{encode_action, ActionFields, EventId};
+use shardgate::wire::frame::{encode_action, ActionFields, EventId};
 use support::*;
 
 /// Starts Redis and a 2-shard server (plus `extra` flags), delivers `n` random events with

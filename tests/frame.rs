@@ -3,8 +3,8 @@
 //! the codec round trips, never panics, and never takes damaged or cut frames for good ones.
 
 use proptest::prelude::*;
-use shardgate::auth;
-use shardgate::frame::{
+use shardgate::wire::auth;
+use shardgate::wire::frame::{
     check, crc, decode_ack, encode_ack, encode_action, encode_action_signed, parse, Ack, AckError, Action,
     ActionFields, CheckError, EventId, Header, RejectReason, Status, ACK_BYTES, AUTH_TAG_BYTES, FLAG_AUTH,
     FRAME_BYTES_MAX, FRAME_BYTES_MIN, HEADER_BYTES, PAYLOAD_BYTES_MAX,

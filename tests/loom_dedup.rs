@@ -23,18 +23,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
 
 /// The cache under test, compiled into this test crate so that, with `--cfg loom` and `test`
-/// both set, it takes its atomics from loom (see `mod sync` in `src/dedup.rs`).
+/// both set, it takes its atomics from loom (see `mod sync` in `src/pipeline/dedup.rs`).
 #[allow(dead_code)]
-#[path = "../src/dedup.rs"]
+#[path = "../src/pipeline/dedup.rs"]
 mod dedup;
 
-/// `src/dedup.rs` names its id type as `crate::frame::EventId`.
-mod frame {
-    pub use shardgate::frame::EventId;
+/// `src/pipeline/dedup.rs` names its id type as `crate::wire::frame::EventId`.
+mod wire {
+    pub mod frame {
+        pub use shardgate::wire::frame::EventId;
+    }
 }
 
 use dedup::{new_cache_seeded, DedupReader, DedupWriter, Insert, Lookup, WAYS};
-use frame::EventId;
+use wire::frame::EventId;
 
 /// A table of one bucket: every id lands in it, so the writer's shifts pass every way.
 const CAPACITY_EVENTS: usize = WAYS;

@@ -1,4 +1,4 @@
--- A variant of src/script.rs DEDUP_APPEND_LUA, measured against it with scripts/bench-script.py
+-- A variant of src/redis/script.rs DEDUP_APPEND_LUA, measured against it with scripts/bench-script.py
 -- (bench/RESULTS.md, "Goal 2"). Not used by the server.
 local prefix = ARGV[1]
 local window_secs = tonumber(ARGV[2])

@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use clap::Args;
 use redis::{Connection, ErrorKind, RedisError, Value};
-use shardgate::script::{append_record, Record, DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED};
+use shardgate::redis::script::{append_record, Record, DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED};
 
 use crate::peer::{
     check_target_url, fail, fill_payload, finish, unix_now_us, Clock, Event, LaneEvents, PeerSummary, RecentEvents,

@@ -33,7 +33,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use hdrhistogram::Histogram;
-use shardgate::frame::{Ack, EventId, Status};
+use shardgate::wire::frame::{Ack, EventId, Status};
 
 use crate::events::Event;
 

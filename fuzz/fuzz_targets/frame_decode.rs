@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shardgate::frame::{
+use shardgate::wire::frame::{
     self, ActionFields, CheckError, RejectReason, ACK_BYTES, CRC_BYTES, FLAG_AUTH, HEADER_BYTES, PAYLOAD_BYTES_MAX,
 };
 

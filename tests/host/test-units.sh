@@ -3,7 +3,7 @@
 # cgroups/, the sample systemd/shardgate.toml and scripts/rolling-restart.sh:
 # `systemd-analyze verify` accepts the units with no warning, the unit has what
 # issue 5 asks for, the instance unit differs from it only where a rolling
-# restart needs it, the sample config has every key of src/config.rs with its
+# restart needs it, the sample config has every key of src/host/config.rs with its
 # default, and the rolling restart drives a fake systemctl in the right order.
 # Run by scripts/test-host.sh.
 #
@@ -263,10 +263,10 @@ test_rolling_restart_dry_run_only_prints() {
   assert_eq "$(changes)" ""
 }
 
-# ServeArgs' keys from src/config.rs, each with the default its doc comment
+# ServeArgs' keys from src/host/config.rs, each with the default its doc comment
 # states: a value, "-" (off or none: commented out), or "required".
 config_keys() {
-  awk '/^pub struct ServeArgs/ { on = 1 } on && /^}/ { on = 0 } on' "$REPO_DIR/src/config.rs" | awk '
+  awk '/^pub struct ServeArgs/ { on = 1 } on && /^}/ { on = 0 } on' "$REPO_DIR/src/host/config.rs" | awk '
     /\/\/\// { doc = doc $0; next }
     /#\[serde\(skip\)\]/ { skipped = 1; next }
     /^ *pub [a-z_]+: Option</ {
@@ -281,10 +281,10 @@ config_keys() {
 }
 
 test_sample_config_has_every_key_with_its_default() {
-  # Proves: systemd/shardgate.toml names every key of src/config.rs, each with the default config.rs documents, and no other key.
+  # Proves: systemd/shardgate.toml names every key of src/host/config.rs, each with the default config.rs documents, and no other key.
   local sample=$REPO_DIR/systemd/shardgate.toml keys name default line active
   keys=$(config_keys)
-  [[ $(wc -l <<<"$keys") -ge 20 ]] || fail "read only these keys from src/config.rs: $keys"
+  [[ $(wc -l <<<"$keys") -ge 20 ]] || fail "read only these keys from src/host/config.rs: $keys"
   while read -r name default; do
     line=$(grep -E "^(# )?$name = " "$sample") || fail "$name is not in the sample"
     [[ $(wc -l <<<"$line") -eq 1 ]] || fail "$name is in the sample more than once"
@@ -301,7 +301,7 @@ test_sample_config_has_every_key_with_its_default() {
     esac
   done <<<"$keys"
   while read -r name; do
-    grep -q "^$name " <<<"$keys" || fail "the sample has $name, which src/config.rs does not know"
+    grep -q "^$name " <<<"$keys" || fail "the sample has $name, which src/host/config.rs does not know"
   done < <(sed -n -E 's/^(# )?([a-z_]+) = .*/\2/p' "$sample")
   if command -v python3 >/dev/null && python3 -c 'import tomllib' 2>/dev/null; then
     python3 -c 'import sys, tomllib; tomllib.load(open(sys.argv[1], "rb"))' "$sample" || fail "the sample is not valid TOML"

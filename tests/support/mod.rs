@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use shardgate::frame;
+use shardgate::wire::frame;
 
 /// `(player_id, seq)`: an event id.
 pub type Key = (u64, u64);
@@ -795,7 +795,7 @@ impl RawFrame {
         if let Some(tag) = &self.auth_tag {
             v.extend_from_slice(tag);
         }
-        let crc = crc32c::crc32c(&v) ^ self.crc_xor;
+        let crc = shardgate::wire::frame::crc(&v) ^ self.crc_xor;
         v.extend_from_slice(&crc.to_le_bytes());
         v
     }

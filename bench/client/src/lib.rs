@@ -11,9 +11,9 @@
 //! `TcpStream` and does all its work inside [`Client::poll`] on the caller's thread, so a game
 //! server can drive it from its own tick loop or a dedicated thread. It does not depend on the
 //! `shardgate` server crate (and so pulls in none of its io_uring or Redis dependencies); the
-//! codec is nevertheless the server's own: [`frame`] and [`auth`] are the server's
-//! `src/frame.rs` and `src/auth.rs`, compiled into this crate, so client and server cannot drift
-//! apart.
+//! codec is nevertheless the server's own: [`frame`] and [`auth`] come from the
+//! `shardgate-proto` crate (`proto/`) that the server, the bench and the fuzzers also use, so
+//! client and server cannot drift apart.
 //!
 //! # The life of an event
 //! 1. [`Client::send`] encodes the event into a frame and queues it (at most
@@ -122,10 +122,7 @@
 //!   server's secret, as a trusted game server relaying for its players would, and
 //!   `client_time_us` must then be the Unix time in microseconds ([`unix_time_us`]).
 
-#[path = "../../../src/auth.rs"]
-pub mod auth;
-#[path = "../../../src/frame.rs"]
-pub mod frame;
+pub use shardgate_proto::{auth, frame};
 
 mod backoff;
 mod client;

@@ -38,11 +38,23 @@ use fred::prelude::{ClientLike, Config as FredConfig, ReconnectPolicy, Value};
 use fred::types::scripts::Script;
 use fred::types::Builder;
 
-use crate::config::Config;
-use crate::metrics::{EventErrorReason, RedisErrorKind};
-use crate::script::{
+use crate::redis::script::{
     partitions_key, DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED, OUTCOME_FAILED, PARTITIONS_LUA,
 };
+use crate::telemetry::metrics::{EventErrorReason, RedisErrorKind};
+
+/// What a shard's Redis client needs from the command line; built by `host`.
+#[derive(Clone, Debug)]
+pub struct StoreSettings {
+    pub redis_url: RedisUrl,
+    /// One deadline per call, `NOSCRIPT` reload included (module doc).
+    pub call_timeout_ms: u64,
+    /// Calls the shard may have in flight: fred's command queue is sized for them.
+    pub batches_in_flight_max: usize,
+    pub prefix: String,
+    pub dedup_window_secs: u64,
+    pub partitions: u32,
+}
 
 /// Reconnect backoff: quick first retries for a restart, capped at 1 s.
 const RECONNECT_DELAY_MS_MIN: u32 = 10;
@@ -182,10 +194,10 @@ pub struct Store {
 impl Store {
     /// Builds the client; `connect` starts it. Must run on a shard thread that
     /// has entered the `TimeDriver`.
-    pub fn new(config: &Config) -> Result<Store, StoreError> {
-        let fred_config = FredConfig::from_url(config.redis_url.expose())
+    pub fn new(settings: &StoreSettings) -> Result<Store, StoreError> {
+        let fred_config = FredConfig::from_url(settings.redis_url.expose())
             .map_err(|error| StoreError::new(RedisErrorKind::Connection, format!("invalid redis url: {error}")))?;
-        let call_timeout = Duration::from_millis(config.redis_timeout_ms);
+        let call_timeout = Duration::from_millis(settings.call_timeout_ms);
         let mut builder = Builder::from_config(fred_config);
         builder
             .with_config(|fred_config| fred_config.fail_fast = false)
@@ -197,7 +209,7 @@ impl Store {
                 connection.connection_timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
                 connection.internal_command_timeout = call_timeout;
                 connection.max_command_attempts = 1;
-                connection.max_command_buffer_len = config.batches_in_flight_max + COMMAND_BUFFER_SPARE;
+                connection.max_command_buffer_len = settings.batches_in_flight_max + COMMAND_BUFFER_SPARE;
                 connection.unresponsive.max_timeout = Some(call_timeout * UNRESPONSIVE_TIMEOUT_CALLS);
                 connection.unresponsive.interval = UNRESPONSIVE_CHECK_INTERVAL;
             })
@@ -217,10 +229,10 @@ impl Store {
             client,
             script: Script::from_lua(DEDUP_APPEND_LUA),
             partitions_script: Script::from_lua(PARTITIONS_LUA),
-            prefix: Bytes::copy_from_slice(config.prefix.as_bytes()),
-            window_secs: Bytes::copy_from_slice(config.dedup_window_secs.to_string().as_bytes()),
-            partitions_key: partitions_key(&config.prefix),
-            partitions: config.partitions,
+            prefix: Bytes::copy_from_slice(settings.prefix.as_bytes()),
+            window_secs: Bytes::copy_from_slice(settings.dedup_window_secs.to_string().as_bytes()),
+            partitions_key: partitions_key(&settings.prefix),
+            partitions: settings.partitions,
             call_timeout,
         })
     }
@@ -390,6 +402,55 @@ fn read_failures(lines: &[u8], failures: &mut EventFailures) {
         if failures.first.is_none() {
             failures.first = Some(format!("{key}: {message}"));
         }
+    }
+}
+
+/// A `redis://` url whose password never reaches a log line or an error
+/// message: `Debug` and `Display` show it as `***`. `Store::new` alone reads the
+/// real text, through `expose`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn new(url: String) -> RedisUrl {
+        RedisUrl(url)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The url with the password part of its userinfo replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{:?}", self.redacted())
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.redacted())
+    }
+}
+
+/// `scheme://user:secret@host` -> `scheme://user:***@host`; urls without a
+/// password are returned as they are.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _secret)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_string(),
     }
 }
 

@@ -15,11 +15,11 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::frame::{Action, EventId, Status};
 use crate::limits::BATCH_RECORD_BYTES_MAX;
-use crate::reply::Route;
-use crate::script::{append_record, Record};
-use crate::store::Outcome;
+use crate::pipeline::answer::Route;
+use crate::redis::script::{append_record, Record};
+use crate::redis::store::Outcome;
+use crate::wire::frame::{Action, EventId, Status};
 
 /// One event waiting for its batch's outcome.
 pub struct Pending {
@@ -153,7 +153,7 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{Action, EventId};
+    use crate::wire::frame::{Action, EventId};
 
     fn action(seq: u64) -> Action<'static> {
         Action {
@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn held_until_the_client_lets_go() {
         let mut batch = Batch::new(4);
-        let route = Route::Udp("127.0.0.1:1".parse().unwrap());
+        let route = Route::Datagram("127.0.0.1:1".parse().unwrap());
         batch.push(&action(1), 0, 0, route.clone(), Instant::now());
         let blob = batch.take_blob();
         let buffer_start = blob.as_ptr();

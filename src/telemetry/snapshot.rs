@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::SystemTime;
 
-use crate::latency::{self, Latency};
+use crate::telemetry::latency::{self, Latency};
 
 #[derive(Clone)]
 pub struct Snapshots {

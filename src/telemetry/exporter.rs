@@ -25,10 +25,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::frame::{RejectReason, Status};
-use crate::metrics::{
+use crate::telemetry::metrics::{
     CloseReason, EventErrorReason, Histogram, LookupOutcome, RedisErrorKind, RetryCause, ShardMetrics, Transport,
 };
+use crate::wire::frame::{RejectReason, Status};
 
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);

@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use crate::frame::{RejectReason, Status};
+use crate::wire::frame::{RejectReason, Status};
 
 /// A monotonically increasing count with one writer.
 #[derive(Debug, Default)]

@@ -22,22 +22,24 @@
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::frame::{
+use crate::wire::frame::{
     check, crc, CheckError, EventId, RejectReason, Status, AUTH_TAG_BYTES, CRC_BYTES, FLAG_AUTH, FRAME_OVERHEAD_BYTES,
 };
-use crate::limiter::SourceLimiter;
+
+use crate::intake::limiter::SourceLimiter;
+use crate::intake::source::SourceKey;
+use crate::intake::{unix_now_us, Settings};
 use crate::limits::{
     DATAGRAM_BYTES_MAX, RECEIVE_BATCH_DATAGRAMS, REPLY_BOOK_DESTINATIONS, UDP_GROUP_RECOUNT_MS, UDP_SOCKET_BUFFER_BYTES,
 };
-use crate::metrics::Transport;
-use crate::reply::{ReplyBook, Route};
-use crate::shard::{Fate, Shard};
-use crate::source::SourceKey;
+use crate::pipeline::answer::{AckSink, ReplyBook, Route};
+use crate::pipeline::shard::{Fate, Shard};
 use crate::sys::DatagramBatch;
+use crate::telemetry::metrics::Transport;
 
 /// One shard's UDP socket, through two handles on the same descriptor.
 ///
@@ -223,24 +225,24 @@ impl UdpIo {
     }
 }
 
+/// Answers leave through the shard's own socket.
+impl AckSink for UdpIo {
+    async fn send_datagram(&self, bytes: &[u8], destination: SocketAddr) -> std::io::Result<()> {
+        self.send_to(bytes, destination).await
+    }
+}
+
 /// Shard 0's task: re-counts the group every `UDP_GROUP_RECOUNT_MS` and re-attaches the
 /// program when another process joined or left it, until the shard stops.
-pub async fn keep_spread_over_group(shard: Rc<Shard>, mut attached_size: usize) {
+pub async fn keep_spread_over_group(shard: Rc<Shard>, udp: Rc<UdpIo>, mut attached_size: usize, shard_count: usize) {
     let period = Duration::from_millis(UDP_GROUP_RECOUNT_MS);
     loop {
         futures_lite::future::or(shard.stopping.wait(), glommio::timer::sleep(period)).await;
         if shard.stopping.is_open() {
             return;
         }
-        attached_size = shard.udp.spread_over_group(attached_size, shard.config.cores.len());
+        attached_size = udp.spread_over_group(attached_size, shard_count);
     }
-}
-
-pub fn unix_now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 /// Receive errors in a row after which the shard pauses reading for
@@ -272,20 +274,20 @@ fn after_receive_error(errors_in_a_row: u32) -> (u32, ReceiveBackoff) {
 
 /// Receives until the shard stops: drains every ready datagram, many per
 /// system call, then waits.
-pub async fn serve(shard: Rc<Shard>) {
+pub async fn serve(shard: Rc<Shard>, udp: Rc<UdpIo>, settings: Settings) {
     let mut batch = DatagramBatch::new(RECEIVE_BATCH_DATAGRAMS, DATAGRAM_BYTES_MAX);
     let mut replies = Box::<ReplyBook<REPLY_BOOK_DESTINATIONS>>::default();
     let mut limiter = SourceLimiter::new(
-        shard.config.udp_source_table_entries,
-        shard.config.udp_source_frames_per_sec,
-        shard.config.udp_source_burst_frames,
+        settings.udp_source_table_entries,
+        settings.udp_source_frames_per_sec,
+        settings.udp_source_burst_frames,
     );
     let mut errors_in_a_row = 0u32;
     while !shard.stopping.is_open() {
-        match shard.udp.try_receive(&mut batch) {
+        match udp.try_receive(&mut batch) {
             Ok(0) => {
                 errors_in_a_row = 0;
-                futures_lite::future::or(shard.stopping.wait(), shard.udp.readable()).await;
+                futures_lite::future::or(shard.stopping.wait(), udp.readable()).await;
             }
             Ok(count) => {
                 errors_in_a_row = 0;
@@ -304,17 +306,17 @@ pub async fn serve(shard: Rc<Shard>) {
                 for index in 0..count {
                     match batch.datagram(index) {
                         Some((data, source)) => {
-                            handle_datagram(&shard, &mut limiter, data, source, received, &mut replies).await
+                            handle_datagram(&shard, &udp, &mut limiter, data, source, received, &mut replies).await
                         }
                         // Cut short by the kernel, or from an unknown address family: no frame to trust.
                         None => shard.metrics.unparseable[Transport::Udp as usize].add(1),
                     }
                 }
                 // Immediate answers of every datagram of this read, coalesced per source.
-                shard.send_udp_replies(&mut replies).await;
+                shard.send_udp_replies(&*udp, &mut replies).await;
                 if count < batch.slots() {
                     // The queue was drained: wait, without a system call that would find it empty.
-                    futures_lite::future::or(shard.stopping.wait(), shard.udp.readable()).await;
+                    futures_lite::future::or(shard.stopping.wait(), udp.readable()).await;
                 } else {
                     // A socket under a flood never makes us wait; let the Redis
                     // connection, timers and completions run (see PREEMPT_TIMER_US).
@@ -345,6 +347,7 @@ struct Received {
 
 async fn handle_datagram(
     shard: &Rc<Shard>,
+    udp: &UdpIo,
     limiter: &mut SourceLimiter,
     data: &[u8],
     source: SocketAddr,
@@ -355,7 +358,7 @@ async fn handle_datagram(
         at: received_at,
         unix_us: recv_us,
     } = received;
-    let route = Route::Udp(source);
+    let route = Route::Datagram(source);
     let source_key = SourceKey::of(source.ip());
     let mut offset = 0;
     let mut frames = 0u64;
@@ -414,7 +417,7 @@ async fn handle_datagram(
         };
         offset += consumed_bytes;
         if let Some((status, id)) = answer {
-            shard.push_udp_answer(replies, source, status, id).await;
+            shard.push_udp_answer(udp, replies, source, status, id).await;
         }
     }
     debug_assert_eq!(offset, data.len());

@@ -37,8 +37,8 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::frame::PAYLOAD_BYTES_MAX;
 use crate::limits::BATCH_RECORD_BYTES_MAX;
+use crate::wire::frame::PAYLOAD_BYTES_MAX;
 
 /// ARGV: prefix, window seconds, event count, blob, nonce.
 pub const DEDUP_APPEND_LUA: &str = r#"

@@ -17,7 +17,7 @@ pub const PLAYER_KEY_BYTES: usize = 32;
 /// Domain separation, so a player key can never equal an HMAC the secret makes for another use.
 const PLAYER_KEY_LABEL: &[u8] = b"sg-player";
 
-pub(crate) const MICROSECONDS_PER_SECOND: u64 = 1_000_000;
+pub const MICROSECONDS_PER_SECOND: u64 = 1_000_000;
 
 const _: () = assert!(AUTH_TAG_BYTES <= PLAYER_KEY_BYTES);
 

@@ -26,16 +26,19 @@ use std::time::{Duration, Instant, SystemTime};
 use glommio::LocalExecutorBuilder;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::config::Config;
-use crate::dedup::{new_cache, DedupReader, DedupWriter};
-use crate::frame::Status;
-use crate::latency::{self, Latency};
-use crate::metrics::{RetryCause, ShardMetrics};
-use crate::placement;
-use crate::sdnotify::{self, Heartbeats, Notifier};
-use crate::shard::Shard;
-use crate::snapshot::Snapshots;
-use crate::store::{Store, TimeDriver};
+use crate::host::config::Config;
+use crate::host::placement;
+use crate::host::sdnotify::{self, Heartbeats, Notifier};
+use crate::intake::tcp::Connections;
+use crate::intake::udp::{GroupShare, UdpIo};
+use crate::pipeline::dedup::{new_cache, DedupReader, DedupWriter};
+use crate::pipeline::shard::Shard;
+use crate::pipeline::Outage;
+use crate::redis::store::{Store, TimeDriver};
+use crate::telemetry::latency::{self, Latency};
+use crate::telemetry::metrics::{RetryCause, ShardMetrics};
+use crate::telemetry::snapshot::Snapshots;
+use crate::wire::frame::Status;
 
 /// How long a starting shard waits for Redis to check the partition count
 /// before it serves anyway (answering RETRY until Redis comes).
@@ -76,8 +79,8 @@ impl ServerError {
 
 impl std::error::Error for ServerError {}
 
-impl From<crate::config::ConfigError> for ServerError {
-    fn from(error: crate::config::ConfigError) -> ServerError {
+impl From<crate::host::config::ConfigError> for ServerError {
+    fn from(error: crate::host::config::ConfigError) -> ServerError {
         ServerError::failed(error.to_string())
     }
 }
@@ -94,7 +97,7 @@ pub struct ShardReport {
 pub fn run(config: Config) -> Result<(), ServerError> {
     let started = SystemTime::now();
     let signals = block_signals()?;
-    let allowed = crate::cpuset::allowed()?;
+    let allowed = crate::host::cpuset::allowed()?;
     allowed.check(&config.cores)?;
     let memlock_bytes = raise_memlock(config.cores.len());
     let ports = SharedPorts::pick(config.udp, config.tcp)?;
@@ -111,7 +114,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let metrics: Vec<Arc<ShardMetrics>> = config.cores.iter().map(|_| Arc::default()).collect();
     let metrics_address = match config.metrics {
         Some(address) => Some(
-            crate::exporter::start(address, metrics.clone())
+            crate::telemetry::exporter::start(address, metrics.clone())
                 .map_err(|error| ServerError::failed(format!("cannot serve metrics on {address}: {error}")))?,
         ),
         None => None,
@@ -402,17 +405,17 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
         let _ = common.events.send(StartEvent::Failed(init.index, error.clone()));
         error
     };
-    let udp = crate::udp::UdpIo::bind(init.config.udp)
+    let udp = UdpIo::bind(init.config.udp)
+        .map(Rc::new)
         .map_err(|error| failed(format!("cannot bind udp {}: {error}", init.config.udp)))?;
     init.metrics
         .udp_socket_inode
         .store(udp.socket_inode(), Ordering::Relaxed);
-    let store = Store::new(&init.config).map_err(|error| failed(error.to_string()))?;
+    let store = Store::new(&init.config.store_settings()).map_err(|error| failed(error.to_string()))?;
     store.connect();
     let shard = Rc::new(Shard::new(
         init.index,
-        Arc::clone(&init.config),
-        udp,
+        init.config.pipeline_settings(),
         store,
         init.dedup,
         init.peers,
@@ -426,54 +429,59 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
     if !common.gate.wait() {
         return Err("start aborted".into());
     }
-    let listener = crate::tcp::bind(init.config.tcp)
+    let listener = crate::intake::tcp::bind(init.config.tcp)
         .map_err(|error| failed(format!("cannot listen on tcp {}: {error}", init.config.tcp)))?;
     // Every shard has bound by now: size the UDP group's program for all of it, including
     // another process's sockets during a rolling restart, before the process says it serves.
+    let intake = init.config.intake_settings();
     let spread_task = (init.index == 0).then(|| {
-        let attached_size = shard.udp.spread_over_group(0, init.config.cores.len());
-        glommio::spawn_local(crate::udp::keep_spread_over_group(Rc::clone(&shard), attached_size))
+        let attached_size = udp.spread_over_group(0, intake.shard_count);
+        let keep = crate::intake::udp::keep_spread_over_group(
+            Rc::clone(&shard),
+            Rc::clone(&udp),
+            attached_size,
+            intake.shard_count,
+        );
+        glommio::spawn_local(keep)
     });
     let _ = common.events.send(StartEvent::Listening);
 
-    let udp_task = glommio::spawn_local(crate::udp::serve(Rc::clone(&shard)));
-    let tcp_task = glommio::spawn_local(crate::tcp::serve(Rc::clone(&shard), listener));
+    let connections = Rc::new(Connections::default());
+    let udp_task = glommio::spawn_local(crate::intake::udp::serve(
+        Rc::clone(&shard),
+        Rc::clone(&udp),
+        intake.clone(),
+    ));
+    let tcp_task = glommio::spawn_local(crate::intake::tcp::serve(
+        Rc::clone(&shard),
+        listener,
+        intake,
+        Rc::clone(&connections),
+    ));
     let linger_task = glommio::spawn_local(Rc::clone(&shard).linger_loop());
     let caller_tasks: Vec<_> = (0..init.config.batches_in_flight_max)
-        .map(|caller| glommio::spawn_local(Rc::clone(&shard).caller_loop(caller)))
+        .map(|caller| glommio::spawn_local(Rc::clone(&shard).caller_loop(caller, Rc::clone(&udp))))
         .collect();
-    Rc::clone(&shard)
-        .tick_loop(
-            Arc::clone(&common.stop),
-            common.snapshots.clone(),
-            common.heartbeats.clone(),
-        )
-        .await;
+    tick_loop(&shard, common).await;
 
     // Stopping: intake ends, in-flight work drains, then connections flush.
     udp_task.await;
     if let Some(task) = spread_task {
         task.await;
     }
-    leave_udp_group_if_shared(&shard);
+    leave_udp_group_if_shared(&shard, &udp);
     // The listener closes here: new connections go to the other process's listeners.
     tcp_task.await;
     let deadline = Instant::now() + Duration::from_millis(init.config.drain_timeout_ms);
-    let drained_events = shard.drain(deadline).await;
+    let drained_events = shard.drain(deadline, &*udp).await;
     linger_task.await;
     shard.close_callers();
     for task in caller_tasks {
         task.await;
     }
-    while shard.tcp_connections_open.get() > 0 && Instant::now() < deadline + Duration::from_millis(500) {
-        futures_lite::future::or(
-            shard.tcp_closed.wait(),
-            glommio::timer::sleep(Duration::from_millis(50)),
-        )
-        .await;
-    }
+    connections.wait_closed(deadline + Duration::from_millis(500)).await;
     shard.store.quit().await;
-    let replies_unsent = shard.udp.replies_unsent();
+    let replies_unsent = udp.replies_unsent();
     if replies_unsent > 0 {
         tracing::info!(
             shard = init.index,
@@ -490,16 +498,39 @@ async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
     Ok(report)
 }
 
+/// The shard's tick, every `SHUTDOWN_POLL_MS` until the process-wide stop: a watchdog
+/// heartbeat, a histogram snapshot when one is asked for, and the pipeline's liveness
+/// (`Shard::tick`: Redis up or down, held batches, outage log lines).
+async fn tick_loop(shard: &Rc<Shard>, common: &ShardCommon) {
+    let period = Duration::from_millis(crate::limits::SHUTDOWN_POLL_MS);
+    let mut outage = Outage::default();
+    let mut snapshot_answered = 0;
+    loop {
+        common.heartbeats.beat(shard.index);
+        if let Some(generation) = common.snapshots.due(&mut snapshot_answered) {
+            common
+                .snapshots
+                .submit(shard.index, generation, shard.latency.borrow().clone());
+        }
+        shard.tick(&mut outage);
+        if common.stop.load(Ordering::Relaxed) {
+            shard.stop();
+            return;
+        }
+        glommio::timer::sleep(period).await;
+    }
+}
+
 /// A rolling restart (docs/design.md, "Rolling restart"): when another process has joined the
 /// UDP group, this shard closes its socket before draining, so the kernel routes every later
 /// datagram to the sockets that are still read; the frames already queued on it go unanswered
 /// and are resent by their clients. Alone in the group, the socket stays open to send the
 /// drain's answers: no other process could take the datagrams anyway.
-fn leave_udp_group_if_shared(shard: &Shard) {
-    match shard.udp.group_share() {
-        Ok(crate::udp::GroupShare::Alone) => {}
-        Ok(crate::udp::GroupShare::Shared { other_sockets }) => {
-            shard.udp.leave_group();
+fn leave_udp_group_if_shared(shard: &Shard, udp: &UdpIo) {
+    match udp.group_share() {
+        Ok(GroupShare::Alone) => {}
+        Ok(GroupShare::Shared { other_sockets }) => {
+            udp.leave_group();
             if shard.index == 0 {
                 tracing::info!(
                     other_sockets,

@@ -1,4 +1,5 @@
-//! Where an answer goes, and how answers are coalesced on the way out.
+//! Where an answer goes, how answers are coalesced on the way out, and the two traits through
+//! which intake writes them: the pipeline never imports intake.
 //!
 //! Every event remembers its `Route` while its batch is in Redis: the UDP
 //! source address, or the TCP connection it came on. Answers for one UDP
@@ -14,25 +15,42 @@
 //! datagram costs a system call and a trip through the network stack, the
 //! largest single cost of a frame (`perf`, issue 14).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
-use crate::frame::{encode_ack, EventId, Status, ACK_BYTES};
 use crate::limits::REPLY_DATAGRAM_BYTES_MAX;
-use crate::metrics::Transport;
-use crate::tcp::Connection;
+use crate::telemetry::metrics::Transport;
+use crate::wire::frame::{encode_ack, EventId, Status, ACK_BYTES};
 
+/// Sends reply datagrams: intake's UDP socket. Generic, not `dyn`, so a send costs no box.
+pub trait AckSink {
+    /// Sends one reply datagram of whole acks to `destination`, waiting only if the socket's
+    /// send buffer is full. An error concerns this reply alone; it is counted, and the client
+    /// resends.
+    fn send_datagram(&self, bytes: &[u8], destination: SocketAddr) -> impl Future<Output = std::io::Result<()>>;
+}
+
+/// A stream connection's outbox: intake's TCP connection. Queuing never waits: the
+/// connection's reader bounds the acks it may owe (`TCP_UNACKED_FRAMES_MAX`).
+pub trait StreamAcks {
+    fn push_ack(&self, status: Status, id: EventId);
+}
+
+/// Where one frame's answer goes.
 #[derive(Clone)]
 pub enum Route {
-    Udp(SocketAddr),
-    Tcp(Rc<Connection>),
+    /// The UDP source address.
+    Datagram(SocketAddr),
+    /// The TCP connection the frame came on.
+    Stream(Rc<dyn StreamAcks>),
 }
 
 impl Route {
     pub fn transport(&self) -> Transport {
         match self {
-            Route::Udp(_) => Transport::Udp,
-            Route::Tcp(_) => Transport::Tcp,
+            Route::Datagram(_) => Transport::Udp,
+            Route::Stream(_) => Transport::Tcp,
         }
     }
 }
@@ -134,7 +152,7 @@ impl<const N: usize> ReplyBook<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::decode_ack;
+    use crate::wire::frame::decode_ack;
 
     /// Acks for one address coalesce up to the datagram bound; another address needs a new reply.
     #[test]
@@ -168,7 +186,7 @@ mod tests {
 #[cfg(test)]
 mod book_tests {
     use super::*;
-    use crate::frame::decode_ack;
+    use crate::wire::frame::decode_ack;
     use proptest::prelude::*;
 
     proptest! {

@@ -23,8 +23,8 @@
 
 use std::time::Instant;
 
+use crate::intake::source::{SourceHasher, SourceKey};
 use crate::limits::UDP_SOURCE_TABLE_WAYS;
-use crate::source::{SourceHasher, SourceKey};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 

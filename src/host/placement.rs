@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use glommio::{CpuSet, Placement};
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::host::config::ConfigError;
 use crate::limits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -13,8 +13,10 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+use crate::host::placement::{parse_core_list, PlacementMode};
 use crate::limits;
-use crate::placement::{parse_core_list, PlacementMode};
+use crate::redis::store::RedisUrl;
+pub use crate::telemetry::logging::LogFormat;
 
 /// shardgate: thread-per-core intake of game action events into Redis,
 /// each event stored exactly once and acked only after the write.
@@ -150,13 +152,6 @@ pub struct ServeArgs {
     pub log_level: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 /// The resolved, range-checked settings a server runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -174,7 +169,7 @@ pub struct Config {
     pub dedup_capacity: usize,
     pub hdr_out: Option<PathBuf>,
     /// With auth on, the secrets frame tags are keyed from (`auth.rs`).
-    pub auth: Option<crate::secrets::Secrets>,
+    pub auth: Option<crate::pipeline::keys::Secrets>,
     pub batch_events_max: usize,
     pub batch_linger_us: u64,
     pub batches_in_flight_max: usize,
@@ -188,51 +183,6 @@ pub struct Config {
     pub udp_source_burst_frames: u64,
     pub udp_source_table_entries: usize,
     pub spin_before_park_us: u64,
-}
-
-/// A `redis://` url whose password never reaches a log line or an error
-/// message: `Debug` and `Display` show it as `***`. `store.rs` alone reads the
-/// real text, through `expose`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RedisUrl(String);
-
-impl RedisUrl {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The url with the password part of its userinfo replaced by `***`.
-    pub fn redacted(&self) -> String {
-        redact_url(&self.0)
-    }
-}
-
-impl std::fmt::Debug for RedisUrl {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(formatter, "{:?}", self.redacted())
-    }
-}
-
-impl std::fmt::Display for RedisUrl {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str(&self.redacted())
-    }
-}
-
-/// `scheme://user:secret@host` -> `scheme://user:***@host`; urls without a
-/// password are returned as they are.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_string();
-    };
-    match rest[..at].split_once(':') {
-        Some((user, _secret)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-        None => url.to_string(),
-    }
 }
 
 /// Why the settings cannot run. The message names the setting and the rule.
@@ -304,7 +254,7 @@ impl ServeArgs {
     pub fn resolve(self) -> Result<Config, ConfigError> {
         let placement = self.placement.unwrap_or(PlacementMode::Pinned);
         let cores = resolve_cores(self.cores, placement)?;
-        let redis_url = RedisUrl(required(self.redis, "redis")?);
+        let redis_url = RedisUrl::new(required(self.redis, "redis")?);
         if !redis_url.expose().starts_with("redis://") {
             return Err(ConfigError::new(format!(
                 "--redis {redis_url:?} must be a redis:// url (standalone redis; tls and cluster are not supported)"
@@ -347,7 +297,7 @@ impl ServeArgs {
             )?,
             hdr_out: self.hdr_out,
             auth: match self.auth_secret_file {
-                Some(paths) => Some(crate::secrets::Secrets::load(&paths)?),
+                Some(paths) => Some(crate::host::secrets::load(&paths)?),
                 None => None,
             },
             batch_events_max: in_range(
@@ -446,9 +396,43 @@ impl ServeArgs {
 }
 
 impl Config {
-    /// Events one shard may hold in its open batch and its sent batches.
-    pub fn inflight_events_max(&self) -> usize {
-        self.batch_events_max * (self.batches_in_flight_max + 1)
+    /// What the pipeline takes from the command line.
+    pub fn pipeline_settings(&self) -> crate::pipeline::Settings {
+        crate::pipeline::Settings {
+            partitions: self.partitions,
+            prefix: self.prefix.clone(),
+            dedup_window_secs: self.dedup_window_secs,
+            auth: self.auth.clone(),
+            batch_events_max: self.batch_events_max,
+            batch_linger_us: self.batch_linger_us,
+            batches_in_flight_max: self.batches_in_flight_max,
+        }
+    }
+
+    /// What a shard's Redis client takes from the command line.
+    pub fn store_settings(&self) -> crate::redis::store::StoreSettings {
+        crate::redis::store::StoreSettings {
+            redis_url: self.redis_url.clone(),
+            call_timeout_ms: self.redis_timeout_ms,
+            batches_in_flight_max: self.batches_in_flight_max,
+            prefix: self.prefix.clone(),
+            dedup_window_secs: self.dedup_window_secs,
+            partitions: self.partitions,
+        }
+    }
+
+    /// What intake takes from the command line.
+    pub fn intake_settings(&self) -> crate::intake::Settings {
+        crate::intake::Settings {
+            shard_count: self.cores.len(),
+            udp_source_table_entries: self.udp_source_table_entries,
+            udp_source_frames_per_sec: self.udp_source_frames_per_sec,
+            udp_source_burst_frames: self.udp_source_burst_frames,
+            tcp_connections_per_shard: self.tcp_connections_per_shard,
+            tcp_connections_per_source: self.tcp_connections_per_source,
+            tcp_idle_timeout_ms: self.tcp_idle_timeout_ms,
+            tcp_write_timeout_ms: self.tcp_write_timeout_ms,
+        }
     }
 }
 
@@ -516,7 +500,7 @@ fn resolve_cores(listed: Option<String>, placement: PlacementMode) -> Result<Vec
     let (cores, origin) = match (listed, placement) {
         (Some(listed), _) => (parse_core_list(&listed)?, "--cores lists".to_string()),
         (None, PlacementMode::Fenced) => {
-            let allowed = crate::cpuset::allowed()?;
+            let allowed = crate::host::cpuset::allowed()?;
             let origin = format!("{} allows", allowed.source_name());
             (allowed.cores, origin)
         }
@@ -549,7 +533,7 @@ mod tests {
             ("redis://game@redis:6379", "redis://game@redis:6379"),
             ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
         ] {
-            let redis_url = RedisUrl(url.to_string());
+            let redis_url = RedisUrl::new(url.to_string());
             assert_eq!(redis_url.to_string(), shown);
             assert_eq!(format!("{redis_url:?}"), format!("{shown:?}"));
             assert_eq!(redis_url.expose(), url);

@@ -62,7 +62,7 @@ use std::sync::Arc;
 
 use self::sync::{fence, prefetch, spin_loop, AtomicU32, AtomicU64, Ordering};
 
-use crate::frame::EventId;
+use crate::wire::frame::EventId;
 
 /// Where the seqlock's atomics come from. A loom model test (`tests/loom_dedup.rs`, built with
 /// `RUSTFLAGS="--cfg loom"`) needs loom's, so that the model checker sees every load, store and
@@ -364,7 +364,7 @@ pub enum Lookup {
 ///
 /// Not `Clone`, so there is exactly one writer per table:
 /// ```compile_fail,E0599
-/// let (writer, _reader) = shardgate::dedup::new_cache(64);
+/// let (writer, _reader) = shardgate::pipeline::dedup::new_cache(64);
 /// let _second_writer = writer.clone();
 /// ```
 pub struct DedupWriter {

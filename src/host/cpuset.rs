@@ -18,8 +18,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::config::ConfigError;
-use crate::placement::parse_core_list;
+use crate::host::config::ConfigError;
+use crate::host::placement::parse_core_list;
 
 /// Where the allowed set came from, for the startup log.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -30,19 +30,45 @@ use std::time::{Duration, Instant};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use crate::frame::{encode_ack, EventId, Status, ACK_BYTES};
+use crate::intake::source::SourceKey;
+use crate::intake::tcp_sources::TcpSources;
+use crate::intake::{unix_now_us, Settings};
 use crate::limits::{TCP_OUTBOX_BYTES, TCP_READ_BUFFER_BYTES, TCP_SEND_BUFFER_BYTES, TCP_UNACKED_FRAMES_MAX};
-use crate::metrics::{CloseReason, Transport};
-use crate::notify::Notify;
-use crate::reply::Route;
-use crate::shard::{Fate, Shard};
-use crate::source::SourceKey;
-use crate::stream::{self, Stop};
-use crate::tcp_sources::TcpSources;
-use crate::udp::unix_now_us;
+use crate::pipeline::answer::{Route, StreamAcks};
+use crate::pipeline::notify::Notify;
+use crate::pipeline::shard::{Fate, Shard};
+use crate::telemetry::metrics::{CloseReason, Transport};
+use crate::wire::frame::{encode_ack, EventId, Status, ACK_BYTES};
+use crate::wire::stream::{self, Stop};
+
+/// A shard's open TCP connections: counted at accept, and waited for at stop.
+#[derive(Default)]
+pub struct Connections {
+    open: Cell<usize>,
+    closed: Notify,
+}
+
+impl Connections {
+    pub fn open(&self) -> usize {
+        self.open.get()
+    }
+
+    /// Waits until every connection has closed, or until `deadline`.
+    pub async fn wait_closed(&self, deadline: Instant) {
+        while self.open.get() > 0 && Instant::now() < deadline {
+            let poll = Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
+            futures_lite::future::or(self.closed.wait(), glommio::timer::sleep(poll)).await;
+        }
+    }
+
+    fn set_open(&self, shard: &Shard, open: usize) {
+        self.open.set(open);
+        shard.metrics.tcp_connections_open.set(open as i64);
+    }
+}
 
 /// The state a connection's reader, writer and in-flight batches share.
-pub struct Connection {
+struct Connection {
     outbox: RefCell<Vec<u8>>,
     /// Frames read whose answer is not yet written to the socket.
     unacked_frames: Cell<usize>,
@@ -66,22 +92,7 @@ impl Connection {
         }
     }
 
-    /// Queues one answer. Never grows the outbox: the reader's bound on
-    /// unanswered frames keeps it within its capacity.
-    pub fn push_ack(&self, status: Status, id: EventId) {
-        if self.broken() {
-            return;
-        }
-        let mut outbox = self.outbox.borrow_mut();
-        assert!(
-            outbox.len() + ACK_BYTES <= TCP_OUTBOX_BYTES,
-            "unacked frames are bounded below the outbox"
-        );
-        outbox.extend_from_slice(&encode_ack(status, id));
-        drop(outbox);
-        self.writer_wake.notify();
-    }
-
+    /// The peer cannot be written to, so its acks are dropped.
     fn broken(&self) -> bool {
         self.write_failure.get().is_some()
     }
@@ -94,17 +105,35 @@ impl Connection {
     }
 }
 
+impl StreamAcks for Connection {
+    /// Queues one answer. Never grows the outbox: the reader's bound on
+    /// unanswered frames keeps it within its capacity.
+    fn push_ack(&self, status: Status, id: EventId) {
+        if self.broken() {
+            return;
+        }
+        let mut outbox = self.outbox.borrow_mut();
+        assert!(
+            outbox.len() + ACK_BYTES <= TCP_OUTBOX_BYTES,
+            "unacked frames are bounded below the outbox"
+        );
+        outbox.extend_from_slice(&encode_ack(status, id));
+        drop(outbox);
+        self.writer_wake.notify();
+    }
+}
+
 /// A listener in the shared SO_REUSEPORT group (glommio sets the option).
 pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).map_err(std::io::Error::from)
 }
 
 /// Accepts until the shard stops.
-pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
+pub async fn serve(shard: Rc<Shard>, listener: TcpListener, settings: Settings, connections: Rc<Connections>) {
     // Allocated once, here at shard start; the connections' tasks release their counts.
     let sources = Rc::new(RefCell::new(TcpSources::new(
-        shard.config.tcp_connections_per_shard,
-        shard.config.tcp_connections_per_source,
+        settings.tcp_connections_per_shard,
+        settings.tcp_connections_per_source,
     )));
     loop {
         let accept = async { Some(listener.accept().await) };
@@ -121,7 +150,7 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
             glommio::timer::sleep(Duration::from_millis(1)).await;
             continue;
         };
-        if shard.tcp_connections_open.get() >= shard.config.tcp_connections_per_shard {
+        if connections.open() >= settings.tcp_connections_per_shard {
             shard.metrics.close(CloseReason::AtLimit);
             continue;
         }
@@ -137,25 +166,36 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
             continue;
         }
         shard.metrics.tcp_connections_accepted.add(1);
-        shard.tcp_connections_open.set(shard.tcp_connections_open.get() + 1);
-        shard
-            .metrics
-            .tcp_connections_open
-            .set(shard.tcp_connections_open.get() as i64);
-        glommio::spawn_local(serve_connection(Rc::clone(&shard), stream, Rc::clone(&sources), source)).detach();
+        connections.set_open(&shard, connections.open() + 1);
+        let connection = serve_connection(
+            Rc::clone(&shard),
+            stream,
+            settings.clone(),
+            Rc::clone(&sources),
+            source,
+            Rc::clone(&connections),
+        );
+        glommio::spawn_local(connection).detach();
     }
 }
 
-async fn serve_connection(shard: Rc<Shard>, stream: TcpStream, sources: Rc<RefCell<TcpSources>>, source: SourceKey) {
+async fn serve_connection(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    settings: Settings,
+    sources: Rc<RefCell<TcpSources>>,
+    source: SourceKey,
+    connections: Rc<Connections>,
+) {
     let _ = stream.set_nodelay(true);
     // Bounds the kernel memory a peer that stops reading pins (limits.rs).
     let _ = socket2::SockRef::from(&stream).set_send_buffer_size(TCP_SEND_BUFFER_BYTES);
     // A read that waits this long fails with TimedOut: the peer is idle.
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(shard.config.tcp_idle_timeout_ms)));
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(settings.tcp_idle_timeout_ms)));
     let connection = Rc::new(Connection::new());
     if let Ok(writer_stream) = crate::sys::duplicate_stream(&stream) {
         // A write that makes no progress this long fails with TimedOut: the peer does not read.
-        let _ = writer_stream.set_write_timeout(Some(Duration::from_millis(shard.config.tcp_write_timeout_ms)));
+        let _ = writer_stream.set_write_timeout(Some(Duration::from_millis(settings.tcp_write_timeout_ms)));
         let writer = glommio::spawn_local(write_acks(Rc::clone(&connection), writer_stream));
         let reason = read_frames(&shard, &connection, stream).await;
         connection.reading_done.set(true);
@@ -164,18 +204,14 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream, sources: Rc<RefCe
         shard.metrics.close(connection.write_failure.get().unwrap_or(reason));
     }
     sources.borrow_mut().close(source);
-    shard.tcp_connections_open.set(shard.tcp_connections_open.get() - 1);
-    shard
-        .metrics
-        .tcp_connections_open
-        .set(shard.tcp_connections_open.get() as i64);
-    shard.tcp_closed.notify();
+    connections.set_open(&shard, connections.open() - 1);
+    connections.closed.notify();
 }
 
 /// Reads and admits frames until the peer closes, the stream breaks, the
 /// bytes stop making sense, or the shard stops; says which.
 async fn read_frames(shard: &Rc<Shard>, connection: &Rc<Connection>, mut stream: TcpStream) -> CloseReason {
-    let route = Route::Tcp(Rc::clone(connection));
+    let route = Route::Stream(Rc::clone(connection) as Rc<dyn StreamAcks>);
     let mut buffer = vec![0u8; TCP_READ_BUFFER_BYTES];
     let mut filled_bytes = 0;
     loop {

@@ -7,7 +7,7 @@
 //! source is in it at most once, it is never more than half full, probes stay
 //! short, and it never grows. The shard's accept loop is its only user.
 
-use crate::source::{SourceHasher, SourceKey};
+use crate::intake::source::{SourceHasher, SourceKey};
 
 pub struct TcpSources {
     sources: Box<[SourceKey]>,

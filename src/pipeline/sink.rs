@@ -1,0 +1,315 @@
+//! The sink chain of one shard: linger -> send -> complete -> answer.
+//!
+//! - **linger** (`linger_loop`): the open batch goes when full (`admit`) or when due
+//!   (`shard::send_due`): one pace after the last call, never before its first event.
+//! - **send** (`flush`, `caller_loop`, `send`): a caller task spawned at start makes the
+//!   script call; at most `batches_in_flight_max` are in Redis at once.
+//! - **complete**: confirmed ids go into the cache and leave the in-flight set, before any
+//!   answer goes out, so a copy arriving meanwhile already sees the cache.
+//! - **answer**: every event's answer, then every held copy's, leaves through intake's ack
+//!   sink (`answer::AckSink`); UDP acks coalesce per source in a `ReplyBook`.
+//!
+//! Every batch and caller was allocated at start; nothing here allocates per event.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::limits::REPLY_BOOK_DESTINATIONS;
+use crate::pipeline::answer::{AckSink, ReplyBook, Route};
+use crate::pipeline::batch::Batch;
+use crate::pipeline::liveness::log_due;
+use crate::pipeline::shard::{send_due, HeldCopy, Shard, EVENT_FAILURE_LOG_PERIOD};
+use crate::redis::store::{EventFailures, Outcome, StoreError};
+use crate::telemetry::metrics::RetryCause;
+use crate::wire::frame::{EventId, Status};
+
+impl Shard {
+    /// Sends the open batch if it has events and an in-flight slot is free:
+    /// a spare batch to take its place. Held batches take no slot back until
+    /// the Redis client lets go of them.
+    pub fn flush(&self) {
+        if self.open.borrow().is_empty() {
+            return;
+        }
+        if self.spare.borrow().is_empty() {
+            self.release_held();
+        }
+        let Some(spare) = self.spare.borrow_mut().pop_front() else {
+            return;
+        };
+        assert!(!self.callers_closed.get(), "no batch is sent after the drain");
+        let caller = self.idle_callers.borrow_mut().pop();
+        let caller = caller.expect("a free slot means an idle caller: busy callers are the batches in flight");
+        let batch = self.open.replace(spare);
+        self.last_call_at.set(Some(Instant::now()));
+        self.batches_in_flight.set(self.batches_in_flight.get() + 1);
+        debug_assert!(self.batches_in_flight.get() <= self.settings.batches_in_flight_max);
+        debug_assert_eq!(
+            self.batches_in_flight.get() + self.idle_callers.borrow().len(),
+            self.callers.len()
+        );
+        let previous = self.callers[caller].batch.replace(Some(batch));
+        assert!(previous.is_none(), "an idle caller holds no batch");
+        self.callers[caller].ready.notify();
+    }
+
+    /// The task of caller `caller`: sends each batch `flush` hands it, until
+    /// `close_callers`. Spawned once per in-flight slot at start.
+    pub async fn caller_loop<S: AckSink>(self: Rc<Self>, caller: usize, sink: Rc<S>) {
+        loop {
+            let batch = self.callers[caller].batch.take();
+            match batch {
+                Some(batch) => {
+                    self.send(batch, &*sink).await;
+                    // No await since `send` counted the call done, so no
+                    // `flush` ran meanwhile without this caller.
+                    self.idle_callers.borrow_mut().push(caller);
+                }
+                None if self.callers_closed.get() => return,
+                None => self.callers[caller].ready.wait().await,
+            }
+        }
+    }
+
+    /// Ends the callers' tasks, once the drain has answered every batch.
+    pub fn close_callers(&self) {
+        assert_eq!(self.batches_in_flight.get(), 0, "the drain answered every batch");
+        self.callers_closed.set(true);
+        for caller in &self.callers {
+            caller.ready.notify();
+        }
+    }
+
+    /// Moves held batches whose blob the Redis client dropped back to the
+    /// spare pool; true if any came back.
+    pub(super) fn release_held(&self) -> bool {
+        let mut held = self.held.borrow_mut();
+        let mut spare = self.spare.borrow_mut();
+        let mut index = 0;
+        let mut released = false;
+        while index < held.len() {
+            if held[index].try_release() {
+                spare.push_back(held.swap_remove(index));
+                released = true;
+            } else {
+                index += 1;
+            }
+        }
+        released
+    }
+
+    /// Batches not free: in Redis or held.
+    pub(super) fn slots_taken(&self) -> usize {
+        self.batches_in_flight.get() + self.held.borrow().len()
+    }
+
+    async fn send(&self, mut batch: Batch, sink: &impl AckSink) {
+        let blob = batch.take_blob();
+        let event_count = batch.len();
+        let nonce = self.call_nonce.get().wrapping_add(1);
+        self.call_nonce.set(nonce);
+        let started = Instant::now();
+        let mut outcomes = std::mem::take(batch.outcomes_mut());
+        let mut failures = EventFailures::default();
+        let call = self
+            .store
+            .dedup_append(nonce, event_count, blob, &mut outcomes, &mut failures);
+        let abandoned = async {
+            self.abandon.wait().await;
+            Err(StoreError::abandoned())
+        };
+        let result = futures_lite::future::or(call, abandoned).await;
+        let round_trip = started.elapsed();
+        self.latency.borrow_mut().record_redis_round_trip(round_trip);
+        self.metrics.redis_round_trip_us.observe(round_trip.as_micros() as u64);
+        self.metrics.batch_events.observe(event_count as u64);
+        if let Err(error) = &result {
+            self.metrics.redis_errors[error.kind() as usize].add(1);
+            self.redis_failures.set(self.redis_failures.get() + 1);
+        }
+        self.count_event_failures(&failures);
+        *batch.outcomes_mut() = outcomes;
+        self.complete(&mut batch, result.is_ok());
+        self.answer(&batch, sink).await;
+        batch.finish();
+        if batch.try_release() {
+            self.spare.borrow_mut().push_back(batch);
+        } else {
+            self.held.borrow_mut().push(batch);
+        }
+        self.batches_in_flight.set(self.batches_in_flight.get() - 1);
+        if self.batches_in_flight.get() == 0 {
+            self.drained.notify();
+        }
+        self.linger.notify();
+    }
+
+    /// Counts events Redis refused one by one, and logs the first failing
+    /// key at most once per `EVENT_FAILURE_LOG_PERIOD`.
+    fn count_event_failures(&self, failures: &EventFailures) {
+        if failures.total() == 0 {
+            return;
+        }
+        for (counter, &count) in self.metrics.redis_event_errors.iter().zip(&failures.by_reason) {
+            counter.add(count);
+        }
+        let unlogged = self.event_failures_unlogged.get() + failures.total();
+        let now = Instant::now();
+        let due = log_due(self.event_failures_logged_at.get(), now, EVENT_FAILURE_LOG_PERIOD);
+        if !due {
+            self.event_failures_unlogged.set(unlogged);
+            return;
+        }
+        let first = failures.first.as_deref().unwrap_or("");
+        tracing::warn!(
+            shard = self.index,
+            refused_events = unlogged,
+            first,
+            "redis refused events one by one; they got RETRY, the rest of their batches were stored"
+        );
+        self.event_failures_unlogged.set(0);
+        self.event_failures_logged_at.set(Some(now));
+    }
+
+    /// Bookkeeping for a finished call, before any answer goes out: a copy
+    /// arriving while answers are being sent already sees the cache.
+    pub(super) fn complete(&self, batch: &mut Batch, stored: bool) {
+        let mut dedup = self.dedup.borrow_mut();
+        let mut in_flight = self.in_flight.borrow_mut();
+        let (events, outcomes, statuses) = batch.resolution_parts();
+        statuses.clear();
+        for (index, event) in events.iter().enumerate() {
+            let removed = in_flight.remove(&event.id);
+            assert!(removed, "every batched id is in flight until its call completes");
+            let status = match (stored, outcomes.get(index)) {
+                (true, Some(Outcome::Appended)) => Status::Accepted,
+                (true, Some(Outcome::AlreadyStored)) => Status::Duplicate,
+                (true, Some(Outcome::Failed)) | (true, None) | (false, _) => Status::Retry,
+            };
+            if status == Status::Retry {
+                self.metrics.retry(RetryCause::RedisError);
+            } else {
+                dedup.insert(event.id);
+            }
+            statuses.push(status);
+        }
+        debug_assert_eq!(statuses.len(), events.len());
+        self.metrics.events_in_flight.set(in_flight.len() as i64);
+        self.metrics.dedup_cache_events.set(dedup.len_events() as i64);
+        let evictions = dedup.evictions_total();
+        self.metrics
+            .dedup_cache_evictions
+            .add(evictions - self.metrics.dedup_cache_evictions.get());
+    }
+
+    /// Sends every answer of a completed batch, coalescing UDP acks per source.
+    pub(super) async fn answer(&self, batch: &Batch, sink: &impl AckSink) {
+        let mut replies = ReplyBook::<REPLY_BOOK_DESTINATIONS>::default();
+        let now = Instant::now();
+        for (event, &status) in batch.events().iter().zip(batch.statuses()) {
+            self.record_answered(event.route.transport(), status, event.received_at, now);
+            self.push_answer(sink, &mut replies, &event.route, status, event.id)
+                .await;
+        }
+        self.answer_held_copies(sink, &mut replies).await;
+        self.send_udp_replies(sink, &mut replies).await;
+    }
+
+    /// Answers every held copy whose id is no longer in flight: DUPLICATE if
+    /// the cache holds the id (the original was stored, or found stored), else
+    /// RETRY (its call failed). Each copy is looked up afresh after every
+    /// await, since another batch's answers may take some meanwhile.
+    async fn answer_held_copies<const N: usize>(&self, sink: &impl AckSink, replies: &mut ReplyBook<N>) {
+        while let Some(copy) = self.take_resolved_copy() {
+            let status = if self.dedup.borrow_mut().contains(copy.id) {
+                Status::Duplicate
+            } else {
+                self.metrics.retry(RetryCause::RedisError);
+                Status::Retry
+            };
+            self.record_answered(copy.route.transport(), status, copy.received_at, Instant::now());
+            self.push_answer(sink, replies, &copy.route, status, copy.id).await;
+        }
+    }
+
+    fn take_resolved_copy(&self) -> Option<HeldCopy> {
+        let in_flight = self.in_flight.borrow();
+        let mut held = self.held_copies.borrow_mut();
+        let index = held.iter().position(|copy| !in_flight.contains(&copy.id))?;
+        Some(held.swap_remove(index))
+    }
+
+    /// Queues one answer: UDP acks coalesce per source in `replies`, TCP acks
+    /// go to their connection's writer.
+    async fn push_answer<const N: usize>(
+        &self,
+        sink: &impl AckSink,
+        replies: &mut ReplyBook<N>,
+        route: &Route,
+        status: Status,
+        id: EventId,
+    ) {
+        match route {
+            Route::Datagram(source) => self.push_udp_answer(sink, replies, *source, status, id).await,
+            Route::Stream(connection) => connection.push_ack(status, id),
+        }
+    }
+
+    /// Adds one UDP ack to `replies`, sending a reply first when there is no room.
+    pub async fn push_udp_answer<const N: usize>(
+        &self,
+        sink: &impl AckSink,
+        replies: &mut ReplyBook<N>,
+        destination: SocketAddr,
+        status: Status,
+        id: EventId,
+    ) {
+        while let Err(index) = replies.push(destination, status, id) {
+            self.send_reply_of(sink, replies, index).await;
+        }
+    }
+
+    /// Sends every open reply of `replies`.
+    pub async fn send_udp_replies<const N: usize>(&self, sink: &impl AckSink, replies: &mut ReplyBook<N>) {
+        for index in 0..replies.len() {
+            self.send_reply_of(sink, replies, index).await;
+        }
+        debug_assert!(replies.is_empty());
+    }
+
+    async fn send_reply_of<const N: usize>(&self, sink: &impl AckSink, replies: &mut ReplyBook<N>, index: usize) {
+        if let Some((destination, bytes)) = replies.take(index) {
+            if sink.send_datagram(bytes, destination).await.is_err() {
+                self.metrics.reply_send_errors.add(1);
+            }
+        }
+    }
+
+    /// Sends the open batch when it is due (`send_due`). Full batches are
+    /// sent by `admit` at once.
+    pub async fn linger_loop(self: Rc<Self>) {
+        let linger = Duration::from_micros(self.settings.batch_linger_us);
+        loop {
+            let opened_at = self.open.borrow().opened_at();
+            let Some(opened_at) = opened_at else {
+                if self.stopping.is_open() && self.batches_in_flight.get() == 0 {
+                    return;
+                }
+                self.linger.wait().await;
+                continue;
+            };
+            let due = send_due(opened_at, self.last_call_at.get(), linger);
+            let now = Instant::now();
+            if now < due && !self.stopping.is_open() {
+                glommio::timer::sleep(due - now).await;
+                continue;
+            }
+            self.flush();
+            if !self.open.borrow().is_empty() {
+                // Every slot is taken; a completing call wakes us.
+                self.linger.wait().await;
+            }
+        }
+    }
+}
