@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::wire::frame::{
-    check, crc, CheckError, EventId, RejectReason, Status, AUTH_TAG_BYTES, CRC_BYTES, FLAG_AUTH, FRAME_OVERHEAD_BYTES,
+    check, crc, CheckError, EventId, Header, RejectReason, Status, AUTH_TAG_BYTES, CRC_BYTES, FLAG_AUTH,
+    FRAME_OVERHEAD_BYTES,
 };
 
 use crate::intake::limiter::SourceLimiter;
@@ -345,6 +346,13 @@ struct Received {
     unix_us: u64,
 }
 
+/// Frames and limited frames of one datagram, counted per datagram rather than per frame.
+#[derive(Default)]
+struct Tally {
+    frames: u64,
+    limited_frames: u64,
+}
+
 async fn handle_datagram(
     shard: &Rc<Shard>,
     udp: &UdpIo,
@@ -354,65 +362,30 @@ async fn handle_datagram(
     received: Received,
     replies: &mut ReplyBook<REPLY_BOOK_DESTINATIONS>,
 ) {
-    let Received {
-        at: received_at,
-        unix_us: recv_us,
-    } = received;
     let route = Route::Datagram(source);
     let source_key = SourceKey::of(source.ip());
     let mut offset = 0;
-    let mut frames = 0u64;
-    let mut limited_frames = 0u64;
+    let mut tally = Tally::default();
     while offset < data.len() {
         let rest = &data[offset..];
         let (answer, consumed_bytes) = match check(rest) {
             Ok(header) => {
-                frames += 1;
-                let status = if limiter.admit(source_key, received_at) {
-                    let frame = &rest[..header.frame_bytes];
-                    match shard.take_frame(frame, header, &route, received_at, recv_us) {
-                        Fate::Now(status) => Some(status),
-                        // A corrupt frame is counted by the shard and never answered.
-                        Fate::Later | Fate::Corrupt => None,
-                    }
-                } else {
-                    limited_frames += 1;
-                    None
-                };
+                tally.frames += 1;
+                let admitted = limiter.admit(source_key, received.at);
+                tally.limited_frames += u64::from(!admitted);
+                let status = admitted
+                    .then(|| take_whole_frame(shard, &rest[..header.frame_bytes], header, &route, received))
+                    .flatten();
                 (status.map(|status| (status, header.id)), header.frame_bytes)
             }
             Err(error) => {
                 let fate = oversized(rest, error);
-                let rejected = match fate {
-                    Oversized::Intact(id) => Some(id),
-                    Oversized::Corrupt | Oversized::NotOne => None,
-                };
-                let answered = match fate {
-                    Oversized::Intact(_) => {
-                        frames += 1;
-                        let admitted = limiter.admit(source_key, received_at);
-                        if admitted {
-                            shard.metrics.reject(Transport::Udp, RejectReason::Length);
-                            shard.record_answered(Transport::Udp, Status::Rejected, received_at, Instant::now());
-                        } else {
-                            limited_frames += 1;
-                        }
-                        admitted
-                    }
-                    Oversized::Corrupt => {
-                        frames += 1;
-                        shard.metrics.frames_corrupt[Transport::Udp as usize].add(1);
-                        false
-                    }
-                    Oversized::NotOne => {
-                        shard.metrics.unparseable[Transport::Udp as usize].add(1);
-                        false
-                    }
-                };
-                (
-                    rejected.filter(|_| answered).map(|id| (Status::Rejected, id)),
-                    rest.len(),
-                )
+                // Only a frame REJECTED by its id takes a token: it is the only one answered.
+                let admitted = matches!(fate, Oversized::Intact(_)) && limiter.admit(source_key, received.at);
+                let refusal = refusal(fate, admitted);
+                tally.frames += u64::from(refusal.is_frame);
+                count_refusal(shard, refusal.counted, &mut tally, received.at);
+                (refusal.answer.map(|id| (Status::Rejected, id)), rest.len())
             }
         };
         offset += consumed_bytes;
@@ -421,14 +394,80 @@ async fn handle_datagram(
         }
     }
     debug_assert_eq!(offset, data.len());
-    shard.metrics.frames_received[Transport::Udp as usize].add(frames);
-    shard.metrics.frames_limited[Transport::Udp as usize].add(limited_frames);
+    debug_assert!(tally.limited_frames <= tally.frames);
+    shard.metrics.frames_received[Transport::Udp as usize].add(tally.frames);
+    shard.metrics.frames_limited[Transport::Udp as usize].add(tally.limited_frames);
     shard.metrics.bytes_received[Transport::Udp as usize].add(data.len() as u64);
 }
 
-/// The bytes that end a datagram get a REJECTED answer only when the header
-/// parsed and announces a payload over the limit; see the module doc.
-/// What the bytes that `check` refused are, as far as an answer goes.
+/// A whole frame that took its token: the shard decides; `None` if it answers later or never.
+fn take_whole_frame(
+    shard: &Rc<Shard>,
+    frame: &[u8],
+    header: Header,
+    route: &Route,
+    received: Received,
+) -> Option<Status> {
+    match shard.take_frame(frame, header, route, received.at, received.unix_us) {
+        Fate::Now(status) => Some(status),
+        // A corrupt frame is counted by the shard and never answered.
+        Fate::Later | Fate::Corrupt => None,
+    }
+}
+
+/// What becomes of the bytes that end a datagram because `check` refused them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Refusal {
+    /// The id REJECTED is answered for, if any.
+    answer: Option<EventId>,
+    /// Whether the bytes were a whole frame (counted as received), or no frame at all.
+    is_frame: bool,
+    counted: Counted,
+}
+
+/// The counter a refusal goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Counted {
+    Rejected,
+    Limited,
+    Corrupt,
+    Unparseable,
+}
+
+/// Pure, so that every case is tested alone: an intact oversized frame that got a token is
+/// REJECTED by its id; one that did not is limited; a corrupt one and bytes that are no frame
+/// get no answer (see the module doc).
+fn refusal(fate: Oversized, admitted: bool) -> Refusal {
+    let (answer, is_frame, counted) = match fate {
+        Oversized::Intact(id) if admitted => (Some(id), true, Counted::Rejected),
+        Oversized::Intact(_) => (None, true, Counted::Limited),
+        Oversized::Corrupt => (None, true, Counted::Corrupt),
+        Oversized::NotOne => (None, false, Counted::Unparseable),
+    };
+    Refusal {
+        answer,
+        is_frame,
+        counted,
+    }
+}
+
+fn count_refusal(shard: &Shard, counted: Counted, tally: &mut Tally, received_at: Instant) {
+    let udp = Transport::Udp as usize;
+    match counted {
+        Counted::Rejected => {
+            shard.metrics.reject(Transport::Udp, RejectReason::Length);
+            shard.record_answered(Transport::Udp, Status::Rejected, received_at, Instant::now());
+        }
+        Counted::Limited => tally.limited_frames += 1,
+        Counted::Corrupt => shard.metrics.frames_corrupt[udp].add(1),
+        Counted::Unparseable => shard.metrics.unparseable[udp].add(1),
+    }
+}
+
+/// What the bytes that `check` refused are, as far as an answer goes: they get a REJECTED
+/// answer only when the header parsed and announces a payload over the limit, and the crc of
+/// the whole frame it announces matches; see the module doc.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Oversized {
     /// A whole frame over the payload limit whose crc matches: REJECTED by its id.
     Intact(EventId),
@@ -491,5 +530,28 @@ mod tests {
             (1, ReceiveBackoff::Yield),
             "a lone error only yields"
         );
+    }
+
+    /// Each kind of refused bytes gets its one answer and its one counter; only an intact
+    /// oversized frame that got a token is answered, and only whole frames count as frames.
+    #[test]
+    fn refused_bytes_get_one_answer_and_one_counter() {
+        let id = EventId { player_id: 5, seq: 6 };
+        let cases = [
+            (Oversized::Intact(id), true, Some(id), true, Counted::Rejected),
+            (Oversized::Intact(id), false, None, true, Counted::Limited),
+            (Oversized::Corrupt, true, None, true, Counted::Corrupt),
+            (Oversized::Corrupt, false, None, true, Counted::Corrupt),
+            (Oversized::NotOne, true, None, false, Counted::Unparseable),
+            (Oversized::NotOne, false, None, false, Counted::Unparseable),
+        ];
+        for (fate, admitted, answer, is_frame, counted) in cases {
+            let expected = Refusal {
+                answer,
+                is_frame,
+                counted,
+            };
+            assert_eq!(refusal(fate, admitted), expected, "{fate:?} admitted={admitted}");
+        }
     }
 }
