@@ -6,6 +6,7 @@
 //! gets RETRY. Outages are logged as a few summary lines, never one per failure. At stop the
 //! drain waits for calls in flight up to its deadline, then answers RETRY for the rest.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,23 @@ use crate::pipeline::shard::{Shard, EVENT_FAILURE_LOG_PERIOD};
 use crate::redis::store::{Partitions, StoreError};
 use crate::telemetry::metrics::{RedisErrorKind, RetryCause};
 
+/// Whether the shard may send to Redis, and what it has logged about it.
+#[derive(Default)]
+pub(super) struct Liveness {
+    /// Connected and the partition count agreed: new events may join a batch.
+    pub(super) redis_up: Cell<bool>,
+    /// Failed calls since start: the tick logs them as a summary, not one line each.
+    pub(super) redis_failures: Cell<u64>,
+    /// Set once this process's partition count agrees with the one recorded
+    /// under the prefix; until then the shard answers RETRY as if Redis were down.
+    partitions_agreed: Cell<bool>,
+    partitions_check_running: Cell<bool>,
+    partitions_check_logged_at: Cell<Option<Instant>>,
+    /// Refused events since the last log line, and when that line was written.
+    pub(super) event_failures_unlogged: Cell<u64>,
+    pub(super) event_failures_logged_at: Cell<Option<Instant>>,
+}
+
 impl Shard {
     /// One tick of the shard's liveness (`host` calls it every `SHUTDOWN_POLL_MS`): frees held
     /// batches, keeps the Redis-up flag fresh, starts the partition count check, and logs
@@ -24,23 +42,23 @@ impl Shard {
         // When every slot was held, no call is left to complete and wake
         // `linger_loop`: a full open batch would wait (and every new event
         // get RETRY, overload) until the next tick. A slot freed here wakes it.
-        if self.release_held() && !self.open.borrow().is_empty() {
+        if self.release_held() && !self.batches.open.borrow().is_empty() {
             self.linger.notify();
         }
         let connected = self.store.is_connected();
-        if connected && !self.partitions_agreed.get() {
+        if connected && !self.liveness.partitions_agreed.get() {
             self.check_partitions_once();
         }
-        let connected = connected && self.partitions_agreed.get();
-        if connected && !self.redis_up.get() && outage.was_ever_up {
+        let connected = connected && self.liveness.partitions_agreed.get();
+        if connected && !self.liveness.redis_up.get() && outage.was_ever_up {
             self.metrics.redis_reconnects.add(1);
         }
-        self.redis_up.set(connected);
+        self.liveness.redis_up.set(connected);
         self.metrics.redis_up.set(i64::from(connected));
         outage.observe(
             self.index,
             connected,
-            self.redis_failures.get(),
+            self.liveness.redis_failures.get(),
             self.metrics.retries_by(RetryCause::RedisDown),
         );
     }
@@ -55,13 +73,13 @@ impl Shard {
     /// differs from the recorded one stops the process with exit code 2:
     /// serving it would store resent events a second time.
     fn check_partitions_once(self: &Rc<Self>) {
-        if self.partitions_check_running.replace(true) {
+        if self.liveness.partitions_check_running.replace(true) {
             return;
         }
         let shard = Rc::clone(self);
         glommio::spawn_local(async move {
             match shard.store.check_partitions().await {
-                Ok(Partitions::Agree) => shard.partitions_agreed.set(true),
+                Ok(Partitions::Agree) => shard.liveness.partitions_agreed.set(true),
                 Ok(Partitions::Differ { recorded }) => {
                     let message =
                         partitions_differ_message(&shard.settings.prefix, recorded, shard.settings.partitions);
@@ -71,7 +89,7 @@ impl Shard {
                 }
                 Err(error) => shard.log_partitions_check_failure(&error),
             }
-            shard.partitions_check_running.set(false);
+            shard.liveness.partitions_check_running.set(false);
         })
         .detach();
     }
@@ -81,10 +99,14 @@ impl Shard {
     /// something else than a count would otherwise go unnoticed.
     fn log_partitions_check_failure(&self, error: &StoreError) {
         let now = Instant::now();
-        let due = log_due(self.partitions_check_logged_at.get(), now, EVENT_FAILURE_LOG_PERIOD);
+        let due = log_due(
+            self.liveness.partitions_check_logged_at.get(),
+            now,
+            EVENT_FAILURE_LOG_PERIOD,
+        );
         if due {
             tracing::warn!(shard = self.index, %error, "partition count check failed; answering RETRY and retrying");
-            self.partitions_check_logged_at.set(Some(now));
+            self.liveness.partitions_check_logged_at.set(Some(now));
         }
     }
 
@@ -101,7 +123,7 @@ impl Shard {
         }
         match self.store.check_partitions().await {
             Ok(Partitions::Agree) => {
-                self.partitions_agreed.set(true);
+                self.liveness.partitions_agreed.set(true);
                 Ok(())
             }
             Ok(Partitions::Differ { recorded }) => Err(partitions_differ_message(
@@ -117,17 +139,17 @@ impl Shard {
     /// deadline, then answers RETRY for whatever is left.
     pub async fn drain(self: &Rc<Self>, deadline: Instant, sink: &impl AckSink) -> usize {
         debug_assert!(self.stopping.is_open());
-        let held_events = self.in_flight.borrow().len();
+        let held_events = self.admission.in_flight.borrow().len();
         loop {
             self.flush();
-            if self.batches_in_flight.get() == 0 && self.open.borrow().is_empty() {
+            if self.batches.batches_in_flight.get() == 0 && self.batches.open.borrow().is_empty() {
                 break;
             }
             let now = Instant::now();
             if now >= deadline {
                 self.abandon.open();
             }
-            if self.batches_in_flight.get() == 0 {
+            if self.batches.batches_in_flight.get() == 0 {
                 // The open batch has events but no slot: the Redis client holds
                 // every batch (calls past their deadline), and no completing call
                 // will wake us. Look for a slot until the deadline, then answer
@@ -145,9 +167,9 @@ impl Shard {
                 futures_lite::future::or(self.drained.wait(), glommio::timer::sleep(deadline - now)).await;
             }
         }
-        debug_assert!(self.in_flight.borrow().is_empty());
+        debug_assert!(self.admission.in_flight.borrow().is_empty());
         debug_assert!(
-            self.held_copies.borrow().is_empty(),
+            self.admission.held_copies.borrow().is_empty(),
             "every held copy's original was answered"
         );
         held_events
@@ -157,7 +179,7 @@ impl Shard {
     /// deadline with every batch held by the Redis client. Its replacement is
     /// allocated, which is fine once: the shard is stopping.
     async fn abandon_open_batch(&self, sink: &impl AckSink) {
-        let mut batch = self.open.replace(Batch::new(self.settings.batch_events_max));
+        let mut batch = self.batches.open.replace(Batch::new(self.settings.batch_events_max));
         self.metrics.redis_errors[RedisErrorKind::Abandoned as usize].add(1);
         self.complete(&mut batch, false);
         self.answer(&batch, sink).await;

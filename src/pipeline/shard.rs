@@ -29,18 +29,19 @@
 //! at most `inflight_events_max` events are held; past that frames get RETRY
 //! at once. All batches and the in-flight set are allocated at start.
 
-use std::cell::{Cell, RefCell};
-use std::collections::{HashSet, VecDeque};
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::limits::HELD_COPIES_MAX;
 use crate::pipeline::answer::Route;
-use crate::pipeline::batch::Batch;
 use crate::pipeline::dedup::{DedupReader, DedupWriter};
 use crate::pipeline::keys::Secrets;
+use crate::pipeline::liveness::Liveness;
 use crate::pipeline::notify::{Latch, Notify};
+use crate::pipeline::sink::Batches;
 use crate::redis::store::Store;
 use crate::telemetry::latency::Latency;
 use crate::telemetry::metrics::{LookupOutcome, RetryCause, ShardMetrics, Transport};
@@ -96,62 +97,19 @@ pub(super) struct HeldCopy {
     pub(super) received_at: Instant,
 }
 
-/// Makes one script call at a time, for the batch `Shard::flush` hands it.
-///
-/// A task per call was spawned before: its future, fred's call nested inside,
-/// is about 24 KB, and that allocation was two thirds of the heap the server
-/// allocated per frame (bench/wins.md). The shard's callers are spawned once,
-/// at start, so a call spawns nothing.
-pub(super) struct Caller {
-    /// The batch to send, put here by `flush` and taken by the caller's task.
-    pub(super) batch: RefCell<Option<Batch>>,
-    /// Wakes the caller's task for a batch, or to end.
-    pub(super) ready: Notify,
-}
-
 /// At most one log line per this period about events Redis refused one by one.
 pub(super) const EVENT_FAILURE_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// One core's pipeline. Its state is grouped by the stage that owns it: `admission` (this
+/// file), `batches` (the sink chain, `sink.rs`) and `liveness` (`liveness.rs`).
 pub struct Shard {
     pub index: usize,
     pub settings: Settings,
     pub store: Store,
-    pub(super) dedup: RefCell<DedupWriter>,
-    pub(super) peers: Vec<DedupReader>,
-    pub(super) in_flight: RefCell<HashSet<EventId>>,
-    /// Copies of ids in flight, at most `HELD_COPIES_MAX`; allocated at start.
-    pub(super) held_copies: RefCell<Vec<HeldCopy>>,
-    pub(super) open: RefCell<Batch>,
-    /// Free batches, ready to fill.
-    pub(super) spare: RefCell<VecDeque<Batch>>,
-    /// Answered batches whose blob the Redis client still holds (`batch.rs`):
-    /// they count against the in-flight bound until it lets go.
-    pub(super) held: RefCell<Vec<Batch>>,
-    /// Calls sent and not yet answered.
-    pub(super) batches_in_flight: Cell<usize>,
-    /// One per in-flight slot, each with a task spawned at start (`caller_loop`).
-    pub(super) callers: Vec<Caller>,
-    /// Callers with no batch. A caller is busy exactly while its batch is in
-    /// flight, so a free slot means an idle caller.
-    pub(super) idle_callers: RefCell<Vec<usize>>,
-    /// Set after the drain: the callers' tasks end.
-    pub(super) callers_closed: Cell<bool>,
-    /// When the last call started: calls are paced `batch_linger_us` apart.
-    pub(super) last_call_at: Cell<Option<Instant>>,
-    /// Numbers the calls; the script echoes it (`script.rs`).
-    pub(super) call_nonce: Cell<u64>,
-    /// Set once this process's partition count agrees with the one recorded
-    /// under the prefix; until then the shard answers RETRY as if Redis were down.
-    pub(super) partitions_agreed: Cell<bool>,
-    pub(super) partitions_check_running: Cell<bool>,
-    pub(super) partitions_check_logged_at: Cell<Option<Instant>>,
-    /// Refused events since the last log line, and when that line was written.
-    pub(super) event_failures_unlogged: Cell<u64>,
-    pub(super) event_failures_logged_at: Cell<Option<Instant>>,
     pub metrics: Arc<ShardMetrics>,
     pub latency: RefCell<Latency>,
-    pub(super) redis_up: Cell<bool>,
-    /// Failed calls since start: the tick loop logs them as a summary, not one line each.
-    pub(super) redis_failures: Cell<u64>,
+    pub(super) admission: Admission,
+    pub(super) batches: Batches,
+    pub(super) liveness: Liveness,
     /// Opened when the shard stops taking frames.
     pub stopping: Latch,
     /// Opened when the drain deadline passes: calls still in Redis are answered RETRY.
@@ -160,6 +118,27 @@ pub struct Shard {
     pub(super) linger: Notify,
     /// Wakes the drain when the last batch completes.
     pub(super) drained: Notify,
+}
+
+/// What admission decides with: the caches and the ids in flight.
+pub(super) struct Admission {
+    pub(super) dedup: RefCell<DedupWriter>,
+    pub(super) peers: Vec<DedupReader>,
+    /// Ids in a batch (open or in Redis), at most `inflight_events_max`; allocated at start.
+    pub(super) in_flight: RefCell<HashSet<EventId>>,
+    /// Copies of ids in flight, at most `HELD_COPIES_MAX`; allocated at start.
+    pub(super) held_copies: RefCell<Vec<HeldCopy>>,
+}
+
+impl Admission {
+    fn new(settings: &Settings, dedup: DedupWriter, peers: Vec<DedupReader>) -> Admission {
+        Admission {
+            dedup: RefCell::new(dedup),
+            peers,
+            in_flight: RefCell::new(HashSet::with_capacity(settings.inflight_events_max())),
+            held_copies: RefCell::new(Vec::with_capacity(HELD_COPIES_MAX)),
+        }
+    }
 }
 
 impl Shard {
@@ -171,40 +150,14 @@ impl Shard {
         peers: Vec<DedupReader>,
         metrics: Arc<ShardMetrics>,
     ) -> Shard {
-        let batches: VecDeque<Batch> = (0..settings.batches_in_flight_max)
-            .map(|_| Batch::new(settings.batch_events_max))
-            .collect();
-        let in_flight = HashSet::with_capacity(settings.inflight_events_max());
         Shard {
             index,
             store,
-            dedup: RefCell::new(dedup),
-            peers,
-            in_flight: RefCell::new(in_flight),
-            held_copies: RefCell::new(Vec::with_capacity(HELD_COPIES_MAX)),
-            open: RefCell::new(Batch::new(settings.batch_events_max)),
-            spare: RefCell::new(batches),
-            held: RefCell::new(Vec::with_capacity(settings.batches_in_flight_max)),
-            batches_in_flight: Cell::new(0),
-            callers: (0..settings.batches_in_flight_max)
-                .map(|_| Caller {
-                    batch: RefCell::new(None),
-                    ready: Notify::default(),
-                })
-                .collect(),
-            idle_callers: RefCell::new((0..settings.batches_in_flight_max).rev().collect()),
-            callers_closed: Cell::new(false),
-            last_call_at: Cell::new(None),
-            call_nonce: Cell::new(0),
-            partitions_agreed: Cell::new(false),
-            partitions_check_running: Cell::new(false),
-            partitions_check_logged_at: Cell::new(None),
-            event_failures_unlogged: Cell::new(0),
-            event_failures_logged_at: Cell::new(None),
             metrics,
             latency: RefCell::new(Latency::default()),
-            redis_up: Cell::new(false),
-            redis_failures: Cell::new(0),
+            admission: Admission::new(&settings, dedup, peers),
+            batches: Batches::new(&settings),
+            liveness: Liveness::default(),
             stopping: Latch::default(),
             abandon: Latch::default(),
             linger: Notify::default(),
@@ -252,11 +205,11 @@ impl Shard {
     /// for them (`DedupWriter::prefetch`): called for a whole `recvmmsg` read
     /// before `take_frame` decides any of it. Reads only the frames' headers.
     pub fn prefetch(&self, datagram: &[u8]) {
-        let dedup = self.dedup.borrow();
+        let dedup = self.admission.dedup.borrow();
         let mut offset = 0;
         while let Some(Ok(header)) = datagram.get(offset..).map(crate::wire::frame::check) {
             dedup.prefetch(header.id);
-            for peer in &self.peers {
+            for peer in &self.admission.peers {
                 peer.prefetch(header.id);
             }
             offset += header.frame_bytes;
@@ -288,11 +241,11 @@ impl Shard {
             Decision::Batch => {}
         }
         let partition = (id.player_id % u64::from(self.settings.partitions)) as u32;
-        let mut open = self.open.borrow_mut();
+        let mut open = self.batches.open.borrow_mut();
         open.push(action, partition, recv_us, route.clone(), received_at);
         let (is_full, is_first) = (open.is_full(), open.len() == 1);
         drop(open);
-        let mut in_flight = self.in_flight.borrow_mut();
+        let mut in_flight = self.admission.in_flight.borrow_mut();
         let inserted = in_flight.insert(id);
         assert!(inserted, "an id in flight was answered RETRY above");
         debug_assert!(in_flight.len() <= self.settings.inflight_events_max());
@@ -300,7 +253,7 @@ impl Shard {
         drop(in_flight);
         debug_assert!(self.slots_taken() <= self.settings.batches_in_flight_max);
         let pace = Duration::from_micros(self.settings.batch_linger_us);
-        if is_full || (is_first && send_due(received_at, self.last_call_at.get(), pace) <= received_at) {
+        if is_full || (is_first && send_due(received_at, self.batches.last_call_at.get(), pace) <= received_at) {
             self.flush();
         } else if is_first {
             self.linger.notify();
@@ -315,24 +268,24 @@ impl Shard {
             self.metrics.retry(RetryCause::ShuttingDown);
             return Decision::Answer(Status::Retry);
         }
-        if self.dedup.borrow_mut().contains(id) {
+        if self.admission.dedup.borrow_mut().contains(id) {
             self.metrics.lookup(LookupOutcome::OwnHit);
             return Decision::Answer(Status::Duplicate);
         }
-        if self.in_flight.borrow().contains(&id) {
+        if self.admission.in_flight.borrow().contains(&id) {
             self.metrics.lookup(LookupOutcome::InFlight);
             return Decision::Hold;
         }
-        if self.peers.iter().any(|peer| peer.contains(id)) {
+        if self.admission.peers.iter().any(|peer| peer.contains(id)) {
             self.metrics.lookup(LookupOutcome::PeerHit);
             return Decision::Answer(Status::Duplicate);
         }
         self.metrics.lookup(LookupOutcome::Miss);
-        if !self.redis_up.get() {
+        if !self.liveness.redis_up.get() {
             self.metrics.retry(RetryCause::RedisDown);
             return Decision::Answer(Status::Retry);
         }
-        if self.open.borrow().is_full() {
+        if self.batches.open.borrow().is_full() {
             // Full and not sent: every in-flight slot is taken.
             self.metrics.retry(RetryCause::Overload);
             return Decision::Answer(Status::Retry);
@@ -343,8 +296,8 @@ impl Shard {
     /// Keeps a copy of an id in flight until the original's call completes;
     /// RETRY at once (`None` means held) when `HELD_COPIES_MAX` already wait.
     fn hold_copy(&self, id: EventId, route: &Route, received_at: Instant) -> Option<Status> {
-        debug_assert!(self.in_flight.borrow().contains(&id));
-        let mut held = self.held_copies.borrow_mut();
+        debug_assert!(self.admission.in_flight.borrow().contains(&id));
+        let mut held = self.admission.held_copies.borrow_mut();
         if held.len() == HELD_COPIES_MAX {
             self.metrics.retry(RetryCause::InFlightCopy);
             return Some(Status::Retry);
@@ -367,7 +320,7 @@ impl Shard {
         self.metrics.intake_to_ack_us[transport as usize].observe(elapsed_us);
     }
     pub fn dedup_len_events(&self) -> usize {
-        self.dedup.borrow().len_events()
+        self.admission.dedup.borrow().len_events()
     }
 }
 /// When an open batch that is not full goes to Redis: one pace after the last

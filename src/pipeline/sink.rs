@@ -11,6 +11,8 @@
 //!
 //! Every batch and caller was allocated at start; nothing here allocates per event.
 
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -19,64 +21,131 @@ use crate::limits::REPLY_BOOK_DESTINATIONS;
 use crate::pipeline::answer::{AckSink, ReplyBook, Route};
 use crate::pipeline::batch::Batch;
 use crate::pipeline::liveness::log_due;
+use crate::pipeline::notify::Notify;
+use crate::pipeline::shard::Settings;
 use crate::pipeline::shard::{send_due, HeldCopy, Shard, EVENT_FAILURE_LOG_PERIOD};
 use crate::redis::store::{EventFailures, Outcome, StoreError};
 use crate::telemetry::metrics::RetryCause;
 use crate::wire::frame::{EventId, Status};
+
+/// Makes one script call at a time, for the batch `Shard::flush` hands it.
+///
+/// A task per call was spawned before: its future, fred's call nested inside,
+/// is about 24 KB, and that allocation was two thirds of the heap the server
+/// allocated per frame (bench/wins.md). The shard's callers are spawned once,
+/// at start, so a call spawns nothing.
+struct Caller {
+    /// The batch to send, put here by `flush` and taken by the caller's task.
+    batch: RefCell<Option<Batch>>,
+    /// Wakes the caller's task for a batch, or to end.
+    ready: Notify,
+}
+
+/// The batches of one shard and the calls they are in: all allocated at start.
+pub(super) struct Batches {
+    /// The batch filling now.
+    pub(super) open: RefCell<Batch>,
+    /// Free batches, ready to fill.
+    spare: RefCell<VecDeque<Batch>>,
+    /// Answered batches whose blob the Redis client still holds (`batch.rs`):
+    /// they count against the in-flight bound until it lets go.
+    held: RefCell<Vec<Batch>>,
+    /// Calls sent and not yet answered.
+    pub(super) batches_in_flight: Cell<usize>,
+    /// One per in-flight slot, each with a task spawned at start (`caller_loop`).
+    callers: Vec<Caller>,
+    /// Callers with no batch. A caller is busy exactly while its batch is in
+    /// flight, so a free slot means an idle caller.
+    idle_callers: RefCell<Vec<usize>>,
+    /// Set after the drain: the callers' tasks end.
+    callers_closed: Cell<bool>,
+    /// When the last call started: calls are paced `batch_linger_us` apart.
+    pub(super) last_call_at: Cell<Option<Instant>>,
+    /// Numbers the calls; the script echoes it (`script.rs`).
+    call_nonce: Cell<u64>,
+}
+
+impl Batches {
+    pub(super) fn new(settings: &Settings) -> Batches {
+        let slots = settings.batches_in_flight_max;
+        Batches {
+            open: RefCell::new(Batch::new(settings.batch_events_max)),
+            spare: RefCell::new((0..slots).map(|_| Batch::new(settings.batch_events_max)).collect()),
+            held: RefCell::new(Vec::with_capacity(slots)),
+            batches_in_flight: Cell::new(0),
+            callers: (0..slots)
+                .map(|_| Caller {
+                    batch: RefCell::new(None),
+                    ready: Notify::default(),
+                })
+                .collect(),
+            idle_callers: RefCell::new((0..slots).rev().collect()),
+            callers_closed: Cell::new(false),
+            last_call_at: Cell::new(None),
+            call_nonce: Cell::new(0),
+        }
+    }
+}
 
 impl Shard {
     /// Sends the open batch if it has events and an in-flight slot is free:
     /// a spare batch to take its place. Held batches take no slot back until
     /// the Redis client lets go of them.
     pub fn flush(&self) {
-        if self.open.borrow().is_empty() {
+        if self.batches.open.borrow().is_empty() {
             return;
         }
-        if self.spare.borrow().is_empty() {
+        if self.batches.spare.borrow().is_empty() {
             self.release_held();
         }
-        let Some(spare) = self.spare.borrow_mut().pop_front() else {
+        let Some(spare) = self.batches.spare.borrow_mut().pop_front() else {
             return;
         };
-        assert!(!self.callers_closed.get(), "no batch is sent after the drain");
-        let caller = self.idle_callers.borrow_mut().pop();
+        assert!(!self.batches.callers_closed.get(), "no batch is sent after the drain");
+        let caller = self.batches.idle_callers.borrow_mut().pop();
         let caller = caller.expect("a free slot means an idle caller: busy callers are the batches in flight");
-        let batch = self.open.replace(spare);
-        self.last_call_at.set(Some(Instant::now()));
-        self.batches_in_flight.set(self.batches_in_flight.get() + 1);
-        debug_assert!(self.batches_in_flight.get() <= self.settings.batches_in_flight_max);
+        let batch = self.batches.open.replace(spare);
+        self.batches.last_call_at.set(Some(Instant::now()));
+        self.batches
+            .batches_in_flight
+            .set(self.batches.batches_in_flight.get() + 1);
+        debug_assert!(self.batches.batches_in_flight.get() <= self.settings.batches_in_flight_max);
         debug_assert_eq!(
-            self.batches_in_flight.get() + self.idle_callers.borrow().len(),
-            self.callers.len()
+            self.batches.batches_in_flight.get() + self.batches.idle_callers.borrow().len(),
+            self.batches.callers.len()
         );
-        let previous = self.callers[caller].batch.replace(Some(batch));
+        let previous = self.batches.callers[caller].batch.replace(Some(batch));
         assert!(previous.is_none(), "an idle caller holds no batch");
-        self.callers[caller].ready.notify();
+        self.batches.callers[caller].ready.notify();
     }
 
     /// The task of caller `caller`: sends each batch `flush` hands it, until
     /// `close_callers`. Spawned once per in-flight slot at start.
     pub async fn caller_loop<S: AckSink>(self: Rc<Self>, caller: usize, sink: Rc<S>) {
         loop {
-            let batch = self.callers[caller].batch.take();
+            let batch = self.batches.callers[caller].batch.take();
             match batch {
                 Some(batch) => {
                     self.send(batch, &*sink).await;
                     // No await since `send` counted the call done, so no
                     // `flush` ran meanwhile without this caller.
-                    self.idle_callers.borrow_mut().push(caller);
+                    self.batches.idle_callers.borrow_mut().push(caller);
                 }
-                None if self.callers_closed.get() => return,
-                None => self.callers[caller].ready.wait().await,
+                None if self.batches.callers_closed.get() => return,
+                None => self.batches.callers[caller].ready.wait().await,
             }
         }
     }
 
     /// Ends the callers' tasks, once the drain has answered every batch.
     pub fn close_callers(&self) {
-        assert_eq!(self.batches_in_flight.get(), 0, "the drain answered every batch");
-        self.callers_closed.set(true);
-        for caller in &self.callers {
+        assert_eq!(
+            self.batches.batches_in_flight.get(),
+            0,
+            "the drain answered every batch"
+        );
+        self.batches.callers_closed.set(true);
+        for caller in &self.batches.callers {
             caller.ready.notify();
         }
     }
@@ -84,8 +153,8 @@ impl Shard {
     /// Moves held batches whose blob the Redis client dropped back to the
     /// spare pool; true if any came back.
     pub(super) fn release_held(&self) -> bool {
-        let mut held = self.held.borrow_mut();
-        let mut spare = self.spare.borrow_mut();
+        let mut held = self.batches.held.borrow_mut();
+        let mut spare = self.batches.spare.borrow_mut();
         let mut index = 0;
         let mut released = false;
         while index < held.len() {
@@ -101,14 +170,14 @@ impl Shard {
 
     /// Batches not free: in Redis or held.
     pub(super) fn slots_taken(&self) -> usize {
-        self.batches_in_flight.get() + self.held.borrow().len()
+        self.batches.batches_in_flight.get() + self.batches.held.borrow().len()
     }
 
     async fn send(&self, mut batch: Batch, sink: &impl AckSink) {
         let blob = batch.take_blob();
         let event_count = batch.len();
-        let nonce = self.call_nonce.get().wrapping_add(1);
-        self.call_nonce.set(nonce);
+        let nonce = self.batches.call_nonce.get().wrapping_add(1);
+        self.batches.call_nonce.set(nonce);
         let started = Instant::now();
         let mut outcomes = std::mem::take(batch.outcomes_mut());
         let mut failures = EventFailures::default();
@@ -126,7 +195,7 @@ impl Shard {
         self.metrics.batch_events.observe(event_count as u64);
         if let Err(error) = &result {
             self.metrics.redis_errors[error.kind() as usize].add(1);
-            self.redis_failures.set(self.redis_failures.get() + 1);
+            self.liveness.redis_failures.set(self.liveness.redis_failures.get() + 1);
         }
         self.count_event_failures(&failures);
         *batch.outcomes_mut() = outcomes;
@@ -134,12 +203,14 @@ impl Shard {
         self.answer(&batch, sink).await;
         batch.finish();
         if batch.try_release() {
-            self.spare.borrow_mut().push_back(batch);
+            self.batches.spare.borrow_mut().push_back(batch);
         } else {
-            self.held.borrow_mut().push(batch);
+            self.batches.held.borrow_mut().push(batch);
         }
-        self.batches_in_flight.set(self.batches_in_flight.get() - 1);
-        if self.batches_in_flight.get() == 0 {
+        self.batches
+            .batches_in_flight
+            .set(self.batches.batches_in_flight.get() - 1);
+        if self.batches.batches_in_flight.get() == 0 {
             self.drained.notify();
         }
         self.linger.notify();
@@ -154,11 +225,15 @@ impl Shard {
         for (counter, &count) in self.metrics.redis_event_errors.iter().zip(&failures.by_reason) {
             counter.add(count);
         }
-        let unlogged = self.event_failures_unlogged.get() + failures.total();
+        let unlogged = self.liveness.event_failures_unlogged.get() + failures.total();
         let now = Instant::now();
-        let due = log_due(self.event_failures_logged_at.get(), now, EVENT_FAILURE_LOG_PERIOD);
+        let due = log_due(
+            self.liveness.event_failures_logged_at.get(),
+            now,
+            EVENT_FAILURE_LOG_PERIOD,
+        );
         if !due {
-            self.event_failures_unlogged.set(unlogged);
+            self.liveness.event_failures_unlogged.set(unlogged);
             return;
         }
         let first = failures.first.as_deref().unwrap_or("");
@@ -168,15 +243,15 @@ impl Shard {
             first,
             "redis refused events one by one; they got RETRY, the rest of their batches were stored"
         );
-        self.event_failures_unlogged.set(0);
-        self.event_failures_logged_at.set(Some(now));
+        self.liveness.event_failures_unlogged.set(0);
+        self.liveness.event_failures_logged_at.set(Some(now));
     }
 
     /// Bookkeeping for a finished call, before any answer goes out: a copy
     /// arriving while answers are being sent already sees the cache.
     pub(super) fn complete(&self, batch: &mut Batch, stored: bool) {
-        let mut dedup = self.dedup.borrow_mut();
-        let mut in_flight = self.in_flight.borrow_mut();
+        let mut dedup = self.admission.dedup.borrow_mut();
+        let mut in_flight = self.admission.in_flight.borrow_mut();
         let (events, outcomes, statuses) = batch.resolution_parts();
         statuses.clear();
         for (index, event) in events.iter().enumerate() {
@@ -222,7 +297,7 @@ impl Shard {
     /// await, since another batch's answers may take some meanwhile.
     async fn answer_held_copies<const N: usize>(&self, sink: &impl AckSink, replies: &mut ReplyBook<N>) {
         while let Some(copy) = self.take_resolved_copy() {
-            let status = if self.dedup.borrow_mut().contains(copy.id) {
+            let status = if self.admission.dedup.borrow_mut().contains(copy.id) {
                 Status::Duplicate
             } else {
                 self.metrics.retry(RetryCause::RedisError);
@@ -234,8 +309,8 @@ impl Shard {
     }
 
     fn take_resolved_copy(&self) -> Option<HeldCopy> {
-        let in_flight = self.in_flight.borrow();
-        let mut held = self.held_copies.borrow_mut();
+        let in_flight = self.admission.in_flight.borrow();
+        let mut held = self.admission.held_copies.borrow_mut();
         let index = held.iter().position(|copy| !in_flight.contains(&copy.id))?;
         Some(held.swap_remove(index))
     }
@@ -291,22 +366,22 @@ impl Shard {
     pub async fn linger_loop(self: Rc<Self>) {
         let linger = Duration::from_micros(self.settings.batch_linger_us);
         loop {
-            let opened_at = self.open.borrow().opened_at();
+            let opened_at = self.batches.open.borrow().opened_at();
             let Some(opened_at) = opened_at else {
-                if self.stopping.is_open() && self.batches_in_flight.get() == 0 {
+                if self.stopping.is_open() && self.batches.batches_in_flight.get() == 0 {
                     return;
                 }
                 self.linger.wait().await;
                 continue;
             };
-            let due = send_due(opened_at, self.last_call_at.get(), linger);
+            let due = send_due(opened_at, self.batches.last_call_at.get(), linger);
             let now = Instant::now();
             if now < due && !self.stopping.is_open() {
                 glommio::timer::sleep(due - now).await;
                 continue;
             }
             self.flush();
-            if !self.open.borrow().is_empty() {
+            if !self.batches.open.borrow().is_empty() {
                 // Every slot is taken; a completing call wakes us.
                 self.linger.wait().await;
             }
