@@ -1,50 +1,58 @@
 //! The Prometheus endpoint: `GET /metrics` on `--metrics ADDR`.
 //!
 //! It runs on its own thread, outside every shard, so a scrape never takes a
-//! shard's time: it reads the shards' single-writer atomics (`metrics.rs`) and
-//! encodes them with `prometheus-client`'s text encoder. That encoder writes
-//! OpenMetrics; a scraper that asks for OpenMetrics (Prometheus does, in its
-//! `Accept` header) gets it as is, anyone else the classic Prometheus text
-//! format 0.0.4 (`to_prometheus_text`), which is what `promtool check metrics`
-//! and `curl` readers expect. Connections are served
-//! one at a time, each request within one deadline (`REQUEST_DEADLINE`) for
-//! its whole read and write, which bounds what a misbehaving scraper can hold:
-//! one socket, one 8 KiB request buffer, one response, for 2 s at most. A
-//! per-read timeout alone would let a client that sends or reads one byte a
-//! second hold the endpoint for hours.
+//! shard's time: it reads the shards' single-writer atomics (`metrics.rs`)
+//! when asked.
+//!
+//! Every metric is one row of `FAMILIES`, and one writer turns the table into
+//! either format: the Prometheus text format 0.0.4, which `promtool check
+//! metrics` and `curl` readers expect, or OpenMetrics 1.0 for a scraper whose
+//! `Accept` header names it (Prometheus does). The two differ only in a
+//! family's comment lines and the closing `# EOF`, so their samples cannot
+//! drift apart, and nothing has to parse one format to produce the other.
+//! Numbers are written from the recorded integers, never through a float: a
+//! bucket's `le` is a string to PromQL, and the alert rules match
+//! `le="0.005"`, so its spelling must not depend on float printing.
+//!
+//! Connections are served one at a time, each request within one deadline
+//! (`REQUEST_DEADLINE`) for its whole read and write, which bounds what a
+//! misbehaving scraper can hold: one socket, one 8 KiB request buffer, one
+//! response, for 2 s at most. A per-read timeout alone would let a client
+//! that sends or reads one byte a second hold the endpoint for hours.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::{Registry, Unit};
-
 use crate::telemetry::metrics::{
-    CloseReason, EventErrorReason, Histogram, LookupOutcome, RedisErrorKind, RetryCause, ShardMetrics, Transport,
+    CloseReason, EventErrorReason, HistogramReading, LookupOutcome, RedisErrorKind, RetryCause, ShardMetrics, Transport,
 };
 use crate::wire::frame::{RejectReason, Status};
 
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
-const MICROS_PER_SECOND: f64 = 1e6;
+/// docs/operations.md promises every name starts with it.
+const NAME_PREFIX: &str = "shardgate_";
+/// Labels a family may have besides `shard`: two cover every family, and a
+/// fixed count lets a row's reader take its indexes as an array pattern.
+const LABELS_MAX: usize = 2;
+/// A little over what the comments and process-wide series take (some 3 KiB)
+/// and what one shard's series take (some 9 KiB, more as counters grow
+/// digits), so the body is allocated once per scrape.
+const BODY_BYTES_FIXED: usize = 4 * 1024;
+const BODY_BYTES_PER_SHARD: usize = 12 * 1024;
 
 /// Binds the endpoint and serves it on a thread for the life of the process.
 pub fn start(address: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(address)?;
     let bound = listener.local_addr()?;
-    let mut registry = Registry::with_prefix("shardgate");
-    registry.register_collector(Box::new(ShardCollector { shards }));
     std::thread::Builder::new()
         .name("shardgate-metrics".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let _ = serve(stream, &registry);
+                // A failed request concerns only its own scraper.
+                let _ = serve(stream, &shards);
             }
         })?;
     Ok(bound)
@@ -85,7 +93,7 @@ impl DeadlineStream {
     }
 }
 
-fn serve(stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+fn serve(stream: TcpStream, shards: &[Arc<ShardMetrics>]) -> std::io::Result<()> {
     let mut stream = DeadlineStream {
         stream,
         deadline: Instant::now() + REQUEST_DEADLINE,
@@ -104,462 +112,584 @@ fn serve(stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
     if !is_metrics {
         return stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     }
-    let mut openmetrics = String::new();
-    prometheus_client::encoding::text::encode(&mut openmetrics, registry).map_err(std::io::Error::other)?;
-    let (content_type, body) = if wants_openmetrics(request) {
-        (
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            openmetrics,
-        )
-    } else {
-        (
-            "text/plain; version=0.0.4; charset=utf-8",
-            to_prometheus_text(&openmetrics),
-        )
-    };
+    let format = Format::asked_for(request);
+    let body = render(shards, format);
     let head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        format.content_type(),
         body.len()
     );
     stream.write_all(head.as_bytes())?;
     stream.write_all(body.as_bytes())
 }
 
-/// Whether the request's `Accept` header names OpenMetrics.
-fn wants_openmetrics(request: &[u8]) -> bool {
-    let request = String::from_utf8_lossy(request);
-    request.lines().any(|line| {
-        let line = line.to_ascii_lowercase();
-        line.starts_with("accept:") && line.contains("application/openmetrics-text")
-    })
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    /// The Prometheus text format 0.0.4.
+    Text,
+    /// OpenMetrics 1.0.
+    OpenMetrics,
 }
 
-/// Rewrites OpenMetrics as the Prometheus text format 0.0.4: no `# UNIT` and
-/// `# EOF` lines, and a counter's `# HELP`/`# TYPE` name its `_total` samples
-/// (in OpenMetrics they name the family without the suffix).
-fn to_prometheus_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut text = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let described = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-            counters.contains(name).then_some((prefix, name, tail))
+impl Format {
+    /// OpenMetrics only when the `Accept` header names it: curl, promtool and
+    /// older scrapers read only the text format.
+    fn asked_for(request: &[u8]) -> Format {
+        let request = String::from_utf8_lossy(request);
+        let named = request.lines().any(|line| {
+            let line = line.to_ascii_lowercase();
+            line.starts_with("accept:") && line.contains("application/openmetrics-text")
         });
-        match described {
-            Some((prefix, name, tail)) => {
-                text.push_str(prefix);
-                text.push_str(name);
-                text.push_str("_total ");
-                text.push_str(tail);
+        if named {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// One metric family: all that either format says about it. A new metric is
+/// a new row of `FAMILIES`, plus its counter in `ShardMetrics`.
+struct Family {
+    /// After `shardgate_`, ending in the unit if it has one. A counter's
+    /// samples add `_total`.
+    name: &'static str,
+    help: &'static str,
+    /// The unit `name` ends with, which OpenMetrics states in `# UNIT`.
+    unit: Option<&'static str>,
+    /// The labels after `shard`, in the order they are written; each series is
+    /// one combination of their values.
+    labels: &'static [Label],
+    /// The metric type, and how to read one series.
+    value: Value,
+}
+
+/// The `ShardMetrics` array index each of a family's labels selects, in the
+/// order of `Family::labels` (0 past its last label). The indexes are the
+/// label enums' discriminants and `ShardMetrics` sizes its arrays by the same
+/// enums, so a reader cannot index past its array; the tests render every
+/// row with every label value to hold that.
+type Slots = [usize; LABELS_MAX];
+
+#[derive(Clone, Copy)]
+enum Value {
+    Counter(fn(&ShardMetrics, Slots) -> u64),
+    Gauge(fn(&ShardMetrics, Slots) -> i64),
+    Histogram(fn(&ShardMetrics, Slots) -> HistogramReading, Recorded),
+    /// Of the whole process rather than of a shard: no `shard` label, and read
+    /// once per scrape.
+    ProcessGauge(fn() -> i64),
+}
+
+impl Value {
+    fn type_name(self) -> &'static str {
+        match self {
+            Value::Counter(_) => "counter",
+            Value::Gauge(_) | Value::ProcessGauge(_) => "gauge",
+            Value::Histogram(..) => "histogram",
+        }
+    }
+}
+
+/// The unit a histogram records its integers in, against the one its family
+/// name states.
+#[derive(Clone, Copy)]
+enum Recorded {
+    /// In the unit the name states, or none (events per call).
+    AsNamed,
+    /// Named in seconds: the data path records whole microseconds, which six
+    /// decimal places show exactly.
+    Microseconds,
+}
+
+impl Recorded {
+    fn decimal_places(self) -> u32 {
+        match self {
+            Recorded::AsNamed => 0,
+            Recorded::Microseconds => 6,
+        }
+    }
+}
+
+/// What a family's series are split by. Each value also selects the slot of
+/// the `ShardMetrics` array that counts it, the enum's discriminant.
+#[derive(Clone, Copy, Debug)]
+enum Label {
+    Transport,
+    /// `transport`, but only `udp`: for what only UDP counts.
+    UdpTransport,
+    Status,
+    /// The `reason` of a REJECTED answer; a crc mismatch never gets one
+    /// (`frames_corrupt` counts those).
+    RejectReason,
+    LookupOutcome,
+    RetryCause,
+    RedisErrorKind,
+    EventErrorReason,
+    CloseReason,
+    /// The running build's version, for `build_info`.
+    Version,
+}
+
+/// One label of one series.
+#[derive(Clone, Copy, Debug)]
+struct LabelValue {
+    name: &'static str,
+    value: &'static str,
+    slot: usize,
+}
+
+impl Label {
+    fn name(self) -> &'static str {
+        match self {
+            Label::Transport | Label::UdpTransport => "transport",
+            Label::Status => "status",
+            Label::RejectReason | Label::EventErrorReason | Label::CloseReason => "reason",
+            Label::LookupOutcome => "outcome",
+            Label::RetryCause => "cause",
+            Label::RedisErrorKind => "kind",
+            Label::Version => "version",
+        }
+    }
+
+    /// The value at `position`, in the order of the enum's `ALL`, which is the
+    /// order series are written in; `None` past the last.
+    fn value(self, position: usize) -> Option<LabelValue> {
+        let (slot, value) = match self {
+            Label::Transport => Transport::ALL.get(position).map(|&it| (it as usize, it.name())),
+            Label::UdpTransport => [Transport::Udp].get(position).map(|&it| (it as usize, it.name())),
+            Label::Status => Status::ALL.get(position).map(|&it| (it as usize, it.name())),
+            Label::RejectReason => (RejectReason::ALL.iter())
+                .filter(|&&reason| reason != RejectReason::Crc)
+                .nth(position)
+                .map(|&it| (it as usize, it.name())),
+            Label::LookupOutcome => LookupOutcome::ALL.get(position).map(|&it| (it as usize, it.name())),
+            Label::RetryCause => RetryCause::ALL.get(position).map(|&it| (it as usize, it.name())),
+            Label::RedisErrorKind => RedisErrorKind::ALL.get(position).map(|&it| (it as usize, it.name())),
+            Label::EventErrorReason => EventErrorReason::ALL.get(position).map(|&it| (it as usize, it.name())),
+            Label::CloseReason => CloseReason::ALL.get(position).map(|&it| (it as usize, it.name())),
+            Label::Version => (position == 0).then_some((0, env!("CARGO_PKG_VERSION"))),
+        }?;
+        Some(LabelValue {
+            name: self.name(),
+            value,
+            slot,
+        })
+    }
+}
+
+/// Every metric, in the order it is written.
+const FAMILIES: &[Family] = &[
+    Family {
+        name: "frames_received",
+        help: "Frames read whose header parsed.",
+        unit: None,
+        labels: &[Label::Transport],
+        value: Value::Counter(|shard, [transport, _]| shard.frames_received[transport].get()),
+    },
+    Family {
+        name: "received_bytes",
+        help: "Bytes read from clients.",
+        unit: Some("bytes"),
+        labels: &[Label::Transport],
+        value: Value::Counter(|shard, [transport, _]| shard.bytes_received[transport].get()),
+    },
+    Family {
+        name: "acks_sent",
+        help: "Answers sent, by status.",
+        unit: None,
+        labels: &[Label::Transport, Label::Status],
+        value: Value::Counter(|shard, [transport, status]| shard.acks_sent[transport][status].get()),
+    },
+    Family {
+        name: "frames_rejected",
+        help: "Frames answered REJECTED, by reason (a crc mismatch is never answered: frames_corrupt).",
+        unit: None,
+        labels: &[Label::Transport, Label::RejectReason],
+        value: Value::Counter(|shard, [transport, reason]| shard.frames_rejected[transport][reason].get()),
+    },
+    Family {
+        name: "input_unparseable",
+        help: "Inputs without a parseable header: UDP datagram tails dropped unanswered, TCP connections closed.",
+        unit: None,
+        labels: &[Label::Transport],
+        value: Value::Counter(|shard, [transport, _]| shard.unparseable[transport].get()),
+    },
+    Family {
+        name: "frames_corrupt",
+        help: "Whole frames whose crc32c did not match: never answered; a TCP connection that sends one is closed.",
+        unit: None,
+        labels: &[Label::Transport],
+        value: Value::Counter(|shard, [transport, _]| shard.frames_corrupt[transport].get()),
+    },
+    Family {
+        name: "udp_receive_errors",
+        help: "Errors the UDP socket returned on receive.",
+        unit: None,
+        labels: &[],
+        value: Value::Counter(|shard, _| shard.udp_receive_errors.get()),
+    },
+    Family {
+        name: "frames_limited",
+        help: "Frames dropped unanswered because their source was over its per-source rate (UDP only).",
+        unit: None,
+        labels: &[Label::UdpTransport],
+        value: Value::Counter(|shard, [transport, _]| shard.frames_limited[transport].get()),
+    },
+    Family {
+        name: "udp_kernel_drops",
+        help: "Datagrams the kernel dropped for a full socket buffer (the socket's SO_RXQ_OVFL count).",
+        unit: None,
+        labels: &[],
+        value: Value::Counter(|shard, _| udp_drops(shard)),
+    },
+    Family {
+        name: "dedup_lookups",
+        help: "Dedup decisions, by where they were made.",
+        unit: None,
+        labels: &[Label::LookupOutcome],
+        value: Value::Counter(|shard, [outcome, _]| shard.dedup_lookups[outcome].get()),
+    },
+    Family {
+        name: "dedup_cache_events",
+        help: "Event ids held in the shard's dedup cache.",
+        unit: None,
+        labels: &[],
+        value: Value::Gauge(|shard, _| shard.dedup_cache_events.get()),
+    },
+    Family {
+        name: "dedup_cache_evictions",
+        help: "Ids evicted from the dedup cache.",
+        unit: None,
+        labels: &[],
+        value: Value::Counter(|shard, _| shard.dedup_cache_evictions.get()),
+    },
+    Family {
+        name: "batch_events",
+        help: "Events per Redis script call.",
+        unit: None,
+        labels: &[],
+        value: Value::Histogram(|shard, _| shard.batch_events.read(), Recorded::AsNamed),
+    },
+    Family {
+        name: "redis_round_trip_seconds",
+        help: "Duration of one Redis script call.",
+        unit: Some("seconds"),
+        labels: &[],
+        value: Value::Histogram(|shard, _| shard.redis_round_trip_us.read(), Recorded::Microseconds),
+    },
+    Family {
+        name: "redis_errors",
+        help: "Failed Redis script calls, by kind.",
+        unit: None,
+        labels: &[Label::RedisErrorKind],
+        value: Value::Counter(|shard, [kind, _]| shard.redis_errors[kind].get()),
+    },
+    Family {
+        name: "redis_event_errors",
+        help: "Events Redis refused one by one (answered RETRY; the rest of their batch was stored), by reason.",
+        unit: None,
+        labels: &[Label::EventErrorReason],
+        value: Value::Counter(|shard, [reason, _]| shard.redis_event_errors[reason].get()),
+    },
+    Family {
+        name: "redis_reconnects",
+        help: "Times the Redis connection came back.",
+        unit: None,
+        labels: &[],
+        value: Value::Counter(|shard, _| shard.redis_reconnects.get()),
+    },
+    Family {
+        name: "redis_up",
+        help: "1 while the shard's Redis connection is up.",
+        unit: None,
+        labels: &[],
+        value: Value::Gauge(|shard, _| shard.redis_up.get()),
+    },
+    Family {
+        name: "events_in_flight",
+        help: "Events batched or in Redis, not yet answered.",
+        unit: None,
+        labels: &[],
+        value: Value::Gauge(|shard, _| shard.events_in_flight.get()),
+    },
+    Family {
+        name: "retries",
+        help: "Frames answered RETRY, by cause.",
+        unit: None,
+        labels: &[Label::RetryCause],
+        value: Value::Counter(|shard, [cause, _]| shard.retries[cause].get()),
+    },
+    Family {
+        name: "tcp_connections_open",
+        help: "Open TCP connections.",
+        unit: None,
+        labels: &[],
+        value: Value::Gauge(|shard, _| shard.tcp_connections_open.get()),
+    },
+    Family {
+        name: "tcp_connections_accepted",
+        help: "TCP connections accepted.",
+        unit: None,
+        labels: &[],
+        value: Value::Counter(|shard, _| shard.tcp_connections_accepted.get()),
+    },
+    Family {
+        name: "tcp_connections_closed",
+        help: "TCP connections ended, by reason.",
+        unit: None,
+        labels: &[Label::CloseReason],
+        value: Value::Counter(|shard, [reason, _]| shard.tcp_connections_closed[reason].get()),
+    },
+    Family {
+        name: "reply_send_errors",
+        help: "Answers the socket refused to send.",
+        unit: None,
+        labels: &[],
+        value: Value::Counter(|shard, _| shard.reply_send_errors.get()),
+    },
+    Family {
+        name: "intake_to_ack_seconds",
+        help: "From a frame's read to its answer.",
+        unit: Some("seconds"),
+        labels: &[Label::Transport],
+        value: Value::Histogram(
+            |shard, [transport, _]| shard.intake_to_ack_us[transport].read(),
+            Recorded::Microseconds,
+        ),
+    },
+    Family {
+        name: "process_resident_memory_bytes",
+        help: "Resident set size of the process.",
+        unit: Some("bytes"),
+        labels: &[],
+        value: Value::ProcessGauge(resident_memory_bytes),
+    },
+    Family {
+        name: "build_info",
+        help: "Always 1; labels say which build runs.",
+        unit: None,
+        labels: &[Label::Version],
+        value: Value::ProcessGauge(|| 1),
+    },
+];
+
+// `label_sets` combines at most `LABELS_MAX` labels: a row with more must not build.
+const _: () = {
+    let mut row = 0;
+    while row < FAMILIES.len() {
+        assert!(
+            FAMILIES[row].labels.len() <= LABELS_MAX,
+            "a family has more labels than LABELS_MAX"
+        );
+        row += 1;
+    }
+};
+
+/// Every combination of the labels' values, the last label varying fastest;
+/// a family without labels has one series, so one empty combination.
+fn label_sets(labels: &'static [Label]) -> impl Iterator<Item = [Option<LabelValue>; LABELS_MAX]> {
+    let values = |label: Option<Label>| {
+        (0..).map_while(move |position| match label {
+            None => (position == 0).then_some(None),
+            Some(label) => label.value(position).map(Some),
+        })
+    };
+    let (outer, inner) = (labels.first().copied(), labels.get(1).copied());
+    values(outer).flat_map(move |first| values(inner).map(move |second| [first, second]))
+}
+
+fn render(shards: &[Arc<ShardMetrics>], format: Format) -> String {
+    let mut exposition = Exposition {
+        text: String::with_capacity(BODY_BYTES_FIXED + BODY_BYTES_PER_SHARD * shards.len()),
+        format,
+    };
+    for family in FAMILIES {
+        exposition.family(family, shards);
+    }
+    if format == Format::OpenMetrics {
+        exposition.text.push_str("# EOF\n");
+    }
+    exposition.text
+}
+
+/// An exposition being written. It is written into a `String`, which cannot
+/// fail, so nothing here returns an error.
+struct Exposition {
+    text: String,
+    format: Format,
+}
+
+/// Which series of a family a sample line belongs to.
+struct Series {
+    /// `None` for a process-wide family.
+    shard: Option<usize>,
+    labels: [Option<LabelValue>; LABELS_MAX],
+}
+
+impl Series {
+    fn slots(&self) -> Slots {
+        self.labels.map(|label| label.map_or(0, |label| label.slot))
+    }
+}
+
+/// A histogram bucket's `le` label.
+struct UpperBound {
+    /// In the recorded unit; `None` is +Inf.
+    bound: Option<u64>,
+    recorded: Recorded,
+}
+
+impl Exposition {
+    fn family(&mut self, family: &Family, shards: &[Arc<ShardMetrics>]) {
+        self.comments(family);
+        if let Value::ProcessGauge(read) = family.value {
+            let value = read();
+            for labels in label_sets(family.labels) {
+                self.sample_start(family, "", &Series { shard: None, labels }, None);
+                self.integer_line_end(value);
             }
-            None => text.push_str(line),
+            return;
         }
-        text.push('\n');
-    }
-    text
-}
-
-/// Encodes every shard's instruments at scrape time.
-#[derive(Debug)]
-struct ShardCollector {
-    shards: Vec<Arc<ShardMetrics>>,
-}
-
-type Labels = Vec<(&'static str, String)>;
-
-impl ShardCollector {
-    /// One counter family: `values` yields `(labels, value)` per series.
-    fn counter(
-        &self,
-        encoder: &mut DescriptorEncoder,
-        name: &str,
-        help: &str,
-        unit: Option<&Unit>,
-        values: impl Fn(usize, &ShardMetrics, &mut dyn FnMut(Labels, u64)),
-    ) -> Result<(), std::fmt::Error> {
-        let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
-        let mut result = Ok(());
-        for (index, shard) in self.shards.iter().enumerate() {
-            values(index, shard, &mut |labels, value| {
-                if result.is_ok() {
-                    result = family
-                        .encode_family(&labels)
-                        .and_then(|metric| ConstCounter::new(value).encode(metric));
-                }
-            });
-        }
-        result
-    }
-
-    fn gauge(
-        &self,
-        encoder: &mut DescriptorEncoder,
-        name: &str,
-        help: &str,
-        unit: Option<&Unit>,
-        value: impl Fn(&ShardMetrics) -> i64,
-    ) -> Result<(), std::fmt::Error> {
-        let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
-        for (index, shard) in self.shards.iter().enumerate() {
-            let labels = shard_label(index);
-            ConstGauge::new(value(shard)).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
-    }
-
-    fn histogram<const N: usize>(
-        &self,
-        encoder: &mut DescriptorEncoder,
-        name: &str,
-        help: &str,
-        unit: Option<&Unit>,
-        divisor: f64,
-        series: impl Fn(usize, &ShardMetrics) -> Vec<(Labels, &Histogram<N>)>,
-    ) -> Result<(), std::fmt::Error> {
-        let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Histogram)?;
-        for (index, shard) in self.shards.iter().enumerate() {
-            for (labels, histogram) in series(index, shard) {
-                let snapshot = histogram.snapshot(divisor);
-                family.encode_family(&labels)?.encode_histogram::<Labels>(
-                    snapshot.sum,
-                    snapshot.count,
-                    &snapshot.buckets,
-                    None,
-                )?;
+        for (index, shard) in shards.iter().enumerate() {
+            for labels in label_sets(family.labels) {
+                let series = Series {
+                    shard: Some(index),
+                    labels,
+                };
+                self.shard_series(family, shard, &series);
             }
         }
-        Ok(())
+    }
+
+    /// `# HELP` and `# TYPE`, and OpenMetrics' `# UNIT`. The text format's
+    /// comments name the samples they describe, so a counter's name there ends
+    /// in `_total`; OpenMetrics' name the family, without it.
+    fn comments(&mut self, family: &Family) {
+        let total = match (self.format, family.value) {
+            (Format::Text, Value::Counter(_)) => "_total",
+            _ => "",
+        };
+        for (keyword, text) in [("# HELP ", family.help), ("# TYPE ", family.value.type_name())] {
+            for part in [keyword, NAME_PREFIX, family.name, total, " ", text, "\n"] {
+                self.text.push_str(part);
+            }
+        }
+        if let (Format::OpenMetrics, Some(unit)) = (self.format, family.unit) {
+            for part in ["# UNIT ", NAME_PREFIX, family.name, " ", unit, "\n"] {
+                self.text.push_str(part);
+            }
+        }
+    }
+
+    fn shard_series(&mut self, family: &Family, shard: &ShardMetrics, series: &Series) {
+        match family.value {
+            Value::Counter(read) => {
+                self.sample_start(family, "_total", series, None);
+                self.integer_line_end(read(shard, series.slots()));
+            }
+            Value::Gauge(read) => {
+                self.sample_start(family, "", series, None);
+                self.integer_line_end(read(shard, series.slots()));
+            }
+            Value::Histogram(read, recorded) => {
+                let reading = read(shard, series.slots());
+                self.sample_start(family, "_sum", series, None);
+                push_decimal(&mut self.text, reading.sum, recorded.decimal_places());
+                self.text.push('\n');
+                self.sample_start(family, "_count", series, None);
+                self.integer_line_end(reading.count());
+                for (bound, cumulative) in reading.buckets() {
+                    self.sample_start(family, "_bucket", series, Some(UpperBound { bound, recorded }));
+                    self.integer_line_end(cumulative);
+                }
+            }
+            // Not a shard's: `family` writes it once.
+            Value::ProcessGauge(_) => {}
+        }
+    }
+
+    /// A sample line up to its value: `shardgate_<name><suffix>{le,shard,labels} `.
+    /// `le` leads, as it always has: order means nothing to a parser, but
+    /// keeping it keeps the bytes scrapers and tests have seen.
+    fn sample_start(&mut self, family: &Family, suffix: &str, series: &Series, le: Option<UpperBound>) {
+        let text = &mut self.text;
+        for part in [NAME_PREFIX, family.name, suffix] {
+            text.push_str(part);
+        }
+        let mut opened = false;
+        let mut label_start = |text: &mut String, name: &str| {
+            text.push(if opened { ',' } else { '{' });
+            opened = true;
+            text.push_str(name);
+            text.push_str("=\"");
+        };
+        if let Some(le) = le {
+            label_start(text, "le");
+            match le.bound {
+                Some(bound) => push_decimal(text, bound, le.recorded.decimal_places()),
+                None => text.push_str("+Inf"),
+            }
+            text.push('"');
+        }
+        if let Some(shard) = series.shard {
+            label_start(text, "shard");
+            text.push_str(itoa::Buffer::new().format(shard));
+            text.push('"');
+        }
+        // Label values are the enums' names and the version, which never need escaping.
+        for label in series.labels.iter().flatten() {
+            label_start(text, label.name);
+            text.push_str(label.value);
+            text.push('"');
+        }
+        if opened {
+            text.push('}');
+        }
+        text.push(' ');
+    }
+
+    fn integer_line_end(&mut self, value: impl itoa::Integer) {
+        self.text.push_str(itoa::Buffer::new().format(value));
+        self.text.push('\n');
     }
 }
 
-fn shard_label(index: usize) -> Labels {
-    vec![("shard", index.to_string())]
-}
-
-fn labels(index: usize, pairs: &[(&'static str, &str)]) -> Labels {
-    let mut labels = shard_label(index);
-    labels.extend(pairs.iter().map(|(key, value)| (*key, value.to_string())));
-    labels
-}
-
-impl Collector for ShardCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let encoder = &mut encoder;
-        self.counter(
-            encoder,
-            "frames_received",
-            "Frames read whose header parsed.",
-            None,
-            |index, shard, emit| {
-                for transport in Transport::ALL {
-                    emit(
-                        labels(index, &[("transport", transport.name())]),
-                        shard.frames_received[transport as usize].get(),
-                    );
-                }
-            },
-        )?;
-        self.counter(
-            encoder,
-            "received",
-            "Bytes read from clients.",
-            Some(&Unit::Bytes),
-            |index, shard, emit| {
-                for transport in Transport::ALL {
-                    emit(
-                        labels(index, &[("transport", transport.name())]),
-                        shard.bytes_received[transport as usize].get(),
-                    );
-                }
-            },
-        )?;
-        self.counter(
-            encoder,
-            "acks_sent",
-            "Answers sent, by status.",
-            None,
-            |index, shard, emit| {
-                for transport in Transport::ALL {
-                    for status in Status::ALL {
-                        let value = shard.acks_sent[transport as usize][status as usize].get();
-                        emit(
-                            labels(index, &[("transport", transport.name()), ("status", status.name())]),
-                            value,
-                        );
-                    }
-                }
-            },
-        )?;
-        self.counter(
-            encoder,
-            "frames_rejected",
-            "Frames answered REJECTED, by reason (a crc mismatch is never answered: frames_corrupt).",
-            None,
-            |index, shard, emit| {
-                for transport in Transport::ALL {
-                    for reason in RejectReason::ALL
-                        .into_iter()
-                        .filter(|&reason| reason != RejectReason::Crc)
-                    {
-                        let value = shard.frames_rejected[transport as usize][reason as usize].get();
-                        emit(
-                            labels(index, &[("transport", transport.name()), ("reason", reason.name())]),
-                            value,
-                        );
-                    }
-                }
-            },
-        )?;
-        self.counter(
-            encoder,
-            "input_unparseable",
-            "Inputs without a parseable header: UDP datagram tails dropped unanswered, TCP connections closed.",
-            None,
-            |index, shard, emit| {
-                for transport in Transport::ALL {
-                    emit(
-                        labels(index, &[("transport", transport.name())]),
-                        shard.unparseable[transport as usize].get(),
-                    );
-                }
-            },
-        )?;
-        self.counter(
-            encoder,
-            "frames_corrupt",
-            "Whole frames whose crc32c did not match: never answered; a TCP connection that sends one is closed.",
-            None,
-            |index, shard, emit| {
-                for transport in Transport::ALL {
-                    emit(
-                        labels(index, &[("transport", transport.name())]),
-                        shard.frames_corrupt[transport as usize].get(),
-                    );
-                }
-            },
-        )?;
-        self.counter(
-            encoder,
-            "udp_receive_errors",
-            "Errors the UDP socket returned on receive.",
-            None,
-            |index, shard, emit| emit(shard_label(index), shard.udp_receive_errors.get()),
-        )?;
-        self.counter(
-            encoder,
-            "frames_limited",
-            "Frames dropped unanswered because their source was over its per-source rate (UDP only).",
-            None,
-            |index, shard, emit| {
-                emit(
-                    labels(index, &[("transport", Transport::Udp.name())]),
-                    shard.frames_limited[Transport::Udp as usize].get(),
-                )
-            },
-        )?;
-        self.counter(
-            encoder,
-            "udp_kernel_drops",
-            "Datagrams the kernel dropped for a full socket buffer (the socket's SO_RXQ_OVFL count).",
-            None,
-            |index, shard, emit| emit(shard_label(index), udp_drops(shard)),
-        )?;
-        self.counter(
-            encoder,
-            "dedup_lookups",
-            "Dedup decisions, by where they were made.",
-            None,
-            |index, shard, emit| {
-                for outcome in LookupOutcome::ALL {
-                    emit(
-                        labels(index, &[("outcome", outcome.name())]),
-                        shard.dedup_lookups[outcome as usize].get(),
-                    );
-                }
-            },
-        )?;
-        self.gauge(
-            encoder,
-            "dedup_cache_events",
-            "Event ids held in the shard's dedup cache.",
-            None,
-            |shard| shard.dedup_cache_events.get(),
-        )?;
-        self.counter(
-            encoder,
-            "dedup_cache_evictions",
-            "Ids evicted from the dedup cache.",
-            None,
-            |index, shard, emit| emit(shard_label(index), shard.dedup_cache_evictions.get()),
-        )?;
-        self.histogram(
-            encoder,
-            "batch_events",
-            "Events per Redis script call.",
-            None,
-            1.0,
-            |index, shard| vec![(shard_label(index), &shard.batch_events)],
-        )?;
-        self.histogram(
-            encoder,
-            "redis_round_trip",
-            "Duration of one Redis script call.",
-            Some(&Unit::Seconds),
-            MICROS_PER_SECOND,
-            |index, shard| vec![(shard_label(index), &shard.redis_round_trip_us)],
-        )?;
-        self.counter(
-            encoder,
-            "redis_errors",
-            "Failed Redis script calls, by kind.",
-            None,
-            |index, shard, emit| {
-                for kind in RedisErrorKind::ALL {
-                    emit(
-                        labels(index, &[("kind", kind.name())]),
-                        shard.redis_errors[kind as usize].get(),
-                    );
-                }
-            },
-        )?;
-        self.counter(
-            encoder,
-            "redis_event_errors",
-            "Events Redis refused one by one (answered RETRY; the rest of their batch was stored), by reason.",
-            None,
-            |index, shard, emit| {
-                for reason in EventErrorReason::ALL {
-                    emit(
-                        labels(index, &[("reason", reason.name())]),
-                        shard.redis_event_errors[reason as usize].get(),
-                    );
-                }
-            },
-        )?;
-        self.counter(
-            encoder,
-            "redis_reconnects",
-            "Times the Redis connection came back.",
-            None,
-            |index, shard, emit| emit(shard_label(index), shard.redis_reconnects.get()),
-        )?;
-        self.gauge(
-            encoder,
-            "redis_up",
-            "1 while the shard's Redis connection is up.",
-            None,
-            |shard| shard.redis_up.get(),
-        )?;
-        self.gauge(
-            encoder,
-            "events_in_flight",
-            "Events batched or in Redis, not yet answered.",
-            None,
-            |shard| shard.events_in_flight.get(),
-        )?;
-        self.counter(
-            encoder,
-            "retries",
-            "Frames answered RETRY, by cause.",
-            None,
-            |index, shard, emit| {
-                for cause in RetryCause::ALL {
-                    emit(
-                        labels(index, &[("cause", cause.name())]),
-                        shard.retries[cause as usize].get(),
-                    );
-                }
-            },
-        )?;
-        self.gauge(
-            encoder,
-            "tcp_connections_open",
-            "Open TCP connections.",
-            None,
-            |shard| shard.tcp_connections_open.get(),
-        )?;
-        self.counter(
-            encoder,
-            "tcp_connections_accepted",
-            "TCP connections accepted.",
-            None,
-            |index, shard, emit| emit(shard_label(index), shard.tcp_connections_accepted.get()),
-        )?;
-        self.counter(
-            encoder,
-            "tcp_connections_closed",
-            "TCP connections ended, by reason.",
-            None,
-            |index, shard, emit| {
-                for reason in CloseReason::ALL {
-                    emit(
-                        labels(index, &[("reason", reason.name())]),
-                        shard.tcp_connections_closed[reason as usize].get(),
-                    );
-                }
-            },
-        )?;
-        self.counter(
-            encoder,
-            "reply_send_errors",
-            "Answers the socket refused to send.",
-            None,
-            |index, shard, emit| emit(shard_label(index), shard.reply_send_errors.get()),
-        )?;
-        self.histogram(
-            encoder,
-            "intake_to_ack",
-            "From a frame's read to its answer.",
-            Some(&Unit::Seconds),
-            MICROS_PER_SECOND,
-            |index, shard| {
-                Transport::ALL
-                    .iter()
-                    .map(|&transport| {
-                        (
-                            labels(index, &[("transport", transport.name())]),
-                            &shard.intake_to_ack_us[transport as usize],
-                        )
-                    })
-                    .collect()
-            },
-        )?;
-        process_metrics(encoder)
+/// Writes `value / 10^decimal_places` exactly, with at least one decimal
+/// (`1.0`, `0.00001`, `2.138478`): how these values have always been spelled,
+/// which matters for `le`.
+fn push_decimal(text: &mut String, value: u64, decimal_places: u32) {
+    let scale = 10u64.pow(decimal_places);
+    text.push_str(itoa::Buffer::new().format(value / scale));
+    text.push('.');
+    let fraction = value % scale;
+    if fraction == 0 {
+        text.push('0');
+        return;
     }
+    let mut buffer = itoa::Buffer::new();
+    let digits = buffer.format(fraction);
+    for _ in digits.len()..decimal_places as usize {
+        text.push('0');
+    }
+    text.push_str(digits.trim_end_matches('0'));
 }
 
-/// Resident memory and build info: not per shard.
-fn process_metrics(encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-    let rss_bytes = resident_memory_bytes().unwrap_or(0);
-    let family = encoder.encode_descriptor(
-        "process_resident_memory",
-        "Resident set size of the process.",
-        Some(&Unit::Bytes),
-        MetricType::Gauge,
-    )?;
-    ConstGauge::new(rss_bytes as i64).encode(family)?;
-    let mut family = encoder.encode_descriptor(
-        "build_info",
-        "Always 1; labels say which build runs.",
-        None,
-        MetricType::Gauge,
-    )?;
-    let build: Labels = vec![("version", env!("CARGO_PKG_VERSION").to_string())];
-    ConstGauge::new(1i64).encode(family.encode_family(&build)?)
-}
-
-fn resident_memory_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+/// 0 when /proc cannot say: a scrape should not fail for one gauge.
+fn resident_memory_bytes() -> i64 {
+    let kib = || -> Option<i64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    kib().map_or(0, |kib| kib.saturating_mul(1024))
 }
 
 /// The kernel's drop count for the shard's UDP socket: the `drops` column of
@@ -589,32 +719,226 @@ fn drops_for_inode(table: &str, inode: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::metrics::Counter;
 
-    /// Counters' HELP/TYPE name their `_total` samples, OpenMetrics-only lines go, everything else stays.
+    /// A shard whose every counter holds a value of its own, so a series read
+    /// from another's slot shows.
+    fn numbered_shard(base: u64) -> ShardMetrics {
+        let shard = ShardMetrics::default();
+        let mut next = base;
+        let mut count = |counter: &Counter| {
+            next += 1;
+            counter.add(next);
+        };
+        for transport in 0..Transport::ALL.len() {
+            count(&shard.frames_received[transport]);
+            count(&shard.bytes_received[transport]);
+            shard.acks_sent[transport].iter().for_each(&mut count);
+            shard.frames_rejected[transport].iter().for_each(&mut count);
+            count(&shard.unparseable[transport]);
+            count(&shard.frames_corrupt[transport]);
+            count(&shard.frames_limited[transport]);
+        }
+        count(&shard.udp_receive_errors);
+        shard.dedup_lookups.iter().for_each(&mut count);
+        count(&shard.dedup_cache_evictions);
+        shard.redis_errors.iter().for_each(&mut count);
+        shard.redis_event_errors.iter().for_each(&mut count);
+        count(&shard.redis_reconnects);
+        shard.retries.iter().for_each(&mut count);
+        count(&shard.tcp_connections_accepted);
+        shard.tcp_connections_closed.iter().for_each(&mut count);
+        count(&shard.reply_send_errors);
+        shard.dedup_cache_events.set(base as i64 + 7);
+        shard.redis_up.set(1);
+        shard.events_in_flight.set(-(base as i64) - 3);
+        shard.tcp_connections_open.set(base as i64 + 11);
+        for value in [0, 1, 3, 17, 1024, 5000] {
+            shard.batch_events.observe(value + base);
+        }
+        for value in [1, 10, 11, 4_999, 5_000, 5_001, 123_456, 2_000_000] {
+            shard.redis_round_trip_us.observe(value + base);
+            shard.intake_to_ack_us[0].observe(value * 2 + base);
+            shard.intake_to_ack_us[1].observe(value * 3 + base);
+        }
+        shard
+    }
+
+    /// Two numbered shards and an idle one.
+    fn rendered(format: Format) -> String {
+        let shards = [numbered_shard(0), numbered_shard(1000), ShardMetrics::default()].map(Arc::new);
+        render(&shards, format)
+    }
+
+    fn samples(exposition: &str) -> Vec<&str> {
+        exposition.lines().filter(|line| !line.starts_with('#')).collect()
+    }
+
+    /// Lines copied from what the prometheus-client encoder wrote for the same
+    /// shards: the spellings alert rules, dashboards and parsers depend on.
     #[test]
-    fn openmetrics_becomes_prometheus_text() {
-        let openmetrics = "# HELP sg_acks Answers.\n# TYPE sg_acks counter\nsg_acks_total{shard=\"0\"} 3\n\
-                           # HELP sg_rtt_seconds Trip.\n# TYPE sg_rtt_seconds histogram\n# UNIT sg_rtt_seconds seconds\n\
-                           sg_rtt_seconds_sum 0.5\n# EOF\n";
-        let text = to_prometheus_text(openmetrics);
-        assert_eq!(
-            text,
-            "# HELP sg_acks_total Answers.\n# TYPE sg_acks_total counter\nsg_acks_total{shard=\"0\"} 3\n\
-             # HELP sg_rtt_seconds Trip.\n# TYPE sg_rtt_seconds histogram\nsg_rtt_seconds_sum 0.5\n"
+    fn lines_as_scrapers_know_them() {
+        let text = rendered(Format::Text);
+        let version = env!("CARGO_PKG_VERSION");
+        let build_info = format!("shardgate_build_info{{version=\"{version}\"}} 1");
+        for line in [
+            "# HELP shardgate_acks_sent_total Answers sent, by status.",
+            "# TYPE shardgate_acks_sent_total counter",
+            "shardgate_acks_sent_total{shard=\"1\",transport=\"tcp\",status=\"rejected\"} 1019",
+            "shardgate_frames_rejected_total{shard=\"0\",transport=\"udp\",reason=\"length\"} 8",
+            "shardgate_frames_limited_total{shard=\"1\",transport=\"udp\"} 1013",
+            "shardgate_received_bytes_total{shard=\"0\",transport=\"tcp\"} 15",
+            "shardgate_udp_kernel_drops_total{shard=\"0\"} 0",
+            "shardgate_events_in_flight{shard=\"1\"} -1003",
+            "# TYPE shardgate_batch_events histogram",
+            "shardgate_batch_events_sum{shard=\"0\"} 6045.0",
+            "shardgate_batch_events_bucket{le=\"1024.0\",shard=\"0\"} 5",
+            "shardgate_redis_round_trip_seconds_sum{shard=\"0\"} 2.138478",
+            "shardgate_redis_round_trip_seconds_count{shard=\"0\"} 8",
+            "shardgate_redis_round_trip_seconds_bucket{le=\"0.00001\",shard=\"0\"} 2",
+            "shardgate_redis_round_trip_seconds_bucket{le=\"1.0\",shard=\"0\"} 7",
+            "shardgate_redis_round_trip_seconds_sum{shard=\"2\"} 0.0",
+            "shardgate_intake_to_ack_seconds_bucket{le=\"0.005\",shard=\"0\",transport=\"udp\"} 3",
+            "shardgate_intake_to_ack_seconds_bucket{le=\"+Inf\",shard=\"1\",transport=\"tcp\"} 8",
+            "# TYPE shardgate_process_resident_memory_bytes gauge",
+            &build_info,
+        ] {
+            assert!(
+                text.lines().any(|written| written == line),
+                "no line {line:?} in:\n{text}"
+            );
+        }
+    }
+
+    /// Both formats hold the same samples; the text format's comments name
+    /// them, OpenMetrics' name the family and state units, and only
+    /// OpenMetrics ends in `# EOF`.
+    #[test]
+    fn formats_differ_only_in_comments() {
+        let text = rendered(Format::Text);
+        let openmetrics = rendered(Format::OpenMetrics);
+        // Resident memory moves between two renders.
+        let steady = |line: &&str| !line.starts_with("shardgate_process_resident_memory_bytes ");
+        let steady_samples = |exposition| samples(exposition).into_iter().filter(steady).collect::<Vec<_>>();
+        assert_eq!(steady_samples(&text), steady_samples(&openmetrics));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT "));
+        assert!(openmetrics.ends_with("\n# EOF\n"));
+        assert!(text.contains("# TYPE shardgate_retries_total counter\n"));
+        assert!(openmetrics.contains("# TYPE shardgate_retries counter\n"));
+        assert!(
+            openmetrics.contains("# TYPE shardgate_received_bytes counter\n# UNIT shardgate_received_bytes bytes\n")
         );
-        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+        for line in text.lines().filter_map(|line| line.strip_prefix("# TYPE ")) {
+            let (name, _) = line.split_once(' ').unwrap_or((line, ""));
+            let sample = if line.ends_with(" histogram") {
+                format!("{name}_count")
+            } else {
+                name.to_string()
+            };
+            let described = |sample_line: &&str| {
+                sample_line
+                    .strip_prefix(sample.as_str())
+                    .is_some_and(|rest| rest.starts_with([' ', '{']))
+            };
+            assert!(
+                samples(&text).iter().any(described),
+                "`# TYPE {line}` describes no sample"
+            );
+        }
+    }
+
+    /// Every counter series of a shard reads a slot no other series reads.
+    #[test]
+    fn series_read_their_own_slots() {
+        let shards = [Arc::new(numbered_shard(0))];
+        let text = render(&shards, Format::Text);
+        let mut values: Vec<&str> = samples(&text)
+            .into_iter()
+            .filter(|line| line.contains("_total{") && !line.starts_with("shardgate_udp_kernel_drops"))
+            .filter_map(|line| line.rsplit(' ').next())
+            .collect();
+        let series = values.len();
+        values.sort_unstable();
+        values.dedup();
+        assert_eq!(values.len(), series, "two counter series show the same slot");
+    }
+
+    /// Names are valid and unique and end in their unit; help and label values
+    /// need no escaping in either format; each label lists every value once.
+    #[test]
+    fn table_rows_are_well_formed() {
+        let mut names: Vec<&str> = FAMILIES.iter().map(|family| family.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), FAMILIES.len(), "a name is used twice");
+        for family in FAMILIES {
+            let name_ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+            assert!(family.name.chars().all(name_ok), "{}", family.name);
+            assert!(!family.name.ends_with("_total"), "{}: `_total` is added", family.name);
+            if let Some(unit) = family.unit {
+                assert!(
+                    family.name.ends_with(&format!("_{unit}")),
+                    "{} is not in {unit}",
+                    family.name
+                );
+            }
+            assert!(
+                !family.help.contains(['\\', '\n', '"']),
+                "{}'s help needs escaping",
+                family.name
+            );
+            for label in family.labels {
+                let values: Vec<LabelValue> = (0..).map_while(|position| label.value(position)).collect();
+                assert!(values.iter().all(|value| !value.value.contains(['\\', '\n', '"'])));
+                let mut distinct: Vec<usize> = values.iter().map(|value| value.slot).collect();
+                distinct.sort_unstable();
+                distinct.dedup();
+                assert_eq!(distinct.len(), values.len(), "{label:?} repeats a slot");
+            }
+        }
+        let count = |label: Label| (0..).map_while(|position| label.value(position)).count();
+        assert_eq!(count(Label::Transport), Transport::ALL.len());
+        assert_eq!(count(Label::UdpTransport), 1);
+        assert_eq!(count(Label::Status), Status::ALL.len());
+        assert_eq!(count(Label::RejectReason), RejectReason::ALL.len() - 1);
+        assert_eq!(count(Label::LookupOutcome), LookupOutcome::ALL.len());
+        assert_eq!(count(Label::RetryCause), RetryCause::ALL.len());
+        assert_eq!(count(Label::RedisErrorKind), RedisErrorKind::ALL.len());
+        assert_eq!(count(Label::EventErrorReason), EventErrorReason::ALL.len());
+        assert_eq!(count(Label::CloseReason), CloseReason::ALL.len());
+        assert_eq!(count(Label::Version), 1);
+    }
+
+    #[test]
+    fn decimals_are_exact() {
+        let decimal = |value: u64, decimal_places: u32| {
+            let mut text = String::new();
+            push_decimal(&mut text, value, decimal_places);
+            text
+        };
+        assert_eq!(decimal(0, 6), "0.0");
+        assert_eq!(decimal(10, 6), "0.00001");
+        assert_eq!(decimal(5_000, 6), "0.005");
+        assert_eq!(decimal(1_000_000, 6), "1.0");
+        assert_eq!(decimal(2_138_478, 6), "2.138478");
+        assert_eq!(decimal(u64::MAX, 6), "18446744073709.551615");
+        assert_eq!(decimal(1024, 0), "1024.0");
     }
 
     /// Only an Accept header that names OpenMetrics gets it.
     #[test]
     fn accept_header_picks_the_format() {
-        assert!(wants_openmetrics(
-            b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n"
-        ));
-        assert!(!wants_openmetrics(
-            b"GET /metrics HTTP/1.1\r\nAccept: text/plain\r\n\r\n"
-        ));
-        assert!(!wants_openmetrics(b"GET /metrics HTTP/1.1\r\n\r\n"));
+        assert_eq!(
+            Format::asked_for(
+                b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n"
+            ),
+            Format::OpenMetrics
+        );
+        assert_eq!(
+            Format::asked_for(b"GET /metrics HTTP/1.1\r\nAccept: text/plain\r\n\r\n"),
+            Format::Text
+        );
+        assert_eq!(Format::asked_for(b"GET /metrics HTTP/1.1\r\n\r\n"), Format::Text);
     }
 
     /// The drops column is found by inode in the kernel's table format.

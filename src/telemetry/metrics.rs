@@ -94,10 +94,28 @@ impl<const N: usize> Histogram<N> {
         self.count.add(1);
     }
 
-    /// Per-bucket (not cumulative: `prometheus-client` accumulates them)
-    /// `(upper bound, count)` pairs, the sum and the count, with bounds and sum
-    /// divided by `divisor` (1e6 turns microseconds into seconds; 10 µs is
-    /// exactly 1e-5 s). The last bound is +Inf.
+    /// What the exporter shows: every bucket read once, so the +Inf bucket
+    /// and the count cannot disagree however the writer races the read, and
+    /// in the recorded integer unit, so the exporter can print bounds and sum
+    /// as exact decimals (an `le` label is matched as a string: `0.005` must
+    /// stay `0.005`).
+    pub fn read(&self) -> HistogramReading {
+        let mut cumulative = [0; HISTOGRAM_BUCKETS_MAX];
+        let mut total: u64 = 0;
+        for (slot, bucket) in cumulative.iter_mut().zip(&self.buckets).take(N + 1) {
+            total = total.wrapping_add(bucket.get());
+            *slot = total;
+        }
+        HistogramReading {
+            bounds: self.bounds,
+            cumulative,
+            sum: self.sum.get(),
+        }
+    }
+
+    /// Per-bucket (not cumulative) `(upper bound, count)` pairs, the sum and
+    /// the count, with bounds and sum divided by `divisor` (1e6 turns
+    /// microseconds into seconds). The last bound is +Inf.
     pub fn snapshot(&self, divisor: f64) -> HistogramSnapshot {
         let mut count = 0;
         let mut buckets = Vec::with_capacity(N + 1);
@@ -116,6 +134,28 @@ impl<const N: usize> Histogram<N> {
             sum: self.sum.get() as f64 / divisor,
             count,
         }
+    }
+}
+
+/// One read of a histogram (`Histogram::read`), whatever its bucket count.
+pub struct HistogramReading {
+    bounds: &'static [u64],
+    /// Observations at or below each bound, then all of them (+Inf); the rest unused.
+    cumulative: [u64; HISTOGRAM_BUCKETS_MAX],
+    /// In the recorded unit, like the bounds.
+    pub sum: u64,
+}
+
+impl HistogramReading {
+    /// `(upper bound, observations at or below it)` per bucket, ending with
+    /// `(None, count)`: the +Inf bucket.
+    pub fn buckets(&self) -> impl Iterator<Item = (Option<u64>, u64)> + '_ {
+        let bounds = self.bounds.iter().copied().map(Some).chain([None]);
+        bounds.zip(self.cumulative.iter().copied())
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets().last().map_or(0, |(_, count)| count)
     }
 }
 
@@ -434,8 +474,8 @@ impl ShardMetrics {
 mod tests {
     use super::*;
 
-    /// Values land in the first bucket whose bound is >= the value; the snapshot holds per-bucket counts (the
-    /// encoder accumulates them) and ends at +Inf.
+    /// Values land in the first bucket whose bound is >= the value; the snapshot holds per-bucket counts (not
+    /// cumulative) and ends at +Inf.
     #[test]
     fn histogram_buckets() {
         let histogram = Histogram::new(&LATENCY_BOUNDS_US);
@@ -462,6 +502,24 @@ mod tests {
             snapshot.count
         );
         assert!((snapshot.sum - 2.010023).abs() < 1e-9, "sum {}", snapshot.sum);
+    }
+
+    /// A reading is cumulative, ends at +Inf with the count, and keeps the recorded unit.
+    #[test]
+    fn histogram_reading() {
+        let histogram = Histogram::new(&BATCH_BOUNDS_EVENTS);
+        for value in [1, 1, 3, 2000] {
+            histogram.observe(value);
+        }
+        let reading = histogram.read();
+        let buckets: Vec<_> = reading.buckets().collect();
+        assert_eq!(buckets.len(), BATCH_BOUNDS_EVENTS.len() + 1);
+        assert_eq!(&buckets[..3], &[(Some(1), 2), (Some(2), 2), (Some(4), 3)]);
+        assert_eq!(buckets[BATCH_BOUNDS_EVENTS.len() - 1], (Some(1024), 3));
+        assert_eq!(buckets.last(), Some(&(None, 4)));
+        assert_eq!(reading.count(), 4);
+        assert_eq!(reading.sum, 2005);
+        assert_eq!(Histogram::new(&LATENCY_BOUNDS_US).read().count(), 0);
     }
 
     /// Enum discriminants index the arrays: every variant has its own slot.
