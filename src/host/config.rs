@@ -1,13 +1,28 @@
 //! The command line and the config file, resolved into one checked `Config`.
 //!
-//! The flags and the TOML file share one struct (`ServeArgs`), so they have the
-//! same keys by construction: `--dedup-window-secs` on the command line is
-//! `dedup_window_secs` in the file. A flag wins over the file, and the file
-//! wins over the defaults in `limits.rs`. Every value is range-checked here, at
+//! Every setting of `serve` is one entry of one table, `serve_settings!` below:
+//! its doc comment (the `--help` text, with its `[default: ...]`), its flag,
+//! its name (the TOML key, and the flag in kebab case: `dedup_window_secs` is
+//! `--dedup-window-secs`), its type, and for a number its default and range.
+//! The table declares `ServeArgs`, which both clap and serde read, so the flags
+//! and the file have the same keys by construction.
+//!
+//! A flag wins over the file, and the file over the table's defaults (most of
+//! them named in `limits.rs`, with the reason for each): three layers of the
+//! same struct, merged by `ServeArgs::or`. Every value is checked here, at
 //! start, so nothing later has to wonder whether a bound holds.
+//!
+//! Adding a setting: an entry in the table, and the `Config` field it fills
+//! (`Config` is written out so that its fields, and the `starting config=...`
+//! log line, keep their order). A number needs nothing more: its default and
+//! range are applied from the table. Any other setting is resolved in
+//! `ServeArgs::resolve`, by a rule of its own, and named in the `Config` built
+//! there. systemd/shardgate.toml must list the new key with the default its doc
+//! states (tests/host/test-units.sh reads this table to check it).
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -33,124 +48,219 @@ pub enum Command {
     Serve(ServeArgs),
 }
 
-/// Every setting of `serve`. All are optional here so that a flag can be told
-/// apart from a value in the config file; defaults are applied in `resolve`.
-#[derive(Debug, Default, Clone, Args, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServeArgs {
-    /// Cores to run one shard each on: a list and/or ranges, e.g. `0,1` or `0-3`. [required with pinned; with fenced, every core the cgroup's cpuset allows]
-    #[arg(long, value_name = "LIST")]
-    pub cores: Option<String>,
+/// The settings table: every setting of `serve`, once, in `--help` order (also
+/// the order a config file's "unknown field" error lists the keys in).
+///
+/// An entry is a doc comment (the `--help` text), `#[arg(...)]` (and any serde
+/// attribute), and `name: Type`, optionally followed by `= DEFAULT` and, for a
+/// number, `; within MIN..=MAX`. The doc's `[default: ...]` must state DEFAULT
+/// (the test `documented_defaults_are_the_table_defaults` checks it); a setting
+/// without a default is required or off, as its doc says.
+///
+/// The table is read twice: clap and serde need it as a struct with its doc
+/// comments, and `resolve` needs its numbers again. So it is a macro that hands
+/// its entries to another one (`$then`): `declare_serve_args!` makes the
+/// struct, and `config_with_numbers!` fills the numbers of a `Config`.
+macro_rules! serve_settings {
+    ($then:ident $($arguments:tt)*) => {
+        $then! {
+            ($($arguments)*)
 
-    /// UDP address every shard binds with SO_REUSEPORT. Port 0 picks one free port for all. [required]
-    #[arg(long, value_name = "ADDR")]
-    pub udp: Option<SocketAddr>,
+            /// Cores to run one shard each on: a list and/or ranges, e.g. `0,1` or `0-3`. [required with pinned; with fenced, every core the cgroup's cpuset allows]
+            #[arg(long, value_name = "LIST")]
+            cores: String,
 
-    /// TCP address every shard listens on with SO_REUSEPORT; may equal --udp. [required]
-    #[arg(long, value_name = "ADDR")]
-    pub tcp: Option<SocketAddr>,
+            /// UDP address every shard binds with SO_REUSEPORT. Port 0 picks one free port for all. [required]
+            #[arg(long, value_name = "ADDR")]
+            udp: SocketAddr,
 
-    /// Redis to store events in, e.g. `redis://127.0.0.1:6379`. [required]
-    #[arg(long, value_name = "URL")]
-    pub redis: Option<String>,
+            /// TCP address every shard listens on with SO_REUSEPORT; may equal --udp. [required]
+            #[arg(long, value_name = "ADDR")]
+            tcp: SocketAddr,
 
-    /// TOML file with these same keys in snake_case; flags win over it.
-    #[arg(long, value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
+            /// Redis to store events in, e.g. `redis://127.0.0.1:6379`. [required]
+            #[arg(long, value_name = "URL")]
+            redis: String,
 
-    /// `pinned`: each shard fixed to its core. `fenced`: shards may move within the listed (or allowed) cores. [default: pinned]
-    #[arg(long, value_enum, value_name = "MODE")]
-    pub placement: Option<PlacementMode>,
+            /// TOML file with these same keys in snake_case; flags win over it.
+            #[arg(long, value_name = "FILE")]
+            #[serde(skip)]
+            config: PathBuf,
 
-    /// Prefix of every Redis key. [default: sg]
-    #[arg(long, value_name = "PREFIX")]
-    pub prefix: Option<String>,
+            /// `pinned`: each shard fixed to its core. `fenced`: shards may move within the listed (or allowed) cores. [default: pinned]
+            #[arg(long, value_enum, value_name = "MODE")]
+            placement: PlacementMode = PlacementMode::Pinned,
 
-    /// Streams per prefix; an event goes to `player_id % partitions`. [default: 16]
-    #[arg(long, value_name = "N")]
-    pub partitions: Option<u32>,
+            /// Prefix of every Redis key. [default: sg]
+            #[arg(long, value_name = "PREFIX")]
+            prefix: String = "sg".into(),
 
-    /// How long Redis remembers an event id (the marker's TTL). [default: 600]
-    #[arg(long, value_name = "SECS")]
-    pub dedup_window_secs: Option<u64>,
+            /// Streams per prefix; an event goes to `player_id % partitions`. [default: 16]
+            #[arg(long, value_name = "N")]
+            partitions: u32 = limits::PARTITIONS_DEFAULT; within 1..=limits::PARTITIONS_MAX,
 
-    /// Event ids each shard's dedup cache holds before it evicts. [default: 1048576]
-    #[arg(long, value_name = "N")]
-    pub dedup_capacity: Option<usize>,
+            /// How long Redis remembers an event id (the marker's TTL). [default: 600]
+            #[arg(long, value_name = "SECS")]
+            dedup_window_secs: u64 = limits::DEDUP_WINDOW_SECS_DEFAULT; within 1..=limits::DEDUP_WINDOW_SECS_MAX,
 
-    /// Serve Prometheus metrics at `http://ADDR/metrics`. [default: off]
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
+            /// Event ids each shard's dedup cache holds before it evicts. [default: 1048576]
+            #[arg(long, value_name = "N")]
+            dedup_capacity: usize = limits::DEDUP_CAPACITY_DEFAULT;
+                within limits::DEDUP_CAPACITY_MIN..=limits::DEDUP_CAPACITY_MAX,
 
-    /// Write HDR latency histograms here on shutdown (more files beside it). [default: none]
-    #[arg(long, value_name = "FILE")]
-    pub hdr_out: Option<PathBuf>,
+            /// Serve Prometheus metrics at `http://ADDR/metrics`. [default: off]
+            #[arg(long, value_name = "ADDR")]
+            metrics: SocketAddr,
 
-    /// File holding the secret players' frame tags are keyed from; give it twice during a rotation. [default: none]
-    #[arg(long, value_name = "FILE", action = clap::ArgAction::Append)]
-    pub auth_secret_file: Option<Vec<PathBuf>>,
+            /// Write HDR latency histograms here on shutdown (more files beside it). [default: none]
+            #[arg(long, value_name = "FILE")]
+            hdr_out: PathBuf,
 
-    /// Most events in one Redis script call. [default: 256]
-    #[arg(long, value_name = "N")]
-    pub batch_events_max: Option<usize>,
+            /// File holding the secret players' frame tags are keyed from; give it twice during a rotation. [default: none]
+            #[arg(long, value_name = "FILE", action = clap::ArgAction::Append)]
+            auth_secret_file: Vec<PathBuf>,
 
-    /// Pace of the script calls: a call starts at most this long after the previous one unless its batch is full; after a quiet period the first event goes at once. [default: 1000]
-    #[arg(long, value_name = "MICROS")]
-    pub batch_linger_us: Option<u64>,
+            /// Most events in one Redis script call. [default: 256]
+            #[arg(long, value_name = "N")]
+            batch_events_max: usize = limits::BATCH_EVENTS_DEFAULT; within 1..=limits::BATCH_EVENTS_MAX,
 
-    /// Script calls each shard keeps in flight; past it, frames get RETRY. [default: 8]
-    #[arg(long, value_name = "N")]
-    pub batches_in_flight_max: Option<usize>,
+            /// Pace of the script calls: a call starts at most this long after the previous one unless its batch is full; after a quiet period the first event goes at once. [default: 1000]
+            #[arg(long, value_name = "MICROS")]
+            batch_linger_us: u64 = limits::BATCH_LINGER_US_DEFAULT; within 0..=limits::BATCH_LINGER_US_MAX,
 
-    /// Timeout of one Redis script call; its events then get RETRY. [default: 1000]
-    #[arg(long, value_name = "MILLIS")]
-    pub redis_timeout_ms: Option<u64>,
+            /// Script calls each shard keeps in flight; past it, frames get RETRY. [default: 8]
+            #[arg(long, value_name = "N")]
+            batches_in_flight_max: usize = limits::BATCHES_IN_FLIGHT_DEFAULT;
+                within 1..=limits::BATCHES_IN_FLIGHT_MAX,
 
-    /// On SIGTERM/SIGINT, how long to wait for in-flight writes. [default: 5000]
-    #[arg(long, value_name = "MILLIS")]
-    pub drain_timeout_ms: Option<u64>,
+            /// Timeout of one Redis script call; its events then get RETRY. [default: 1000]
+            #[arg(long, value_name = "MILLIS")]
+            redis_timeout_ms: u64 = limits::REDIS_TIMEOUT_MS_DEFAULT; within 1..=limits::REDIS_TIMEOUT_MS_MAX,
 
-    /// TCP connections each shard accepts at once; more are closed at accept. [default: 1024]
-    #[arg(long, value_name = "N")]
-    pub tcp_connections_per_shard: Option<usize>,
+            /// On SIGTERM/SIGINT, how long to wait for in-flight writes. [default: 5000]
+            #[arg(long, value_name = "MILLIS")]
+            drain_timeout_ms: u64 = limits::DRAIN_TIMEOUT_MS_DEFAULT; within 0..=limits::DRAIN_TIMEOUT_MS_MAX,
 
-    /// TCP connections one source (IP address, IPv6 /64) may hold on a shard; more are closed at accept. [default: 64]
-    #[arg(long, value_name = "N")]
-    pub tcp_connections_per_source: Option<usize>,
+            /// TCP connections each shard accepts at once; more are closed at accept. [default: 1024]
+            #[arg(long, value_name = "N")]
+            tcp_connections_per_shard: usize = limits::TCP_CONNECTIONS_PER_SHARD_DEFAULT;
+                within 1..=limits::TCP_CONNECTIONS_PER_SHARD_MAX,
 
-    /// A TCP connection that sends nothing for this long is closed. [default: 30000]
-    #[arg(long, value_name = "MILLIS")]
-    pub tcp_idle_timeout_ms: Option<u64>,
+            /// TCP connections one source (IP address, IPv6 /64) may hold on a shard; more are closed at accept. [default: 64]
+            #[arg(long, value_name = "N")]
+            tcp_connections_per_source: usize = limits::TCP_CONNECTIONS_PER_SOURCE_DEFAULT;
+                within 1..=limits::TCP_CONNECTIONS_PER_SHARD_MAX,
 
-    /// A TCP peer whose acks cannot be written for this long (it does not read them) is closed. [default: 10000]
-    #[arg(long, value_name = "MILLIS")]
-    pub tcp_write_timeout_ms: Option<u64>,
+            /// A TCP connection that sends nothing for this long is closed. [default: 30000]
+            #[arg(long, value_name = "MILLIS")]
+            tcp_idle_timeout_ms: u64 = limits::TCP_IDLE_TIMEOUT_MS_DEFAULT;
+                within limits::TCP_IDLE_TIMEOUT_MS_MIN..=limits::TCP_IDLE_TIMEOUT_MS_MAX,
 
-    /// UDP frames per second one source (IP address, IPv6 /64) may have a shard take; more get no answer. [default: 5000]
-    #[arg(long, value_name = "N")]
-    pub udp_source_frames_per_sec: Option<u64>,
+            /// A TCP peer whose acks cannot be written for this long (it does not read them) is closed. [default: 10000]
+            #[arg(long, value_name = "MILLIS")]
+            tcp_write_timeout_ms: u64 = limits::TCP_WRITE_TIMEOUT_MS_DEFAULT;
+                within limits::TCP_WRITE_TIMEOUT_MS_MIN..=limits::TCP_WRITE_TIMEOUT_MS_MAX,
 
-    /// UDP frames one source may send at once before its per-second rate applies. [default: 10000]
-    #[arg(long, value_name = "N")]
-    pub udp_source_burst_frames: Option<u64>,
+            /// UDP frames per second one source (IP address, IPv6 /64) may have a shard take; more get no answer. [default: 5000]
+            #[arg(long, value_name = "N")]
+            udp_source_frames_per_sec: u64 = limits::UDP_SOURCE_FRAMES_PER_SEC_DEFAULT;
+                within 1..=limits::UDP_SOURCE_FRAMES_PER_SEC_MAX,
 
-    /// UDP sources whose rate each shard tracks (a fixed table). [default: 65536]
-    #[arg(long, value_name = "N")]
-    pub udp_source_table_entries: Option<usize>,
+            /// UDP frames one source may send at once before its per-second rate applies. [default: 10000]
+            #[arg(long, value_name = "N")]
+            udp_source_burst_frames: u64 = limits::UDP_SOURCE_BURST_FRAMES_DEFAULT;
+                within 1..=limits::UDP_SOURCE_BURST_FRAMES_MAX,
 
-    /// Microseconds a shard spins before sleeping when idle: lower wake-up latency for a core of CPU. [default: 0]
-    #[arg(long, value_name = "MICROS")]
-    pub spin_before_park_us: Option<u64>,
+            /// UDP sources whose rate each shard tracks (a fixed table). [default: 65536]
+            #[arg(long, value_name = "N")]
+            udp_source_table_entries: usize = limits::UDP_SOURCE_TABLE_ENTRIES_DEFAULT;
+                within limits::UDP_SOURCE_TABLE_ENTRIES_MIN..=limits::UDP_SOURCE_TABLE_ENTRIES_MAX,
 
-    /// Log lines as `text` (one human-readable line each) or `json`. [default: text]
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
+            /// Microseconds a shard spins before sleeping when idle: lower wake-up latency for a core of CPU. [default: 0]
+            #[arg(long, value_name = "MICROS")]
+            spin_before_park_us: u64 = 0; within 0..=limits::SPIN_BEFORE_PARK_US_MAX,
 
-    /// Least severe level logged: error, warn, info, debug, trace; RUST_LOG overrides it. [default: info]
-    #[arg(long, value_name = "LEVEL")]
-    pub log_level: Option<String>,
+            /// Log lines as `text` (one human-readable line each) or `json`. [default: text]
+            #[arg(long, value_enum, value_name = "FORMAT")]
+            log_format: LogFormat = LogFormat::Text,
+
+            /// Least severe level logged: error, warn, info, debug, trace; RUST_LOG overrides it. [default: info]
+            #[arg(long, value_name = "LEVEL")]
+            log_level: String = "info".into(),
+        }
+    };
 }
+
+/// Declares `ServeArgs` from the table's entries, with `or` (one layer of
+/// settings over another) and `table_defaults` (the bottom layer).
+macro_rules! declare_serve_args {
+    (
+        ()
+        $(
+            $(#[$attribute:meta])*
+            $name:ident: $type:ty $(= $default:expr $(; within $range:expr)?)?,
+        )*
+    ) => {
+        /// Every setting of `serve`. All are optional here so that a flag can be told
+        /// apart from a value in the config file; defaults are applied in `resolve`.
+        #[derive(Debug, Default, Clone, Args, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct ServeArgs {
+            $(
+                $(#[$attribute])*
+                pub $name: Option<$type>,
+            )*
+        }
+
+        impl ServeArgs {
+            /// Fills every setting left unset here from `lower`: the flags from
+            /// the file, and either from the table's defaults.
+            pub fn or(self, lower: ServeArgs) -> ServeArgs {
+                ServeArgs {
+                    $($name: self.$name.or(lower.$name),)*
+                }
+            }
+
+            /// The table's defaults, and `None` for a setting that has none.
+            fn table_defaults() -> ServeArgs {
+                ServeArgs {
+                    $($name: some_if_given!($($default)?),)*
+                }
+            }
+        }
+    };
+}
+
+/// `Some(value)`, or `None` when the table gives no value.
+macro_rules! some_if_given {
+    () => {
+        None
+    };
+    ($value:expr) => {
+        Some($value)
+    };
+}
+
+/// `Config { <the given fields>, <every number of the table> }`, where a number is
+/// its value in `$args` (which already holds the defaults) checked against its
+/// range. It returns from the enclosing function with the first number out of range,
+/// in table order.
+macro_rules! config_with_numbers {
+    (
+        (($args:ident) Config { $($given:tt)* })
+        $(
+            $(#[$attribute:meta])*
+            $name:ident: $type:ty $(= $default:expr $(; within $range:expr)?)?,
+        )*
+    ) => {
+        Config {
+            $($given)*
+            $($($($name: within(stringify!($name), $args.$name, $range)?,)?)?)*
+        }
+    };
+}
+
+serve_settings!(declare_serve_args);
 
 /// The resolved, range-checked settings a server runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,40 +314,6 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl ServeArgs {
-    /// Fills every setting the flags left unset from `file`.
-    pub fn or(self, file: ServeArgs) -> ServeArgs {
-        ServeArgs {
-            cores: self.cores.or(file.cores),
-            udp: self.udp.or(file.udp),
-            tcp: self.tcp.or(file.tcp),
-            redis: self.redis.or(file.redis),
-            config: self.config,
-            placement: self.placement.or(file.placement),
-            prefix: self.prefix.or(file.prefix),
-            partitions: self.partitions.or(file.partitions),
-            dedup_window_secs: self.dedup_window_secs.or(file.dedup_window_secs),
-            dedup_capacity: self.dedup_capacity.or(file.dedup_capacity),
-            metrics: self.metrics.or(file.metrics),
-            hdr_out: self.hdr_out.or(file.hdr_out),
-            auth_secret_file: self.auth_secret_file.or(file.auth_secret_file),
-            batch_events_max: self.batch_events_max.or(file.batch_events_max),
-            batch_linger_us: self.batch_linger_us.or(file.batch_linger_us),
-            batches_in_flight_max: self.batches_in_flight_max.or(file.batches_in_flight_max),
-            redis_timeout_ms: self.redis_timeout_ms.or(file.redis_timeout_ms),
-            drain_timeout_ms: self.drain_timeout_ms.or(file.drain_timeout_ms),
-            tcp_connections_per_shard: self.tcp_connections_per_shard.or(file.tcp_connections_per_shard),
-            tcp_connections_per_source: self.tcp_connections_per_source.or(file.tcp_connections_per_source),
-            tcp_idle_timeout_ms: self.tcp_idle_timeout_ms.or(file.tcp_idle_timeout_ms),
-            tcp_write_timeout_ms: self.tcp_write_timeout_ms.or(file.tcp_write_timeout_ms),
-            udp_source_frames_per_sec: self.udp_source_frames_per_sec.or(file.udp_source_frames_per_sec),
-            udp_source_burst_frames: self.udp_source_burst_frames.or(file.udp_source_burst_frames),
-            udp_source_table_entries: self.udp_source_table_entries.or(file.udp_source_table_entries),
-            spin_before_park_us: self.spin_before_park_us.or(file.spin_before_park_us),
-            log_format: self.log_format.or(file.log_format),
-            log_level: self.log_level.or(file.log_level),
-        }
-    }
-
     /// Reads `--config`, if given, and merges it under the flags.
     pub fn with_config_file(self) -> Result<ServeArgs, ConfigError> {
         let Some(path) = self.config.clone() else {
@@ -250,148 +326,40 @@ impl ServeArgs {
         Ok(self.or(file))
     }
 
-    /// Applies defaults and checks every bound.
+    /// Applies the table's defaults and checks every setting: first those with a
+    /// rule of their own, in this order, then the numbers in table order. With
+    /// several faults, the message names the first.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let placement = self.placement.unwrap_or(PlacementMode::Pinned);
-        let cores = resolve_cores(self.cores, placement)?;
-        let redis_url = RedisUrl::new(required(self.redis, "redis")?);
-        if !redis_url.expose().starts_with("redis://") {
-            return Err(ConfigError::new(format!(
-                "--redis {redis_url:?} must be a redis:// url (standalone redis; tls and cluster are not supported)"
-            )));
-        }
-        fred::prelude::Config::from_url(redis_url.expose())
-            .map_err(|error| ConfigError::new(format!("invalid --redis url {redis_url:?}: {error}")))?;
-        let prefix = self.prefix.unwrap_or_else(|| "sg".to_string());
+        // After the defaults, a setting can only be unset if the table gives it
+        // none: `required` then fails for it, and for nothing else.
+        let args = self.or(ServeArgs::table_defaults());
+        let placement = required(args.placement, "placement")?;
+        let cores = resolve_cores(args.cores, placement)?;
+        let redis_url = check_redis_url(RedisUrl::new(required(args.redis, "redis")?))?;
+        let prefix = required(args.prefix, "prefix")?;
         check_prefix(&prefix)?;
-        Ok(Config {
+        let udp = required(args.udp, "udp")?;
+        let tcp = required(args.tcp, "tcp")?;
+        let log_level = check_log_level(required(args.log_level, "log_level")?)?;
+        let log_format = required(args.log_format, "log_format")?;
+        let auth = match &args.auth_secret_file {
+            Some(paths) => Some(crate::host::secrets::load(paths)?),
+            None => None,
+        };
+        // The numbers, each checked against its range in the table.
+        Ok(serve_settings!(config_with_numbers(args) Config {
             cores,
             placement,
-            udp: required(self.udp, "udp")?,
-            tcp: required(self.tcp, "tcp")?,
+            udp,
+            tcp,
             redis_url,
-            metrics: self.metrics,
-            log_format: self.log_format.unwrap_or(LogFormat::Text),
-            log_level: check_log_level(self.log_level.unwrap_or_else(|| "info".into()))?,
+            metrics: args.metrics,
+            log_format,
+            log_level,
             prefix,
-            partitions: in_range(
-                "partitions",
-                self.partitions,
-                limits::PARTITIONS_DEFAULT,
-                1,
-                limits::PARTITIONS_MAX,
-            )?,
-            dedup_window_secs: in_range(
-                "dedup-window-secs",
-                self.dedup_window_secs,
-                limits::DEDUP_WINDOW_SECS_DEFAULT,
-                1,
-                limits::DEDUP_WINDOW_SECS_MAX,
-            )?,
-            dedup_capacity: in_range(
-                "dedup-capacity",
-                self.dedup_capacity,
-                limits::DEDUP_CAPACITY_DEFAULT,
-                limits::DEDUP_CAPACITY_MIN,
-                limits::DEDUP_CAPACITY_MAX,
-            )?,
-            hdr_out: self.hdr_out,
-            auth: match self.auth_secret_file {
-                Some(paths) => Some(crate::host::secrets::load(&paths)?),
-                None => None,
-            },
-            batch_events_max: in_range(
-                "batch-events-max",
-                self.batch_events_max,
-                limits::BATCH_EVENTS_DEFAULT,
-                1,
-                limits::BATCH_EVENTS_MAX,
-            )?,
-            batch_linger_us: in_range(
-                "batch-linger-us",
-                self.batch_linger_us,
-                limits::BATCH_LINGER_US_DEFAULT,
-                0,
-                limits::BATCH_LINGER_US_MAX,
-            )?,
-            batches_in_flight_max: in_range(
-                "batches-in-flight-max",
-                self.batches_in_flight_max,
-                limits::BATCHES_IN_FLIGHT_DEFAULT,
-                1,
-                limits::BATCHES_IN_FLIGHT_MAX,
-            )?,
-            redis_timeout_ms: in_range(
-                "redis-timeout-ms",
-                self.redis_timeout_ms,
-                limits::REDIS_TIMEOUT_MS_DEFAULT,
-                1,
-                limits::REDIS_TIMEOUT_MS_MAX,
-            )?,
-            drain_timeout_ms: in_range(
-                "drain-timeout-ms",
-                self.drain_timeout_ms,
-                limits::DRAIN_TIMEOUT_MS_DEFAULT,
-                0,
-                limits::DRAIN_TIMEOUT_MS_MAX,
-            )?,
-            tcp_connections_per_shard: in_range(
-                "tcp-connections-per-shard",
-                self.tcp_connections_per_shard,
-                limits::TCP_CONNECTIONS_PER_SHARD_DEFAULT,
-                1,
-                limits::TCP_CONNECTIONS_PER_SHARD_MAX,
-            )?,
-            tcp_connections_per_source: in_range(
-                "tcp-connections-per-source",
-                self.tcp_connections_per_source,
-                limits::TCP_CONNECTIONS_PER_SOURCE_DEFAULT,
-                1,
-                limits::TCP_CONNECTIONS_PER_SHARD_MAX,
-            )?,
-            tcp_idle_timeout_ms: in_range(
-                "tcp-idle-timeout-ms",
-                self.tcp_idle_timeout_ms,
-                limits::TCP_IDLE_TIMEOUT_MS_DEFAULT,
-                limits::TCP_IDLE_TIMEOUT_MS_MIN,
-                limits::TCP_IDLE_TIMEOUT_MS_MAX,
-            )?,
-            tcp_write_timeout_ms: in_range(
-                "tcp-write-timeout-ms",
-                self.tcp_write_timeout_ms,
-                limits::TCP_WRITE_TIMEOUT_MS_DEFAULT,
-                limits::TCP_WRITE_TIMEOUT_MS_MIN,
-                limits::TCP_WRITE_TIMEOUT_MS_MAX,
-            )?,
-            udp_source_frames_per_sec: in_range(
-                "udp-source-frames-per-sec",
-                self.udp_source_frames_per_sec,
-                limits::UDP_SOURCE_FRAMES_PER_SEC_DEFAULT,
-                1,
-                limits::UDP_SOURCE_FRAMES_PER_SEC_MAX,
-            )?,
-            udp_source_burst_frames: in_range(
-                "udp-source-burst-frames",
-                self.udp_source_burst_frames,
-                limits::UDP_SOURCE_BURST_FRAMES_DEFAULT,
-                1,
-                limits::UDP_SOURCE_BURST_FRAMES_MAX,
-            )?,
-            udp_source_table_entries: in_range(
-                "udp-source-table-entries",
-                self.udp_source_table_entries,
-                limits::UDP_SOURCE_TABLE_ENTRIES_DEFAULT,
-                limits::UDP_SOURCE_TABLE_ENTRIES_MIN,
-                limits::UDP_SOURCE_TABLE_ENTRIES_MAX,
-            )?,
-            spin_before_park_us: in_range(
-                "spin-before-park-us",
-                self.spin_before_park_us,
-                0,
-                0,
-                limits::SPIN_BEFORE_PARK_US_MAX,
-            )?,
-        })
+            hdr_out: args.hdr_out,
+            auth,
+        }))
     }
 }
 
@@ -436,26 +404,44 @@ impl Config {
     }
 }
 
-fn required<T>(value: Option<T>, name: &str) -> Result<T, ConfigError> {
+/// The value of a setting that must be set, by a flag, the file or the table.
+fn required<T>(value: Option<T>, key: &str) -> Result<T, ConfigError> {
     value.ok_or_else(|| {
         ConfigError::new(format!(
-            "--{name} is required (as a flag or `{}` in --config)",
-            name.replace('-', "_")
+            "--{} is required (as a flag or `{key}` in --config)",
+            key.replace('_', "-")
         ))
     })
 }
 
-fn in_range<T>(name: &str, value: Option<T>, default: T, min: T, max: T) -> Result<T, ConfigError>
+/// A number of the table, checked against its range.
+fn within<T>(key: &str, value: Option<T>, range: RangeInclusive<T>) -> Result<T, ConfigError>
 where
     T: PartialOrd + fmt::Display + Copy,
 {
-    let value = value.unwrap_or(default);
-    if value < min || value > max {
+    let value = required(value, key)?;
+    if !range.contains(&value) {
         return Err(ConfigError::new(format!(
-            "--{name} {value} is out of range {min}..={max}"
+            "--{} {value} is out of range {}..={}",
+            key.replace('_', "-"),
+            range.start(),
+            range.end()
         )));
     }
     Ok(value)
+}
+
+/// Only a standalone `redis://` url serves, and fred must parse it, so that a
+/// bad url stops the start instead of being retried forever.
+fn check_redis_url(redis_url: RedisUrl) -> Result<RedisUrl, ConfigError> {
+    if !redis_url.expose().starts_with("redis://") {
+        return Err(ConfigError::new(format!(
+            "--redis {redis_url:?} must be a redis:// url (standalone redis; tls and cluster are not supported)"
+        )));
+    }
+    fred::prelude::Config::from_url(redis_url.expose())
+        .map_err(|error| ConfigError::new(format!("invalid --redis url {redis_url:?}: {error}")))?;
+    Ok(redis_url)
 }
 
 fn check_log_level(level: String) -> Result<String, ConfigError> {
@@ -572,6 +558,36 @@ mod tests {
         assert_eq!(config.prefix, "sg");
         assert_eq!(config.placement, PlacementMode::Pinned);
         assert_eq!(config.batch_events_max, limits::BATCH_EVENTS_DEFAULT);
+    }
+
+    /// The `[default: X]` each flag's help states is the table's default, read as the config
+    /// file would read it; `off` and `none` mean no default. So the help, the sample config
+    /// (tests/host/test-units.sh compares it with these docs) and the code agree.
+    #[test]
+    fn documented_defaults_are_the_table_defaults() {
+        let serve = ServeArgs::augment_args(clap::Command::new("serve"));
+        let mut documented = String::new();
+        for arg in serve.get_arguments() {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let Some((_, rest)) = help.split_once("[default: ") else {
+                continue;
+            };
+            let value = &rest[..rest.find(']').expect("a closing bracket")];
+            if value == "off" || value == "none" {
+                continue;
+            }
+            let value = match value.parse::<u64>() {
+                Ok(number) => number.to_string(),
+                Err(_) => format!("{value:?}"),
+            };
+            documented.push_str(&format!("{} = {value}\n", arg.get_id()));
+        }
+        let parsed: ServeArgs = toml::from_str(&documented).unwrap();
+        assert_eq!(
+            format!("{parsed:?}"),
+            format!("{:?}", ServeArgs::table_defaults()),
+            "the documented defaults:\n{documented}"
+        );
     }
 
     /// A flag wins over the file, and the file fills what the flags left unset.

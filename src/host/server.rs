@@ -97,6 +97,32 @@ pub struct ShardReport {
 pub fn run(config: Config) -> Result<(), ServerError> {
     let started = SystemTime::now();
     let signals = block_signals()?;
+    let (config, ports) = prepare_host(config)?;
+    let process = Process::start(&config, signals, started)?;
+    let shards = start_shards(&config, &process.common, &process.metrics)?;
+    let serving = wait_until_serving(
+        &config,
+        &process.start_events,
+        &process.common.gate,
+        &process.common.stop,
+    );
+    // Every shard has bound the ports by now (or the start failed): the placeholders can go.
+    drop(ports);
+    let allocations_at_serving = crate::sys::allocations();
+    if serving.is_ok() {
+        announce_serving(&config, &process)?;
+    }
+    let reports = join_shards(shards);
+    serving?;
+    let frames = reports.iter().map(|report| report.metrics.frames()).sum();
+    report_allocations(allocations_at_serving, frames);
+    finish(&config, &reports, started)
+}
+
+/// Checks the cores against the cgroup's cpuset, raises RLIMIT_MEMLOCK and
+/// picks the shared ports. The config returned has the picked ports in place
+/// of port 0; the ports stay held until the shards have bound them.
+fn prepare_host(config: Config) -> Result<(Arc<Config>, SharedPorts), ServerError> {
     let allowed = crate::host::cpuset::allowed()?;
     allowed.check(&config.cores)?;
     let memlock_bytes = raise_memlock(config.cores.len());
@@ -107,60 +133,91 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         ..config
     });
     tracing::info!(config = ?*config, memlock_bytes, allowed_cores = %allowed.cores_text(), allowed_from = %allowed.source_name(), "starting");
-    let notifier = Arc::new(Notifier::from_env());
-    let time_driver =
-        TimeDriver::start().map_err(|error| ServerError::failed(format!("cannot start timer thread: {error}")))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let metrics: Vec<Arc<ShardMetrics>> = config.cores.iter().map(|_| Arc::default()).collect();
-    let metrics_address = match config.metrics {
-        Some(address) => Some(
-            crate::telemetry::exporter::start(address, metrics.clone())
-                .map_err(|error| ServerError::failed(format!("cannot serve metrics on {address}: {error}")))?,
-        ),
-        None => None,
-    };
-    let snapshots = Snapshots::start(config.hdr_out.clone(), config.cores.len(), started)
-        .map_err(|error| ServerError::failed(format!("cannot start the snapshot thread: {error}")))?;
-    let (events, event_receiver) = mpsc::channel();
-    spawn_signal_thread(
-        signals,
-        Arc::clone(&stop),
-        events.clone(),
-        snapshots.clone(),
-        Arc::clone(&notifier),
-        metrics.clone(),
-    )?;
-    let heartbeats = Heartbeats::new(config.cores.len());
+    Ok((config, ports))
+}
 
-    let gate = Arc::new(StartGate::default());
-    let common = ShardCommon {
-        stop: Arc::clone(&stop),
-        gate: Arc::clone(&gate),
-        events,
-        snapshots,
-        timers: time_driver.handle(),
-        heartbeats: heartbeats.clone(),
-    };
-    let shards = start_shards(&config, &common, &metrics)?;
-    let serving = wait_until_serving(&config, &event_receiver, &gate, &stop);
-    drop(ports);
-    let allocations_at_serving = crate::sys::allocations();
-    if serving.is_ok() {
-        let metrics = metrics_address
-            .map(|address| address.to_string())
-            .unwrap_or_else(|| "off".into());
-        tracing::info!(
-            shards = config.cores.len(),
-            udp = %config.udp,
-            tcp = %config.tcp,
-            placement = config.placement.name(),
-            cores = ?config.cores,
-            redis = %config.redis_url,
+/// The process-wide parts the shards run beside, alive until `run` returns.
+struct Process {
+    notifier: Arc<Notifier>,
+    metrics: Vec<Arc<ShardMetrics>>,
+    /// Where the Prometheus exporter listens, with `--metrics`.
+    metrics_address: Option<SocketAddr>,
+    /// The shards' (and the signal thread's) startup messages.
+    start_events: mpsc::Receiver<StartEvent>,
+    common: ShardCommon,
+}
+
+impl Process {
+    /// Starts the timer thread, the metrics exporter, the snapshot thread and
+    /// the signal thread, in that order.
+    fn start(config: &Config, signals: SigSet, started: SystemTime) -> Result<Process, ServerError> {
+        let notifier = Arc::new(Notifier::from_env());
+        // fred's timers; the thread runs as long as the process.
+        let time_driver =
+            TimeDriver::start().map_err(|error| ServerError::failed(format!("cannot start timer thread: {error}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let metrics: Vec<Arc<ShardMetrics>> = config.cores.iter().map(|_| Arc::default()).collect();
+        let metrics_address = match config.metrics {
+            Some(address) => Some(start_exporter(address, &metrics)?),
+            None => None,
+        };
+        let snapshots = Snapshots::start(config.hdr_out.clone(), config.cores.len(), started)
+            .map_err(|error| ServerError::failed(format!("cannot start the snapshot thread: {error}")))?;
+        let (events, start_events) = mpsc::channel();
+        spawn_signal_thread(
+            signals,
+            Arc::clone(&stop),
+            events.clone(),
+            snapshots.clone(),
+            Arc::clone(&notifier),
+            metrics.clone(),
+        )?;
+        let common = ShardCommon {
+            stop,
+            gate: Arc::new(StartGate::default()),
+            events,
+            snapshots,
+            timers: time_driver.handle(),
+            heartbeats: Heartbeats::new(config.cores.len()),
+        };
+        Ok(Process {
+            notifier,
             metrics,
-            "serving"
-        );
-        tell_systemd_serving(&config, &notifier, heartbeats, &stop)?;
+            metrics_address,
+            start_events,
+            common,
+        })
     }
+}
+
+fn start_exporter(address: SocketAddr, metrics: &[Arc<ShardMetrics>]) -> Result<SocketAddr, ServerError> {
+    crate::telemetry::exporter::start(address, metrics.to_vec())
+        .map_err(|error| ServerError::failed(format!("cannot serve metrics on {address}: {error}")))
+}
+
+/// The `serving` log line, then READY=1 to systemd.
+fn announce_serving(config: &Config, process: &Process) -> Result<(), ServerError> {
+    let metrics = process
+        .metrics_address
+        .map(|address| address.to_string())
+        .unwrap_or_else(|| "off".into());
+    tracing::info!(
+        shards = config.cores.len(),
+        udp = %config.udp,
+        tcp = %config.tcp,
+        placement = config.placement.name(),
+        cores = ?config.cores,
+        redis = %config.redis_url,
+        metrics,
+        "serving"
+    );
+    let common = &process.common;
+    tell_systemd_serving(config, &process.notifier, common.heartbeats.clone(), &common.stop)
+}
+
+/// Waits for every shard to stop. A shard that failed or panicked is logged
+/// and has no report.
+fn join_shards(shards: Vec<ShardHandle>) -> Vec<ShardReport> {
     let mut reports = Vec::with_capacity(shards.len());
     for (index, handle) in shards.into_iter().enumerate() {
         match handle.join() {
@@ -169,10 +226,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             Err(error) => tracing::error!(shard = index, %error, "shard panicked"),
         }
     }
-    serving?;
-    let frames = reports.iter().map(|report| report.metrics.frames()).sum();
-    report_allocations(allocations_at_serving, frames);
-    finish(&config, &reports, started)
+    reports
 }
 
 /// READY=1 once every shard serves, and the watchdog pings if systemd asked
@@ -398,104 +452,154 @@ enum Phase {
     Listening,
 }
 
+/// One shard's life: prepare, wait at the start gate, serve until the stop, drain.
 async fn run_shard(init: ShardInit) -> Result<ShardReport, String> {
-    let common = &init.common;
+    let common = init.common.clone();
+    let config = Arc::clone(&init.config);
     let _timers = common.timers.enter();
-    let failed = |error: String| {
-        let _ = common.events.send(StartEvent::Failed(init.index, error.clone()));
-        error
-    };
-    let udp = UdpIo::bind(init.config.udp)
+    let (udp, shard) = prepare_shard(init).await?;
+    if !common.gate.wait() {
+        return Err("start aborted".into());
+    }
+    let intake = start_intake(&config, &common, &shard, &udp)?;
+    tick_loop(&shard, &common).await;
+    let drained_events = intake.stop(&config, &shard, &udp).await;
+    Ok(shard_report(&shard, &udp, drained_events))
+}
+
+/// Binds the UDP socket, connects the store, builds the shard and checks the
+/// partition count Redis recorded; tells the main thread how that went.
+async fn prepare_shard(init: ShardInit) -> Result<(Rc<UdpIo>, Rc<Shard>), String> {
+    let ShardInit {
+        index,
+        config,
+        dedup,
+        peers,
+        metrics,
+        common,
+    } = init;
+    let failed = |error: String| start_failed(&common, index, error);
+    let udp = UdpIo::bind(config.udp)
         .map(Rc::new)
-        .map_err(|error| failed(format!("cannot bind udp {}: {error}", init.config.udp)))?;
-    init.metrics
-        .udp_socket_inode
-        .store(udp.socket_inode(), Ordering::Relaxed);
-    let store = Store::new(&init.config.store_settings()).map_err(|error| failed(error.to_string()))?;
+        .map_err(|error| failed(format!("cannot bind udp {}: {error}", config.udp)))?;
+    metrics.udp_socket_inode.store(udp.socket_inode(), Ordering::Relaxed);
+    let store = Store::new(&config.store_settings()).map_err(|error| failed(error.to_string()))?;
     store.connect();
     let shard = Rc::new(Shard::new(
-        init.index,
-        init.config.pipeline_settings(),
+        index,
+        config.pipeline_settings(),
         store,
-        init.dedup,
-        init.peers,
-        Arc::clone(&init.metrics),
+        dedup,
+        peers,
+        metrics,
     ));
     if let Err(message) = shard.check_partitions_at_start(STARTUP_REDIS_WAIT).await {
         let _ = common.events.send(StartEvent::Refused(message.clone()));
         return Err(message);
     }
     let _ = common.events.send(StartEvent::Prepared);
-    if !common.gate.wait() {
-        return Err("start aborted".into());
-    }
-    let listener = crate::intake::tcp::bind(init.config.tcp)
-        .map_err(|error| failed(format!("cannot listen on tcp {}: {error}", init.config.tcp)))?;
+    Ok((udp, shard))
+}
+
+/// Tells the main thread this shard cannot start, and hands the error on.
+fn start_failed(common: &ShardCommon, index: usize, error: String) -> String {
+    let _ = common.events.send(StartEvent::Failed(index, error.clone()));
+    error
+}
+
+/// A serving shard's tasks, awaited in order when it stops.
+struct Intake {
+    udp_task: glommio::Task<()>,
+    tcp_task: glommio::Task<()>,
+    /// Shard 0's: keeps the UDP group's spreading program sized to the group.
+    spread_task: Option<glommio::Task<()>>,
+    linger_task: glommio::Task<()>,
+    caller_tasks: Vec<glommio::Task<()>>,
+    connections: Rc<Connections>,
+}
+
+/// Listens on TCP, sizes the UDP group's spreading (shard 0), tells the main
+/// thread this shard listens, and starts the intake and pipeline tasks.
+fn start_intake(config: &Config, common: &ShardCommon, shard: &Rc<Shard>, udp: &Rc<UdpIo>) -> Result<Intake, String> {
+    let listener = crate::intake::tcp::bind(config.tcp).map_err(|error| {
+        start_failed(
+            common,
+            shard.index,
+            format!("cannot listen on tcp {}: {error}", config.tcp),
+        )
+    })?;
     // Every shard has bound by now: size the UDP group's program for all of it, including
     // another process's sockets during a rolling restart, before the process says it serves.
-    let intake = init.config.intake_settings();
-    let spread_task = (init.index == 0).then(|| {
-        let attached_size = udp.spread_over_group(0, intake.shard_count);
-        let keep = crate::intake::udp::keep_spread_over_group(
-            Rc::clone(&shard),
-            Rc::clone(&udp),
-            attached_size,
-            intake.shard_count,
-        );
-        glommio::spawn_local(keep)
-    });
+    let settings = config.intake_settings();
+    let spread_task = (shard.index == 0).then(|| spawn_spreading(shard, udp, settings.shard_count));
     let _ = common.events.send(StartEvent::Listening);
 
     let connections = Rc::new(Connections::default());
-    let udp_task = glommio::spawn_local(crate::intake::udp::serve(
-        Rc::clone(&shard),
-        Rc::clone(&udp),
-        intake.clone(),
-    ));
-    let tcp_task = glommio::spawn_local(crate::intake::tcp::serve(
-        Rc::clone(&shard),
-        listener,
-        intake,
-        Rc::clone(&connections),
-    ));
-    let linger_task = glommio::spawn_local(Rc::clone(&shard).linger_loop());
-    let caller_tasks: Vec<_> = (0..init.config.batches_in_flight_max)
-        .map(|caller| glommio::spawn_local(Rc::clone(&shard).caller_loop(caller, Rc::clone(&udp))))
-        .collect();
-    tick_loop(&shard, common).await;
+    let udp_task = crate::intake::udp::serve(Rc::clone(shard), Rc::clone(udp), settings.clone());
+    let tcp_task = crate::intake::tcp::serve(Rc::clone(shard), listener, settings, Rc::clone(&connections));
+    Ok(Intake {
+        udp_task: glommio::spawn_local(udp_task),
+        tcp_task: glommio::spawn_local(tcp_task),
+        spread_task,
+        linger_task: glommio::spawn_local(Rc::clone(shard).linger_loop()),
+        caller_tasks: (0..config.batches_in_flight_max)
+            .map(|caller| glommio::spawn_local(Rc::clone(shard).caller_loop(caller, Rc::clone(udp))))
+            .collect(),
+        connections,
+    })
+}
 
-    // Stopping: intake ends, in-flight work drains, then connections flush.
-    udp_task.await;
-    if let Some(task) = spread_task {
-        task.await;
+/// Sizes the UDP group's spreading program for the sockets bound now, and keeps it
+/// sized as sockets join or leave (`udp.rs`).
+fn spawn_spreading(shard: &Rc<Shard>, udp: &Rc<UdpIo>, shard_count: usize) -> glommio::Task<()> {
+    let attached_size = udp.spread_over_group(0, shard_count);
+    let keep = crate::intake::udp::keep_spread_over_group(Rc::clone(shard), Rc::clone(udp), attached_size, shard_count);
+    glommio::spawn_local(keep)
+}
+
+impl Intake {
+    /// Stopping: intake ends, in-flight work drains, then connections flush.
+    /// Returns how many events the drain answered.
+    async fn stop(self, config: &Config, shard: &Rc<Shard>, udp: &UdpIo) -> usize {
+        self.udp_task.await;
+        if let Some(task) = self.spread_task {
+            task.await;
+        }
+        leave_udp_group_if_shared(shard, udp);
+        // The listener closes here: new connections go to the other process's listeners.
+        self.tcp_task.await;
+        let deadline = Instant::now() + Duration::from_millis(config.drain_timeout_ms);
+        let drained_events = shard.drain(deadline, udp).await;
+        self.linger_task.await;
+        shard.close_callers();
+        for task in self.caller_tasks {
+            task.await;
+        }
+        self.connections
+            .wait_closed(deadline + Duration::from_millis(500))
+            .await;
+        shard.store.quit().await;
+        drained_events
     }
-    leave_udp_group_if_shared(&shard, &udp);
-    // The listener closes here: new connections go to the other process's listeners.
-    tcp_task.await;
-    let deadline = Instant::now() + Duration::from_millis(init.config.drain_timeout_ms);
-    let drained_events = shard.drain(deadline, &*udp).await;
-    linger_task.await;
-    shard.close_callers();
-    for task in caller_tasks {
-        task.await;
-    }
-    connections.wait_closed(deadline + Duration::from_millis(500)).await;
-    shard.store.quit().await;
+}
+
+/// What the stopped shard hands back. UDP answers of the drain that went
+/// unsent (the socket had left the group) are logged here.
+fn shard_report(shard: &Shard, udp: &UdpIo, drained_events: usize) -> ShardReport {
     let replies_unsent = udp.replies_unsent();
     if replies_unsent > 0 {
         tracing::info!(
-            shard = init.index,
+            shard = shard.index,
             replies_unsent,
             "udp replies of the drain not sent: the socket had left the group; their clients resend"
         );
     }
-    let report = ShardReport {
+    ShardReport {
         metrics: Arc::clone(&shard.metrics),
         latency: shard.latency.borrow().clone(),
         drained_events,
         cache_events: shard.dedup_len_events(),
-    };
-    Ok(report)
+    }
 }
 
 /// The shard's tick, every `SHUTDOWN_POLL_MS` until the process-wide stop: a watchdog

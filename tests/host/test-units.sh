@@ -263,14 +263,16 @@ test_rolling_restart_dry_run_only_prints() {
   assert_eq "$(changes)" ""
 }
 
-# ServeArgs' keys from src/host/config.rs, each with the default its doc comment
-# states: a value, "-" (off or none: commented out), or "required".
+# The keys of the settings table in src/host/config.rs (`macro_rules! serve_settings`,
+# one entry `name: Type [= default ...],` per setting), each with the default its doc
+# comment states: a value, "-" (off or none: commented out), or "required". The unit
+# test documented_defaults_are_the_table_defaults checks those docs against the code.
 config_keys() {
-  awk '/^pub struct ServeArgs/ { on = 1 } on && /^}/ { on = 0 } on' "$REPO_DIR/src/host/config.rs" | awk '
+  awk '/^macro_rules! serve_settings/ { on = 1 } on && /^}/ { on = 0 } on' "$REPO_DIR/src/host/config.rs" | awk '
     /\/\/\// { doc = doc $0; next }
     /#\[serde\(skip\)\]/ { skipped = 1; next }
-    /^ *pub [a-z_]+: Option</ {
-      name = $2; sub(":", "", name); value = "?"
+    /^ *[a-z_]+: [A-Za-z]/ {
+      name = $1; sub(":", "", name); value = "?"
       if (match(doc, /\[default: [^]]*\]/)) value = substr(doc, RSTART + 10, RLENGTH - 11)
       else if (doc ~ /\[required/) value = "required"
       else if (doc ~ /\[not supported yet\]/) value = "none"
