@@ -32,6 +32,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use shardgate::wire::frame::{decode_ack, encode_action, ActionFields, EventId, Status, ACK_BYTES};
+use shardgate_client::resend::Schedule;
 
 use crate::lane::unix_now_us;
 use crate::parse::{format_duration, parse_duration, Target, Transport};
@@ -303,10 +304,9 @@ impl WellBehavedClient {
         })
     }
 
+    /// The shared resend schedule (`shardgate_client::resend`), without jitter.
     fn backoff(attempts: u32) -> Duration {
-        ACK_TIMEOUT
-            .saturating_mul(1 << attempts.saturating_sub(1).min(16))
-            .min(BACKOFF_MAX)
+        Schedule::new(ACK_TIMEOUT, BACKOFF_MAX, 0).base(attempts)
     }
 
     fn send(&mut self, id: EventId) {

@@ -31,9 +31,11 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use shardgate::wire::frame::{Ack, EventId, Status};
+use shardgate_client::resend::Schedule;
 
 use crate::events::Event;
 
@@ -353,27 +355,34 @@ impl Tracker {
     }
 }
 
-/// How long attempt `attempt` (1 = first send) waits for an answer.
+/// How long attempt `attempt` (1 = first send) waits for an answer: the shared resend
+/// schedule (`shardgate_client::resend`) without jitter.
 pub fn answer_timeout_ns(attempt: u32) -> u64 {
-    backoff_ns(ANSWER_TIMEOUT_NS, attempt)
+    ANSWER_SCHEDULE.base(attempt).as_nanos() as u64
 }
 
-/// How long to wait before resending after attempt `attempt` was answered RETRY: between half
-/// and all of the backoff, spread by a hash of the id and attempt. A hash rather than a random
-/// draw keeps the tracker deterministic, and ids are already spread uniformly.
+/// How long to wait before resending after attempt `attempt` was answered RETRY: the shared
+/// schedule with half of the wait as jitter, drawn from a hash of the id and attempt. A hash
+/// rather than a random draw keeps the tracker deterministic, and ids are already spread
+/// uniformly.
 pub fn retry_delay_ns(id: EventId, attempt: u32) -> u64 {
-    let backoff_ns = backoff_ns(RETRY_DELAY_NS, attempt);
-    let half_ns = backoff_ns / 2;
-    let spread = (id.player_id ^ id.seq.rotate_left(29) ^ u64::from(attempt).rotate_left(47))
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .rotate_left(32);
-    backoff_ns - spread % (half_ns + 1)
+    // splitmix64's finalizer: every input bit reaches the high bits the schedule reads.
+    let mut spread = id.player_id ^ id.seq.rotate_left(29) ^ u64::from(attempt).rotate_left(47);
+    spread = (spread ^ (spread >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    spread = (spread ^ (spread >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    RETRY_SCHEDULE.delay(attempt, spread ^ (spread >> 31)).as_nanos() as u64
 }
 
-fn backoff_ns(first_ns: u64, attempt: u32) -> u64 {
-    let doublings = attempt.saturating_sub(1).min(32);
-    first_ns.saturating_mul(1u64 << doublings).min(BACKOFF_CAP_NS)
-}
+const ANSWER_SCHEDULE: Schedule = Schedule::new(
+    Duration::from_nanos(ANSWER_TIMEOUT_NS),
+    Duration::from_nanos(BACKOFF_CAP_NS),
+    0,
+);
+const RETRY_SCHEDULE: Schedule = Schedule::new(
+    Duration::from_nanos(RETRY_DELAY_NS),
+    Duration::from_nanos(BACKOFF_CAP_NS),
+    50,
+);
 
 #[cfg(test)]
 mod tests {
@@ -570,7 +579,10 @@ mod tests {
         for seq in 0..1_000 {
             let id = EventId { player_id: 7, seq };
             for attempt in 1..=10 {
-                let (delay_ns, whole_ns) = (retry_delay_ns(id, attempt), backoff_ns(RETRY_DELAY_NS, attempt));
+                let (delay_ns, whole_ns) = (
+                    retry_delay_ns(id, attempt),
+                    RETRY_SCHEDULE.base(attempt).as_nanos() as u64,
+                );
                 assert!(
                     (whole_ns / 2..=whole_ns).contains(&delay_ns),
                     "{delay_ns} for attempt {attempt}"

@@ -128,6 +128,7 @@ mod backoff;
 mod client;
 mod config;
 mod error;
+pub mod resend;
 mod seq;
 mod wire;
 
