@@ -40,6 +40,9 @@ fn parking_reuses_the_reactors_sources() {
     let (allocations, bytes) = per_sleep();
     eprintln!("per sleep: {allocations:.2} allocations, {bytes:.0} bytes");
     // What is left is glommio's timer entry per sleep (a few dozen bytes), not a source.
-    assert!(bytes < 200.0, "{bytes:.0} bytes per sleep: sources are allocated again");
+    assert!(
+        bytes < 200.0,
+        "{bytes:.0} bytes per sleep: sources are allocated again (patch 0007), or timer-map nodes (patch 0002)"
+    );
     assert!(allocations < 1.5, "{allocations:.2} allocations per sleep");
 }
