@@ -103,7 +103,9 @@ impl UdpIo {
 
     /// Reads every datagram that is ready, up to the batch's slots, in one
     /// system call; `Ok(0)` if none is (or the socket is closed).
-    fn try_receive(&self, batch: &mut DatagramBatch) -> std::io::Result<usize> {
+    // pub for tests/alloc.rs
+    #[doc(hidden)]
+    pub fn try_receive(&self, batch: &mut DatagramBatch) -> std::io::Result<usize> {
         let open = self.open.borrow();
         let Some(sockets) = open.as_ref() else {
             return Ok(0);
@@ -340,10 +342,12 @@ pub async fn serve(shard: Rc<Shard>, udp: Rc<UdpIo>, settings: Settings) {
 }
 
 /// When a read's datagrams were taken from the socket.
+// pub for tests/alloc.rs
+#[doc(hidden)]
 #[derive(Clone, Copy)]
-struct Received {
-    at: Instant,
-    unix_us: u64,
+pub struct Received {
+    pub at: Instant,
+    pub unix_us: u64,
 }
 
 /// Frames and limited frames of one datagram, counted per datagram rather than per frame.
@@ -353,7 +357,9 @@ struct Tally {
     limited_frames: u64,
 }
 
-async fn handle_datagram(
+// pub for tests/alloc.rs
+#[doc(hidden)]
+pub async fn handle_datagram(
     shard: &Rc<Shard>,
     udp: &UdpIo,
     limiter: &mut SourceLimiter,
