@@ -135,7 +135,10 @@ impl Admission {
         Admission {
             dedup: RefCell::new(dedup),
             peers,
-            in_flight: RefCell::new(HashSet::with_capacity(settings.inflight_events_max())),
+            // Twice the bound: ids come and go, and the table's deleted slots use up its room;
+            // while at most half full it then rehashes in place, but past half it would grow
+            // to a new table, an allocation on the receive path (tests/alloc.rs found it).
+            in_flight: RefCell::new(HashSet::with_capacity(2 * settings.inflight_events_max())),
             held_copies: RefCell::new(Vec::with_capacity(HELD_COPIES_MAX)),
         }
     }
