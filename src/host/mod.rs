@@ -11,8 +11,8 @@
 //! - `secrets`: the auth secret files, checked and loaded at start.
 
 pub mod config;
-pub mod cpuset;
-pub mod placement;
-pub mod sdnotify;
-pub mod secrets;
+pub(crate) mod cpuset;
+pub(crate) mod placement;
+pub(crate) mod sdnotify;
+pub(crate) mod secrets;
 pub mod server;

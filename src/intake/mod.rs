@@ -12,9 +12,9 @@
 use std::time::SystemTime;
 
 pub mod limiter;
-pub mod source;
-pub mod tcp;
-pub mod tcp_sources;
+pub(crate) mod source;
+pub(crate) mod tcp;
+pub(crate) mod tcp_sources;
 pub mod udp;
 
 /// What intake needs from the command line; built by `host`.

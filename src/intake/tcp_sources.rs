@@ -62,6 +62,7 @@ impl TcpSources {
         }
     }
 
+    #[cfg(test)]
     /// Connections `source` holds now.
     pub fn open_connections(&self, source: SourceKey) -> u32 {
         self.find(source).map(|slot| self.counts[slot]).unwrap_or(0)

@@ -16,7 +16,7 @@
 //! `answer::StreamAcks`, and its settings are `Settings`, built by `host`.
 
 pub mod answer;
-pub mod batch;
+pub(crate) mod batch;
 pub mod dedup;
 pub mod keys;
 mod liveness;

@@ -9,8 +9,8 @@
 //! - `latency`, `snapshot`: HDR histograms, written on shutdown and on SIGUSR1.
 //! - `logging`: text or JSON log lines.
 
-pub mod exporter;
-pub mod latency;
+pub(crate) mod exporter;
+pub(crate) mod latency;
 pub mod logging;
 pub mod metrics;
-pub mod snapshot;
+pub(crate) mod snapshot;
