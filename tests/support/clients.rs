@@ -193,11 +193,6 @@ impl TcpClient {
         let acks = self.recv_acks(deadline);
         (self.closed, acks)
     }
-
-    /// Bytes received that do not (yet) form a whole ack.
-    pub fn partial_bytes(&self) -> usize {
-        self.buf.len()
-    }
 }
 
 /// A UDP socket on `ip` (any 127.x.y.z is local on Linux), so a test can be several sources.

@@ -136,10 +136,6 @@ impl RawFrame {
         }
     }
 
-    pub fn key(&self) -> Key {
-        (self.player, self.seq)
-    }
-
     pub fn bytes(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(60 + self.payload.len());
         v.extend_from_slice(&self.magic);

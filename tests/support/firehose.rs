@@ -192,11 +192,6 @@ impl Firehose {
         }
     }
 
-    /// Events generated so far.
-    pub fn events_so_far(&self) -> usize {
-        self.shared.events.lock().expect("lock").len()
-    }
-
     /// Answers so far.
     pub fn counts_so_far(&self) -> StatusCounts {
         *self.shared.counts.lock().expect("lock")

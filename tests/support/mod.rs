@@ -4,8 +4,6 @@
 //!
 //! Everything here is bounded in time and count, and talks only to 127.0.0.1. One module
 //! per topic; this file re-exports what the tests use, so `use support::*` brings it all.
-// Each tests/e2e_*.rs binary uses a part of the harness.
-#![allow(dead_code, unused_imports)]
 
 mod basics;
 mod clients;
@@ -17,16 +15,18 @@ mod metrics;
 mod redis_server;
 mod server;
 mod stored;
+mod turns;
 
 pub use nix::sys::signal::Signal;
 
 pub use basics::{free_port, free_port_outside_ephemeral, hex, test_seed, unhex, unix_us};
-pub use clients::{tcp_connect_from, udp_socket_drops, udp_socket_from, TcpClient, UdpClient};
+pub use clients::{tcp_connect_from, udp_socket_from, TcpClient, UdpClient};
 pub use deliver::{deliver_all, deliver_resolved, DeliverOpts, DeliveryReport};
-pub use events::{parse_acks, random_events, random_garbage, AckMsg, Event, Key, RawFrame, St, StatusCounts};
-pub use firehose::{Firehose, FirehoseOpts, FirehoseResult};
+pub use events::{parse_acks, random_events, random_garbage, AckMsg, Event, Key, St, StatusCounts};
+pub use firehose::{Firehose, FirehoseOpts};
 pub use hdr::{parse_hdr_percentiles, HdrSummary};
 pub use metrics::{metric_sum, scrape_metrics, serving_metrics_address};
 pub use redis_server::{redis_ping, RedisServer};
 pub use server::{resident_bytes, run_cli, CliRun, Server, ServerBuilder};
 pub use stored::{check_stored, read_events, stream_keys, StoredEvent};
+pub use turns::take_turn;

@@ -68,11 +68,6 @@ impl ServerBuilder {
         self
     }
 
-    /// A path inside the server's temp dir (for config files and the like).
-    pub fn temp_path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
     pub fn args(&self) -> Vec<String> {
         let mut args = vec!["serve".to_string()];
         for (flag, value) in &self.flags {

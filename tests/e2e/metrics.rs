@@ -5,8 +5,6 @@
 //!
 //! Every server here is started by the harness on 127.0.0.1 with its own redis-server.
 
-mod support;
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -16,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::*;
 
 // ---------------------------------------------------------------------------------------
 // scraping and reading the exposition
@@ -492,6 +490,7 @@ const TCP_CHANNELS: usize = 2;
 // The counters on /metrics match, exactly, a known mix of valid, duplicate, bad-crc (unanswered), bad-flag, oversized and garbage input on UDP and TCP to a 2-shard server.
 #[test]
 fn counters_match_the_traffic_exactly() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("counters_match_the_traffic_exactly");
     let mut rng = StdRng::seed_from_u64(seed);
     let redis = RedisServer::start();
@@ -953,6 +952,7 @@ fn server_with_traffic(redis: &RedisServer, seed: u64) -> (Server, SocketAddr) {
 // `promtool check metrics` (the Debian `prometheus` package) accepts what /metrics serves.
 #[test]
 fn promtool_accepts_the_exposition() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("promtool_accepts_the_exposition");
     let redis = RedisServer::start();
     let (_server, metrics) = server_with_traffic(&redis, seed);
@@ -994,6 +994,7 @@ const ACCEPT_OPENMETRICS: &str = "application/openmetrics-text;version=1.0.0,tex
 // OpenMetrics and for one that takes anything, so each picks the right parser.
 #[test]
 fn content_type_matches_the_body() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("content_type_matches_the_body");
     let redis = RedisServer::start();
     let (_server, metrics) = server_with_traffic(&redis, seed);
@@ -1129,6 +1130,7 @@ fn settled_ack_count(metrics: SocketAddr) -> u64 {
 // SIGUSR1 writes a parseable timestamped snapshot beside --hdr-out (merged, Redis, per shard, interval log) while the server keeps serving, and SIGTERM still exits 0.
 #[test]
 fn sigusr1_writes_histograms_and_keeps_serving() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("sigusr1_writes_histograms_and_keeps_serving");
     let redis = RedisServer::start();
     let mut server = Server::builder(&redis.url())
@@ -1216,6 +1218,7 @@ fn sigusr1_writes_histograms_and_keeps_serving() {
 // An idle server still answers SIGUSR1 and SIGTERM promptly: its shards' timers keep running while nothing arrives.
 #[test]
 fn idle_server_answers_sigusr1_and_sigterm() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let mut server = Server::builder(&redis.url()).cores("0,1").start();
     // Each shard notices SIGUSR1 and SIGTERM on its 5 ms tick; an idle shard whose timers
@@ -1245,6 +1248,7 @@ fn idle_server_answers_sigusr1_and_sigterm() {
 // Without --hdr-out, SIGUSR1 is logged as ignored and the server keeps serving.
 #[test]
 fn sigusr1_without_hdr_out_is_ignored() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let mut server = Server::builder(&redis.url()).without("--hdr-out").start();
     server.signal(Signal::SIGUSR1);
@@ -1472,6 +1476,7 @@ fn run_until(
 // --log-format json writes one JSON object per stderr line, from start to shutdown, with level, message and fields.
 #[test]
 fn json_logs_are_one_object_per_line() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let hdr = dir.path().join("latency.hgrm");
@@ -1509,6 +1514,7 @@ fn json_logs_are_one_object_per_line() {
 // Text logs are one `shardgate: ` line per event, from start to shutdown, with the level only when it is not INFO.
 #[test]
 fn text_logs_start_with_shardgate() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let hdr = dir.path().join("latency.hgrm");
@@ -1540,6 +1546,7 @@ fn text_logs_start_with_shardgate() {
 // --log-level warn keeps INFO lines out of the log, and RUST_LOG overrides --log-level.
 #[test]
 fn log_level_and_rust_log_filter_info() {
+    let _turn = take_turn(module_path!());
     // Without INFO there is no serving line to wait for: a server pointed at a closed port
     // says it is up with its warning that Redis is unreachable (after 1 s).
     let closed = format!("redis://127.0.0.1:{}", free_port());
@@ -1573,6 +1580,7 @@ fn log_level_and_rust_log_filter_info() {
 // The Redis password in --redis never reaches the log (start, serving and outage lines included).
 #[test]
 fn logs_never_print_the_redis_password() {
+    let _turn = take_turn(module_path!());
     let password = "s3cret-PW-in-url";
     let closed = format!("redis://shardgate:{password}@127.0.0.1:{}", free_port());
     let (status, lines) = run_until(&closed, &[], None, "redis unreachable");
@@ -1584,6 +1592,7 @@ fn logs_never_print_the_redis_password() {
 // The checkers used above reject what they should: broken JSON lines and malformed exposition lines.
 #[test]
 fn checkers_reject_malformed_input() {
+    let _turn = take_turn(module_path!());
     for good in [r#"{}"#, r#"{"a":[1,-2.5e3,true,null],"b":{"c":"d\"\u00e9"}}"#] {
         assert_eq!(json_object_problem(good), None, "{good}");
     }
@@ -1644,6 +1653,7 @@ fn metric_tokens(text: &str) -> std::collections::BTreeSet<String> {
 // The alert rules and the dashboard use only metric names the server exports, and docs/operations.md documents every metric it exports.
 #[test]
 fn monitoring_files_match_the_exported_metrics() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let server = Server::builder(&redis.url())
         .cores("0,1")

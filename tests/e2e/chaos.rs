@@ -27,16 +27,14 @@
 //! SIGTERM fails the test with a message; every wait has a deadline.
 //!
 //! # Running it
-//! - `cargo test --test e2e_chaos -- --nocapture`: the default fault phase is
+//! - `cargo test --test e2e chaos:: -- --nocapture`: the default fault phase is
 //!   [`CHAOS_SECS_DEFAULT`] seconds, about 2 minutes in all with warm-up, settling and checks.
 //! - `SHARDGATE_CHAOS_SECS=600`: a longer soak (the fault phase in seconds).
 //! - `SHARDGATE_CHAOS_SEED=N`: replay a seed (otherwise a random one, always printed). A
 //!   failure prints the seed, the planned schedule and the journal of what was done when;
-//!   `SHARDGATE_CHAOS_SEED=N SHARDGATE_CHAOS_SECS=S cargo test --test e2e_chaos -- --nocapture`
+//!   `SHARDGATE_CHAOS_SEED=N SHARDGATE_CHAOS_SECS=S cargo test --test e2e chaos:: -- --nocapture`
 //!   runs the same schedule, load and garbage again. Thread interleavings and kernel timing
 //!   are not under the seed's control, so a replay reproduces the storm, not every race.
-
-mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -49,10 +47,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use support::*;
 
 /// Length of the fault phase when `SHARDGATE_CHAOS_SECS` is not set.
 const CHAOS_SECS_DEFAULT: u64 = 75;
@@ -1242,10 +1240,11 @@ fn print_schedule(plan: &[Planned]) {
 // garbage under duplicate-heavy UDP+TCP load; acked events are stored exactly once.
 #[test]
 fn chaos_soak_acked_events_stored_exactly_once() {
+    let _turn = take_turn(module_path!());
     let seed = chaos_seed();
     let secs = chaos_secs();
     let replay =
-        format!("SHARDGATE_CHAOS_SEED={seed} SHARDGATE_CHAOS_SECS={secs} cargo test --test e2e_chaos -- --nocapture");
+        format!("SHARDGATE_CHAOS_SEED={seed} SHARDGATE_CHAOS_SECS={secs} cargo test --test e2e chaos:: -- --nocapture");
     println!("e2e_chaos: seed {seed}, fault phase {secs} s; replay with {replay}");
     let mut master = StdRng::seed_from_u64(seed);
     let schedule = plan(&mut StdRng::seed_from_u64(master.gen()), secs * 1000);
