@@ -25,7 +25,7 @@ pub use deliver::{deliver_all, deliver_resolved, DeliverOpts, DeliveryReport};
 pub use events::{parse_acks, random_events, random_garbage, AckMsg, Event, Key, St, StatusCounts};
 pub use firehose::{Firehose, FirehoseOpts};
 pub use hdr::{parse_hdr_percentiles, HdrSummary};
-pub use metrics::{metric_sum, scrape_metrics, serving_metrics_address};
+pub use metrics::{metric_sum, scrape_metrics, serving_metrics_address, Exposition, Sample};
 pub use redis_server::{redis_ping, RedisServer};
 pub use server::{resident_bytes, run_cli, CliRun, Server, ServerBuilder};
 pub use stored::{check_stored, read_events, stream_keys, StoredEvent};
