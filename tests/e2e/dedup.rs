@@ -1,16 +1,14 @@
 //! Proves exactly-once storage across shards and transports: every event sent 1-4 times over
 //! many UDP sockets and TCP connections lands in its partition stream exactly once.
 
-mod support;
-
 use std::collections::HashSet;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use shardgate::wire::frame::{encode_action, ActionFields, EventId};
-use support::*;
 
 /// Starts Redis and a 2-shard server (plus `extra` flags), delivers `n` random events with
 /// `opts`, and checks: every copy ends ACCEPTED or DUPLICATE; every id is stored exactly once
@@ -109,6 +107,7 @@ fn run_exactly_once(name: &str, n: usize, extra: &[(&str, &str)], opts: DeliverO
 // connections (writes cut at random offsets) on 2 shards: each id stored once, exactly.
 #[test]
 fn every_event_stored_exactly_once_across_shards_and_transports() {
+    let _turn = take_turn(module_path!());
     run_exactly_once(
         "every_event_stored_exactly_once_across_shards_and_transports",
         3000,
@@ -128,6 +127,7 @@ fn every_event_stored_exactly_once_across_shards_and_transports() {
 // connections (so on both shards, in flight together, some in 16 KB datagrams): still one.
 #[test]
 fn simultaneous_copies_race_across_shards() {
+    let _turn = take_turn(module_path!());
     run_exactly_once(
         "simultaneous_copies_race_across_shards",
         1500,
@@ -151,6 +151,7 @@ fn simultaneous_copies_race_across_shards() {
 // alone must keep each event to one append.
 #[test]
 fn tiny_dedup_cache_still_exactly_once() {
+    let _turn = take_turn(module_path!());
     run_exactly_once(
         "tiny_dedup_cache_still_exactly_once",
         2000,
@@ -198,6 +199,7 @@ fn answer_before(client: &mut UdpClient, seq: u64, deadline: Instant) -> Option<
 // once the original is stored, RETRY when the original's call times out; never an answer before.
 #[test]
 fn a_copy_in_flight_waits_for_its_original() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let server = Server::builder(&redis.url())
         .cores("0")

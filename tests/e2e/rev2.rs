@@ -5,17 +5,15 @@
 //! once with code 130; and a /metrics client that never finishes its request cannot hold
 //! the endpoint.
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use support::*;
 
 const PARTITIONS: u64 = 16;
 /// The partition whose stream key the tests turn into a string.
@@ -78,6 +76,7 @@ fn exchange_rounds(server: &Server, events: &[Event], settle: &HashSet<Key>, rou
 // With `SET sg:{3}:events x` in place, partition 3's events get RETRY and leave no marker while every other event (in the same batches) is ACCEPTED and stored; Redis refusals are counted and logged once; after DEL a resend stores each exactly once.
 #[test]
 fn an_event_redis_refuses_fails_alone() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("an_event_redis_refuses_fails_alone");
     let mut rng = StdRng::seed_from_u64(seed);
     let redis = RedisServer::start();
@@ -216,6 +215,7 @@ fn assert_refused(run: &CliRun, recorded: u32, configured: u32) {
 // The first server records its partition count under its prefix; a server with another count exits 2 before serving, saying both counts and the way forward; the same count, or a new prefix, starts.
 #[test]
 fn a_changed_partition_count_is_refused_at_start() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let mut conn = redis.connection();
     let mut first = Server::builder(&redis.url()).arg("--partitions", 16).start();
@@ -258,6 +258,7 @@ fn a_changed_partition_count_is_refused_at_start() {
 // A server started while Redis is down serves (answering RETRY); when Redis comes with a recorded count that differs, the server exits 2 with the message.
 #[test]
 fn a_late_redis_with_another_partition_count_stops_the_server() {
+    let _turn = take_turn(module_path!());
     let mut redis = RedisServer::start_with_aof();
     redis_set(&mut redis.connection(), "sg:partitions", "16");
     redis.kill();
@@ -293,6 +294,7 @@ fn a_late_redis_with_another_partition_count_stops_the_server() {
 // A second SIGTERM while the drain waits on a stalled Redis exits at once with code 130 and says how many events it abandoned.
 #[test]
 fn a_second_sigterm_cuts_the_drain_short() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let mut server = Server::builder(&redis.url())
         .arg("--drain-timeout-ms", 30_000)
@@ -376,6 +378,7 @@ fn slow_metrics_client(address: std::net::SocketAddr, for_how_long: Duration) ->
 // A /metrics client that sends one byte a second and never finishes its request does not block another scrape for more than its 2 s deadline.
 #[test]
 fn a_slow_metrics_client_cannot_hold_the_endpoint() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let server = Server::builder(&redis.url()).arg("--metrics", "127.0.0.1:0").start();
     let address = serving_metrics_address(&server);
@@ -403,6 +406,7 @@ fn a_slow_metrics_client_cannot_hold_the_endpoint() {
 // SIGTERM while Redis stalls and the Redis client still holds every batch (calls past their deadline) ends the drain by --drain-timeout-ms: the open batch is answered RETRY unsent and the server exits 0.
 #[test]
 fn a_drain_ends_while_every_batch_is_held() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let mut server = Server::builder(&redis.url())
         .arg("--batch-events-max", 4)

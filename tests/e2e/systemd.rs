@@ -2,15 +2,13 @@
 //! (READY=1, STATUS=, WATCHDOG=1, STOPPING=1) and `--placement fenced`
 //! taking its cores from what the process may use.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::RedisServer;
+use crate::support::{take_turn, RedisServer};
 
 /// A `shardgate serve` started through `prefix` (e.g. `taskset -c 1`) with
 /// `env`, its stderr lines streamed into a channel.
@@ -116,6 +114,7 @@ fn receive_all(socket: &UnixDatagram, timeout: Duration) -> Vec<String> {
 /// pings the watchdog while its shards tick, and says STOPPING=1 when it drains.
 #[test]
 fn speaks_the_systemd_notify_protocol() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let directory = tempfile::tempdir().unwrap();
     let socket_path = directory.path().join("notify.sock");
@@ -162,6 +161,7 @@ fn speaks_the_systemd_notify_protocol() {
 /// A watchdog meant for another process (WATCHDOG_PID) gets no pings, only READY=1.
 #[test]
 fn watchdog_for_another_pid_is_ignored() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let directory = tempfile::tempdir().unwrap();
     let socket_path = directory.path().join("notify.sock");
@@ -200,6 +200,7 @@ fn taskset_available() -> bool {
 /// may use: under `taskset -c 1`, exactly one shard.
 #[test]
 fn fenced_without_cores_takes_the_allowed_cores() {
+    let _turn = take_turn(module_path!());
     if !taskset_available() {
         panic!("taskset (util-linux) is needed for this test");
     }
@@ -217,6 +218,7 @@ fn fenced_without_cores_takes_the_allowed_cores() {
 /// A pinned core outside the allowed set stops the start with a message naming it.
 #[test]
 fn pinned_core_outside_the_allowed_set_is_refused() {
+    let _turn = take_turn(module_path!());
     if !taskset_available() {
         panic!("taskset (util-linux) is needed for this test");
     }

@@ -3,15 +3,13 @@
 //! of Redis grows the server's RSS by at most 2 MiB, and once Redis continues, events are
 //! ACCEPTED again within 5 s. The whole test takes about 70 s.
 
-mod support;
-
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 const SENDERS: u64 = 4;
 /// Per sender: a datagram of this many frames every `SEND_INTERVAL`, so 4 x 15 x 100/s =
@@ -95,6 +93,7 @@ fn sender(server: std::net::SocketAddr, index: u64, load: Arc<Load>, epoch: Inst
 // Under ~6,000 unique frames/s, a 60 s SIGSTOP of Redis grows the server's RSS by at most 2 MiB, and events are ACCEPTED again within 5 s of SIGCONT.
 #[test]
 fn memory_stays_flat_while_redis_stalls() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let stall = Duration::from_secs(
         std::env::var("SHARDGATE_STALL_SECS")

@@ -7,13 +7,11 @@
 //! The tests are several sources at once by binding 127.0.0.2 and 127.0.0.3 (all of
 //! 127.0.0.0/8 is local on Linux).
 
-mod support;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 const ONE_SOURCE: [u8; 4] = [127, 0, 0, 2];
 const OTHER_SOURCE: [u8; 4] = [127, 0, 0, 3];
@@ -72,6 +70,7 @@ fn wait_metric(metrics: SocketAddr, name: &str, filter: &[(&str, &str)], want: u
 // A UDP source past its burst gets no answer at all for the rest, counted as limited, while another source is answered in full.
 #[test]
 fn udp_source_over_its_rate_gets_silence() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let server = Server::builder(&redis.url())
         .arg("--metrics", "127.0.0.1:0")
@@ -144,6 +143,7 @@ fn udp_source_over_its_rate_gets_silence() {
 // One host holds at most --tcp-connections-per-source connections: the next is closed at accept (reason source_limit), another host is not affected, and closing one frees its slot.
 #[test]
 fn tcp_connections_per_source_cap_one_host() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let server = Server::builder(&redis.url())
         .arg("--metrics", "127.0.0.1:0")
@@ -214,6 +214,7 @@ fn tcp_connections_per_source_cap_one_host() {
 // A TCP connection that sends nothing for --tcp-idle-timeout-ms is closed (reason idle), while one that keeps sending stays open.
 #[test]
 fn idle_tcp_connection_is_closed() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let server = Server::builder(&redis.url())
         .arg("--metrics", "127.0.0.1:0")
@@ -261,6 +262,7 @@ fn idle_tcp_connection_is_closed() {
 // Clients that send and never read their acks are disconnected after --tcp-write-timeout-ms (reason slow_reader), the server's memory stays bounded meanwhile, and their events stay stored: a resend gets DUPLICATE.
 #[test]
 fn non_reading_tcp_client_is_disconnected_with_bounded_memory() {
+    let _turn = take_turn(module_path!());
     const CLIENTS: usize = 16;
     let redis = RedisServer::start();
     let server = Server::builder(&redis.url())

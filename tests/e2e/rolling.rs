@@ -13,8 +13,6 @@
 //! frames resent. The seed (printed; `SHARDGATE_TEST_SEED=N` replays the events) decides the
 //! events, their copies and channels; the kernel's timing is not under its control.
 
-mod support;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,9 +20,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use support::*;
 
 /// The processes' cores, in start order: two shards, then one, then two, so the group is
 /// counted across processes of different sizes (3 sockets while A and B both serve).
@@ -115,6 +113,7 @@ fn scrape(server: &Server, name: &str, filter: &[(&str, &str)]) -> u64 {
 /// holds every acked event exactly once with nothing left unresolved.
 #[test]
 fn two_handovers_under_load_store_every_acked_event_once() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("two_handovers_under_load_store_every_acked_event_once");
     let redis = RedisServer::start();
     let port = free_port_outside_ephemeral();

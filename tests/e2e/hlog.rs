@@ -4,8 +4,6 @@
 //! server answered. The Python package is installed into a venv under target/ by this test,
 //! which fails (never skips) when python3, venv or PyPI is unavailable.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -14,10 +12,10 @@ use std::sync::{mpsc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::support::*;
 use nix::unistd::Pid;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use support::*;
 
 /// The reader under test, pinned so that a new release cannot change the verdict unnoticed.
 const HDRHISTOGRAM_REQUIREMENT: &str = "hdrhistogram==0.10.8";
@@ -332,6 +330,7 @@ fn unix_secs(time: SystemTime) -> f64 {
 /// TCP with duplicates: every interval decodes, and the ack counts are the frames answered.
 #[test]
 fn hlog_loads_in_hdrhistogram_python_reader() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("hlog_loads_in_hdrhistogram_python_reader");
     // Install first: a missing PyPI fails here, before a server is started.
     python_with_hdrh();

@@ -2,15 +2,13 @@
 //! under the current or the rotation secret are stored; everything else is REJECTED and counted,
 //! a replay after the dedup window is refused, and an exposed secret file stops the start.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use shardgate::wire::auth::player_key;
 use shardgate::wire::frame::{encode_action, encode_action_signed, ActionFields, EventId};
-use support::*;
 
 const OLD_SECRET: &[u8] = b"old-rotation-secret-0123456789";
 const NEW_SECRET: &[u8] = b"new-rotation-secret-0123456789";
@@ -62,6 +60,7 @@ fn answer(client: &mut UdpClient, frame: &[u8], player_id: u64, seq: u64) -> St 
 /// with reason `auth`, and nothing rejected reaches Redis.
 #[test]
 fn only_valid_fresh_tags_are_stored() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let directory = tempfile::tempdir().unwrap();
     let old = secret_file(directory.path(), "old.secret", OLD_SECRET, 0o600);
@@ -131,6 +130,7 @@ fn only_valid_fresh_tags_are_stored() {
 /// A frame replayed once its dedup marker expired is REJECTED as stale, never stored twice.
 #[test]
 fn replay_after_the_window_is_refused() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let directory = tempfile::tempdir().unwrap();
     let secret = secret_file(directory.path(), "auth.secret", OLD_SECRET, 0o600);
@@ -155,6 +155,7 @@ fn replay_after_the_window_is_refused() {
 /// A secret file group or others can read stops the start with a clear message and exit 2.
 #[test]
 fn exposed_secret_file_stops_the_start() {
+    let _turn = take_turn(module_path!());
     let directory = tempfile::tempdir().unwrap();
     let exposed = secret_file(directory.path(), "auth.secret", OLD_SECRET, 0o644);
     let run = run_cli(

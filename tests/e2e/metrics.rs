@@ -5,8 +5,6 @@
 //!
 //! Every server here is started by the harness on 127.0.0.1 with its own redis-server.
 
-mod support;
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -16,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::*;
+use serde_json::{Map, Value};
 
 // ---------------------------------------------------------------------------------------
 // scraping and reading the exposition
@@ -73,177 +72,13 @@ fn scrape_accepting(address: SocketAddr, accept: &str) -> Result<(String, String
     Ok((header("content-type").unwrap_or_default(), body.to_string()))
 }
 
-type Labels = Vec<(String, String)>;
-
-#[derive(Clone, Debug)]
-struct Sample {
-    name: String,
-    labels: Labels,
-    value: f64,
-}
-
-impl Sample {
-    fn label(&self, key: &str) -> Option<&str> {
-        self.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-    }
-}
-
-/// Every sample of a text exposition, strictly parsed; comment lines are skipped.
-struct Exposition {
-    samples: Vec<Sample>,
-}
-
-impl Exposition {
-    fn parse(body: &str) -> Exposition {
-        let samples = body
-            .lines()
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .map(|line| parse_sample(line).unwrap_or_else(|e| panic!("bad exposition line {line:?}: {e}")))
-            .collect();
-        Exposition { samples }
-    }
-
-    fn matching<'a>(&'a self, name: &'a str, filter: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Sample> {
-        self.samples
-            .iter()
-            .filter(move |s| s.name == name && filter.iter().all(|(k, v)| s.label(k) == Some(*v)))
-    }
-
-    /// The sum over every series of `name` whose labels include `filter`.
-    fn sum(&self, name: &str, filter: &[(&str, &str)]) -> u64 {
-        let mut found = false;
-        let total: f64 = self
-            .matching(name, filter)
-            .map(|s| {
-                found = true;
-                s.value
-            })
-            .sum();
-        assert!(found, "no series {name} with {filter:?}");
-        assert!(
-            total >= 0.0 && total.fract() == 0.0,
-            "{name} {filter:?} is not a count: {total}"
-        );
-        total as u64
-    }
-
-    fn float_sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
-        self.matching(name, filter).map(|s| s.value).sum()
-    }
-
-    /// Checks every histogram series: buckets cumulative, `+Inf` == `_count`.
-    fn histogram_problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        let mut series: HashMap<(String, Labels), Vec<(f64, f64)>> = HashMap::new();
-        for sample in &self.samples {
-            let Some(family) = sample.name.strip_suffix("_bucket") else {
-                continue;
-            };
-            let le = sample
-                .label("le")
-                .unwrap_or_else(|| panic!("bucket without le: {sample:?}"));
-            let bound = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().unwrap_or_else(|e| panic!("le={le:?}: {e}"))
-            };
-            let mut labels: Labels = sample.labels.iter().filter(|(k, _)| k != "le").cloned().collect();
-            labels.sort();
-            series
-                .entry((family.to_string(), labels))
-                .or_default()
-                .push((bound, sample.value));
-        }
-        for ((family, labels), mut buckets) in series {
-            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-            if buckets.windows(2).any(|pair| pair[1].1 < pair[0].1) {
-                problems.push(format!("{family}{labels:?}: buckets not cumulative: {buckets:?}"));
-            }
-            let count_name = format!("{family}_count");
-            let count = self
-                .samples
-                .iter()
-                .find(|s| {
-                    let mut own: Labels = s.labels.clone();
-                    own.sort();
-                    s.name == count_name && own == labels
-                })
-                .map(|s| s.value);
-            let infinity = buckets.last().filter(|(bound, _)| bound.is_infinite()).map(|b| b.1);
-            if infinity.is_none() || infinity != count {
-                problems.push(format!(
-                    "{family}{labels:?}: +Inf bucket {infinity:?} != _count {count:?}"
-                ));
-            }
-        }
-        problems
-    }
-}
-
+/// The one sample of a one-line exposition (what the parser makes of `line`).
 fn parse_sample(line: &str) -> Result<Sample, String> {
-    let name_end = line.find(['{', ' ']).ok_or("no value")?;
-    let name = &line[..name_end];
-    let name_ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
-    if name.is_empty() || !name.chars().all(name_ok) {
-        return Err(format!("metric name {name:?}"));
+    let mut samples = Exposition::read(line)?.samples;
+    match samples.len() {
+        1 => Ok(samples.remove(0)),
+        n => Err(format!("{n} samples in {line:?}")),
     }
-    let mut rest = &line[name_end..];
-    let mut labels = Vec::new();
-    if let Some(mut inner) = rest.strip_prefix('{') {
-        loop {
-            if let Some(after) = inner.strip_prefix('}') {
-                rest = after;
-                break;
-            }
-            let (key, after_key) = inner.split_once("=\"").ok_or("label without =\"")?;
-            if key.is_empty() || !key.chars().all(name_ok) {
-                return Err(format!("label name {key:?}"));
-            }
-            let mut value = String::new();
-            let mut escaped = false;
-            let mut close = None;
-            for (index, c) in after_key.char_indices() {
-                match (escaped, c) {
-                    (true, 'n') => value.push('\n'),
-                    (true, c) => value.push(c),
-                    (false, '\\') => {
-                        escaped = true;
-                        continue;
-                    }
-                    (false, '"') => {
-                        close = Some(index);
-                        break;
-                    }
-                    (false, c) => value.push(c),
-                }
-                escaped = false;
-            }
-            let close = close.ok_or("unterminated label value")?;
-            labels.push((key.to_string(), value));
-            inner = &after_key[close + 1..];
-            inner = inner.strip_prefix(',').unwrap_or(inner);
-        }
-    }
-    let mut fields = rest.split_whitespace();
-    let value = fields.next().ok_or("no value")?;
-    let value: f64 = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().map_err(|e| format!("value {v:?}: {e}"))?,
-    };
-    if let Some(timestamp) = fields.next() {
-        timestamp
-            .parse::<f64>()
-            .map_err(|e| format!("timestamp {timestamp:?}: {e}"))?;
-    }
-    if fields.next().is_some() {
-        return Err("text after the timestamp".into());
-    }
-    Ok(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -492,6 +327,7 @@ const TCP_CHANNELS: usize = 2;
 // The counters on /metrics match, exactly, a known mix of valid, duplicate, bad-crc (unanswered), bad-flag, oversized and garbage input on UDP and TCP to a 2-shard server.
 #[test]
 fn counters_match_the_traffic_exactly() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("counters_match_the_traffic_exactly");
     let mut rng = StdRng::seed_from_u64(seed);
     let redis = RedisServer::start();
@@ -953,6 +789,7 @@ fn server_with_traffic(redis: &RedisServer, seed: u64) -> (Server, SocketAddr) {
 // `promtool check metrics` (the Debian `prometheus` package) accepts what /metrics serves.
 #[test]
 fn promtool_accepts_the_exposition() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("promtool_accepts_the_exposition");
     let redis = RedisServer::start();
     let (_server, metrics) = server_with_traffic(&redis, seed);
@@ -994,6 +831,7 @@ const ACCEPT_OPENMETRICS: &str = "application/openmetrics-text;version=1.0.0,tex
 // OpenMetrics and for one that takes anything, so each picks the right parser.
 #[test]
 fn content_type_matches_the_body() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("content_type_matches_the_body");
     let redis = RedisServer::start();
     let (_server, metrics) = server_with_traffic(&redis, seed);
@@ -1019,29 +857,15 @@ fn check_body_matches(content_type: &str, body: &str) {
             problems.push("OpenMetrics body does not end with `# EOF`".to_string());
         }
     } else if content_type.starts_with("text/plain") {
-        // Prometheus text format 0.0.4: no OpenMetrics lines, and HELP/TYPE name the samples.
+        // Prometheus text format 0.0.4: no OpenMetrics lines, and HELP/TYPE name the samples. The
+        // parser refuses a `# TYPE` that describes no sample named as it says (a text-format parser
+        // sees such samples as untyped and without help): an OpenMetrics counter's `# TYPE x counter`
+        // above its `x_total` samples.
         if openmetrics_body {
             problems.push("the body has OpenMetrics `# EOF`/`# UNIT` lines".to_string());
         }
-        for line in body.lines() {
-            let Some(rest) = line.strip_prefix("# TYPE ") else {
-                continue;
-            };
-            let (family, kind) = rest.split_once(' ').unwrap_or((rest, ""));
-            let sample = match kind {
-                "counter" => family.to_string(),
-                "histogram" => format!("{family}_count"),
-                _ => family.to_string(),
-            };
-            let has_sample = body
-                .lines()
-                .any(|l| l.starts_with(&format!("{sample}{{")) || l.starts_with(&format!("{sample} ")));
-            if !has_sample {
-                problems.push(format!(
-                    "`# TYPE {family} {kind}` describes no sample named {sample} (a text-format parser \
-                     sees the samples as untyped and without help)"
-                ));
-            }
+        if let Err(refused) = Exposition::read(body) {
+            problems.push(format!("not the Prometheus text format: {refused}"));
         }
     } else {
         problems.push("neither text/plain nor application/openmetrics-text".to_string());
@@ -1129,6 +953,7 @@ fn settled_ack_count(metrics: SocketAddr) -> u64 {
 // SIGUSR1 writes a parseable timestamped snapshot beside --hdr-out (merged, Redis, per shard, interval log) while the server keeps serving, and SIGTERM still exits 0.
 #[test]
 fn sigusr1_writes_histograms_and_keeps_serving() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("sigusr1_writes_histograms_and_keeps_serving");
     let redis = RedisServer::start();
     let mut server = Server::builder(&redis.url())
@@ -1216,6 +1041,7 @@ fn sigusr1_writes_histograms_and_keeps_serving() {
 // An idle server still answers SIGUSR1 and SIGTERM promptly: its shards' timers keep running while nothing arrives.
 #[test]
 fn idle_server_answers_sigusr1_and_sigterm() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let mut server = Server::builder(&redis.url()).cores("0,1").start();
     // Each shard notices SIGUSR1 and SIGTERM on its 5 ms tick; an idle shard whose timers
@@ -1245,6 +1071,7 @@ fn idle_server_answers_sigusr1_and_sigterm() {
 // Without --hdr-out, SIGUSR1 is logged as ignored and the server keeps serving.
 #[test]
 fn sigusr1_without_hdr_out_is_ignored() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let mut server = Server::builder(&redis.url()).without("--hdr-out").start();
     server.signal(Signal::SIGUSR1);
@@ -1269,131 +1096,22 @@ fn sigusr1_without_hdr_out_is_ignored() {
 // logs
 // ---------------------------------------------------------------------------------------
 
-/// A strict check that `text` is one JSON object and nothing else.
+/// `text` as one JSON object and nothing else (read by serde_json), or what is wrong with it.
+fn json_object(text: &str) -> Result<Map<String, Value>, String> {
+    if !(text.starts_with('{') && text.ends_with('}')) {
+        return Err("does not start with { and end with }".into());
+    }
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
+/// What keeps `text` from being one JSON object and nothing else, if anything.
 fn json_object_problem(text: &str) -> Option<String> {
-    fn value(bytes: &[u8], at: &mut usize) -> Result<(), String> {
-        skip_space(bytes, at);
-        match bytes.get(*at) {
-            Some(b'{') => {
-                *at += 1;
-                skip_space(bytes, at);
-                if bytes.get(*at) == Some(&b'}') {
-                    *at += 1;
-                    return Ok(());
-                }
-                loop {
-                    skip_space(bytes, at);
-                    string(bytes, at)?;
-                    skip_space(bytes, at);
-                    expect(bytes, at, b':')?;
-                    value(bytes, at)?;
-                    skip_space(bytes, at);
-                    match bytes.get(*at) {
-                        Some(b',') => *at += 1,
-                        Some(b'}') => {
-                            *at += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(format!("expected , or }} at byte {at}")),
-                    }
-                }
-            }
-            Some(b'[') => {
-                *at += 1;
-                skip_space(bytes, at);
-                if bytes.get(*at) == Some(&b']') {
-                    *at += 1;
-                    return Ok(());
-                }
-                loop {
-                    value(bytes, at)?;
-                    skip_space(bytes, at);
-                    match bytes.get(*at) {
-                        Some(b',') => *at += 1,
-                        Some(b']') => {
-                            *at += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(format!("expected , or ] at byte {at}")),
-                    }
-                }
-            }
-            Some(b'"') => string(bytes, at),
-            Some(b't') => literal(bytes, at, b"true"),
-            Some(b'f') => literal(bytes, at, b"false"),
-            Some(b'n') => literal(bytes, at, b"null"),
-            Some(c) if *c == b'-' || c.is_ascii_digit() => {
-                let start = *at;
-                while bytes
-                    .get(*at)
-                    .is_some_and(|c| c.is_ascii_digit() || b"+-.eE".contains(c))
-                {
-                    *at += 1;
-                }
-                let number = std::str::from_utf8(&bytes[start..*at]).expect("ascii");
-                number
-                    .parse::<f64>()
-                    .map(|_| ())
-                    .map_err(|e| format!("number {number:?}: {e}"))
-            }
-            _ => Err(format!("no value at byte {at}")),
-        }
-    }
-    fn string(bytes: &[u8], at: &mut usize) -> Result<(), String> {
-        expect(bytes, at, b'"')?;
-        loop {
-            match bytes.get(*at) {
-                None => return Err("unterminated string".into()),
-                Some(b'"') => {
-                    *at += 1;
-                    return Ok(());
-                }
-                Some(b'\\') => {
-                    match bytes.get(*at + 1) {
-                        Some(b'u') => *at += 6,
-                        Some(c) if b"\"\\/bfnrt".contains(c) => *at += 2,
-                        _ => return Err(format!("bad escape at byte {at}")),
-                    }
-                    if *at > bytes.len() {
-                        return Err("cut \\u escape".into());
-                    }
-                }
-                Some(c) if *c < 0x20 => return Err(format!("control byte in a string at byte {at}")),
-                Some(_) => *at += 1,
-            }
-        }
-    }
-    fn literal(bytes: &[u8], at: &mut usize, word: &[u8]) -> Result<(), String> {
-        if bytes[*at..].starts_with(word) {
-            *at += word.len();
-            Ok(())
-        } else {
-            Err(format!("bad literal at byte {at}"))
-        }
-    }
-    fn expect(bytes: &[u8], at: &mut usize, byte: u8) -> Result<(), String> {
-        if bytes.get(*at) == Some(&byte) {
-            *at += 1;
-            Ok(())
-        } else {
-            Err(format!("expected {:?} at byte {at}", byte as char))
-        }
-    }
-    fn skip_space(bytes: &[u8], at: &mut usize) {
-        while bytes.get(*at).is_some_and(|c| c.is_ascii_whitespace()) {
-            *at += 1;
-        }
-    }
-    let bytes = text.as_bytes();
-    if bytes.first() != Some(&b'{') || bytes.last() != Some(&b'}') {
-        return Some("does not start with { and end with }".into());
-    }
-    let mut at = 0;
-    match value(bytes, &mut at) {
-        Err(problem) => Some(problem),
-        Ok(()) if at != bytes.len() => Some(format!("text after the object at byte {at}")),
-        Ok(()) => None,
-    }
+    json_object(text).err()
+}
+
+/// The `message` of a JSON log line.
+fn log_message(object: &Map<String, Value>) -> Option<&str> {
+    object.get("message").and_then(Value::as_str)
 }
 
 /// Runs `shardgate serve` with `extra` flags and `RUST_LOG` (unset when None), waits for a
@@ -1472,6 +1190,7 @@ fn run_until(
 // --log-format json writes one JSON object per stderr line, from start to shutdown, with level, message and fields.
 #[test]
 fn json_logs_are_one_object_per_line() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let hdr = dir.path().join("latency.hgrm");
@@ -1480,28 +1199,39 @@ fn json_logs_are_one_object_per_line() {
     let (status, lines) = run_until(&redis.url(), &extra, None, r#""message":"serving""#);
     assert!(status.success(), "exit {status}");
     assert!(!lines.is_empty());
+    let mut objects = Vec::new();
     for line in &lines {
-        if let Some(problem) = json_object_problem(line) {
-            panic!("not one JSON object ({problem}): {line:?}");
-        }
+        let object = json_object(line).unwrap_or_else(|problem| panic!("not one JSON object ({problem}): {line:?}"));
         assert!(
-            line.contains(r#""level":""#) && line.contains(r#""message":""#) && line.contains(r#""timestamp":""#),
+            ["level", "message", "timestamp"]
+                .iter()
+                .all(|key| object.get(*key).is_some_and(Value::is_string)),
             "no level, message or timestamp: {line:?}"
         );
+        objects.push(object);
     }
-    let serving = lines
+    let serving = objects
         .iter()
-        .find(|line| line.contains(r#""message":"serving""#))
+        .find(|object| log_message(object) == Some("serving"))
         .expect("serving line");
-    for field in [r#""shards":1"#, r#""udp":"127.0.0.1:"#, r#""level":"INFO""#] {
-        assert!(serving.contains(field), "serving line without {field}: {serving}");
+    let serving_fields = [
+        ("shards", serving.get("shards").is_some_and(|shards| *shards == 1)),
+        (
+            "udp",
+            serving
+                .get("udp")
+                .and_then(Value::as_str)
+                .is_some_and(|udp| udp.starts_with("127.0.0.1:")),
+        ),
+        ("level", serving.get("level").is_some_and(|level| *level == "INFO")),
+    ];
+    for (field, ok) in serving_fields {
+        assert!(ok, "serving line without {field}: {serving:?}");
     }
-    for message in ["starting", "draining", "wrote histograms", "stopped"] {
+    for wanted in ["starting", "draining", "wrote histograms", "stopped"] {
         assert!(
-            lines
-                .iter()
-                .any(|line| line.contains(&format!(r#""message":"{message}""#))),
-            "no {message:?} line: {lines:#?}"
+            objects.iter().any(|object| log_message(object) == Some(wanted)),
+            "no {wanted:?} line: {lines:#?}"
         );
     }
 }
@@ -1509,6 +1239,7 @@ fn json_logs_are_one_object_per_line() {
 // Text logs are one `shardgate: ` line per event, from start to shutdown, with the level only when it is not INFO.
 #[test]
 fn text_logs_start_with_shardgate() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let hdr = dir.path().join("latency.hgrm");
@@ -1540,6 +1271,7 @@ fn text_logs_start_with_shardgate() {
 // --log-level warn keeps INFO lines out of the log, and RUST_LOG overrides --log-level.
 #[test]
 fn log_level_and_rust_log_filter_info() {
+    let _turn = take_turn(module_path!());
     // Without INFO there is no serving line to wait for: a server pointed at a closed port
     // says it is up with its warning that Redis is unreachable (after 1 s).
     let closed = format!("redis://127.0.0.1:{}", free_port());
@@ -1573,6 +1305,7 @@ fn log_level_and_rust_log_filter_info() {
 // The Redis password in --redis never reaches the log (start, serving and outage lines included).
 #[test]
 fn logs_never_print_the_redis_password() {
+    let _turn = take_turn(module_path!());
     let password = "s3cret-PW-in-url";
     let closed = format!("redis://shardgate:{password}@127.0.0.1:{}", free_port());
     let (status, lines) = run_until(&closed, &[], None, "redis unreachable");
@@ -1584,6 +1317,7 @@ fn logs_never_print_the_redis_password() {
 // The checkers used above reject what they should: broken JSON lines and malformed exposition lines.
 #[test]
 fn checkers_reject_malformed_input() {
+    let _turn = take_turn(module_path!());
     for good in [r#"{}"#, r#"{"a":[1,-2.5e3,true,null],"b":{"c":"d\"\u00e9"}}"#] {
         assert_eq!(json_object_problem(good), None, "{good}");
     }
@@ -1612,6 +1346,18 @@ fn checkers_reject_malformed_input() {
     ] {
         assert!(parse_sample(bad).is_err(), "accepted {bad:?}");
     }
+    // check_body_matches: in the text format a counter's `# TYPE` names its `_total` samples.
+    assert!(
+        Exposition::read("# TYPE x counter\nx_total 1\n").is_err(),
+        "a `# TYPE` that describes no sample passes"
+    );
+    assert_eq!(
+        Exposition::read("# HELP x_total X.\n# TYPE x_total counter\nx_total 1\n")
+            .expect("a counter")
+            .samples
+            .len(),
+        1
+    );
     let histogram = Exposition::parse(
         "h_bucket{le=\"1.0\"} 2\nh_bucket{le=\"2.0\"} 1\nh_bucket{le=\"+Inf\"} 3\nh_count 3\nh_sum 4\n",
     );
@@ -1644,6 +1390,7 @@ fn metric_tokens(text: &str) -> std::collections::BTreeSet<String> {
 // The alert rules and the dashboard use only metric names the server exports, and docs/operations.md documents every metric it exports.
 #[test]
 fn monitoring_files_match_the_exported_metrics() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let server = Server::builder(&redis.url())
         .cores("0,1")

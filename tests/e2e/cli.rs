@@ -1,12 +1,10 @@
 //! Proves the command line contract: help text with defaults, clear start-up failures,
 //! `--config` honoured with flags winning over it; plus self-tests of the e2e harness.
 
-mod support;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -103,6 +101,7 @@ fn run(args: &[String]) -> CliRun {
 // `shardgate serve --help` names every flag and shows each default.
 #[test]
 fn serve_help_lists_every_flag_with_default() {
+    let _turn = take_turn(module_path!());
     let out = run_cli(&["serve", "--help"], CLI_TIMEOUT);
     assert_eq!(out.code(), Some(0), "serve --help failed: {out:?}");
     assert_help_lists_flags(&out.stdout, "shardgate serve --help");
@@ -111,6 +110,7 @@ fn serve_help_lists_every_flag_with_default() {
 // `shardgate --help` names every flag and shows each default too.
 #[test]
 fn top_level_help_lists_every_flag_with_default() {
+    let _turn = take_turn(module_path!());
     let out = run_cli(&["--help"], CLI_TIMEOUT);
     assert_eq!(out.code(), Some(0), "--help failed: {out:?}");
     assert!(out.stdout.contains("serve"), "--help does not name `serve`");
@@ -120,6 +120,7 @@ fn top_level_help_lists_every_flag_with_default() {
 // A missing or too-short auth secret file stops the start (exit 2), naming the file and the fault.
 #[test]
 fn bad_auth_secret_file_exits_2() {
+    let _turn = take_turn(module_path!());
     use std::os::unix::fs::PermissionsExt;
     let port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -144,6 +145,7 @@ fn bad_auth_secret_file_exits_2() {
 // A core that does not exist, or a malformed list, fails at start naming the problem.
 #[test]
 fn bad_cores_fail_clearly() {
+    let _turn = take_turn(module_path!());
     let port = free_port();
     for (cores, must_name) in [("99", "99"), ("0,99", "99"), ("x-y", "x-y")] {
         let mut args = serve_args(port);
@@ -166,6 +168,7 @@ fn bad_cores_fail_clearly() {
 // An unparseable --redis URL fails at start (it does not serve and retry forever).
 #[test]
 fn bad_redis_url_fails_clearly() {
+    let _turn = take_turn(module_path!());
     let port = free_port();
     for url in ["not a url", "redis://127.0.0.1:notaport", "redis://[::1"] {
         let mut args = serve_args(port);
@@ -188,6 +191,7 @@ fn bad_redis_url_fails_clearly() {
 // An unknown flag is a usage error.
 #[test]
 fn unknown_flag_is_usage_error() {
+    let _turn = take_turn(module_path!());
     let mut args = serve_args(free_port());
     args.push("--no-such-flag".into());
     let out = run(&args);
@@ -197,6 +201,7 @@ fn unknown_flag_is_usage_error() {
 // `--cores 0-1` is a range: two shards serve.
 #[test]
 fn core_range_runs_one_shard_per_core() {
+    let _turn = take_turn(module_path!());
     // Redis need not be up for the server to start.
     let url = format!("redis://127.0.0.1:{}", free_port());
     let mut server = Server::builder(&url).cores("0-1").start();
@@ -219,6 +224,7 @@ fn deliver_few(server: &Server, seed: u64, player_base: u64) -> Vec<Event> {
 // --config is honoured (prefix, partitions, udp, tcp) and flags win over the file.
 #[test]
 fn config_file_is_honoured_and_flags_win() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("config_file_is_honoured_and_flags_win");
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -281,6 +287,7 @@ fn config_file_is_honoured_and_flags_win() {
 // Harness self-test: the raw frame builder, the crate's encoder and protocol.md agree.
 #[test]
 fn harness_frames_match_protocol_vectors() {
+    let _turn = take_turn(module_path!());
     let e1 = Event {
         player: 1,
         seq: 1,
@@ -326,6 +333,7 @@ fn harness_frames_match_protocol_vectors() {
 // restart on the same port; pause/resume stalls and revives it.
 #[test]
 fn harness_redis_kill_restart_keeps_aof() {
+    let _turn = take_turn(module_path!());
     let mut redis = RedisServer::start_with_aof();
     let port = redis.port();
     let mut conn = redis.connection();
@@ -365,6 +373,7 @@ fn harness_redis_kill_restart_keeps_aof() {
 // Harness self-test: the HDR parser accepts HdrHistogram's format and refuses junk.
 #[test]
 fn harness_hdr_parser() {
+    let _turn = take_turn(module_path!());
     let text = "       Value     Percentile TotalCount 1/(1-Percentile)\n\n\
          \x20      5.000 0.000000000000          1           1.00\n\
          \x20      7.000 0.500000000000          2           2.00\n\

@@ -1,13 +1,11 @@
 //! Proves graceful shutdown: on SIGTERM or SIGINT under load the server drains, answers,
 //! exits 0 within the drain timeout, loses nothing it acked, and writes its HDR histogram.
 
-mod support;
-
 use std::collections::HashMap;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 const DRAIN_MS: u64 = 2000;
 
@@ -98,6 +96,7 @@ fn shutdown_under_load(sig: Signal, seed: u64, cores: &str, load_for: Duration) 
 // lost, the HDR file parses with a non-zero count.
 #[test]
 fn sigterm_under_load_drains_and_exits_0() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("sigterm_under_load_drains_and_exits_0");
     shutdown_under_load(Signal::SIGTERM, seed, "0,1", Duration::from_millis(1500));
 }
@@ -105,6 +104,7 @@ fn sigterm_under_load_drains_and_exits_0() {
 // SIGINT behaves like SIGTERM.
 #[test]
 fn sigint_under_load_drains_and_exits_0() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("sigint_under_load_drains_and_exits_0");
     shutdown_under_load(Signal::SIGINT, seed, "0", Duration::from_millis(800));
 }
@@ -112,6 +112,7 @@ fn sigint_under_load_drains_and_exits_0() {
 // An idle server exits 0 promptly on SIGTERM and still writes a parseable HDR file.
 #[test]
 fn idle_sigterm_exits_promptly() {
+    let _turn = take_turn(module_path!());
     let redis = RedisServer::start();
     let mut server = Server::builder(&redis.url()).start();
     let t = Instant::now();

@@ -3,17 +3,15 @@
 //! a frame whose crc does not match is never answered (UDP drops it, TCP closes the
 //! connection); REJECTED only ever names an id whose crc matched.
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::*;
 
 /// A client that keeps delivering fresh events (batches of 100, UDP and TCP) until stopped.
 fn good_client(server: &Server, seed: u64, player_base: u64, stop: Arc<AtomicBool>) -> JoinHandle<Vec<Event>> {
@@ -157,6 +155,7 @@ impl Ids {
 // frame), while a good client keeps getting ACCEPTED; nothing bad is stored.
 #[test]
 fn udp_garbage_is_rejected_or_ignored() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("udp_garbage_is_rejected_or_ignored");
     let mut rng = StdRng::seed_from_u64(seed);
     let redis = RedisServer::start();
@@ -407,6 +406,7 @@ fn udp_garbage_is_rejected_or_ignored() {
 // answer, alone or after a good frame, and is stored nowhere.
 #[test]
 fn udp_frame_cut_after_header_gets_no_answer() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("udp_frame_cut_after_header_gets_no_answer");
     let mut rng = StdRng::seed_from_u64(seed);
     let redis = RedisServer::start();
@@ -503,6 +503,7 @@ fn good_roundtrip(c: &mut TcpClient, e: &Event, what: &str, failures: &mut Vec<S
 // the good client is undisturbed.
 #[test]
 fn tcp_garbage_closes_or_rejects() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("tcp_garbage_closes_or_rejects");
     let mut rng = StdRng::seed_from_u64(seed);
     let redis = RedisServer::start();

@@ -10,8 +10,6 @@
 //! The flooder sends from 127.0.0.2, the client from 127.0.0.1: two hosts to the per-source
 //! limit, on one server of one shard.
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,9 +17,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::*;
 
 const FLOODER: [u8; 4] = [127, 0, 0, 2];
 const CLIENT: [u8; 4] = [127, 0, 0, 1];
@@ -228,6 +226,7 @@ fn percentile(sorted: &[u64], quantile: f64) -> u64 {
 // A source flooding valid and garbage frames at full speed leaves a 300/s client on the same shard losing nothing, each of its events stored exactly once, and gets no more than its bucket stored.
 #[test]
 fn flood_from_one_source_does_not_hurt_a_well_behaved_client() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("flood_from_one_source_does_not_hurt_a_well_behaved_client");
     let flood_for = Duration::from_secs(flood_seconds());
     let redis = RedisServer::start();

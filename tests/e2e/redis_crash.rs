@@ -1,15 +1,13 @@
 //! Proves ack-after-durable-write through Redis failures: what was acked survives a Redis
 //! SIGKILL and restart, nothing is stored twice, and outages are answered RETRY.
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use support::*;
 
 /// Final checks shared by the outage tests: `answers` is every answer seen during the run,
 /// `resolve` the follow-up delivery of every event.
@@ -69,6 +67,7 @@ fn check_after_outage(
 // meanwhile, every event acked ACCEPTED/DUPLICATE at any time is stored, none twice.
 #[test]
 fn acked_events_survive_redis_kill_and_restart() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("acked_events_survive_redis_kill_and_restart");
     let mut redis = RedisServer::start_with_aof();
     let server = Server::builder(&redis.url())
@@ -130,6 +129,7 @@ fn acked_events_survive_redis_kill_and_restart() {
 // resolves with each event stored once (a timed-out write that landed is DUPLICATE).
 #[test]
 fn redis_stall_answers_retry_then_recovers() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("redis_stall_answers_retry_then_recovers");
     let redis = RedisServer::start_with_aof();
     let server = Server::builder(&redis.url()).arg("--redis-timeout-ms", "250").start();
@@ -176,6 +176,7 @@ fn redis_stall_answers_retry_then_recovers() {
 // Redis comes up there the same events are ACCEPTED within a bounded time.
 #[test]
 fn starts_without_redis_then_accepts_when_it_appears() {
+    let _turn = take_turn(module_path!());
     let seed = test_seed("starts_without_redis_then_accepts_when_it_appears");
     let mut rng = StdRng::seed_from_u64(seed);
     let port = free_port();
