@@ -1,5 +1,6 @@
 //! `deliver_all`: resend until every copy is answered ACCEPTED or DUPLICATE.
 
+use shardgate_client::resend::Schedule;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -252,12 +253,10 @@ pub fn deliver_all(udp: SocketAddr, tcp: SocketAddr, events: &[Event], opts: &De
     report
 }
 
-fn backoff(opts: &DeliverOpts, attempt: u32, rng: &mut StdRng) -> Duration {
-    let exp = opts
-        .backoff_base
-        .saturating_mul(1u32 << attempt.min(10))
-        .min(opts.backoff_max);
-    exp / 2 + exp.mul_f64(rng.gen::<f64>() / 2.0)
+/// The wait before resending a copy that got RETRY after `attempts` sends: the one resend
+/// schedule (`shardgate_client::resend`), half of each wait as jitter.
+fn backoff(opts: &DeliverOpts, attempts: u32, rng: &mut StdRng) -> Duration {
+    Schedule::new(opts.backoff_base, opts.backoff_max, 50).delay(attempts + 1, rng.gen())
 }
 
 #[allow(clippy::too_many_arguments)]

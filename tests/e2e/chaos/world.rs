@@ -2,6 +2,7 @@
 //! connection, resending until answered), the garbage sender, the server's incarnations and the
 //! Redis faults; and `execute`, which applies one planned fault to them.
 
+use shardgate_client::resend::Schedule;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -167,9 +168,10 @@ pub(super) struct ChannelReport {
     pub(super) udp_drops: u64,
 }
 
-fn backoff(attempt: u32, rng: &mut StdRng) -> Duration {
-    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(10)).min(BACKOFF_MAX);
-    exp / 2 + exp.mul_f64(rng.gen::<f64>() / 2.0)
+/// The wait before resending a copy that got RETRY after `attempts` sends: the one resend
+/// schedule (`shardgate_client::resend`), half of each wait as jitter.
+fn backoff(attempts: u32, rng: &mut StdRng) -> Duration {
+    Schedule::new(BACKOFF_BASE, BACKOFF_MAX, 50).delay(attempts + 1, rng.gen())
 }
 
 /// Drops a TCP connection with RST instead of FIN when it is closed.
