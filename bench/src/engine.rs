@@ -172,7 +172,7 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    use shardgate::wire::frame::{encode_ack, parse, Status};
+    use shardgate_proto::frame::{encode_ack, parse, Status};
 
     use crate::events::EventSource;
     use crate::plan::{tests::input, Plan, PlanInput};

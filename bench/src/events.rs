@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rand::Rng;
-use shardgate::wire::frame::{encode_action, ActionFields, EventId};
+use shardgate_proto::frame::{encode_action, ActionFields, EventId};
 
 /// Fresh events a copy may be drawn from: at 20k frames/s about the last 200 ms, the window in
 /// which an original is often still in flight on the server.
@@ -166,7 +166,7 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
-    use shardgate::wire::frame::parse;
+    use shardgate_proto::frame::parse;
 
     // Each player's seqs rise by one from the base, and the counters say exactly what was sent.
     #[test]

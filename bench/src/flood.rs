@@ -31,8 +31,8 @@ use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use shardgate::wire::frame::{decode_ack, encode_action, ActionFields, EventId, Status, ACK_BYTES};
 use shardgate_client::resend::Schedule;
+use shardgate_proto::frame::{decode_ack, encode_action, ActionFields, EventId, Status, ACK_BYTES};
 
 use crate::lane::unix_now_us;
 use crate::parse::{format_duration, parse_duration, Target, Transport};
@@ -633,10 +633,10 @@ mod tests {
     fn flood_datagrams_mix_valid_and_garbage() {
         let datagrams = flood_datagrams(7, 4);
         assert_eq!(datagrams.len(), FLOOD_DATAGRAMS);
-        let valid = shardgate::wire::frame::check(&datagrams[0]).expect("a whole header");
-        assert!(shardgate::wire::frame::parse(&datagrams[0][..valid.frame_bytes]).is_ok());
+        let valid = shardgate_proto::frame::check(&datagrams[0]).expect("a whole header");
+        assert!(shardgate_proto::frame::parse(&datagrams[0][..valid.frame_bytes]).is_ok());
         assert_eq!(valid.id.player_id, FLOOD_PLAYER);
-        let bad_crc = shardgate::wire::frame::check(&datagrams[1]).expect("a whole header");
-        assert!(shardgate::wire::frame::parse(&datagrams[1][..bad_crc.frame_bytes]).is_err());
+        let bad_crc = shardgate_proto::frame::check(&datagrams[1]).expect("a whole header");
+        assert!(shardgate_proto::frame::parse(&datagrams[1][..bad_crc.frame_bytes]).is_err());
     }
 }

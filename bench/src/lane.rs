@@ -8,7 +8,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
-use shardgate::wire::frame::{decode_ack, ACK_BYTES};
+use shardgate_proto::frame::{decode_ack, ACK_BYTES};
 
 use crate::events::{self, Event, EventSource};
 use crate::live::Counters;
@@ -149,7 +149,7 @@ mod tests {
     use crate::tracker::ANSWER_TIMEOUT_NS;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
-    use shardgate::wire::frame::{encode_ack, parse, EventId, Status};
+    use shardgate_proto::frame::{encode_ack, parse, EventId, Status};
 
     fn ids_in(bytes: &[u8], frame_bytes: usize) -> Vec<EventId> {
         bytes

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use shardgate::wire::frame::Status;
+use shardgate_proto::frame::Status;
 
 use crate::schedule::Clock;
 

@@ -38,7 +38,7 @@ use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use shardgate::wire::frame::{EventId, PAYLOAD_BYTES_MAX};
+use shardgate_proto::frame::{EventId, PAYLOAD_BYTES_MAX};
 
 use crate::parse::{format_duration, parse_duration};
 use crate::report::{write_outcome_lines, OutcomeLines, Percentiles, SLO_FIRST_P999_US};

@@ -32,7 +32,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use futures::stream::{FuturesUnordered, StreamExt};
-use shardgate::wire::frame::EventId;
+use shardgate_proto::frame::EventId;
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::mpsc;
 

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use shardgate::wire::frame::{FRAME_OVERHEAD_BYTES, PAYLOAD_BYTES_MAX};
+use shardgate_proto::frame::{FRAME_OVERHEAD_BYTES, PAYLOAD_BYTES_MAX};
 
 use crate::parse::{Target, Transport};
 

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Args;
-use shardgate::wire::frame::{check, encode_ack, Status, ACK_BYTES};
+use shardgate_proto::frame::{check, encode_ack, Status, ACK_BYTES};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Acks in one reply datagram: 50 × 28 = 1400 bytes, under a 1500-byte MTU with headers, the
@@ -523,7 +523,7 @@ pub fn pin_to_core(core: usize) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shardgate::wire::frame::{decode_ack, encode_action, ActionFields, EventId};
+    use shardgate_proto::frame::{decode_ack, encode_action, ActionFields, EventId};
     use std::sync::Arc;
 
     fn frame(player_id: u64, seq: u64, payload_bytes: usize, out: &mut Vec<u8>) {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardgate::wire::frame::EventId;
+use shardgate_proto::frame::EventId;
 
 use crate::engine;
 use crate::events::EventSource;

@@ -34,8 +34,8 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use shardgate::wire::frame::{Ack, EventId, Status};
 use shardgate_client::resend::Schedule;
+use shardgate_proto::frame::{Ack, EventId, Status};
 
 use crate::events::Event;
 

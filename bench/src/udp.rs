@@ -21,7 +21,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use shardgate::wire::frame::ACK_BYTES;
+use shardgate_proto::frame::ACK_BYTES;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::engine::Wire;

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use redis::Value;
-use shardgate::wire::frame::EventId;
+use shardgate_proto::frame::EventId;
 
 /// Entries per XRANGE call: large enough to keep round trips few, small enough that one reply
 /// stays a few megabytes.

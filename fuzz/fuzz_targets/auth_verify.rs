@@ -10,8 +10,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shardgate::wire::auth;
-use shardgate::wire::frame::AUTH_TAG_BYTES;
+use shardgate_proto::auth;
+use shardgate_proto::frame::AUTH_TAG_BYTES;
 
 const SECRET_BYTES_MAX: usize = 64;
 

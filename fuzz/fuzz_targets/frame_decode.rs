@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shardgate::wire::frame::{
+use shardgate_proto::frame::{
     self, ActionFields, CheckError, RejectReason, ACK_BYTES, CRC_BYTES, FLAG_AUTH, HEADER_BYTES, PAYLOAD_BYTES_MAX,
 };
 

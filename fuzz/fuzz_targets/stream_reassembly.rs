@@ -1,4 +1,4 @@
-//! TCP stream reassembly (`shardgate::wire::stream`) on an arbitrary byte stream cut into arbitrary
+//! TCP stream reassembly (`shardgate_proto::stream`) on an arbitrary byte stream cut into arbitrary
 //! reads: fed read by read through a buffer of the server's size, it yields exactly the frames,
 //! and ends with exactly the stop, that splitting the whole stream at once gives; and a full
 //! buffer never leaves it waiting for bytes that cannot fit.
@@ -9,9 +9,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shardgate::wire::frame::{self, FRAME_BYTES_MAX};
+use shardgate_proto::frame::{self, FRAME_BYTES_MAX};
 use shardgate::limits::TCP_READ_BUFFER_BYTES;
-use shardgate::wire::stream::{self, Stop};
+use shardgate_proto::stream::{self, Stop};
 
 /// Read sizes run from 1 to twice the largest frame, so reads both split and join frames.
 const READ_BYTES_MAX: usize = 2 * FRAME_BYTES_MAX;
