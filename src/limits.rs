@@ -11,12 +11,12 @@ use crate::wire::frame::{ACK_BYTES, FRAME_BYTES_MAX, FRAME_BYTES_MIN, PAYLOAD_BY
 
 /// Shards (cores) one process may run. Far above any host we deploy on; the
 /// bound exists so per-shard tables sized by it stay small.
-pub const SHARDS_MAX: usize = 256;
+pub(crate) const SHARDS_MAX: usize = 256;
 
 /// Events in one script call. A bigger batch spreads fred's ~4 µs per command
 /// and Redis's per-call overhead further, but a longer script blocks Redis for
 /// other clients: 256 events run in well under a millisecond.
-pub const BATCH_EVENTS_DEFAULT: usize = 256;
+pub(crate) const BATCH_EVENTS_DEFAULT: usize = 256;
 pub const BATCH_EVENTS_MAX: usize = 1024;
 
 /// The pace of a shard's script calls: a call starts at most this long after
@@ -26,13 +26,13 @@ pub const BATCH_EVENTS_MAX: usize = 1024;
 /// (docs/design.md, "Redis CPU"), so under load a longer pace means larger
 /// batches and less Redis CPU per event; 1 ms is a fifth of the 5 ms p99.9
 /// budget and gathers 20 events per call at 20k events/s per shard.
-pub const BATCH_LINGER_US_DEFAULT: u64 = 1_000;
-pub const BATCH_LINGER_US_MAX: u64 = 100_000;
+pub(crate) const BATCH_LINGER_US_DEFAULT: u64 = 1_000;
+pub(crate) const BATCH_LINGER_US_MAX: u64 = 100_000;
 
 /// Script calls one shard keeps in flight on its connection. Auto-pipelining
 /// sends the next batch while earlier ones run; more than a few only queue
 /// inside Redis, which runs scripts one at a time.
-pub const BATCHES_IN_FLIGHT_DEFAULT: usize = 8;
+pub(crate) const BATCHES_IN_FLIGHT_DEFAULT: usize = 8;
 pub const BATCHES_IN_FLIGHT_MAX: usize = 64;
 
 /// Longest encoded record of one event in a batch blob: six length-prefixed
@@ -42,38 +42,38 @@ pub const BATCH_RECORD_BYTES_MAX: usize = (1 + 4) + (1 + 20) * 2 + (1 + 5) + (1 
 
 /// Partitions (streams) per prefix. 1024 keeps the partition field of a record
 /// to four decimal digits.
-pub const PARTITIONS_DEFAULT: u32 = 16;
+pub(crate) const PARTITIONS_DEFAULT: u32 = 16;
 pub const PARTITIONS_MAX: u32 = 1024;
 
 /// Dedup window: Redis markers live this long, and with auth on it bounds how
 /// old a frame may be.
-pub const DEDUP_WINDOW_SECS_DEFAULT: u64 = 600;
-pub const DEDUP_WINDOW_SECS_MAX: u64 = 7 * 24 * 3600;
+pub(crate) const DEDUP_WINDOW_SECS_DEFAULT: u64 = 600;
+pub(crate) const DEDUP_WINDOW_SECS_MAX: u64 = 7 * 24 * 3600;
 
 /// Auth secret files held at once: the current secret, and during a rotation
 /// the next one. A third would only widen the set of keys that forge a tag.
-pub const AUTH_SECRET_FILES_MAX: usize = 2;
+pub(crate) const AUTH_SECRET_FILES_MAX: usize = 2;
 /// A secret shorter than 16 bytes (128 bits) could be guessed offline from
 /// one captured tag; longer than 1 KiB is a wrong file, not a secret.
-pub const AUTH_SECRET_BYTES_MIN: usize = 16;
-pub const AUTH_SECRET_BYTES_MAX: usize = 1024;
+pub(crate) const AUTH_SECRET_BYTES_MIN: usize = 16;
+pub(crate) const AUTH_SECRET_BYTES_MAX: usize = 1024;
 
 /// Entries in each shard's dedup cache. 2^20 requested rounds up to 1,835,008
 /// ids in 32 MiB per shard (see `dedup::table_bytes`), over 30 s of a 50k/s
 /// shard: retries come within seconds, and anything older
 /// still meets the Redis marker, which has the final say.
-pub const DEDUP_CAPACITY_DEFAULT: usize = 1 << 20;
-pub const DEDUP_CAPACITY_MIN: usize = 64;
-pub const DEDUP_CAPACITY_MAX: usize = 1 << 30;
+pub(crate) const DEDUP_CAPACITY_DEFAULT: usize = 1 << 20;
+pub(crate) const DEDUP_CAPACITY_MIN: usize = 64;
+pub(crate) const DEDUP_CAPACITY_MAX: usize = 1 << 30;
 
 /// Timeout of one script call. Past it the events get RETRY; the call may still
 /// run later, which is safe because the script is idempotent per event id.
-pub const REDIS_TIMEOUT_MS_DEFAULT: u64 = 1_000;
-pub const REDIS_TIMEOUT_MS_MAX: u64 = 60_000;
+pub(crate) const REDIS_TIMEOUT_MS_DEFAULT: u64 = 1_000;
+pub(crate) const REDIS_TIMEOUT_MS_MAX: u64 = 60_000;
 
 /// How long shutdown waits for in-flight batches before answering RETRY.
-pub const DRAIN_TIMEOUT_MS_DEFAULT: u64 = 5_000;
-pub const DRAIN_TIMEOUT_MS_MAX: u64 = 60_000;
+pub(crate) const DRAIN_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub(crate) const DRAIN_TIMEOUT_MS_MAX: u64 = 60_000;
 
 /// Largest UDP datagram read. 64 KiB is the IPv4 maximum, so nothing is cut.
 pub const DATAGRAM_BYTES_MAX: usize = 65_536;
@@ -86,7 +86,7 @@ pub const RECEIVE_BATCH_DATAGRAMS: usize = 16;
 
 /// Largest reply datagram of coalesced acks: under a typical 1500-byte MTU so
 /// a reply is never fragmented.
-pub const REPLY_DATAGRAM_BYTES_MAX: usize = 1_400;
+pub(crate) const REPLY_DATAGRAM_BYTES_MAX: usize = 1_400;
 pub const REPLY_ACKS_MAX: usize = REPLY_DATAGRAM_BYTES_MAX / ACK_BYTES;
 
 /// Destinations with an open reply at once (`reply::ReplyBook`): a batch or a
@@ -104,12 +104,12 @@ pub const HELD_COPIES_MAX: usize = 1_024;
 
 /// Kernel socket buffers for the UDP socket: a burst of 120k/s for 20 ms of
 /// executor stall is ~2400 frames, ~250 KiB; 4 MiB leaves room for much worse.
-pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;
+pub(crate) const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
 /// TCP connections per shard. A game server forwards for many players over a
 /// few connections; thousands of direct clients is not a shape we serve.
-pub const TCP_CONNECTIONS_PER_SHARD_DEFAULT: usize = 1_024;
-pub const TCP_CONNECTIONS_PER_SHARD_MAX: usize = 65_536;
+pub(crate) const TCP_CONNECTIONS_PER_SHARD_DEFAULT: usize = 1_024;
+pub(crate) const TCP_CONNECTIONS_PER_SHARD_MAX: usize = 65_536;
 
 // Abuse limits (issue 6; the table "Abuse limits" in docs/design.md). All are
 // per shard; a "source" is an IP address, or an IPv6 /64 (`source.rs`).
@@ -119,31 +119,31 @@ pub const TCP_CONNECTIONS_PER_SHARD_MAX: usize = 65_536;
 /// few; 64 is far above both, and one host takes at most 1/16 of the default
 /// 1024 slots. A connection costs ~100 KiB of buffers, so this also bounds
 /// what one host can make a shard hold.
-pub const TCP_CONNECTIONS_PER_SOURCE_DEFAULT: usize = 64;
+pub(crate) const TCP_CONNECTIONS_PER_SOURCE_DEFAULT: usize = 64;
 
 /// A TCP connection that sends nothing for this long is closed (reason
 /// `idle`). Clients and relays send steadily while in play; a silent
 /// connection only holds a slot and its buffers (a connect-and-wait flood
 /// would hold them all). A client that was closed reconnects; nothing is lost,
 /// since every frame it sent was answered long before (redis_timeout_ms).
-pub const TCP_IDLE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
-pub const TCP_IDLE_TIMEOUT_MS_MIN: u64 = 100;
-pub const TCP_IDLE_TIMEOUT_MS_MAX: u64 = 3_600_000;
+pub(crate) const TCP_IDLE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+pub(crate) const TCP_IDLE_TIMEOUT_MS_MIN: u64 = 100;
+pub(crate) const TCP_IDLE_TIMEOUT_MS_MAX: u64 = 3_600_000;
 
 /// A TCP peer whose acks cannot be written for this long (it does not read
 /// them) is disconnected (reason `slow_reader`) and the acks owed to it are
 /// dropped; its events stay stored, and its resends get DUPLICATE. Until then
 /// it holds at most its outbox (below) and its kernel send buffer, because the
 /// shard stops reading from it at TCP_UNACKED_FRAMES_MAX.
-pub const TCP_WRITE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
-pub const TCP_WRITE_TIMEOUT_MS_MIN: u64 = 100;
-pub const TCP_WRITE_TIMEOUT_MS_MAX: u64 = 600_000;
+pub(crate) const TCP_WRITE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+pub(crate) const TCP_WRITE_TIMEOUT_MS_MIN: u64 = 100;
+pub(crate) const TCP_WRITE_TIMEOUT_MS_MAX: u64 = 600_000;
 
 /// Kernel send buffer of an accepted connection (SO_SNDBUF; the kernel
 /// doubles it). Acks for all frames a connection may have unanswered fit in
 /// it, so a reading peer never waits on it, while a peer that stops reading
 /// pins 128 KiB of kernel memory instead of autotuning's 4 MiB (tcp_wmem).
-pub const TCP_SEND_BUFFER_BYTES: usize = 64 * 1024;
+pub(crate) const TCP_SEND_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Frames per second one source may have a shard take, and how many it may
 /// send at once (the token bucket of `limiter.rs`); frames past it get no
@@ -152,20 +152,20 @@ pub const TCP_SEND_BUFFER_BYTES: usize = 64 * 1024;
 /// fifth of a production shard (25k+/s) and cannot crowd out the rest. The
 /// burst, 2 s at that rate, absorbs a client resending its backlog after a
 /// network hiccup.
-pub const UDP_SOURCE_FRAMES_PER_SEC_DEFAULT: u64 = 5_000;
-pub const UDP_SOURCE_FRAMES_PER_SEC_MAX: u64 = 10_000_000;
-pub const UDP_SOURCE_BURST_FRAMES_DEFAULT: u64 = 10_000;
-pub const UDP_SOURCE_BURST_FRAMES_MAX: u64 = 1_000_000;
+pub(crate) const UDP_SOURCE_FRAMES_PER_SEC_DEFAULT: u64 = 5_000;
+pub(crate) const UDP_SOURCE_FRAMES_PER_SEC_MAX: u64 = 10_000_000;
+pub(crate) const UDP_SOURCE_BURST_FRAMES_DEFAULT: u64 = 10_000;
+pub(crate) const UDP_SOURCE_BURST_FRAMES_MAX: u64 = 1_000_000;
 
 /// Sources whose buckets one shard keeps (32 bytes each: 2 MiB by default),
 /// in sets of UDP_SOURCE_TABLE_WAYS. Past that, the fullest bucket of a set is
 /// reused, which only ever resets a source to a full bucket (`limiter.rs`).
 /// 65536 sources active within two seconds on one shard is far more clients
 /// than one shard serves.
-pub const UDP_SOURCE_TABLE_ENTRIES_DEFAULT: usize = 65_536;
-pub const UDP_SOURCE_TABLE_ENTRIES_MIN: usize = 64;
-pub const UDP_SOURCE_TABLE_ENTRIES_MAX: usize = 1 << 22;
-pub const UDP_SOURCE_TABLE_WAYS: usize = 8;
+pub(crate) const UDP_SOURCE_TABLE_ENTRIES_DEFAULT: usize = 65_536;
+pub(crate) const UDP_SOURCE_TABLE_ENTRIES_MIN: usize = 64;
+pub(crate) const UDP_SOURCE_TABLE_ENTRIES_MAX: usize = 1 << 22;
+pub(crate) const UDP_SOURCE_TABLE_WAYS: usize = 8;
 
 /// TCP read buffer per connection: a few maximum frames, so a read that ends
 /// mid-frame always leaves room to complete it.
@@ -175,30 +175,31 @@ pub const TCP_READ_BUFFER_BYTES: usize = 16 * 1024;
 /// from it, which pushes back on the sender through TCP's own window. One read
 /// may add up to a buffer's worth of frames past the bound, so the outbox is
 /// sized for both and can never overflow: 40 KiB per connection.
-pub const TCP_UNACKED_FRAMES_MAX: usize = 1_024;
-pub const TCP_OUTBOX_BYTES: usize = (TCP_UNACKED_FRAMES_MAX + TCP_READ_BUFFER_BYTES / FRAME_BYTES_MIN) * ACK_BYTES;
+pub(crate) const TCP_UNACKED_FRAMES_MAX: usize = 1_024;
+pub(crate) const TCP_OUTBOX_BYTES: usize =
+    (TCP_UNACKED_FRAMES_MAX + TCP_READ_BUFFER_BYTES / FRAME_BYTES_MIN) * ACK_BYTES;
 
 /// Longest stretch one task may run before the shard's executor polls io_uring
 /// and its timers again. Under a steady flood a socket is never empty, so the
 /// receive loop would never wait and would starve the Redis connection and
 /// the linger timer; it yields once this much time has passed. 250 µs is a
 /// small share of the 5 ms p99.9 budget. (glommio's default is 100 ms.)
-pub const PREEMPT_TIMER_US: u64 = 250;
+pub(crate) const PREEMPT_TIMER_US: u64 = 250;
 
 /// Idle spinning before a shard sleeps. Off by default: on a shared host a
 /// spinning shard takes CPU from Redis and everything else. On a dedicated
 /// core, 50-200 µs saves a wake-up (tens of µs) per quiet-to-busy edge.
-pub const SPIN_BEFORE_PARK_US_MAX: u64 = 10_000;
+pub(crate) const SPIN_BEFORE_PARK_US_MAX: u64 = 10_000;
 
 /// How often shard 0 counts the sockets of the UDP group (its own process's
 /// and, during a rolling restart, the other's) to re-size the spreading
 /// program. A count reads /proc/net/udp, ~100 µs on shard 0 however few
 /// sockets there are, so once a second; until a change is seen, datagrams are
 /// still delivered, only spread less evenly (`sys.rs`).
-pub const UDP_GROUP_RECOUNT_MS: u64 = 1_000;
+pub(crate) const UDP_GROUP_RECOUNT_MS: u64 = 1_000;
 
 /// How often each shard looks at the process-wide shutdown flag.
-pub const SHUTDOWN_POLL_MS: u64 = 5;
+pub(crate) const SHUTDOWN_POLL_MS: u64 = 5;
 
 /// HDR histograms record 1 µs .. 60 s with 3 significant digits.
 pub const HISTOGRAM_HIGHEST_US: u64 = 60_000_000;

@@ -181,7 +181,7 @@ fn socket_address(storage: &libc::sockaddr_storage, length: libc::socklen_t) -> 
 }
 
 /// A second stream on the same socket as `stream`.
-pub fn duplicate_stream(stream: &TcpStream) -> io::Result<TcpStream> {
+pub(crate) fn duplicate_stream(stream: &TcpStream) -> io::Result<TcpStream> {
     // SAFETY: `stream` is a live, open TcpStream borrowed for this whole call,
     // so its descriptor stays valid while `borrowed` exists; `borrowed` does
     // not outlive this function.
@@ -197,7 +197,7 @@ const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 /// Classic BPF for an SO_REUSEPORT group: `A = random(); A %= group_size; return A`. The kernel
 /// takes the returned value as the index of the socket in the group, and falls back to its hash
 /// when the index is past the group's end (a shard that already closed its socket).
-pub fn random_socket_program(group_size: u32) -> [libc::sock_filter; 3] {
+pub(crate) fn random_socket_program(group_size: u32) -> [libc::sock_filter; 3] {
     assert!(group_size >= 1, "a group has at least one socket");
     let instruction = |code: u32, k: u32| libc::sock_filter {
         code: code as u16,
@@ -218,7 +218,7 @@ pub fn random_socket_program(group_size: u32) -> [libc::sock_filter; 3] {
 /// Makes the kernel give each datagram for `socket`'s SO_REUSEPORT group to a random one of its
 /// `group_size` sockets (see the module docs). Attaching it again, from another member, replaces
 /// the group's program with the same one.
-pub fn spread_datagrams_randomly(socket: &impl AsRawFd, group_size: u32) -> io::Result<()> {
+pub(crate) fn spread_datagrams_randomly(socket: &impl AsRawFd, group_size: u32) -> io::Result<()> {
     let mut program = random_socket_program(group_size);
     let program_description = libc::sock_fprog {
         len: program.len() as u16,
@@ -288,7 +288,7 @@ pub fn udp_group_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
 /// Inodes of the sockets this process holds open (the `socket:[INODE]` links in
 /// /proc/self/fd). A socket whose last descriptor is closed is no longer among them, even while
 /// the kernel finishes with it.
-pub fn own_socket_inodes() -> io::Result<HashSet<u64>> {
+pub(crate) fn own_socket_inodes() -> io::Result<HashSet<u64>> {
     let mut inodes = HashSet::new();
     for entry in std::fs::read_dir("/proc/self/fd")? {
         // A descriptor closed while we list is simply not there.

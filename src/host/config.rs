@@ -365,7 +365,7 @@ impl ServeArgs {
 
 impl Config {
     /// What the pipeline takes from the command line.
-    pub fn pipeline_settings(&self) -> crate::pipeline::Settings {
+    pub(crate) fn pipeline_settings(&self) -> crate::pipeline::Settings {
         crate::pipeline::Settings {
             partitions: self.partitions,
             prefix: self.prefix.clone(),
@@ -378,7 +378,7 @@ impl Config {
     }
 
     /// What a shard's Redis client takes from the command line.
-    pub fn store_settings(&self) -> crate::redis::store::StoreSettings {
+    pub(crate) fn store_settings(&self) -> crate::redis::store::StoreSettings {
         crate::redis::store::StoreSettings {
             redis_url: self.redis_url.clone(),
             call_timeout_ms: self.redis_timeout_ms,
@@ -390,7 +390,7 @@ impl Config {
     }
 
     /// What intake takes from the command line.
-    pub fn intake_settings(&self) -> crate::intake::Settings {
+    pub(crate) fn intake_settings(&self) -> crate::intake::Settings {
         crate::intake::Settings {
             shard_count: self.cores.len(),
             udp_source_table_entries: self.udp_source_table_entries,

@@ -70,7 +70,7 @@ struct UdpSockets {
 
 /// Whether this process shares its UDP group with another one, as seen at stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GroupShare {
+pub(crate) enum GroupShare {
     /// Only this process's sockets are bound to the address.
     Alone,
     /// Sockets of another process (a rolling restart's successor) are in the group.
@@ -151,7 +151,7 @@ impl UdpIo {
     }
 
     /// The socket's inode: how /proc/net/udp names it (see `exporter.rs`); 0 once closed.
-    pub fn socket_inode(&self) -> u64 {
+    pub(crate) fn socket_inode(&self) -> u64 {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
         let Some(fd) = self.open.borrow().as_ref().map(|sockets| sockets.direct.as_raw_fd()) else {
@@ -166,7 +166,7 @@ impl UdpIo {
     /// differs from `attached_size`, attaches the spreading program for the new count; returns
     /// the size now attached. Where the group cannot be counted (no /proc), the first call
     /// attaches `fallback_size`, this process's shard count, as before rolling restarts existed.
-    pub fn spread_over_group(&self, attached_size: usize, fallback_size: usize) -> usize {
+    pub(crate) fn spread_over_group(&self, attached_size: usize, fallback_size: usize) -> usize {
         let Some(sockets) = self.open.borrow().clone() else {
             return attached_size;
         };
@@ -206,7 +206,7 @@ impl UdpIo {
     /// Whether sockets of another process are in the group: group members that are not among
     /// this process's open sockets. Every shard asks before any of this process's shards closes
     /// its socket, unless another process is there: only then do shards close theirs.
-    pub fn group_share(&self) -> std::io::Result<GroupShare> {
+    pub(crate) fn group_share(&self) -> std::io::Result<GroupShare> {
         let members = crate::sys::udp_group_inodes(self.address)?;
         let own = crate::sys::own_socket_inodes()?;
         let other_sockets = members.iter().filter(|inode| !own.contains(inode)).count();
@@ -218,12 +218,12 @@ impl UdpIo {
 
     /// Closes the socket, which takes it out of the group: the kernel stops routing datagrams to
     /// it (those already queued are dropped unanswered, and their clients resend).
-    pub fn leave_group(&self) {
+    pub(crate) fn leave_group(&self) {
         self.open.borrow_mut().take();
     }
 
     /// Reply datagrams not sent because the socket had left the group.
-    pub fn replies_unsent(&self) -> u64 {
+    pub(crate) fn replies_unsent(&self) -> u64 {
         self.replies_unsent.get()
     }
 }

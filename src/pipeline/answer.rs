@@ -57,7 +57,7 @@ impl Route {
 
 /// Acks waiting to go to one UDP address. Its buffer is fixed: it is flushed
 /// before it would overflow.
-pub struct UdpReply {
+pub(crate) struct UdpReply {
     destination: Option<SocketAddr>,
     bytes: [u8; REPLY_DATAGRAM_BYTES_MAX],
     length_bytes: usize,

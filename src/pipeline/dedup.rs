@@ -93,7 +93,7 @@ pub const CAPACITY_EVENTS_MAX: usize = 1 << 30;
 
 /// How many times a reader retries a bucket the writer is updating before it
 /// answers "absent" (see the module doc for why that answer is the safe one).
-pub const READ_RETRIES_MAX: u32 = 8;
+pub(crate) const READ_RETRIES_MAX: u32 = 8;
 
 /// Bytes per bucket: two 64-byte cache lines.
 const BUCKET_BYTES: usize = 128;

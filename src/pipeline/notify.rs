@@ -56,7 +56,7 @@ impl Latch {
         self.semaphore.close();
     }
 
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.semaphore.try_acquire(1).is_err()
     }
 

@@ -64,7 +64,7 @@ pub struct Settings {
 
 impl Settings {
     /// Events one shard may hold in its open batch and its sent batches.
-    pub fn inflight_events_max(&self) -> usize {
+    pub(crate) fn inflight_events_max(&self) -> usize {
         self.batch_events_max * (self.batches_in_flight_max + 1)
     }
 }
@@ -315,14 +315,14 @@ impl Shard {
     }
 
     /// Counts an answer given without a Redis call and records its latency.
-    pub fn record_answered(&self, transport: Transport, status: Status, received_at: Instant, now: Instant) {
+    pub(crate) fn record_answered(&self, transport: Transport, status: Status, received_at: Instant, now: Instant) {
         self.metrics.ack(transport, status, 1);
         let mut latency = self.latency.borrow_mut();
         latency.record_intake_to_ack(received_at, now);
         let elapsed_us = now.saturating_duration_since(received_at).as_micros() as u64;
         self.metrics.intake_to_ack_us[transport as usize].observe(elapsed_us);
     }
-    pub fn dedup_len_events(&self) -> usize {
+    pub(crate) fn dedup_len_events(&self) -> usize {
         self.admission.dedup.borrow().len_events()
     }
 }

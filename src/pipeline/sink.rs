@@ -332,7 +332,7 @@ impl Shard {
     }
 
     /// Adds one UDP ack to `replies`, sending a reply first when there is no room.
-    pub async fn push_udp_answer<const N: usize>(
+    pub(crate) async fn push_udp_answer<const N: usize>(
         &self,
         sink: &impl AckSink,
         replies: &mut ReplyBook<N>,

@@ -94,7 +94,7 @@ return reply
 /// Records the prefix's partition count the first time, and returns the
 /// count recorded (protocol revision 2: the count is part of the data).
 /// KEYS: the count's key. ARGV: this server's count.
-pub const PARTITIONS_LUA: &str = r#"
+pub(crate) const PARTITIONS_LUA: &str = r#"
 local recorded = redis.call('GET', KEYS[1])
 if not recorded then
   redis.call('SET', KEYS[1], ARGV[1])
@@ -105,14 +105,14 @@ return recorded
 
 /// The key holding a prefix's partition count. It carries no hash tag: it is
 /// read once per connection, by a call of its own.
-pub fn partitions_key(prefix: &str) -> String {
+pub(crate) fn partitions_key(prefix: &str) -> String {
     format!("{prefix}:partitions")
 }
 
 /// Outcome bytes of the script's reply.
 pub const OUTCOME_APPENDED: u8 = b'A';
 pub const OUTCOME_ALREADY_STORED: u8 = b'D';
-pub const OUTCOME_FAILED: u8 = b'E';
+pub(crate) const OUTCOME_FAILED: u8 = b'E';
 
 /// One event's fields as the script stores them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

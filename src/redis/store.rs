@@ -155,7 +155,7 @@ pub enum Outcome {
 /// The events of a call that Redis refused one by one: counts by reason, and
 /// the first one's key and error for the (rate-limited) log.
 #[derive(Debug, Default)]
-pub struct EventFailures {
+pub(crate) struct EventFailures {
     pub by_reason: [u64; EventErrorReason::ALL.len()],
     pub first: Option<String>,
 }
@@ -173,7 +173,7 @@ impl EventFailures {
 
 /// What the prefix's recorded partition count says about ours.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Partitions {
+pub(crate) enum Partitions {
     /// Recorded now, or recorded earlier with the same count.
     Agree,
     /// Recorded earlier with another count: serving would store copies twice.
@@ -242,7 +242,7 @@ impl Store {
         let _connection_task = self.client.connect();
     }
 
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         self.client.is_connected()
     }
 
@@ -250,7 +250,7 @@ impl Store {
     /// in order, and `failures` what Redis refused event by event. On error
     /// nothing is known about any event of the batch: any of them may be
     /// stored (RETRY means "not confirmed").
-    pub async fn dedup_append(
+    pub(crate) async fn dedup_append(
         &self,
         nonce: u64,
         event_count: usize,
@@ -278,7 +278,7 @@ impl Store {
 
     /// Records our partition count under the prefix if none is, and says
     /// whether a recorded one agrees.
-    pub async fn check_partitions(&self) -> Result<Partitions, StoreError> {
+    pub(crate) async fn check_partitions(&self) -> Result<Partitions, StoreError> {
         let call = self.partitions_script.evalsha_with_reload::<Value, _, _>(
             &self.client,
             vec![fred::types::Key::from(self.partitions_key.as_str())],
@@ -416,12 +416,12 @@ impl RedisUrl {
         RedisUrl(url)
     }
 
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 
     /// The url with the password part of its userinfo replaced by `***`.
-    pub fn redacted(&self) -> String {
+    pub(crate) fn redacted(&self) -> String {
         redact_url(&self.0)
     }
 }

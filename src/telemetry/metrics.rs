@@ -49,12 +49,12 @@ impl Gauge {
 
 /// Upper bounds of the latency buckets, in microseconds: log-spaced 1-2-5
 /// from 10 µs to 1 s, as operators read them (the 5 ms SLO is a bound).
-pub const LATENCY_BOUNDS_US: [u64; 16] = [
+pub(crate) const LATENCY_BOUNDS_US: [u64; 16] = [
     10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
 ];
 
 /// Upper bounds of the batch-size buckets, in events.
-pub const BATCH_BOUNDS_EVENTS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+pub(crate) const BATCH_BOUNDS_EVENTS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
 
 const HISTOGRAM_BUCKETS_MAX: usize = 24;
 const _: () =
@@ -86,7 +86,7 @@ impl<const N: usize> Histogram<N> {
     }
 
     #[inline]
-    pub fn observe(&self, value: u64) {
+    pub(crate) fn observe(&self, value: u64) {
         let index = self.bounds.partition_point(|&bound| bound < value);
         debug_assert!(index <= N);
         self.buckets[index].add(1);
@@ -272,7 +272,7 @@ impl RedisErrorKind {
 
 /// Why Redis refused one event of a batch, from its error's code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventErrorReason {
+pub(crate) enum EventErrorReason {
     /// `WRONGTYPE`: the event's stream or marker key holds another type.
     WrongType = 0,
     /// `OOM`: Redis is at `maxmemory` and may not evict.
@@ -296,7 +296,7 @@ impl EventErrorReason {
     }
 
     /// The reason from a Redis error message's code (`WRONGTYPE ...`).
-    pub fn of_message(message: &str) -> EventErrorReason {
+    pub(crate) fn of_message(message: &str) -> EventErrorReason {
         if message.starts_with("WRONGTYPE") {
             EventErrorReason::WrongType
         } else if message.starts_with("OOM") {
@@ -461,7 +461,7 @@ impl ShardMetrics {
         self.frames_received.iter().map(Counter::get).sum()
     }
 
-    pub fn unparseable_total(&self) -> u64 {
+    pub(crate) fn unparseable_total(&self) -> u64 {
         self.unparseable.iter().map(Counter::get).sum()
     }
 
