@@ -67,7 +67,7 @@ def budget(objective):
 
 def latency_bounds_us():
     text = METRICS_RS.read_text()
-    found = re.search(r"pub const LATENCY_BOUNDS_US: \[u64; \d+\] = \[([^\]]*)\]", text)
+    found = re.search(r"pub(?:\(crate\))? const LATENCY_BOUNDS_US: \[u64; \d+\] = \[([^\]]*)\]", text)
     if not found:
         raise SloError(f"no LATENCY_BOUNDS_US in {METRICS_RS}")
     return [int(item.replace("_", "")) for item in found.group(1).split(",") if item.strip()]

@@ -87,7 +87,7 @@ test_service_unit_has_what_issue_5_asks() {
   assert_eq "$(unit_value ExecReload)" "" ExecReload
   assert_eq "$(unit_value StateDirectory)" shardgate StateDirectory
   local drain_ms stop_s
-  drain_ms=$(sed -n 's/^pub const DRAIN_TIMEOUT_MS_DEFAULT: u64 = \([0-9_]*\);/\1/p' "$REPO_DIR/src/limits.rs" | tr -d _)
+  drain_ms=$(sed -n 's/^pub\(([a-z]*)\)\{0,1\} const DRAIN_TIMEOUT_MS_DEFAULT: u64 = \([0-9_]*\);/\2/p' "$REPO_DIR/src/limits.rs" | tr -d _)
   [[ -n $drain_ms ]] || fail "no DRAIN_TIMEOUT_MS_DEFAULT in src/limits.rs"
   stop_s=$(unit_value TimeoutStopSec)
   stop_s=${stop_s%s}
