@@ -781,13 +781,12 @@ impl Counts {
         let udp = Transport::Udp as usize;
         let lookups = |outcome: LookupOutcome| metrics.dedup_lookups[outcome as usize].get();
         let rejected = |reason: RejectReason| metrics.frames_rejected[udp][reason as usize].get();
-        let batch_sizes = metrics.batch_events.snapshot(1.0);
+        let batch_sizes = metrics.batch_events.read();
         // The bucket of batches of 9 to 16 events: full batches are 16.
         let large_batches = batch_sizes
-            .buckets
-            .iter()
-            .find(|(bound, _)| *bound == BATCH_EVENTS_MAX as f64)
-            .map(|(_, count)| *count)
+            .per_bucket()
+            .find(|(bound, _)| *bound == Some(BATCH_EVENTS_MAX as u64))
+            .map(|(_, count)| count)
             .expect("a bucket for full batches");
         Counts {
             misses: lookups(LookupOutcome::Miss),
@@ -803,7 +802,7 @@ impl Counts {
             corrupt: metrics.frames_corrupt[udp].get(),
             unparseable: metrics.unparseable[udp].get(),
             limited: metrics.frames_limited[udp].get(),
-            batches: batch_sizes.count,
+            batches: batch_sizes.count(),
             large_batches,
             bytes_received: metrics.bytes_received[udp].get(),
             reply_send_errors: metrics.reply_send_errors.get(),

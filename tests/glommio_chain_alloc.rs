@@ -10,40 +10,24 @@
 //! parks. A small depth makes the re-arm frequent; shardgate's default of 128 only makes it rarer.
 //! One task parks and wakes on a reused `Timer`, which itself allocates nothing per wait.
 
-use std::time::Duration;
-
-use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement};
-use shardgate::sys::{thread_allocations, CountingAllocator};
+use reused_timer::{allocations_over_sleeps, MEASURED_SLEEPS};
+use shardgate::sys::CountingAllocator;
+
+mod reused_timer;
 
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// The throughput timer fires after this many main-ring completions (glommio's default is 128).
 const RING_DEPTH: usize = 4;
-const WARM_UP_SLEEPS: u32 = 500;
-const MEASURED_SLEEPS: u32 = 2_000;
-const SLEEP: Duration = Duration::from_micros(50);
 
-/// Allocations and bytes of `MEASURED_SLEEPS` short sleeps on one reused timer, counted on the
-/// thread of an executor whose rings are `RING_DEPTH` deep.
-fn allocations_over_sleeps() -> (u64, u64) {
+/// Allocations and bytes of the measured sleeps (`reused_timer`), counted on the thread of an
+/// executor whose rings are `RING_DEPTH` deep.
+fn allocations_at_ring_depth() -> (u64, u64) {
     let executor = LocalExecutorBuilder::new(Placement::Unbound)
         .ring_depth(RING_DEPTH)
-        .spawn(|| async {
-            let mut timer = Timer::new(SLEEP);
-            for _ in 0..WARM_UP_SLEEPS {
-                timer.reset(SLEEP);
-                (&mut timer).await;
-            }
-            let (allocations_before, bytes_before) = thread_allocations();
-            for _ in 0..MEASURED_SLEEPS {
-                timer.reset(SLEEP);
-                (&mut timer).await;
-            }
-            let (allocations_after, bytes_after) = thread_allocations();
-            (allocations_after - allocations_before, bytes_after - bytes_before)
-        })
+        .spawn(allocations_over_sleeps)
         .expect("an executor starts");
     executor.join().expect("the executor ends")
 }
@@ -51,7 +35,7 @@ fn allocations_over_sleeps() -> (u64, u64) {
 /// Re-arming the throughput timer, a linked chain of two descriptors, allocates nothing.
 #[test]
 fn throughput_timer_rearm_allocates_nothing() {
-    let (allocations, bytes) = allocations_over_sleeps();
+    let (allocations, bytes) = allocations_at_ring_depth();
     // One main-ring completion per park: about one re-arm every RING_DEPTH sleeps.
     let rearms = f64::from(MEASURED_SLEEPS) / RING_DEPTH as f64;
     let per_rearm = allocations as f64 / rearms;

@@ -9,9 +9,11 @@
 
 use std::time::Duration;
 
-use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement};
-use shardgate::sys::{thread_allocations, CountingAllocator};
+use reused_timer::{allocations_over_sleeps, MEASURED_SLEEPS};
+use shardgate::sys::CountingAllocator;
+
+mod reused_timer;
 
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
@@ -19,9 +21,6 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 /// Tasks each waiting on a timer that never fires during the test: several fit in one node of
 /// the timer map, as a shard's few timers do.
 const PENDING_TIMERS: usize = 8;
-const WARM_UP_SLEEPS: u32 = 500;
-const MEASURED_SLEEPS: u32 = 2_000;
-const SLEEP: Duration = Duration::from_micros(50);
 
 /// Allocations and bytes per park of `MEASURED_SLEEPS` short sleeps on one reused timer, with
 /// `PENDING_TIMERS` other timers pending, counted on the executor's thread.
@@ -31,21 +30,11 @@ fn per_sleep_with_timers_pending() -> (f64, f64) {
             let waiters: Vec<_> = (0..PENDING_TIMERS)
                 .map(|_| glommio::spawn_local(glommio::timer::sleep(Duration::from_secs(3_600))).detach())
                 .collect();
-            let mut timer = Timer::new(SLEEP);
-            for _ in 0..WARM_UP_SLEEPS {
-                timer.reset(SLEEP);
-                (&mut timer).await;
-            }
-            let (allocations_before, bytes_before) = thread_allocations();
-            for _ in 0..MEASURED_SLEEPS {
-                timer.reset(SLEEP);
-                (&mut timer).await;
-            }
-            let (allocations_after, bytes_after) = thread_allocations();
+            let counted = allocations_over_sleeps().await;
             for waiter in waiters {
                 waiter.cancel();
             }
-            (allocations_after - allocations_before, bytes_after - bytes_before)
+            counted
         })
         .expect("an executor starts");
     let (allocations, bytes) = executor.join().expect("the executor ends");

@@ -307,7 +307,7 @@ fn finish(config: &Config, reports: &[ShardReport], started: SystemTime) -> Resu
         retry_redis =
             total(|metrics| metrics.retries_by(RetryCause::RedisDown) + metrics.retries_by(RetryCause::RedisError)),
         drained_events,
-        batches = total(|metrics| metrics.batch_events.snapshot(1.0).count),
+        batches = total(|metrics| metrics.batch_events.read().count()),
         cache_events = reports.iter().map(|report| report.cache_events).sum::<usize>(),
         ack_p50_us = ack.value_at_quantile(0.5),
         ack_p99_us = ack.value_at_quantile(0.99),

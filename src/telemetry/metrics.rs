@@ -112,29 +112,6 @@ impl<const N: usize> Histogram<N> {
             sum: self.sum.get(),
         }
     }
-
-    /// Per-bucket (not cumulative) `(upper bound, count)` pairs, the sum and
-    /// the count, with bounds and sum divided by `divisor` (1e6 turns
-    /// microseconds into seconds). The last bound is +Inf.
-    pub fn snapshot(&self, divisor: f64) -> HistogramSnapshot {
-        let mut count = 0;
-        let mut buckets = Vec::with_capacity(N + 1);
-        for (index, bound) in self.bounds.iter().enumerate() {
-            let in_bucket = self.buckets[index].get();
-            count += in_bucket;
-            buckets.push((*bound as f64 / divisor, in_bucket));
-        }
-        let above_last = self.buckets[N].get();
-        count += above_last;
-        buckets.push((f64::INFINITY, above_last));
-        // Reads race with the writer; the count is taken from the buckets so
-        // the exposition is always self-consistent.
-        HistogramSnapshot {
-            buckets,
-            sum: self.sum.get() as f64 / divisor,
-            count,
-        }
-    }
 }
 
 /// One read of a histogram (`Histogram::read`), whatever its bucket count.
@@ -157,12 +134,16 @@ impl HistogramReading {
     pub fn count(&self) -> u64 {
         self.buckets().last().map_or(0, |(_, count)| count)
     }
-}
 
-pub struct HistogramSnapshot {
-    pub buckets: Vec<(f64, u64)>,
-    pub sum: f64,
-    pub count: u64,
+    /// `(upper bound, observations in that bucket alone)`, over the same buckets as `buckets`.
+    pub fn per_bucket(&self) -> impl Iterator<Item = (Option<u64>, u64)> + '_ {
+        let mut below = 0;
+        self.buckets().map(move |(bound, cumulative)| {
+            let in_bucket = cumulative - below;
+            below = cumulative;
+            (bound, in_bucket)
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -474,34 +455,31 @@ impl ShardMetrics {
 mod tests {
     use super::*;
 
-    /// Values land in the first bucket whose bound is >= the value; the snapshot holds per-bucket counts (not
-    /// cumulative) and ends at +Inf.
+    /// Values land in the first bucket whose bound is >= the value; per-bucket counts (not
+    /// cumulative) end at +Inf.
     #[test]
     fn histogram_buckets() {
         let histogram = Histogram::new(&LATENCY_BOUNDS_US);
         for value in [1, 10, 11, 5_000, 5_001, 2_000_000] {
             histogram.observe(value);
         }
-        let snapshot = histogram.snapshot(1e6);
-        assert_eq!(snapshot.count, 6);
-        assert_eq!(snapshot.buckets[0], (10e-6, 2));
-        assert_eq!(snapshot.buckets[1].1, 1);
-        let cumulative_at = |seconds: f64| -> u64 {
-            snapshot
-                .buckets
+        let reading = histogram.read();
+        let per_bucket: Vec<(Option<u64>, u64)> = reading.per_bucket().collect();
+        assert_eq!(reading.count(), 6);
+        assert_eq!(per_bucket[0], (Some(10), 2));
+        assert_eq!(per_bucket[1].1, 1);
+        let cumulative_at = |bound_us: u64| -> u64 {
+            per_bucket
                 .iter()
-                .take_while(|(bound, _)| *bound <= seconds + 1e-12)
+                .take_while(|(bound, _)| bound.is_some_and(|bound| bound <= bound_us))
                 .map(|(_, count)| count)
                 .sum()
         };
-        assert_eq!(cumulative_at(0.005), 4);
-        assert_eq!(cumulative_at(1.0), 5);
-        assert_eq!(snapshot.buckets.last().unwrap(), &(f64::INFINITY, 1));
-        assert_eq!(
-            snapshot.buckets.iter().map(|(_, count)| count).sum::<u64>(),
-            snapshot.count
-        );
-        assert!((snapshot.sum - 2.010023).abs() < 1e-9, "sum {}", snapshot.sum);
+        assert_eq!(cumulative_at(5_000), 4);
+        assert_eq!(cumulative_at(1_000_000), 5);
+        assert_eq!(per_bucket.last().unwrap(), &(None, 1));
+        assert_eq!(per_bucket.iter().map(|(_, count)| count).sum::<u64>(), reading.count());
+        assert_eq!(reading.sum, 2_010_023);
     }
 
     /// A reading is cumulative, ends at +Inf with the count, and keeps the recorded unit.
