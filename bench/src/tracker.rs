@@ -34,7 +34,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use shardgate_client::resend::Schedule;
+use shardgate_client::resend::{mix, Schedule};
 use shardgate_proto::frame::{Ack, EventId, Status};
 
 use crate::events::Event;
@@ -366,11 +366,8 @@ pub fn answer_timeout_ns(attempt: u32) -> u64 {
 /// rather than a random draw keeps the tracker deterministic, and ids are already spread
 /// uniformly.
 pub fn retry_delay_ns(id: EventId, attempt: u32) -> u64 {
-    // splitmix64's finalizer: every input bit reaches the high bits the schedule reads.
-    let mut spread = id.player_id ^ id.seq.rotate_left(29) ^ u64::from(attempt).rotate_left(47);
-    spread = (spread ^ (spread >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    spread = (spread ^ (spread >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    RETRY_SCHEDULE.delay(attempt, spread ^ (spread >> 31)).as_nanos() as u64
+    let spread = mix(id.player_id ^ id.seq.rotate_left(29) ^ u64::from(attempt).rotate_left(47));
+    RETRY_SCHEDULE.delay(attempt, spread).as_nanos() as u64
 }
 
 const ANSWER_SCHEDULE: Schedule = Schedule::new(

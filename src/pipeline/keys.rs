@@ -43,11 +43,7 @@ impl Secrets {
 
     /// Tests-only and tools: secrets from bytes, bounds unchecked.
     pub fn from_bytes(secrets: Vec<Vec<u8>>) -> Secrets {
-        assert!(!secrets.is_empty() && secrets.len() <= limits::AUTH_SECRET_FILES_MAX);
-        Secrets {
-            files: Vec::new(),
-            secrets,
-        }
+        Secrets::new(Vec::new(), secrets)
     }
 
     /// Whether `action` carries a valid tag under any secret and is fresh at

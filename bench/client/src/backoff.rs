@@ -7,7 +7,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
-use crate::resend::Schedule;
+use crate::resend::{mix, Schedule};
 
 pub(crate) struct Backoff {
     schedule: Schedule,
@@ -32,10 +32,7 @@ impl Backoff {
     /// splitmix64.
     fn next_random(&mut self) -> u64 {
         self.rng_state = self.rng_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut mixed = self.rng_state;
-        mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        mixed ^ (mixed >> 31)
+        mix(self.rng_state)
     }
 }
 

@@ -48,6 +48,15 @@ impl Schedule {
     }
 }
 
+/// splitmix64's finalizer: spreads every bit of `seed` over all 64, so that a caller's draw for
+/// `Schedule::delay` (which reads the high bits) can be a counter or a hash of an event id.
+pub fn mix(seed: u64) -> u64 {
+    let mut mixed = seed;
+    mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    mixed ^ (mixed >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
