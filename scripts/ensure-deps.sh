@@ -10,7 +10,7 @@ command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 # The metrics test lints /metrics with promtool, from Debian's prometheus package.
 if [ "${SHARDGATE_NEED_PROMTOOL:-0}" = 1 ]; then
   command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
-  # scripts/glommio-patches.sh check, run by the tests.
+  # scripts/vendored-patches.sh check, run by the tests.
   command -v patch >/dev/null 2>&1 || need_apt+=(patch)
 fi
 

@@ -28,19 +28,21 @@ step "host tests (scripts/test-host.sh)"
 SHARDGATE_BIN="${SHARDGATE_BIN:-$PWD/target/debug/shardgate}" bash scripts/test-host.sh
 step "monitoring artifacts (scripts/check-monitoring.sh)"
 bash scripts/check-monitoring.sh
-step "the vendored glommio is crates.io's 0.9.0 plus its numbered patches (scripts/glommio-patches.sh)"
-bash scripts/glommio-patches.sh check
-step "the vendored glommio builds without warnings, and the demo's Redis keeps the documented durability"
+step "the vendored glommio and fred are crates.io releases plus numbered patches (scripts/vendored-patches.sh)"
+bash scripts/vendored-patches.sh check
+step "the vendored crates build without warnings, and the demo's Redis keeps the documented durability"
 # cargo replays a path dependency's cached warnings on every build, so this costs no rebuild.
-glommio_warnings=$(cargo build -p glommio 2>&1 | grep -c '^warning' || true)
-if [ "$glommio_warnings" != 0 ]; then
-  cargo build -p glommio >&2
-  echo "the vendored glommio prints $glommio_warnings warnings: the demo shows them to every newcomer" >&2
-  exit 1
-fi
+for vendored in glommio fred; do
+  vendored_warnings=$(cargo build -p "$vendored" 2>&1 | grep -c '^warning' || true)
+  if [ "$vendored_warnings" != 0 ]; then
+    cargo build -p "$vendored" >&2
+    echo "the vendored $vendored prints $vendored_warnings warnings: the demo shows them to every newcomer" >&2
+    exit 1
+  fi
+done
 grep -q -- '--appendonly yes --appendfsync everysec' scripts/demo.sh ||
   { echo "scripts/demo.sh no longer runs Redis with AOF everysec, the default docs/operations.md recommends" >&2; exit 1; }
-echo "ok: no glommio warnings; demo Redis on AOF everysec"
+echo "ok: no warnings from the vendored crates; demo Redis on AOF everysec"
 step "loom model of the dedup cache (scripts/loom.sh)"
 bash scripts/loom.sh
 step "fuzzing (scripts/fuzz.sh)"

@@ -68,7 +68,8 @@ use shardgate::pipeline::keys::Secrets;
 use shardgate::pipeline::notify::Notify;
 use shardgate::pipeline::shard::Shard;
 use shardgate::pipeline::{Outage, Settings};
-use shardgate::redis::store::{RedisUrl, Store, StoreSettings, TimeDriver};
+use shardgate::redis::script::{append_record, Record};
+use shardgate::redis::store::{EventFailures, Outcome, RedisUrl, Store, StoreSettings, TimeDriver};
 use shardgate::sys::{thread_allocations, CountingAllocator, DatagramBatch};
 use shardgate::telemetry::metrics::{LookupOutcome, RetryCause, ShardMetrics, Transport};
 use shardgate::wire::auth::player_key;
@@ -921,4 +922,112 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Script calls measured by `redis_call_heap_is_bounded`, after as many unmeasured ones.
+const MEASURED_CALLS: usize = 1_000;
+/// Events per measured call: about what one shard's calls carry at 40 000 frames/s.
+const CALL_EVENTS: usize = 32;
+/// Heap one script call may take on the shard's thread (fred's command, its frame, the reply,
+/// the deadline's timer). Measured 2.3 KB; fred's boxed write future alone was 5.7 KB more
+/// (third_party/fred/PATCHED.md, patch 0002), so a bound below that catches it coming back.
+const REDIS_CALL_BYTES_MAX: u64 = 4_096;
+
+/// One script call of a 32-event batch stays within a fixed heap budget on the shard's thread,
+/// fred's router task included (it runs on the same executor).
+#[test]
+fn redis_call_heap_is_bounded() {
+    let redis = Redis::start();
+    let timers = TimeDriver::start().expect("the timer thread starts");
+    let timers = timers.handle();
+    let url = redis.url();
+    let (allocations, bytes) = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("alloc-redis-calls")
+        .spawn(move || async move {
+            let _timers = timers.enter();
+            measure_redis_calls(url).await
+        })
+        .expect("the shard's executor starts")
+        .join()
+        .expect("the shard's executor ends");
+    drop(redis);
+    let calls = MEASURED_CALLS as u64;
+    eprintln!(
+        "{MEASURED_CALLS} script calls of {CALL_EVENTS} events: {allocations} allocations, {bytes} bytes \
+         ({:.1} allocations and {} bytes per call)",
+        allocations as f64 / calls as f64,
+        bytes / calls
+    );
+    assert!(
+        allocations > 0,
+        "fred allocates per call; a zero means nothing was counted"
+    );
+    assert!(
+        bytes / calls <= REDIS_CALL_BYTES_MAX,
+        "a script call took {} bytes of heap, more than {REDIS_CALL_BYTES_MAX}",
+        bytes / calls
+    );
+}
+
+/// Makes `MEASURED_CALLS` unmeasured calls, then as many measured ones, each of a new batch
+/// (built before the count starts), and returns the thread's allocations and bytes over the
+/// measured ones.
+async fn measure_redis_calls(redis_url: String) -> (u64, u64) {
+    let store = Store::new(&StoreSettings {
+        redis_url: RedisUrl::new(redis_url),
+        call_timeout_ms: 5_000,
+        batches_in_flight_max: BATCHES_IN_FLIGHT_MAX,
+        prefix: PREFIX.into(),
+        dedup_window_secs: 60,
+        partitions: 16,
+    })
+    .expect("the redis client builds");
+    store.connect();
+    let blobs: Vec<bytes::Bytes> = (0..2 * MEASURED_CALLS).map(call_blob).collect();
+    let mut outcomes = Vec::with_capacity(CALL_EVENTS);
+    let mut failures = EventFailures::default();
+    let mut counted = (0, 0);
+    for (call, blob) in blobs.into_iter().enumerate() {
+        if call == MEASURED_CALLS {
+            counted = thread_allocations();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The first calls may find fred still connecting; a measured one never should.
+        while let Err(error) = store
+            .dedup_append(call as u64, CALL_EVENTS, blob.clone(), &mut outcomes, &mut failures)
+            .await
+        {
+            assert!(
+                call < MEASURED_CALLS && Instant::now() < deadline,
+                "script call {call}: {error}"
+            );
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(outcomes.len(), CALL_EVENTS, "one outcome per event");
+        assert!(
+            outcomes.iter().all(|outcome| *outcome == Outcome::Appended),
+            "every event is new"
+        );
+    }
+    let after = thread_allocations();
+    store.quit().await;
+    (after.0 - counted.0, after.1 - counted.1)
+}
+
+/// The blob of call `call`: `CALL_EVENTS` new events, in the layout the script reads.
+fn call_blob(call: usize) -> bytes::Bytes {
+    let mut blob = bytes::BytesMut::with_capacity(CALL_EVENTS * 128);
+    for event in 0..CALL_EVENTS {
+        let record = Record {
+            partition: (event % 16) as u32,
+            player_id: event as u64,
+            seq: call as u64,
+            action_type: 1,
+            client_time_us: 1,
+            recv_us: 2,
+            payload: b"heap test payload",
+        };
+        append_record(&record, &mut blob);
+    }
+    blob.freeze()
 }

@@ -34,6 +34,7 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fred::interfaces::LuaInterface;
 use fred::prelude::{ClientLike, Config as FredConfig, ReconnectPolicy, Value};
 use fred::types::scripts::Script;
 use fred::types::Builder;
@@ -155,7 +156,7 @@ pub enum Outcome {
 /// The events of a call that Redis refused one by one: counts by reason, and
 /// the first one's key and error for the (rate-limited) log.
 #[derive(Debug, Default)]
-pub(crate) struct EventFailures {
+pub struct EventFailures {
     pub by_reason: [u64; EventErrorReason::ALL.len()],
     pub first: Option<String>,
 }
@@ -250,7 +251,7 @@ impl Store {
     /// in order, and `failures` what Redis refused event by event. On error
     /// nothing is known about any event of the batch: any of them may be
     /// stored (RETRY means "not confirmed").
-    pub(crate) async fn dedup_append(
+    pub async fn dedup_append(
         &self,
         nonce: u64,
         event_count: usize,
@@ -262,27 +263,31 @@ impl Store {
         failures.clear();
         let mut nonce_text = itoa::Buffer::new();
         let nonce_text = nonce_text.format(nonce);
-        let arguments = vec![
-            Value::Bytes(self.prefix.clone()),
-            Value::Bytes(self.window_secs.clone()),
-            Value::Integer(event_count as i64),
-            Value::Bytes(blob),
-            Value::Bytes(Bytes::copy_from_slice(nonce_text.as_bytes())),
-        ];
-        let call =
-            self.script
-                .evalsha_with_reload::<Value, _, _>(&self.client, Vec::<fred::types::Key>::new(), arguments);
-        let reply = self.within_deadline(call).await?;
+        // Built again for a NOSCRIPT retry rather than cloned up front, as fred's
+        // `evalsha_with_reload` does on every call: one heap copy of the arguments per call
+        // instead of two. The nonce goes as an integer, which fred writes without a buffer.
+        let arguments = || {
+            vec![
+                Value::Bytes(self.prefix.clone()),
+                Value::Bytes(self.window_secs.clone()),
+                Value::Integer(event_count as i64),
+                Value::Bytes(blob.clone()),
+                Value::Integer(i64::try_from(nonce).unwrap_or(i64::MAX)),
+            ]
+        };
+        let reply = self
+            .within_deadline(self.evalsha(&self.script, Vec::new, arguments))
+            .await?;
         decode_reply(&reply, nonce_text.as_bytes(), event_count, outcomes, failures)
     }
 
     /// Records our partition count under the prefix if none is, and says
     /// whether a recorded one agrees.
     pub(crate) async fn check_partitions(&self) -> Result<Partitions, StoreError> {
-        let call = self.partitions_script.evalsha_with_reload::<Value, _, _>(
-            &self.client,
-            vec![fred::types::Key::from(self.partitions_key.as_str())],
-            vec![Value::Integer(i64::from(self.partitions))],
+        let call = self.evalsha(
+            &self.partitions_script,
+            || vec![fred::types::Key::from(self.partitions_key.as_str())],
+            || vec![Value::Integer(i64::from(self.partitions))],
         );
         let reply = self.within_deadline(call).await?;
         let recorded = reply
@@ -299,6 +304,23 @@ impl Store {
         } else {
             Partitions::Differ { recorded }
         })
+    }
+
+    /// `EVALSHA`, loading the script and calling once more if Redis has forgotten it (a
+    /// restart, `SCRIPT FLUSH`). Keys and arguments are built again for that second call.
+    async fn evalsha(
+        &self,
+        script: &Script,
+        keys: impl Fn() -> Vec<fred::types::Key>,
+        arguments: impl Fn() -> Vec<Value>,
+    ) -> Result<Value, fred::error::Error> {
+        match self.client.evalsha(script.sha1().clone(), keys(), arguments()).await {
+            Err(error) if error.details().starts_with("NOSCRIPT") => {
+                script.load(&self.client).await?;
+                self.client.evalsha(script.sha1().clone(), keys(), arguments()).await
+            }
+            result => result,
+        }
     }
 
     /// One deadline for a whole call, `NOSCRIPT` reload included.
