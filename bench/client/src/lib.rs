@@ -124,9 +124,9 @@
 
 pub use shardgate_proto::{auth, frame};
 
-mod backoff;
 mod client;
 mod config;
+mod draws;
 mod error;
 pub mod resend;
 mod seq;
