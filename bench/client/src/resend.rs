@@ -763,6 +763,18 @@ mod tests {
         assert_eq!(table.len(), 3);
     }
 
+    // The hash spreads consecutive seqs of one player over the low bits the table uses.
+    #[test]
+    fn id_hash_spreads_sequences() {
+        use std::hash::BuildHasher;
+        let build = BuildHasherDefault::<IdHasher>::default();
+        let mut buckets = std::collections::HashSet::new();
+        for seq in 0..1_024 {
+            buckets.insert(build.hash_one(EventId { player_id: 42, seq }) & 1_023);
+        }
+        assert!(buckets.len() > 600, "{} of 1024 buckets", buckets.len());
+    }
+
     /// A seed for the randomized test: `SHARDGATE_SEED` if set, else the clock.
     fn test_seed() -> u64 {
         std::env::var("SHARDGATE_SEED")
