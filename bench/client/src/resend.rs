@@ -153,7 +153,8 @@ pub enum Verdict<T> {
 pub enum Due<T> {
     /// Send a copy of this event now: it is already counted as attempt `attempt`, with its answer
     /// wait started, so a copy the caller fails to write is resent on schedule like a lost one.
-    Resend { id: EventId, attempt: u32 },
+    /// `timed_out`: the wait that ran out was for an answer (none came), not a RETRY pause.
+    Resend { id: EventId, attempt: u32, timed_out: bool },
     /// Its wait ran out at a limit: it left the table unconfirmed.
     Ended(Ending<T>),
 }
@@ -218,6 +219,8 @@ pub struct Entry<T> {
     pub sent_ns: u64,
     /// When its next copy is due (or it gives up) if no final answer comes.
     pub due_ns: u64,
+    /// Waiting out a RETRY pause rather than for an answer.
+    pub paused: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -333,6 +336,7 @@ impl<T> Outstanding<T> {
             started_ns,
             sent_ns: now_ns,
             due_ns: 0,
+            paused: false,
         };
         entry.due_ns = self.wait_end(started_ns, now_ns, self.waits.answer.delay(1, draw));
         let due_ns = entry.due_ns;
@@ -376,7 +380,7 @@ impl<T> Outstanding<T> {
                     // The server asked for a pause: the wait starts now, not at the send.
                     let wait = self.waits.retry.delay(entry.attempts, draw);
                     let due_ns = self.wait_end(entry.started_ns, now_ns, wait);
-                    self.set_due(slot, due_ns);
+                    self.set_due(slot, due_ns, true);
                     return Verdict::ResendAt { due_ns };
                 }
             }
@@ -397,9 +401,9 @@ impl<T> Outstanding<T> {
             if self.is_given_up(entry, now_ns) {
                 return Some(Due::Ended(self.release(timer.slot, End::Unconfirmed, now_ns)));
             }
-            let id = entry.id;
+            let (id, timed_out) = (entry.id, !entry.paused);
             let attempt = self.resend_now(timer.slot, now_ns, draw);
-            return Some(Due::Resend { id, attempt });
+            return Some(Due::Resend { id, attempt, timed_out });
         }
     }
 
@@ -443,7 +447,7 @@ impl<T> Outstanding<T> {
         entry.sent_ns = now_ns;
         let (attempts, started_ns) = (entry.attempts, entry.started_ns);
         let due_ns = self.wait_end(started_ns, now_ns, self.waits.answer.delay(attempts, draw));
-        self.set_due(slot, due_ns);
+        self.set_due(slot, due_ns, false);
         attempts
     }
 
@@ -473,9 +477,10 @@ impl<T> Outstanding<T> {
             .map_or(end_ns, |give_up_at_ns| end_ns.min(give_up_at_ns))
     }
 
-    fn set_due(&mut self, slot: u32, due_ns: u64) {
+    fn set_due(&mut self, slot: u32, due_ns: u64, paused: bool) {
         if let Some(entry) = self.slots[slot as usize].entry.as_mut() {
             entry.due_ns = due_ns;
+            entry.paused = paused;
         }
         self.arm(slot, due_ns);
     }
@@ -646,7 +651,7 @@ mod tests {
         let mut resend_ms = Vec::new();
         for now_ms in 1..=3_000 {
             for due in due_all(&mut table, now_ms * NS_PER_MS) {
-                assert!(matches!(due, Due::Resend { id: due_id, .. } if due_id == id(1)));
+                assert!(matches!(due, Due::Resend { id: due_id, timed_out: true, .. } if due_id == id(1)));
                 resend_ms.push(now_ms);
             }
         }
@@ -661,9 +666,15 @@ mod tests {
         );
         assert_eq!(table.next_due_ns(), Some(2_660 * NS_PER_MS));
         assert!(due_all(&mut table, 2_659 * NS_PER_MS).is_empty());
+        let resend = Due::Resend {
+            id: id(1),
+            attempt: 6,
+            timed_out: false,
+        };
         assert_eq!(
             due_all(&mut table, 2_660 * NS_PER_MS),
-            [Due::Resend { id: id(1), attempt: 6 }]
+            [resend],
+            "a RETRY pause ran out"
         );
         assert!(
             due_all(&mut table, 3_400 * NS_PER_MS).is_empty(),
@@ -834,7 +845,7 @@ mod tests {
                     while let Some(due) = table.pop_due(now_ns, random()) {
                         match due {
                             Due::Ended(ending) => *ended.entry(ending.id).or_insert(0) += 1,
-                            Due::Resend { id, attempt } => {
+                            Due::Resend { id, attempt, .. } => {
                                 let entry = table.get(id).expect("a resent event is outstanding");
                                 assert!(attempt <= 6 && entry.sent_ns == now_ns, "seed {seed}");
                             }
