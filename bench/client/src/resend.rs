@@ -266,7 +266,9 @@ impl<T> Outstanding<T> {
         Outstanding {
             slots: Vec::with_capacity(capacity),
             free_slots: Vec::with_capacity(capacity),
-            by_id: HashMap::with_capacity_and_hasher(capacity, BuildHasherDefault::default()),
+            // Twice the capacity: removals leave tombstones, and the map clears them by rehashing
+            // in place only while it is at most half full; fuller, it would grow instead.
+            by_id: HashMap::with_capacity_and_hasher(capacity * 2, BuildHasherDefault::default()),
             timers_in_order: VecDeque::with_capacity(timers_max),
             timers: BinaryHeap::with_capacity(timers_max),
             timers_max,
@@ -769,6 +771,16 @@ mod tests {
                 table.answered(id(round % 3), Status::Accepted, now_ns, 0);
                 table.first_sent(id(round % 3), round, now_ns, now_ns, round).unwrap();
             }
+        }
+        // Churn through fresh ids with the table full: removals leave tombstones in the map.
+        for seq in 3..100_000u64 {
+            let now_ns = (10_000 + seq) * NS_PER_MS;
+            assert!(matches!(
+                table.answered(id(seq - 3), Status::Duplicate, now_ns, 0),
+                Verdict::Ended(_)
+            ));
+            table.first_sent(id(seq), seq, now_ns, now_ns, seq).unwrap();
+            assert_eq!(capacities(&table), before, "after seq {seq}");
         }
         assert_eq!(capacities(&table), before);
         assert_eq!(table.len(), 3);
