@@ -171,9 +171,12 @@ impl Tracker {
 
     /// Applies one answer received at `now_ns`.
     pub fn on_ack(&mut self, ack: Ack, now_ns: u64) -> Fate {
-        let draw = match (ack.status, self.frames.get(ack.id)) {
-            // Only a RETRY wait is jittered; the lookup stays off the common path.
-            (Status::Retry, Some(entry)) => retry_draw(ack.id, entry.attempts),
+        // Only a RETRY wait is jittered; the lookup for its draw stays off the common path.
+        let draw = match ack.status {
+            Status::Retry => self
+                .frames
+                .get(ack.id)
+                .map_or(0, |entry| retry_draw(ack.id, entry.attempts)),
             _ => 0,
         };
         match self.frames.answered(ack.id, ack.status, now_ns, draw) {
