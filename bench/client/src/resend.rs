@@ -2,8 +2,9 @@
 //! bench's load generator (its lanes and its flood client), the end-to-end tests' delivery loop
 //! and the chaos soak.
 //!
-//! It is two parts, both without I/O, so that each sender keeps its own sockets, clock and
-//! batching and only asks here what an answer or a timeout means:
+//! It is two parts, both without I/O (sans-IO, as quinn-proto's and h2's state machines), so
+//! that each sender keeps its own sockets, clock, batching and records and only asks here what
+//! an answer or a timeout means:
 //! - [`Schedule`]: how long to wait. A copy that got RETRY, or no final answer in time, is sent
 //!   again after `first × 2^(attempt − 1)`, capped at `max`, less a jitter of up to
 //!   `jitter_percent` of that wait. Jitter only ever shortens a wait, so `max` stays a true bound
@@ -14,7 +15,9 @@
 //!   ACCEPTED and DUPLICATE end an event as stored, REJECTED ends it as rejected (the same bytes
 //!   would be rejected again), RETRY pauses it for the retry schedule's wait, and silence past
 //!   the answer schedule's wait makes a copy due again. Only limits the caller set (a number of
-//!   copies, a deadline) end an event unconfirmed. An answer for an id that is not outstanding
+//!   copies, a deadline) end an event unconfirmed. A final answer to an earlier copy (one sent
+//!   before a resend) ends the event as well: answers name only the id, and any copy's ACCEPTED
+//!   or DUPLICATE means stored. An answer for an id that is not outstanding
 //!   (typically the answer to an earlier copy of an event an earlier answer already ended) is
 //!   reported as [`Verdict::Unknown`] and changes nothing.
 //!
