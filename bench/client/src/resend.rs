@@ -822,6 +822,8 @@ mod tests {
     #[test]
     fn every_event_ends_exactly_once_under_random_operations() {
         let seed = test_seed();
+        // Shown with the output of a failing test, panics inside the table included.
+        eprintln!("seed {seed}: replay with SHARDGATE_SEED={seed}");
         let mut state = seed;
         let mut random = move || {
             state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
