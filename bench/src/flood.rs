@@ -15,7 +15,6 @@
 //! For one shard to take both, start the server with one core (`--cores 0`): with several,
 //! SO_REUSEPORT may put the client and the flooder on different shards.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
@@ -31,7 +30,7 @@ use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use shardgate_client::resend::Schedule;
+use shardgate_client::resend::{Due, End, Limits, Outstanding, Schedule, Verdict, Waits};
 use shardgate_proto::frame::{decode_ack, encode_action, ActionFields, EventId, Status, ACK_BYTES};
 
 use crate::lane::unix_now_us;
@@ -153,12 +152,12 @@ pub fn command(arguments: FloodArgs) -> ExitCode {
         Ok(since_ms) => since_ms,
         Err(message) => return fail(EXIT_CONNECTION, &message),
     };
-    let mut client = match WellBehavedClient::connect(arguments.target.address) {
+    let seq_base = unix_now_us();
+    let events_per_phase = arguments.rate * arguments.duration.as_secs().max(1);
+    let mut client = match WellBehavedClient::connect(arguments.target.address, events_per_phase as usize) {
         Ok(client) => client,
         Err(error) => return fail(EXIT_CONNECTION, &format!("cannot open the client's socket: {error}")),
     };
-    let seq_base = unix_now_us();
-    let events_per_phase = arguments.rate * arguments.duration.as_secs().max(1);
     let mut phases = Vec::new();
     let mut acked_ids = Vec::new();
     for (index, flood) in [false, true].into_iter().enumerate() {
@@ -265,14 +264,6 @@ fn client_event(seq_base: u64, index: u64) -> EventId {
     }
 }
 
-/// One event of the client, from its first send to its answer.
-struct Pending {
-    frame: Vec<u8>,
-    first_sent: Instant,
-    resend_at: Instant,
-    attempts: u32,
-}
-
 /// How one of the client's events ended.
 enum Resolution {
     /// ACCEPTED or DUPLICATE, this long after its first send.
@@ -283,30 +274,44 @@ enum Resolution {
 /// The well-behaved client: one UDP socket on 127.0.0.1 connected to the server, one frame per
 /// datagram, each event resent until it is answered ACCEPTED or DUPLICATE: after
 /// `ACK_TIMEOUT × 2^(copies - 1)` (at most BACKOFF_MAX) without a final answer, or that long
-/// after a RETRY.
+/// after a RETRY. The one resend loop (`shardgate_client::resend::Outstanding`) decides; the
+/// client only writes and reads.
 struct WellBehavedClient {
     socket: UdpSocket,
-    pending: HashMap<EventId, Pending>,
+    /// Each event's frame, by id, until it ends.
+    pending: Outstanding<Vec<u8>>,
+    /// Time zero of the resend loop's nanosecond clock.
+    origin: Instant,
+    /// Events the table had no room for: not sent, so lost.
+    unsent: u64,
     resends: u64,
     retry_answers: u64,
 }
 
 impl WellBehavedClient {
-    fn connect(target: SocketAddr) -> std::io::Result<WellBehavedClient> {
+    /// A client for at most `events_max` events pending at once.
+    fn connect(target: SocketAddr, events_max: usize) -> std::io::Result<WellBehavedClient> {
         let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
         socket.connect(target)?;
         socket.set_read_timeout(Some(Duration::from_micros(500)))?;
+        // The shared resend schedule without jitter, for silence and RETRY alike.
+        let schedule = Schedule::new(ACK_TIMEOUT, BACKOFF_MAX, 0);
+        let waits = Waits {
+            answer: schedule,
+            retry: schedule,
+        };
         Ok(WellBehavedClient {
             socket,
-            pending: HashMap::new(),
+            pending: Outstanding::new(events_max, waits, Limits::default()),
+            origin: Instant::now(),
+            unsent: 0,
             resends: 0,
             retry_answers: 0,
         })
     }
 
-    /// The shared resend schedule (`shardgate_client::resend`), without jitter.
-    fn backoff(attempts: u32) -> Duration {
-        Schedule::new(ACK_TIMEOUT, BACKOFF_MAX, 0).base(attempts)
+    fn now_ns(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
     }
 
     fn send(&mut self, id: EventId) {
@@ -322,26 +327,23 @@ impl WellBehavedClient {
         );
         // A send that fails (a full buffer) is resent on schedule like a lost one.
         let _ = self.socket.send(&frame);
-        let now = Instant::now();
-        self.pending.insert(
-            id,
-            Pending {
-                frame,
-                first_sent: now,
-                resend_at: now + Self::backoff(1),
-                attempts: 1,
-            },
-        );
+        let now_ns = self.now_ns();
+        // No jitter: no draw.
+        if self.pending.first_sent(id, frame, now_ns, now_ns, 0).is_err() {
+            self.unsent += 1;
+        }
     }
 
     /// Resends what is due, then reads answers for up to half a millisecond.
     fn poll(&mut self, resolved: &mut Vec<Resolution>) {
-        let now = Instant::now();
-        for copy in self.pending.values_mut().filter(|copy| copy.resend_at <= now) {
-            let _ = self.socket.send(&copy.frame);
-            copy.attempts += 1;
-            copy.resend_at = now + Self::backoff(copy.attempts);
-            self.resends += 1;
+        let now_ns = self.now_ns();
+        while let Some(due) = self.pending.pop_due(now_ns, 0) {
+            // No limits are set, so nothing ends this way.
+            let Due::Resend { id, .. } = due else { continue };
+            if let Some(entry) = self.pending.get(id) {
+                let _ = self.socket.send(&entry.payload);
+                self.resends += 1;
+            }
         }
         let mut reply = [0u8; 2048];
         let length = match self.socket.recv(&mut reply) {
@@ -350,29 +352,31 @@ impl WellBehavedClient {
             // An ICMP error from an earlier send: the resend schedule covers it.
             Err(_) => return,
         };
+        let now_ns = self.now_ns();
         for chunk in reply[..length].chunks_exact(ACK_BYTES) {
             let Ok(ack) = decode_ack(chunk) else {
                 continue;
             };
-            let Some(copy) = self.pending.get_mut(&ack.id) else {
-                continue; // the answer to a copy of an event already answered
-            };
-            match ack.status {
-                Status::Accepted | Status::Duplicate => {
-                    let latency = copy.first_sent.elapsed();
-                    self.pending.remove(&ack.id);
-                    resolved.push(Resolution::Stored(ack.id, latency));
-                }
-                Status::Retry => {
-                    self.retry_answers += 1;
-                    copy.resend_at = Instant::now() + Self::backoff(copy.attempts);
-                }
-                Status::Rejected => {
-                    self.pending.remove(&ack.id);
-                    resolved.push(Resolution::Rejected);
-                }
+            if ack.status == Status::Retry {
+                self.retry_answers += 1;
+            }
+            // Unknown: the answer to a copy of an event already answered.
+            if let Verdict::Ended(ending) = self.pending.answered(ack.id, ack.status, now_ns, 0) {
+                resolved.push(match ending.end {
+                    End::Stored { .. } => Resolution::Stored(ending.id, Duration::from_nanos(ending.latency_ns)),
+                    // No limits are set, so nothing ends unconfirmed.
+                    End::Rejected | End::Unconfirmed => Resolution::Rejected,
+                });
             }
         }
+    }
+
+    /// Gives up on every event still pending; returns how many were lost, unsent ones included.
+    fn give_up(&mut self) -> u64 {
+        let mut lost = std::mem::take(&mut self.unsent);
+        let now_ns = self.now_ns();
+        self.pending.give_up_all(now_ns, |_| lost += 1);
+        lost
     }
 }
 
@@ -445,8 +449,7 @@ fn phase(
         record(&mut resolved, &mut summary);
     }
     // Never answered stored within the grace: lost, as far as this client knows.
-    summary.lost = client.pending.len() as u64;
-    client.pending.clear();
+    summary.lost = client.give_up();
     summary.latency_us = Percentiles::of(&histogram);
     summary.resends = client.resends - resends_before;
     summary.retry_answers = client.retry_answers - retries_before;

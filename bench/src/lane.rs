@@ -78,8 +78,9 @@ impl Lane {
                 Some(event) => event,
                 None => shared.events.fresh(rng, self.index, client_time_us),
             };
-            // Registration cannot fail: fresh ids are new and copies were drawn as usable.
-            if self.tracker.register(event, intended_ns, sent_ns) {
+            // Fresh ids are new and copies were drawn as usable, so only a full table refuses a
+            // frame: it is shed, not sent, and the tracker counts it lost.
+            if self.tracker.register(event, intended_ns, sent_ns).is_ok() {
                 events::encode(&event, plan.payload_bytes, &mut scratch.payload, &mut scratch.bytes);
                 frames += 1;
                 copies += u64::from(copy.is_some());

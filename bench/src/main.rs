@@ -25,7 +25,8 @@
 //! - `lane`: one socket or connection: what its frames carry, resends, and ack handling.
 //! - `engine`: the one thread that drives every lane in time slices.
 //! - `udp`, `tcp`: moving the lanes' bytes, batched; `sys`: the system calls std lacks.
-//! - `tracker`: per-frame state, retry timers and latency histograms.
+//! - `tracker`: per-frame state, driving the one resend loop (`shardgate_client::resend`), and
+//!   latency histograms.
 //! - `live`: shared counters and the progress line.
 //! - `run`: lanes opened, the engine run, results gathered.
 //! - `verify`: what Redis holds, held against what was sent and acked.

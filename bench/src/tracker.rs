@@ -3,38 +3,35 @@
 //! # One frame's life
 //! A frame is one first send of an event from a lane: a fresh event or a copy, each awaiting
 //! its own final answer. It is matched to acks by `(player_id, seq)`, so a lane never has two
-//! frames of one id outstanding at once (the lane draws another copy instead).
+//! frames of one id outstanding at once (the lane draws another copy instead). What an answer
+//! or a timeout means is the one resend loop's decision (`shardgate_client::resend::Outstanding`),
+//! which the tracker drives with the bench's waits:
 //! - ACCEPTED or DUPLICATE: stored; the frame is done.
 //! - RETRY: resent after a short delay that doubles with each attempt.
 //! - no answer within a timeout (also doubling per attempt): resent.
 //! - REJECTED: done and counted; the protocol says not to resend it unchanged.
 //! - an ack for an id the lane does not await (a late answer to a frame already done): ignored.
 //!
-//! Whatever is still awaiting when the run ends is lost.
+//! Whatever is still awaiting when the run ends is lost, and so is a frame the lane's table had
+//! no room for: the table is sized at the start (see `run.rs`) and never grows, so a server that
+//! stalls for longer than the table covers makes the lane shed frames instead of growing memory
+//! on a machine it shares with the server it measures.
 //!
 //! # Latencies
 //! Both count from the frame's intended send time (see `schedule.rs`): first-attempt latency to
 //! the first answer of any status, final latency to ACCEPTED or DUPLICATE. Only frames intended
 //! after the warmup are recorded.
 //!
-//! # Memory and cost
-//! Slots are reused through a free list and the id index is a pre-sized map, so the table
-//! holds only frames still awaiting an answer. A timer is (due, slot, token); rearming a frame
-//! bumps its token instead of searching for its old timer, and stale entries are dropped when
-//! they come due, so the timers hold at most about one timeout's worth of sends. Every first
-//! send arms the same timeout at a later send time, so those timers come due in the order they
-//! were armed: they wait in a FIFO, two O(1) steps per frame. Only RETRY delays (jittered) and
-//! resend timeouts go to a heap. This runs for every frame the generator sends, on a machine it
-//! shares with the server it measures, so it is kept cheap: the id map hashes with
-//! [`IdHasher`] rather than SipHash, since the ids are the generator's own, not an attacker's.
+//! # Cost
+//! This runs for every frame the generator sends; the resend loop's table allocates nothing
+//! after the start and costs O(1) per frame (its module doc says how), and the tracker adds only
+//! the histograms. Every first send arms the same unjittered timeout at a later send time, so
+//! those timers come due in the order they were armed and take the table's FIFO path.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use shardgate_client::resend::{mix, Schedule};
+use shardgate_client::resend::{mix, Due, End, Limits, Outstanding, Refusal, Schedule, Verdict, Waits};
 use shardgate_proto::frame::{Ack, EventId, Status};
 
 use crate::events::Event;
@@ -68,24 +65,15 @@ pub enum Fate {
     Unmatched,
 }
 
-struct Slot {
+/// The tracker's payload of one outstanding frame in the resend loop's table.
+#[derive(Clone, Copy)]
+struct Frame {
     event: Event,
-    intended_ns: u64,
-    /// Sends so far, the first included.
-    attempts: u32,
+    /// Intended after the warmup: its latencies are recorded.
+    measured: bool,
+    /// Some answer came (its first-attempt latency is recorded).
     answered: bool,
-    /// Matches the one live timer entry of this slot; older entries are stale.
-    timer_token: u32,
-    occupied: bool,
 }
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Timer {
-    due_ns: u64,
-    slot: u32,
-    token: u32,
-}
-
 /// First-attempt and final-resolution latencies in microseconds.
 pub struct Latencies {
     pub first_us: Histogram<u64>,
@@ -123,251 +111,158 @@ pub struct TrackerReport {
     pub latencies: Latencies,
     /// Ids answered ACCEPTED or DUPLICATE (a copy's id appears again).
     pub acked_ids: Vec<EventId>,
-    /// Frames never answered ACCEPTED, DUPLICATE or REJECTED.
+    /// Frames never answered ACCEPTED, DUPLICATE or REJECTED, shed ones included.
     pub lost: u64,
     pub lost_sample: Vec<EventId>,
 }
 
-/// A multiply-rotate hash (FxHash's step) of the id's two words: a few cycles instead of
-/// SipHash's few dozen. Ids are the generator's own, so flooding resistance buys nothing.
-#[derive(Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl IdHasher {
-    const MULTIPLIER: u64 = 0xF135_7AEA_2E62_A9C5;
-}
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.write_u64(u64::from(byte));
-        }
-    }
-
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0 ^ word).wrapping_mul(Self::MULTIPLIER);
-    }
-
-    fn finish(&self) -> u64 {
-        // The multiply leaves its best bits high; the table indexes with the low ones.
-        self.0.rotate_left(26)
-    }
-}
-
 pub struct Tracker {
-    slots: Vec<Slot>,
-    free_slots: Vec<u32>,
-    by_id: HashMap<EventId, u32, BuildHasherDefault<IdHasher>>,
-    /// First-attempt answer timeouts, in due order (see the module's notes).
-    first_timeouts: VecDeque<Timer>,
-    /// Every other timer.
-    timers: BinaryHeap<Reverse<Timer>>,
+    frames: Outstanding<Frame>,
     measure_from_ns: u64,
     latencies: Latencies,
     acked_ids: Vec<EventId>,
+    /// Frames not sent because the table was full.
+    shed: u64,
 }
 
 impl Tracker {
-    /// `expected_outstanding` sizes the tables (they still grow if the server stalls);
-    /// frames intended before `measure_from_ns` are not timed.
-    pub fn new(expected_outstanding: usize, measure_from_ns: u64) -> Tracker {
+    /// `capacity` bounds the frames outstanding at once (see the module doc); frames intended
+    /// before `measure_from_ns` are not timed.
+    pub fn new(capacity: usize, measure_from_ns: u64) -> Tracker {
+        let waits = Waits {
+            answer: ANSWER_SCHEDULE,
+            retry: RETRY_SCHEDULE,
+        };
         Tracker {
-            slots: Vec::with_capacity(expected_outstanding),
-            free_slots: Vec::with_capacity(expected_outstanding),
-            by_id: HashMap::with_capacity_and_hasher(expected_outstanding, BuildHasherDefault::default()),
-            first_timeouts: VecDeque::with_capacity(expected_outstanding),
-            timers: BinaryHeap::new(),
+            frames: Outstanding::new(capacity, waits, Limits::default()),
             measure_from_ns,
             latencies: Latencies::new(),
             acked_ids: Vec::new(),
+            shed: 0,
         }
     }
 
     /// True if a frame of this id awaits its answer on this lane.
     pub fn is_outstanding(&self, id: EventId) -> bool {
-        self.by_id.contains_key(&id)
+        self.frames.contains(id)
     }
 
     pub fn outstanding(&self) -> usize {
-        self.by_id.len()
+        self.frames.len()
     }
 
-    /// Records a first send made at `sent_ns`. Refuses (false) an id already outstanding.
-    pub fn register(&mut self, event: Event, intended_ns: u64, sent_ns: u64) -> bool {
-        if self.by_id.contains_key(&event.id) {
-            return false;
-        }
-        let slot = Slot {
+    /// Records a first send made at `sent_ns`. Refuses an id already outstanding, and a frame
+    /// the table has no room for (counted as shed, so lost); the caller then does not send it.
+    pub fn register(&mut self, event: Event, intended_ns: u64, sent_ns: u64) -> Result<(), Refusal> {
+        let frame = Frame {
             event,
-            intended_ns,
-            attempts: 1,
+            measured: intended_ns >= self.measure_from_ns,
             answered: false,
-            timer_token: 0,
-            occupied: true,
         };
-        let index = match self.free_slots.pop() {
-            Some(index) => {
-                let reused = &mut self.slots[index as usize];
-                debug_assert!(!reused.occupied);
-                // Keep counting tokens across occupants: the previous one's timers stay stale.
-                let token = reused.timer_token;
-                *reused = Slot {
-                    timer_token: token,
-                    ..slot
-                };
-                index
+        // The answer wait has no jitter: no draw.
+        match self.frames.first_sent(event.id, frame, intended_ns, sent_ns, 0) {
+            Ok(_) => Ok(()),
+            Err((refusal, _)) => {
+                self.shed += u64::from(matches!(refusal, Refusal::Full { .. }));
+                Err(refusal)
             }
-            None => {
-                self.slots.push(slot);
-                u32::try_from(self.slots.len() - 1).expect("outstanding frames are bounded by the plan")
-            }
-        };
-        self.by_id.insert(event.id, index);
-        self.arm_first_timeout(index, sent_ns.saturating_add(answer_timeout_ns(1)));
-        true
+        }
     }
 
     /// Applies one answer received at `now_ns`.
     pub fn on_ack(&mut self, ack: Ack, now_ns: u64) -> Fate {
-        let Some(&index) = self.by_id.get(&ack.id) else {
-            return Fate::Unmatched;
+        // Only a RETRY wait is jittered; the lookup for its draw stays off the common path.
+        let draw = match ack.status {
+            Status::Retry => self
+                .frames
+                .get(ack.id)
+                .map_or(0, |entry| retry_draw(ack.id, entry.attempts)),
+            _ => 0,
         };
-        let slot = &mut self.slots[index as usize];
-        let measured = slot.intended_ns >= self.measure_from_ns;
-        let latency_us = now_ns.saturating_sub(slot.intended_ns) / 1_000;
-        if !slot.answered {
-            slot.answered = true;
-            if measured {
-                self.latencies.first_us.saturating_record(latency_us.max(1));
-            }
-        }
-        match ack.status {
-            Status::Accepted | Status::Duplicate => {
-                if measured {
-                    self.latencies.final_us.saturating_record(latency_us.max(1));
+        match self.frames.answered(ack.id, ack.status, now_ns, draw) {
+            Verdict::Unknown => Fate::Unmatched,
+            Verdict::ResendAt { .. } => {
+                if let Some(entry) = self.frames.get(ack.id) {
+                    let (frame, latency_ns) = (entry.payload, now_ns.saturating_sub(entry.started_ns));
+                    self.first_answer(frame, latency_ns);
                 }
-                self.acked_ids.push(ack.id);
-                self.release(index);
-                Fate::Stored
-            }
-            Status::Retry => {
-                let attempts = slot.attempts;
-                self.arm(index, now_ns.saturating_add(retry_delay_ns(ack.id, attempts)));
+                if let Some(frame) = self.frames.payload_mut(ack.id) {
+                    frame.answered = true;
+                }
                 Fate::Retrying
             }
-            Status::Rejected => {
-                self.release(index);
-                Fate::Rejected
+            Verdict::Ended(ending) => {
+                self.first_answer(ending.payload, ending.latency_ns);
+                match ending.end {
+                    End::Stored { .. } => {
+                        if ending.payload.measured {
+                            record_ns(&mut self.latencies.final_us, ending.latency_ns);
+                        }
+                        self.acked_ids.push(ack.id);
+                        Fate::Stored
+                    }
+                    // The bench sets no limits, so nothing ends unconfirmed.
+                    End::Rejected | End::Unconfirmed => Fate::Rejected,
+                }
             }
         }
     }
 
-    /// Moves every frame whose timer is due by `now_ns` into `resend` (at most `limit`), counts
-    /// the attempt, and arms the timeout of that new attempt. The caller sends them.
+    /// Moves every frame whose timer is due by `now_ns` into `resend` (at most `limit`); the
+    /// resend loop has counted the attempt and armed its timeout. The caller sends them.
     pub fn take_due(&mut self, now_ns: u64, limit: usize, resend: &mut Vec<Event>) {
         while resend.len() < limit {
-            let Some(timer) = self.pop_due(now_ns) else {
-                return;
-            };
-            let slot = &mut self.slots[timer.slot as usize];
-            if !slot.occupied || slot.timer_token != timer.token {
-                continue;
+            // The answer wait has no jitter: no draw.
+            match self.frames.pop_due(now_ns, 0) {
+                None => return,
+                Some(Due::Resend { id, .. }) => {
+                    if let Some(entry) = self.frames.get(id) {
+                        resend.push(entry.payload.event);
+                    }
+                }
+                // The bench sets no limits, so nothing ends this way.
+                Some(Due::Ended(_)) => {}
             }
-            slot.attempts = slot.attempts.saturating_add(1);
-            let (event, attempts) = (slot.event, slot.attempts);
-            self.arm(timer.slot, now_ns.saturating_add(answer_timeout_ns(attempts)));
-            resend.push(event);
         }
     }
 
     /// When the earliest timer is due, if any. It may be a stale entry: waking early is harmless.
     pub fn next_due_ns(&self) -> Option<u64> {
-        let first = self.first_timeouts.front().map(|timer| timer.due_ns);
-        let other = self.timers.peek().map(|Reverse(timer)| timer.due_ns);
-        match (first, other) {
-            (Some(first), Some(other)) => Some(first.min(other)),
-            (first, other) => first.or(other),
-        }
-    }
-
-    /// Removes and returns the earliest timer if it is due by `now_ns` (stale or not).
-    fn pop_due(&mut self, now_ns: u64) -> Option<Timer> {
-        let first = self.first_timeouts.front().copied();
-        let other = self.timers.peek().map(|&Reverse(timer)| timer);
-        match (first, other) {
-            (Some(first), Some(other)) if other.due_ns < first.due_ns => (other.due_ns <= now_ns)
-                .then(|| self.timers.pop())
-                .flatten()
-                .map(|Reverse(timer)| timer),
-            (Some(first), _) => (first.due_ns <= now_ns)
-                .then(|| self.first_timeouts.pop_front())
-                .flatten(),
-            (None, Some(other)) => (other.due_ns <= now_ns)
-                .then(|| self.timers.pop())
-                .flatten()
-                .map(|Reverse(timer)| timer),
-            (None, None) => None,
-        }
+        self.frames.next_due_ns()
     }
 
     pub fn finish(self) -> TrackerReport {
-        let lost_sample = self.by_id.keys().take(LOST_SAMPLE_MAX).copied().collect();
+        let lost_sample = self
+            .frames
+            .entries()
+            .take(LOST_SAMPLE_MAX)
+            .map(|entry| entry.id)
+            .collect();
         TrackerReport {
             latencies: self.latencies,
             acked_ids: self.acked_ids,
-            lost: self.by_id.len() as u64,
+            lost: self.frames.len() as u64 + self.shed,
             lost_sample,
         }
     }
 
-    fn arm(&mut self, index: u32, due_ns: u64) {
-        let timer = self.new_timer(index, due_ns);
-        self.timers.push(Reverse(timer));
-    }
-
-    /// Arms a first send's timeout in the FIFO, or in the heap if it would break the FIFO's
-    /// order (a caller registering out of time order).
-    fn arm_first_timeout(&mut self, index: u32, due_ns: u64) {
-        let timer = self.new_timer(index, due_ns);
-        if self.first_timeouts.back().is_none_or(|last| last.due_ns <= due_ns) {
-            self.first_timeouts.push_back(timer);
-        } else {
-            self.timers.push(Reverse(timer));
+    /// Records the first-attempt latency if this is the frame's first answer.
+    fn first_answer(&mut self, frame: Frame, latency_ns: u64) {
+        if frame.measured && !frame.answered {
+            record_ns(&mut self.latencies.first_us, latency_ns);
         }
-    }
-
-    /// A timer for the slot's next token, which makes its earlier timers stale.
-    fn new_timer(&mut self, index: u32, due_ns: u64) -> Timer {
-        let slot = &mut self.slots[index as usize];
-        slot.timer_token = slot.timer_token.wrapping_add(1);
-        Timer {
-            due_ns,
-            slot: index,
-            token: slot.timer_token,
-        }
-    }
-
-    fn release(&mut self, index: u32) {
-        let slot = &mut self.slots[index as usize];
-        slot.occupied = false;
-        self.by_id.remove(&slot.event.id);
-        self.free_slots.push(index);
     }
 }
 
-/// How long attempt `attempt` (1 = first send) waits for an answer: the shared resend
-/// schedule (`shardgate_client::resend`) without jitter.
-pub fn answer_timeout_ns(attempt: u32) -> u64 {
-    ANSWER_SCHEDULE.base(attempt).as_nanos() as u64
+fn record_ns(histogram: &mut Histogram<u64>, latency_ns: u64) {
+    histogram.saturating_record((latency_ns / 1_000).max(1));
 }
 
-/// How long to wait before resending after attempt `attempt` was answered RETRY: the shared
-/// schedule with half of the wait as jitter, drawn from a hash of the id and attempt. A hash
-/// rather than a random draw keeps the tracker deterministic, and ids are already spread
-/// uniformly.
-pub fn retry_delay_ns(id: EventId, attempt: u32) -> u64 {
-    let spread = mix(id.player_id ^ id.seq.rotate_left(29) ^ u64::from(attempt).rotate_left(47));
-    RETRY_SCHEDULE.delay(attempt, spread).as_nanos() as u64
+/// The draw for the jitter of the RETRY wait after attempt `attempt`: a hash of the id and
+/// attempt. A hash rather than a random draw keeps the tracker deterministic, and ids are
+/// already spread uniformly.
+fn retry_draw(id: EventId, attempt: u32) -> u64 {
+    mix(id.player_id ^ id.seq.rotate_left(29) ^ u64::from(attempt).rotate_left(47))
 }
 
 const ANSWER_SCHEDULE: Schedule = Schedule::new(
@@ -386,6 +281,18 @@ mod tests {
     use super::*;
 
     const MS: u64 = 1_000_000;
+
+    /// How long attempt `attempt` (1 = first send) waits for an answer: the shared resend
+    /// schedule (`shardgate_client::resend`) without jitter.
+    fn answer_timeout_ns(attempt: u32) -> u64 {
+        ANSWER_SCHEDULE.base(attempt).as_nanos() as u64
+    }
+
+    /// How long to wait before resending after attempt `attempt` was answered RETRY: the shared
+    /// schedule with half of the wait as jitter, drawn from a hash of the id and attempt.
+    fn retry_delay_ns(id: EventId, attempt: u32) -> u64 {
+        RETRY_SCHEDULE.delay(attempt, retry_draw(id, attempt)).as_nanos() as u64
+    }
 
     fn event(seq: u64) -> Event {
         Event {
@@ -412,8 +319,8 @@ mod tests {
     #[test]
     fn accepted_and_duplicate_resolve() {
         let mut tracker = Tracker::new(4, 0);
-        assert!(tracker.register(event(1), 0, 0));
-        assert!(tracker.register(event(2), 0, 0));
+        assert!(tracker.register(event(1), 0, 0).is_ok());
+        assert!(tracker.register(event(2), 0, 0).is_ok());
         assert_eq!(tracker.on_ack(ack(Status::Accepted, 1), 3 * MS), Fate::Stored);
         assert_eq!(tracker.on_ack(ack(Status::Duplicate, 2), 4 * MS), Fate::Stored);
         assert_eq!(tracker.on_ack(ack(Status::Accepted, 1), 5 * MS), Fate::Unmatched);
@@ -435,7 +342,7 @@ mod tests {
     #[test]
     fn retry_resends_after_delay() {
         let mut tracker = Tracker::new(4, 0);
-        tracker.register(event(1), 0, 0);
+        tracker.register(event(1), 0, 0).unwrap();
         let id = event(1).id;
         assert_eq!(tracker.on_ack(ack(Status::Retry, 1), MS), Fate::Retrying);
         assert!(due(&mut tracker, MS + retry_delay_ns(id, 1) - 1).is_empty());
@@ -455,7 +362,7 @@ mod tests {
     #[test]
     fn timeouts_back_off_and_then_count_lost() {
         let mut tracker = Tracker::new(4, 0);
-        tracker.register(event(1), 0, 0);
+        tracker.register(event(1), 0, 0).unwrap();
         let mut now_ns = 0;
         let mut resend_times = Vec::new();
         while now_ns < 4_000 * MS {
@@ -475,7 +382,7 @@ mod tests {
     #[test]
     fn rejected_is_terminal() {
         let mut tracker = Tracker::new(4, 0);
-        tracker.register(event(1), 0, 0);
+        tracker.register(event(1), 0, 0).unwrap();
         assert_eq!(tracker.on_ack(ack(Status::Rejected, 1), MS), Fate::Rejected);
         assert!(due(&mut tracker, 10_000 * MS).is_empty());
         let report = tracker.finish();
@@ -494,26 +401,39 @@ mod tests {
     // and a reused slot does not inherit the old occupant's timer.
     #[test]
     fn one_outstanding_frame_per_id() {
-        let mut tracker = Tracker::new(1, 0);
-        assert!(tracker.register(event(1), 0, 0));
-        assert!(!tracker.register(event(1), 0, 0));
+        let mut tracker = Tracker::new(2, 0);
+        assert!(tracker.register(event(1), 0, 0).is_ok());
+        assert!(tracker.register(event(1), 0, 0).is_err());
         assert!(tracker.is_outstanding(event(1).id));
         tracker.on_ack(ack(Status::Accepted, 1), MS);
-        assert!(tracker.register(event(2), 100 * MS, 100 * MS));
+        assert!(tracker.register(event(2), 100 * MS, 100 * MS).is_ok());
         assert!(
             due(&mut tracker, ANSWER_TIMEOUT_NS).is_empty(),
             "event 1's old timer is stale"
         );
         assert_eq!(due(&mut tracker, 100 * MS + ANSWER_TIMEOUT_NS), vec![2]);
-        assert!(tracker.register(event(1), 200 * MS, 200 * MS));
+        assert!(tracker.register(event(1), 200 * MS, 200 * MS).is_ok());
+    }
+
+    // A full table sheds a frame (refused, so not sent) and counts it lost; nothing grows.
+    #[test]
+    fn a_full_table_sheds_and_counts_lost() {
+        let mut tracker = Tracker::new(2, 0);
+        tracker.register(event(1), 0, 0).unwrap();
+        tracker.register(event(2), 0, 0).unwrap();
+        assert_eq!(tracker.register(event(3), 0, 0), Err(Refusal::Full { capacity: 2 }));
+        assert!(!tracker.is_outstanding(event(3).id));
+        assert_eq!(tracker.on_ack(ack(Status::Accepted, 1), MS), Fate::Stored);
+        assert_eq!(tracker.on_ack(ack(Status::Accepted, 3), MS), Fate::Unmatched);
+        assert_eq!(tracker.finish().lost, 2, "one shed, one never answered");
     }
 
     // Warmup frames are tracked and resolved, but not timed.
     #[test]
     fn warmup_frames_are_not_timed() {
         let mut tracker = Tracker::new(4, 10 * MS);
-        tracker.register(event(1), 9 * MS, 9 * MS);
-        tracker.register(event(2), 10 * MS, 10 * MS);
+        tracker.register(event(1), 9 * MS, 9 * MS).unwrap();
+        tracker.register(event(2), 10 * MS, 10 * MS).unwrap();
         tracker.on_ack(ack(Status::Accepted, 1), 11 * MS);
         tracker.on_ack(ack(Status::Accepted, 2), 11 * MS);
         let report = tracker.finish();
@@ -526,7 +446,7 @@ mod tests {
     fn take_due_is_limited() {
         let mut tracker = Tracker::new(4, 0);
         for seq in 1..=3 {
-            tracker.register(event(seq), 0, 0);
+            tracker.register(event(seq), 0, 0).unwrap();
         }
         let mut resend = Vec::new();
         tracker.take_due(ANSWER_TIMEOUT_NS, 2, &mut resend);
@@ -539,26 +459,14 @@ mod tests {
     #[test]
     fn timers_fire_in_due_order() {
         let mut tracker = Tracker::new(4, 0);
-        tracker.register(event(1), 0, 10 * MS);
-        tracker.register(event(2), 0, 5 * MS);
-        tracker.register(event(3), 0, 20 * MS);
+        tracker.register(event(1), 0, 10 * MS).unwrap();
+        tracker.register(event(2), 0, 5 * MS).unwrap();
+        tracker.register(event(3), 0, 20 * MS).unwrap();
         assert_eq!(tracker.on_ack(ack(Status::Retry, 3), 21 * MS), Fate::Retrying);
         assert_eq!(tracker.next_due_ns(), Some(21 * MS + retry_delay_ns(event(3).id, 1)));
         assert_eq!(due(&mut tracker, 100 * MS), vec![3]);
         assert_eq!(tracker.next_due_ns(), Some(5 * MS + ANSWER_TIMEOUT_NS));
         assert_eq!(due(&mut tracker, 10 * MS + ANSWER_TIMEOUT_NS), vec![2, 1]);
-    }
-
-    // The hash spreads consecutive seqs of one player over the low bits the table uses.
-    #[test]
-    fn id_hash_spreads_sequences() {
-        use std::hash::BuildHasher;
-        let build = BuildHasherDefault::<IdHasher>::default();
-        let mut buckets = std::collections::HashSet::new();
-        for seq in 0..1_024 {
-            buckets.insert(build.hash_one(EventId { player_id: 42, seq }) & 1_023);
-        }
-        assert!(buckets.len() > 600, "{} of 1024 buckets", buckets.len());
     }
 
     #[test]

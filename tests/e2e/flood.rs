@@ -10,7 +10,7 @@
 //! The flooder sends from 127.0.0.2, the client from 127.0.0.1: two hosts to the per-source
 //! limit, on one server of one shard.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use shardgate::wire::frame::{EventId, Status};
+use shardgate_client::resend::{Due, Limits, Outstanding, Schedule, Verdict, Waits};
 
 const FLOODER: [u8; 4] = [127, 0, 0, 2];
 const CLIENT: [u8; 4] = [127, 0, 0, 1];
@@ -125,17 +127,6 @@ fn flood(server: std::net::SocketAddr, datagrams: &[Vec<u8>], until: Instant, st
     counts
 }
 
-/// One event of the well-behaved client, from its first send to its answer.
-struct Pending {
-    event: Event,
-    frame: Vec<u8>,
-    first_sent: Instant,
-    resend_at: Instant,
-    /// Sent and not answered yet (false while backing off after a RETRY).
-    awaiting_answer: bool,
-    attempts: u32,
-}
-
 #[derive(Default)]
 struct ClientReport {
     latencies_us: Vec<u64>,
@@ -146,72 +137,72 @@ struct ClientReport {
 }
 
 /// Sends `events` at CLIENT_RATE_PER_SEC, each resent on RETRY (with backoff) and on silence,
-/// until every one is answered ACCEPTED or DUPLICATE or `deadline`.
+/// until every one is answered ACCEPTED or DUPLICATE or `deadline`. The one resend loop
+/// (`shardgate_client::resend::Outstanding`) decides; this client only sends and reads.
 fn well_behaved_client(server: std::net::SocketAddr, events: &[Event], deadline: Instant) -> ClientReport {
     let socket: UdpSocket = udp_socket_from(CLIENT);
     socket
         .set_read_timeout(Some(Duration::from_millis(1)))
         .expect("read timeout");
     let mut report = ClientReport::default();
-    let mut pending: HashMap<Key, Pending> = HashMap::new();
+    // Silence: resent every ACK_TIMEOUT. RETRY: 20 ms after the first copy, doubling to 160 ms.
+    let waits = Waits {
+        answer: Schedule::new(ACK_TIMEOUT, ACK_TIMEOUT, 0),
+        retry: Schedule::new(Duration::from_millis(20), Duration::from_millis(160), 0),
+    };
+    // Payload: the event's index in `events`.
+    let mut pending: Outstanding<usize> = Outstanding::new(events.len(), waits, Limits::default());
+    let frames: Vec<Vec<u8>> = events.iter().map(Event::frame).collect();
     let started = Instant::now();
+    let now_ns = || started.elapsed().as_nanos() as u64;
     let mut next = 0usize;
     let mut reply = [0u8; 2048];
-    let send = |socket: &UdpSocket, frame: &[u8], report: &mut ClientReport| {
+    let send = |frame: &[u8], report: &mut ClientReport| {
         let _ = socket.send_to(frame, server);
         report.sends += 1;
     };
     while (next < events.len() || !pending.is_empty()) && Instant::now() < deadline {
-        let now = Instant::now();
-        let due = ((now - started).as_secs_f64() * CLIENT_RATE_PER_SEC as f64) as usize;
+        let due = (started.elapsed().as_secs_f64() * CLIENT_RATE_PER_SEC as f64) as usize;
         while next < events.len() && next <= due {
-            let event = events[next].clone();
-            let frame = event.frame();
-            send(&socket, &frame, &mut report);
-            pending.insert(
-                event.key(),
-                Pending {
-                    event,
-                    frame,
-                    first_sent: now,
-                    resend_at: now + ACK_TIMEOUT,
-                    awaiting_answer: true,
-                    attempts: 1,
-                },
-            );
+            send(&frames[next], &mut report);
+            let (key, at_ns) = (events[next].key(), now_ns());
+            let id = EventId {
+                player_id: key.0,
+                seq: key.1,
+            };
+            pending
+                .first_sent(id, next, at_ns, at_ns, 0)
+                .expect("room for every event");
             next += 1;
         }
-        for copy in pending.values_mut().filter(|copy| copy.resend_at <= now) {
-            if copy.awaiting_answer {
-                report.timeouts += 1;
+        while let Some(due) = pending.pop_due(now_ns(), 0) {
+            // No limits are set, so nothing ends unconfirmed.
+            if let Due::Resend { id, timed_out, .. } = due {
+                report.timeouts += u64::from(timed_out);
+                send(&frames[pending.get(id).expect("just resent").payload], &mut report);
             }
-            send(&socket, &copy.frame, &mut report);
-            copy.attempts += 1;
-            copy.awaiting_answer = true;
-            copy.resend_at = now + ACK_TIMEOUT;
         }
         if let Ok((length, _)) = socket.recv_from(&mut reply) {
             for ack in parse_acks(&reply[..length]) {
-                let Some(copy) = pending.get_mut(&ack.key()) else {
-                    continue; // the answer to a copy of an event already answered
+                let id = EventId {
+                    player_id: ack.player,
+                    seq: ack.seq,
                 };
-                match ack.status {
-                    St::Accepted | St::Duplicate => {
-                        report.latencies_us.push(copy.first_sent.elapsed().as_micros() as u64);
-                        pending.remove(&ack.key());
-                    }
-                    St::Retry => {
-                        report.retries += 1;
-                        let backoff = Duration::from_millis(10 << copy.attempts.min(4)).min(Duration::from_millis(200));
-                        copy.awaiting_answer = false;
-                        copy.resend_at = Instant::now() + backoff;
-                    }
-                    St::Rejected => panic!("a valid frame was REJECTED: {:?}", copy.event.key()),
+                let status = match ack.status {
+                    St::Accepted => Status::Accepted,
+                    St::Duplicate => Status::Duplicate,
+                    St::Retry => Status::Retry,
+                    St::Rejected => panic!("a valid frame was REJECTED: {:?}", ack.key()),
+                };
+                report.retries += u64::from(ack.status == St::Retry);
+                // Unknown: the answer to a copy of an event already answered.
+                if let Verdict::Ended(ending) = pending.answered(id, status, now_ns(), 0) {
+                    report.latencies_us.push(ending.latency_ns / 1_000);
                 }
             }
         }
     }
-    report.lost = pending.into_keys().collect();
+    report.lost = pending.entries().map(|entry| events[entry.payload].key()).collect();
     report.lost.sort();
     report
 }

@@ -1,6 +1,9 @@
-//! `deliver_all`: resend until every copy is answered ACCEPTED or DUPLICATE.
+//! `deliver_all`: resend until every copy is answered ACCEPTED or DUPLICATE; and
+//! `ChannelLoop`, one channel's side of the one resend loop, which the chaos soak's channels
+//! drive too.
 
-use shardgate_client::resend::Schedule;
+use shardgate::wire::frame::{EventId, Status};
+use shardgate_client::resend::{Due, Limits, Outstanding, Schedule, Verdict, Waits};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,9 +30,9 @@ pub struct DeliverOpts {
     pub max_copies: usize,
     pub udp_max_datagram: usize,
     pub udp_max_frames: usize,
-    /// frames in flight per UDP socket
+    /// copies outstanding (sent, not ended; RETRY-paused ones included) per UDP socket
     pub udp_window: usize,
-    /// frames in flight per TCP connection
+    /// copies outstanding per TCP connection
     pub tcp_window: usize,
     /// resend a UDP frame that got no answer in this long
     pub udp_ack_timeout: Duration,
@@ -39,7 +42,7 @@ pub struct DeliverOpts {
     pub total_timeout: Duration,
     /// cut TCP writes at random byte offsets
     pub tcp_split_writes: bool,
-    /// RETRY backoff: base * 2^attempt, capped, with jitter
+    /// RETRY backoff: base * 2^copies sent, capped, with jitter
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     /// how far apart (in positions of a channel's send order) copies of one event may be;
@@ -86,7 +89,7 @@ pub struct DeliveryReport {
     pub frames_sent: usize,
     /// resends after no answer
     pub timeouts: usize,
-    /// answers with no copy of that id in flight on that channel (late answers)
+    /// answers with no copy of that id outstanding on that channel (late answers)
     pub stray_acks: usize,
     /// answers naming an event id that was never sent (a server bug)
     pub foreign_acks: Vec<AckMsg>,
@@ -177,7 +180,8 @@ pub fn deliver_resolved(server: &Server, events: &[Event], seed: u64, total_time
 
 /// Sends every event (each `min..=max` copies, spread over UDP sockets and TCP connections)
 /// and resends every copy that got RETRY or no answer, with backoff, until each copy was
-/// answered ACCEPTED or DUPLICATE (or REJECTED, which is final) or `total_timeout` passed.
+/// answered ACCEPTED or DUPLICATE (or REJECTED, which is final) or `total_timeout` passed. Each
+/// channel runs the one resend loop (`ChannelLoop`) and only does its own I/O around it.
 pub fn deliver_all(udp: SocketAddr, tcp: SocketAddr, events: &[Event], opts: &DeliverOpts) -> DeliveryReport {
     let started = Instant::now();
     let n_chans = opts.udp_sockets + opts.tcp_conns;
@@ -253,12 +257,6 @@ pub fn deliver_all(udp: SocketAddr, tcp: SocketAddr, events: &[Event], opts: &De
     report
 }
 
-/// The wait before resending a copy that got RETRY after `attempts` sends: the one resend
-/// schedule (`shardgate_client::resend`), half of each wait as jitter.
-fn backoff(opts: &DeliverOpts, attempts: u32, rng: &mut StdRng) -> Duration {
-    Schedule::new(opts.backoff_base, opts.backoff_max, 50).delay(attempts + 1, rng.gen())
-}
-
 #[allow(clippy::too_many_arguments)]
 fn run_channel(
     mut chan: Chan,
@@ -271,13 +269,7 @@ fn run_channel(
     seed: u64,
 ) -> ChanResult {
     let mut rng = StdRng::seed_from_u64(seed);
-    let n = mine.len();
-    let mut finals: Vec<Option<St>> = vec![None; n];
-    let mut attempts: Vec<u32> = vec![0; n];
-    let mut ready: VecDeque<usize> = (0..n).collect();
-    let mut delayed: Vec<(Instant, usize)> = Vec::new();
-    let mut inflight: HashMap<Key, VecDeque<(usize, Instant)>> = HashMap::new();
-    let mut inflight_n = 0usize;
+    let mut finals: Vec<Option<St>> = vec![None; mine.len()];
     let mut res = ChanResult {
         finals: Vec::new(),
         answers: HashMap::new(),
@@ -293,113 +285,62 @@ fn run_channel(
         Chan::Udp(_) => (opts.udp_window, opts.udp_ack_timeout),
         Chan::Tcp { .. } => (opts.tcp_window, opts.tcp_ack_timeout),
     };
-    let mut last_timeout_scan = Instant::now();
-    let mut batch = Vec::new();
-    while (!ready.is_empty() || !delayed.is_empty() || inflight_n > 0) && Instant::now() < deadline {
-        let now = Instant::now();
-        delayed.retain(|&(at, li)| {
-            if at <= now {
-                ready.push_back(li);
-                false
-            } else {
-                true
-            }
-        });
-        // send
-        match &mut chan {
-            Chan::Udp(client) => {
-                while inflight_n < window && !ready.is_empty() {
-                    batch.clear();
-                    let max_frames = rng.gen_range(1..=opts.udp_max_frames.max(1));
-                    let mut sent = Vec::new();
-                    while let Some(&li) = ready.front() {
-                        let f = &frames[mine[li].1];
-                        if !sent.is_empty()
-                            && (sent.len() >= max_frames
-                                || batch.len() + f.len() > opts.udp_max_datagram
-                                || inflight_n + sent.len() >= window)
-                        {
-                            break;
-                        }
-                        batch.extend_from_slice(f);
-                        sent.push(li);
-                        ready.pop_front();
-                    }
-                    client.send_frames(&batch);
-                    let t = Instant::now();
-                    for li in sent {
-                        inflight.entry(keys[li]).or_default().push_back((li, t));
-                        inflight_n += 1;
-                        res.frames_sent += 1;
-                    }
-                }
-            }
-            Chan::Tcp { addr, client } => {
-                if client.is_none() {
-                    match TcpClient::connect(*addr) {
-                        Ok(c) => *client = Some(c),
-                        Err(_) => {
-                            thread::sleep(Duration::from_millis(50));
-                            continue;
-                        }
-                    }
-                }
-                if inflight_n < window && !ready.is_empty() {
-                    batch.clear();
-                    let mut sent = Vec::new();
-                    while inflight_n + sent.len() < window {
-                        let Some(li) = ready.pop_front() else { break };
-                        batch.extend_from_slice(&frames[mine[li].1]);
-                        sent.push(li);
-                    }
-                    let c = client.as_mut().expect("connected");
-                    let r = if opts.tcp_split_writes {
-                        c.send_split(&batch, &mut rng)
-                    } else {
-                        c.send(&batch)
-                    };
-                    let t = Instant::now();
-                    for &li in &sent {
-                        inflight.entry(keys[li]).or_default().push_back((li, t));
-                        inflight_n += 1;
-                        res.frames_sent += 1;
-                    }
-                    if r.is_err() {
-                        // The connection broke: everything in flight on it goes again.
-                        requeue_all(&mut inflight, &mut inflight_n, &mut ready);
-                        *client = None;
-                        res.reconnects += 1;
-                        continue;
-                    }
+    let mut channel = ChannelLoop::new(window, ack_timeout, opts.backoff_base, opts.backoff_max);
+    for (li, &key) in keys.iter().enumerate() {
+        channel.push(key, li);
+    }
+    let (mut sends, mut batch) = (Vec::new(), Vec::new());
+    // A broken TCP connection lost what was in flight on it: all goes again on the next.
+    let mut resend_all = false;
+    while !channel.is_idle() && Instant::now() < deadline {
+        if let Chan::Tcp {
+            addr,
+            client: client @ None,
+        } = &mut chan
+        {
+            match TcpClient::connect(*addr) {
+                Ok(c) => *client = Some(c),
+                Err(_) => {
+                    thread::sleep(Duration::from_millis(50));
+                    continue;
                 }
             }
         }
-        // receive
-        let acks = match &mut chan {
+        sends.clear();
+        channel.take_sends(&mut rng, std::mem::take(&mut resend_all), &mut sends, &mut res.timeouts);
+        res.frames_sent += sends.len();
+        let frame_of = |li: usize| &frames[mine[li].1];
+        match &mut chan {
             Chan::Udp(client) => {
-                let mut acks = client.try_recv();
-                // drain whatever else is queued without waiting again
-                loop {
-                    let more = client.try_recv();
-                    if more.is_empty() {
-                        break;
-                    }
-                    acks.extend(more);
+                let mut rest = &sends[..];
+                while !rest.is_empty() {
+                    let max_frames = rng.gen_range(1..=opts.udp_max_frames.max(1));
+                    let taken = udp_datagram(rest, max_frames, opts.udp_max_datagram, frame_of, &mut batch);
+                    client.send_frames(&batch);
+                    rest = &rest[taken..];
                 }
-                acks
             }
-            Chan::Tcp { client, .. } => {
+            Chan::Tcp { client, .. } if !sends.is_empty() => {
+                batch.clear();
+                for &li in &sends {
+                    batch.extend_from_slice(frame_of(li));
+                }
                 let c = client.as_mut().expect("connected");
-                let acks = c.poll_acks();
-                if c.is_closed() {
-                    // handle what arrived, then requeue the rest below
+                let written = if opts.tcp_split_writes {
+                    c.send_split(&batch, &mut rng)
+                } else {
+                    c.send(&batch)
+                };
+                if written.is_err() {
                     *client = None;
                     res.reconnects += 1;
+                    resend_all = true;
+                    continue;
                 }
-                acks
             }
-        };
-        let now = Instant::now();
+            Chan::Tcp { .. } => {}
+        }
+        let acks = receive(&mut chan, &mut res.reconnects, &mut resend_all);
         for ack in acks {
             let key = ack.key();
             res.answers.entry(key).or_default().push(ack.status);
@@ -408,39 +349,12 @@ fn run_channel(
                 res.foreign.push(ack);
                 continue;
             }
-            let Some(li) = inflight.get_mut(&key).and_then(VecDeque::pop_front).map(|x| x.0) else {
-                res.stray += 1;
-                continue;
-            };
-            inflight_n -= 1;
-            match ack.status {
-                St::Accepted | St::Duplicate | St::Rejected => finals[li] = Some(ack.status),
-                St::Retry => {
-                    attempts[li] += 1;
-                    delayed.push((now + backoff(opts, attempts[li], &mut rng), li));
-                }
+            match channel.answered(key, ack.status, &mut rng) {
+                Verdict::Ended(ending) => finals[ending.payload] = Some(ack.status),
+                Verdict::ResendAt { .. } => {}
+                // A late answer, to a copy an earlier answer already ended.
+                Verdict::Unknown => res.stray += 1,
             }
-        }
-        if let Chan::Tcp { client: None, .. } = chan {
-            requeue_all(&mut inflight, &mut inflight_n, &mut ready);
-        }
-        // resend what got no answer
-        if now.duration_since(last_timeout_scan) > Duration::from_millis(50) {
-            last_timeout_scan = now;
-            for q in inflight.values_mut() {
-                while let Some(&(li, t)) = q.front() {
-                    if now.duration_since(t) < ack_timeout {
-                        break;
-                    }
-                    q.pop_front();
-                    inflight_n -= 1;
-                    res.timeouts += 1;
-                    ready.push_back(li);
-                }
-            }
-        }
-        if ready.is_empty() && inflight_n == 0 && !delayed.is_empty() {
-            thread::sleep(Duration::from_millis(2));
         }
     }
     if let Chan::Udp(client) = &chan {
@@ -450,13 +364,170 @@ fn run_channel(
     res
 }
 
-fn requeue_all(
-    inflight: &mut HashMap<Key, VecDeque<(usize, Instant)>>,
-    inflight_n: &mut usize,
-    ready: &mut VecDeque<usize>,
-) {
-    for (_, q) in inflight.drain() {
-        ready.extend(q.into_iter().map(|(li, _)| li));
+/// Packs the first of `sends` into `batch` as one datagram: at least one frame, then more while
+/// there are at most `max_frames` and `max_bytes`. Returns how many it took.
+fn udp_datagram<'a>(
+    sends: &[usize],
+    max_frames: usize,
+    max_bytes: usize,
+    frame_of: impl Fn(usize) -> &'a Vec<u8>,
+    batch: &mut Vec<u8>,
+) -> usize {
+    batch.clear();
+    let mut taken = 0;
+    for &li in sends {
+        let frame = frame_of(li);
+        if taken > 0 && (taken >= max_frames || batch.len() + frame.len() > max_bytes) {
+            break;
+        }
+        batch.extend_from_slice(frame);
+        taken += 1;
     }
-    *inflight_n = 0;
+    taken
+}
+
+/// Every ack that has arrived (UDP: all queued datagrams; TCP: what the connection has). A TCP
+/// connection found closed is dropped, and what was in flight on it goes again.
+fn receive(chan: &mut Chan, reconnects: &mut usize, resend_all: &mut bool) -> Vec<AckMsg> {
+    match chan {
+        Chan::Udp(client) => {
+            let mut acks = client.try_recv();
+            // drain whatever else is queued without waiting again
+            loop {
+                let more = client.try_recv();
+                if more.is_empty() {
+                    break;
+                }
+                acks.extend(more);
+            }
+            acks
+        }
+        Chan::Tcp { client, .. } => {
+            let Some(c) = client.as_mut() else {
+                return Vec::new();
+            };
+            let acks = c.poll_acks();
+            if c.is_closed() {
+                *client = None;
+                *reconnects += 1;
+                *resend_all = true;
+            }
+            acks
+        }
+    }
+}
+
+/// One channel's side of the one resend loop (`shardgate_client::resend::Outstanding`): the
+/// copies waiting for their first send, the loop's table of copies sent and not ended (the
+/// payload is the caller's copy index), and its clock. The loop decides what every answer and
+/// every timeout means; the channel only writes, reads and records.
+///
+/// The table is the channel's window: a copy paused by RETRY holds its place. Answers name only
+/// the event id, so a channel has one copy of an id outstanding at a time; another copy of that
+/// id waits until the first ends (copies of one event still race across channels).
+pub struct ChannelLoop {
+    table: Outstanding<usize>,
+    waiting: VecDeque<(Key, usize)>,
+    /// Copies whose id is outstanding on this channel, in arrival order.
+    blocked: Vec<(Key, usize)>,
+    origin: Instant,
+}
+
+impl ChannelLoop {
+    /// `window` copies outstanding at most; a copy unanswered for `ack_timeout` is resent; after
+    /// RETRY to the n-th copy, the next goes `retry_base × 2^n` later (capped at `retry_max`,
+    /// half of each wait as jitter).
+    pub fn new(window: usize, ack_timeout: Duration, retry_base: Duration, retry_max: Duration) -> ChannelLoop {
+        let waits = Waits {
+            answer: Schedule::new(ack_timeout, ack_timeout, 0),
+            retry: Schedule::new(retry_base.saturating_mul(2), retry_max, 50),
+        };
+        ChannelLoop {
+            table: Outstanding::new(window, waits, Limits::default()),
+            waiting: VecDeque::new(),
+            blocked: Vec::new(),
+            origin: Instant::now(),
+        }
+    }
+
+    /// Queues a copy for its first send.
+    pub fn push(&mut self, key: Key, copy: usize) {
+        self.waiting.push_back((key, copy));
+    }
+
+    /// No copy waiting and none outstanding.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.blocked.is_empty() && self.table.is_empty()
+    }
+
+    /// The next copy to go out for the first time, if any.
+    pub fn peek_waiting(&self) -> Option<usize> {
+        self.waiting.front().map(|&(_, copy)| copy)
+    }
+
+    /// Drops the copies waiting for a first send that `keep` refuses.
+    pub fn retain_waiting(&mut self, mut keep: impl FnMut(usize) -> bool) {
+        self.waiting.retain(|&(_, copy)| keep(copy));
+        self.blocked.retain(|&(_, copy)| keep(copy));
+    }
+
+    /// The copies to write now, each already recorded as sent: resends whose wait ran out
+    /// (counted in `timeouts` when no answer came), every outstanding copy if `resend_all`
+    /// (a broken connection lost them), then first copies while the window has room.
+    pub fn take_sends(&mut self, rng: &mut StdRng, resend_all: bool, sends: &mut Vec<usize>, timeouts: &mut usize) {
+        let now_ns = self.now_ns();
+        while let Some(due) = self.table.pop_due(now_ns, rng.gen()) {
+            // No limits are set, so nothing ends unconfirmed.
+            if let Due::Resend { id, timed_out, .. } = due {
+                *timeouts += usize::from(timed_out);
+                sends.extend(self.table.get(id).map(|entry| entry.payload));
+            }
+        }
+        if resend_all {
+            let ids: Vec<EventId> = self.table.entries().map(|entry| entry.id).collect();
+            for id in ids {
+                self.table.resent(id, now_ns, rng.gen());
+                sends.extend(self.table.get(id).map(|entry| entry.payload));
+            }
+        }
+        // Copies whose id ended go back to the front, in their order.
+        for index in (0..self.blocked.len()).rev() {
+            if !self.table.contains(event_id(self.blocked[index].0)) {
+                self.waiting.push_front(self.blocked.remove(index));
+            }
+        }
+        while self.table.len() < self.table.capacity() {
+            let Some((key, copy)) = self.waiting.pop_front() else {
+                break;
+            };
+            match self.table.first_sent(event_id(key), copy, now_ns, now_ns, rng.gen()) {
+                Ok(_) => sends.push(copy),
+                Err(_) => self.blocked.push((key, copy)),
+            }
+        }
+    }
+
+    /// What an answer received now means; see `resend::Verdict`.
+    pub fn answered(&mut self, key: Key, status: St, rng: &mut StdRng) -> Verdict<usize> {
+        let now_ns = self.now_ns();
+        self.table
+            .answered(event_id(key), wire_status(status), now_ns, rng.gen())
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+}
+
+fn event_id((player_id, seq): Key) -> EventId {
+    EventId { player_id, seq }
+}
+
+fn wire_status(status: St) -> Status {
+    match status {
+        St::Accepted => Status::Accepted,
+        St::Duplicate => Status::Duplicate,
+        St::Retry => Status::Retry,
+        St::Rejected => Status::Rejected,
+    }
 }

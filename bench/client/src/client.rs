@@ -1,25 +1,22 @@
-//! The client: the book of pending events, their resend timers, and the poll loop that drives
-//! sending and receiving.
+//! The client: the queue of events not yet sent, the resend loop's table of events in flight
+//! (`resend::Outstanding`, which decides what each ack and each timeout means), and the poll
+//! loop that does the I/O around them.
 //!
-//! Every event the client accepted is in `entries` under its id until it resolves, so an ack
-//! is matched with one hash lookup however acks are ordered or coalesced, and a second event
-//! with a pending id is refused (its acks could not be told apart). Entries are either queued
-//! (never sent; `attempts == 0`) or in flight. Resend times live in a min-heap with one item per
-//! in-flight entry; since an entry's due time only ever moves later, an item that comes up early
-//! is simply pushed again with the entry's current due time, and items of resolved entries are
-//! dropped when they come up (or swept if they pile up), so the heap stays bounded without
-//! deleting from its middle. All containers are sized at connect time.
+//! Every event the client accepted is either queued (never sent) or in flight, under its id
+//! until it resolves, so an ack is matched with one hash lookup however acks are ordered or
+//! coalesced, and a second event with a pending id is refused (its acks could not be told
+//! apart). All containers are sized at connect time.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::auth;
-use crate::backoff::Backoff;
 use crate::config::ClientConfig;
+use crate::draws::Draws;
 use crate::error::ClientError;
 use crate::frame::{self, Ack, ActionFields, EventId, Status, ACK_BYTES, FRAME_BYTES_MAX, PAYLOAD_BYTES_MAX};
+use crate::resend::{Due, End, Ending, Limits, Outstanding, Schedule, Verdict, Waits};
 use crate::wire::{Wire, DRAIN_READS_MAX};
 
 /// The longest a single `poll` waits, however long it was asked to: keeps `Instant` arithmetic
@@ -75,12 +72,12 @@ impl Outcome {
         matches!(self, Outcome::Stored { .. })
     }
 
-    /// How a caller's deadline ends an event with no final answer: unknown once a copy was sent.
-    fn given_up(attempts: u32) -> Outcome {
-        if attempts == 0 {
-            Outcome::NotSent
-        } else {
-            Outcome::Unknown
+    /// How the resend loop's end of a sent event reads here.
+    fn of(end: End) -> Outcome {
+        match end {
+            End::Stored { first } => Outcome::Stored { first },
+            End::Rejected => Outcome::Rejected,
+            End::Unconfirmed => Outcome::Unknown,
         }
     }
 }
@@ -129,58 +126,66 @@ pub struct Stats {
 pub struct Client {
     wire: Wire,
     book: Book,
-    backoff: Backoff,
+    draws: Draws,
     signer: Option<Signer>,
     stats: Stats,
-    attempts_max: Option<u32>,
     give_up_after: Option<Duration>,
     in_flight_max: usize,
     queue_max: usize,
+    /// Time zero of the resend loop's nanosecond clock.
+    origin: Instant,
 }
 
 struct Book {
-    entries: HashMap<EventId, Entry>,
-    /// Ids of queued entries, oldest first.
-    queue: VecDeque<EventId>,
-    /// (due, nonce, id) of in-flight entries; see the module docs.
-    timers: BinaryHeap<Reverse<(Instant, u64, EventId)>>,
-    /// Timer items beyond this many are swept of dead ones.
-    timers_sweep_len: usize,
-    in_flight: usize,
+    /// Events sent at least once and not resolved; its frame is what a resend writes.
+    in_flight: Outstanding<Vec<u8>>,
+    /// Events not sent yet, oldest first.
+    queue: VecDeque<Queued>,
+    /// The ids in `queue`, so that `send` refuses a pending id in one lookup.
+    queued_ids: HashSet<EventId>,
     /// Frame buffers of resolved events, reused so that steady sending does not allocate.
     spare_frames: Vec<Vec<u8>>,
     spare_frames_max: usize,
-    /// Tells apart two events that had the same id one after the other, so a stale timer item of
-    /// the first cannot act on the second.
-    next_nonce: u64,
 }
 
-struct Entry {
+struct Queued {
+    id: EventId,
     frame: Vec<u8>,
-    nonce: u64,
-    queued_at: Instant,
-    /// Copies sent so far; 0 while queued.
-    attempts: u32,
-    /// The wait after the latest copy (jitter included), reused when a RETRY restarts it.
-    delay: Duration,
-    /// When the next copy goes out (or the event gives up) if no final answer came; never later
-    /// than `give_up_at`.
-    due: Instant,
-    /// `send` time plus `give_up_after`, if set: the event resolves unanswered then.
-    give_up_at: Option<Instant>,
+    /// On the client's nanosecond clock; latency and `give_up_after` count from here.
+    queued_at_ns: u64,
 }
 
-impl Entry {
-    /// The moment the current wait ends: `delay` after `from`, or the give-up deadline if sooner.
-    fn wait_end(&self, from: Instant) -> Instant {
-        let end = from + self.delay;
-        self.give_up_at.map_or(end, |give_up_at| end.min(give_up_at))
+impl Book {
+    fn is_empty(&self) -> bool {
+        self.in_flight.is_empty() && self.queue.is_empty()
     }
 
-    /// Whether this event's own limits end it now instead of another copy.
-    fn is_given_up(&self, now: Instant, attempts_max: Option<u32>) -> bool {
-        self.give_up_at.is_some_and(|give_up_at| give_up_at <= now)
-            || attempts_max.is_some_and(|attempts_max| self.attempts >= attempts_max)
+    fn resolve(&mut self, ending: Ending<Vec<u8>>, resolved: &mut Vec<Resolution>) {
+        resolved.push(Resolution {
+            id: ending.id,
+            outcome: Outcome::of(ending.end),
+            attempts: ending.attempts,
+            latency: Duration::from_nanos(ending.latency_ns),
+        });
+        self.spare(ending.payload);
+    }
+
+    /// Resolves a queued event that never left the queue.
+    fn resolve_unsent(&mut self, queued: Queued, now_ns: u64, resolved: &mut Vec<Resolution>) {
+        self.queued_ids.remove(&queued.id);
+        resolved.push(Resolution {
+            id: queued.id,
+            outcome: Outcome::NotSent,
+            attempts: 0,
+            latency: Duration::from_nanos(now_ns.saturating_sub(queued.queued_at_ns)),
+        });
+        self.spare(queued.frame);
+    }
+
+    fn spare(&mut self, frame: Vec<u8>) {
+        if self.spare_frames.len() < self.spare_frames_max {
+            self.spare_frames.push(frame);
+        }
     }
 }
 
@@ -214,27 +219,32 @@ impl Client {
     pub fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         config.validate()?;
         let wire = Wire::open(&config)?;
-        let entries_max = config.in_flight_max + config.queue_max;
-        let timers_sweep_len = config.in_flight_max * 2 + 64;
+        let schedule = Schedule::new(config.ack_timeout, config.backoff_max, config.jitter_percent.min(100));
+        // A RETRY restarts the same wait a copy gets: the server gets the full backoff it asked for.
+        let waits = Waits {
+            answer: schedule,
+            retry: schedule,
+        };
+        let limits = Limits {
+            attempts_max: config.attempts_max,
+            give_up_after_ns: config.give_up_after.map(duration_ns),
+        };
         Ok(Client {
             wire,
             book: Book {
-                entries: HashMap::with_capacity(entries_max),
+                in_flight: Outstanding::new(config.in_flight_max, waits, limits),
                 queue: VecDeque::with_capacity(config.queue_max),
-                timers: BinaryHeap::with_capacity(timers_sweep_len + 1),
-                timers_sweep_len,
-                in_flight: 0,
+                queued_ids: HashSet::with_capacity(config.queue_max),
                 spare_frames: Vec::new(),
-                spare_frames_max: entries_max,
-                next_nonce: 0,
+                spare_frames_max: config.in_flight_max + config.queue_max,
             },
-            backoff: Backoff::new(config.ack_timeout, config.backoff_max, config.jitter_percent),
+            draws: Draws::new(),
             signer: config.auth_secret.map(|secret| Signer { secret, cached: None }),
             stats: Stats::default(),
-            attempts_max: config.attempts_max,
             give_up_after: config.give_up_after,
             in_flight_max: config.in_flight_max,
             queue_max: config.queue_max,
+            origin: Instant::now(),
         })
     }
 
@@ -252,7 +262,7 @@ impl Client {
             player_id: event.player_id,
             seq: event.seq,
         };
-        if self.book.entries.contains_key(&id) {
+        if self.book.in_flight.contains(id) || self.book.queued_ids.contains(&id) {
             return Err(ClientError::already_pending(id));
         }
         let mut frame = self
@@ -271,21 +281,13 @@ impl Client {
             Some(signer) => frame::encode_action_signed(&fields, signer.key(id.player_id), &mut frame),
             None => frame::encode_action(&fields, &mut frame),
         }
-        let now = Instant::now();
-        self.book.next_nonce += 1;
-        self.book.entries.insert(
+        let queued_at_ns = self.clock_ns(Instant::now());
+        self.book.queued_ids.insert(id);
+        self.book.queue.push_back(Queued {
             id,
-            Entry {
-                frame,
-                nonce: self.book.next_nonce,
-                queued_at: now,
-                attempts: 0,
-                delay: Duration::ZERO,
-                due: now,
-                give_up_at: self.give_up_after.map(|after| now + after),
-            },
-        );
-        self.book.queue.push_back(id);
+            frame,
+            queued_at_ns,
+        });
         Ok(())
     }
 
@@ -312,7 +314,7 @@ impl Client {
         loop {
             let now = Instant::now();
             self.drive(now, deadline, resolved);
-            if resolved.len() > resolved_before || self.book.entries.is_empty() {
+            if resolved.len() > resolved_before || self.book.is_empty() {
                 break;
             }
             let wake = self.next_wake().map_or(deadline, |wake| wake.min(deadline));
@@ -349,17 +351,20 @@ impl Client {
         let resolved_before = resolved.len();
         loop {
             let now = Instant::now();
-            if self.book.entries.is_empty() {
+            if self.book.is_empty() {
                 break;
             }
             if now >= deadline {
-                let pending: Vec<EventId> = self.book.entries.keys().copied().collect();
-                for id in pending {
-                    let attempts = self.book.entries.get(&id).map_or(0, |entry| entry.attempts);
-                    self.book.resolve(id, Outcome::given_up(attempts), now, resolved);
+                let now_ns = self.clock_ns(now);
+                let book = &mut self.book;
+                let mut unconfirmed = Vec::new();
+                book.in_flight.give_up_all(now_ns, |ending| unconfirmed.push(ending));
+                for ending in unconfirmed {
+                    book.resolve(ending, resolved);
                 }
-                self.book.queue.clear();
-                self.book.timers.clear();
+                while let Some(queued) = book.queue.pop_front() {
+                    book.resolve_unsent(queued, now_ns, resolved);
+                }
                 break;
             }
             self.poll_into(deadline - now, resolved);
@@ -369,12 +374,12 @@ impl Client {
 
     /// Events accepted by `send` and not yet resolved, queued or in flight.
     pub fn pending(&self) -> usize {
-        self.book.entries.len()
+        self.book.in_flight.len() + self.book.queue.len()
     }
 
     /// Events sent at least once and not yet resolved.
     pub fn in_flight(&self) -> usize {
-        self.book.in_flight
+        self.book.in_flight.len()
     }
 
     /// Events waiting to be sent for the first time.
@@ -391,97 +396,86 @@ impl Client {
         self.wire.local_addr()
     }
 
+    /// `at` on the resend loop's nanosecond clock.
+    fn clock_ns(&self, at: Instant) -> u64 {
+        duration_ns(at.saturating_duration_since(self.origin))
+    }
+
     /// One round of work that never waits (beyond a TCP reconnect bounded by `deadline`).
     fn drive(&mut self, now: Instant, deadline: Instant, resolved: &mut Vec<Resolution>) {
         self.wire.maintain(now, deadline, &mut self.stats);
-        self.expire(now, resolved);
-        self.expire_queued(now, resolved);
-        self.promote(now);
+        let now_ns = self.clock_ns(now);
+        self.expire(now_ns, resolved);
+        self.expire_queued(now_ns, resolved);
+        self.promote(now_ns);
         self.wire.transmit(&mut self.stats);
-        self.book.sweep_timers();
     }
 
     /// Resends every in-flight event whose wait ran out, or resolves it as unknown once its
-    /// give-up deadline passed or its opt-in last copy went unanswered.
-    fn expire(&mut self, now: Instant, resolved: &mut Vec<Resolution>) {
-        while let Some(&Reverse((due, nonce, id))) = self.book.timers.peek() {
-            if due > now {
-                break;
+    /// give-up deadline passed or its opt-in last copy went unanswered: the resend loop decides.
+    fn expire(&mut self, now_ns: u64, resolved: &mut Vec<Resolution>) {
+        while let Some(due) = self.book.in_flight.pop_due(now_ns, self.draws.next_draw()) {
+            match due {
+                Due::Resend { id, .. } => {
+                    if let Some(entry) = self.book.in_flight.get(id) {
+                        self.wire.push_frame(&entry.payload, &mut self.stats);
+                        self.stats.resends += 1;
+                    }
+                }
+                Due::Ended(ending) => self.book.resolve(ending, resolved),
             }
-            self.book.timers.pop();
-            let Some(entry) = self.book.entries.get_mut(&id) else {
-                continue; // resolved since
-            };
-            if entry.nonce != nonce || entry.attempts == 0 {
-                continue; // an item of an earlier event with the same id
-            }
-            if entry.due > now {
-                // A RETRY moved the due time later.
-                self.book.timers.push(Reverse((entry.due, nonce, id)));
-                continue;
-            }
-            if entry.is_given_up(now, self.attempts_max) {
-                self.book.resolve(id, Outcome::Unknown, now, resolved);
-                continue;
-            }
-            entry.attempts = entry.attempts.saturating_add(1);
-            entry.delay = self.backoff.delay(entry.attempts);
-            entry.due = entry.wait_end(now);
-            self.book.timers.push(Reverse((entry.due, nonce, id)));
-            self.wire.push_frame(&entry.frame, &mut self.stats);
-            self.stats.resends += 1;
         }
     }
 
     /// Resolves as not sent the queued events whose give-up deadline passed. All share one
     /// `give_up_after` and the queue is in `send` order, so they are at its front.
-    fn expire_queued(&mut self, now: Instant, resolved: &mut Vec<Resolution>) {
-        while let Some(&id) = self.book.queue.front() {
-            let expired = self
-                .book
-                .entries
-                .get(&id)
-                .is_none_or(|entry| entry.give_up_at.is_some_and(|give_up_at| give_up_at <= now));
-            if !expired {
+    fn expire_queued(&mut self, now_ns: u64, resolved: &mut Vec<Resolution>) {
+        let Some(give_up_after) = self.give_up_after.map(duration_ns) else {
+            return;
+        };
+        while let Some(queued) = self.book.queue.front() {
+            if queued.queued_at_ns.saturating_add(give_up_after) > now_ns {
                 break;
             }
-            self.book.queue.pop_front();
-            self.book.resolve(id, Outcome::NotSent, now, resolved);
+            let queued = self.book.queue.pop_front().expect("the front was just seen");
+            self.book.resolve_unsent(queued, now_ns, resolved);
         }
     }
 
     /// Moves queued events into flight, oldest first, while there is room and a way to send.
     /// While a TCP connection is down they stay queued, so they spend no attempts and `send`
     /// pushes back once the queue fills.
-    fn promote(&mut self, now: Instant) {
-        while self.book.in_flight < self.in_flight_max && self.wire.is_up() {
-            let Some(id) = self.book.queue.pop_front() else {
+    fn promote(&mut self, now_ns: u64) {
+        while self.book.in_flight.len() < self.in_flight_max && self.wire.is_up() {
+            let Some(queued) = self.book.queue.pop_front() else {
                 break;
             };
-            let Some(entry) = self.book.entries.get_mut(&id) else {
-                continue; // cannot happen: queued entries resolve only in flush, which clears the queue
-            };
-            entry.attempts = 1;
-            entry.delay = self.backoff.delay(1);
-            entry.due = entry.wait_end(now);
-            self.book.timers.push(Reverse((entry.due, entry.nonce, id)));
-            self.book.in_flight += 1;
-            self.wire.push_frame(&entry.frame, &mut self.stats);
+            self.book.queued_ids.remove(&queued.id);
+            self.wire.push_frame(&queued.frame, &mut self.stats);
+            let draw = self.draws.next_draw();
+            let first_sent = self
+                .book
+                .in_flight
+                .first_sent(queued.id, queued.frame, queued.queued_at_ns, now_ns, draw);
+            // Cannot fail: there is room, and `send` refused an id already pending.
+            debug_assert!(first_sent.is_ok());
             self.stats.events_sent += 1;
         }
     }
 
     /// The earliest moment something needs doing without an ack arriving.
     fn next_wake(&self) -> Option<Instant> {
-        let timer = self.book.timers.peek().map(|Reverse((due, _, _))| *due);
-        let reconnect = self.wire.reconnect_at().filter(|_| !self.book.entries.is_empty());
-        // The oldest queued event's deadline: it may pass while nothing can be sent.
-        let queued_give_up = self
+        let timer = self
             .book
-            .queue
-            .front()
-            .and_then(|id| self.book.entries.get(id))
-            .and_then(|entry| entry.give_up_at);
+            .in_flight
+            .next_due_ns()
+            .map(|due_ns| self.origin + Duration::from_nanos(due_ns));
+        let reconnect = self.wire.reconnect_at().filter(|_| !self.book.is_empty());
+        // The oldest queued event's deadline: it may pass while nothing can be sent.
+        let queued_give_up = self.book.queue.front().and_then(|queued| {
+            let give_up_after = self.give_up_after?;
+            Some(self.origin + Duration::from_nanos(queued.queued_at_ns) + give_up_after)
+        });
         [timer, reconnect, queued_give_up].into_iter().flatten().min()
     }
 
@@ -500,7 +494,7 @@ impl Client {
         let Some(received) = self.wire.read(wait, &mut self.stats) else {
             return false;
         };
-        let now = Instant::now();
+        let now_ns = duration_ns(Instant::now().saturating_duration_since(self.origin));
         if received.stray_bytes > 0 {
             self.stats.acks_malformed += 1;
         }
@@ -508,7 +502,8 @@ impl Client {
             match frame::decode_ack(bytes) {
                 Ok(ack) => {
                     self.stats.acks += 1;
-                    self.book.apply(ack, self.attempts_max, &mut self.stats, now, resolved);
+                    let draw = self.draws.next_draw();
+                    apply(&mut self.book, &mut self.stats, ack, now_ns, draw, resolved);
                 }
                 Err(_) => self.stats.acks_malformed += 1,
             }
@@ -517,75 +512,21 @@ impl Client {
     }
 }
 
-impl Book {
-    /// Applies one well-formed ack to the event it names.
-    fn apply(
-        &mut self,
-        ack: Ack,
-        attempts_max: Option<u32>,
-        stats: &mut Stats,
-        now: Instant,
-        resolved: &mut Vec<Resolution>,
-    ) {
-        if ack.status == Status::Retry {
-            stats.acks_retry += 1;
-        }
-        let Some(entry) = self.entries.get_mut(&ack.id) else {
-            stats.acks_unmatched += 1;
-            return;
-        };
-        if entry.attempts == 0 {
-            // Queued and never sent: the ack answers an earlier event with the same id.
-            stats.acks_unmatched += 1;
-            return;
-        }
-        let outcome = match ack.status {
-            Status::Accepted => Outcome::Stored { first: true },
-            Status::Duplicate => Outcome::Stored { first: false },
-            Status::Rejected => Outcome::Rejected,
-            // Not confirmed, so never an end in itself: only a limit the caller opted in to
-            // ends the event here, and then as unknown.
-            Status::Retry if entry.is_given_up(now, attempts_max) => Outcome::Unknown,
-            Status::Retry => {
-                // The server asked for a pause: the full wait starts now, not at the send (but
-                // ends by the give-up deadline). Never earlier than the current due time, so the
-                // timer item stays valid and is pushed again when it comes up.
-                entry.due = entry.due.max(entry.wait_end(now));
-                return;
-            }
-        };
-        self.resolve(ack.id, outcome, now, resolved);
+/// Applies one well-formed ack: the resend loop says what it means for the event it names.
+fn apply(book: &mut Book, stats: &mut Stats, ack: Ack, now_ns: u64, draw: u64, resolved: &mut Vec<Resolution>) {
+    if ack.status == Status::Retry {
+        stats.acks_retry += 1;
     }
+    match book.in_flight.answered(ack.id, ack.status, now_ns, draw) {
+        Verdict::Ended(ending) => book.resolve(ending, resolved),
+        // The next copy is due then; `expire` sends it.
+        Verdict::ResendAt { .. } => {}
+        // Nothing in flight has that id (a queued event with it was never sent, so the ack
+        // answers an earlier event): typically the answer to a copy already answered.
+        Verdict::Unknown => stats.acks_unmatched += 1,
+    }
+}
 
-    fn resolve(&mut self, id: EventId, outcome: Outcome, now: Instant, resolved: &mut Vec<Resolution>) {
-        let Some(entry) = self.entries.remove(&id) else {
-            return;
-        };
-        if entry.attempts > 0 {
-            self.in_flight -= 1;
-        }
-        resolved.push(Resolution {
-            id,
-            outcome,
-            attempts: entry.attempts,
-            latency: now.saturating_duration_since(entry.queued_at),
-        });
-        if self.spare_frames.len() < self.spare_frames_max {
-            self.spare_frames.push(entry.frame);
-        }
-    }
-
-    /// Drops the items of resolved entries once they outnumber the live ones, keeping the heap
-    /// within its preallocated size at a cost spread over the resolutions that made them.
-    fn sweep_timers(&mut self) {
-        if self.timers.len() <= self.timers_sweep_len {
-            return;
-        }
-        let entries = &self.entries;
-        self.timers.retain(|Reverse((_, nonce, id))| {
-            entries
-                .get(id)
-                .is_some_and(|entry| entry.nonce == *nonce && entry.attempts > 0)
-        });
-    }
+fn duration_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -60,7 +60,8 @@
 //! do not repeat across restarts (they start at the Unix time in microseconds).
 //!
 //! # Resend schedule
-//! After the n-th copy of an event the client waits `ack_timeout × 2^(n-1)`, capped at
+//! The decisions below are the one resend loop's ([`resend::Outstanding`], without I/O), which
+//! the bench and the end-to-end tests drive too. After the n-th copy of an event the client waits `ack_timeout × 2^(n-1)`, capped at
 //! `backoff_max`, minus a random part of up to `jitter_percent` of it (so that clients that
 //! failed together do not retry together). If no final answer came by then, it sends copy n+1.
 //! A RETRY answer restarts that wait from the moment it arrives, so the server gets the full
@@ -124,9 +125,9 @@
 
 pub use shardgate_proto::{auth, frame};
 
-mod backoff;
 mod client;
 mod config;
+mod draws;
 mod error;
 pub mod resend;
 mod seq;

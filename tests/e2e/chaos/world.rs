@@ -2,8 +2,8 @@
 //! connection, resending until answered), the garbage sender, the server's incarnations and the
 //! Redis faults; and `execute`, which applies one planned fault to them.
 
-use shardgate_client::resend::Schedule;
-use std::collections::{HashMap, HashSet, VecDeque};
+use shardgate_client::resend::Verdict;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -135,10 +135,10 @@ pub(super) fn run_generator(load: Arc<Load>, inboxes: Vec<Sender<Work>>, seed: u
     report
 }
 
+/// One copy handed to a channel.
 struct CopyState {
     key: Key,
     frame: Arc<Vec<u8>>,
-    attempts: u32,
     done: bool,
 }
 
@@ -168,12 +168,6 @@ pub(super) struct ChannelReport {
     pub(super) udp_drops: u64,
 }
 
-/// The wait before resending a copy that got RETRY after `attempts` sends: the one resend
-/// schedule (`shardgate_client::resend`), half of each wait as jitter.
-fn backoff(attempts: u32, rng: &mut StdRng) -> Duration {
-    Schedule::new(BACKOFF_BASE, BACKOFF_MAX, 50).delay(attempts + 1, rng.gen())
-}
-
 /// Drops a TCP connection with RST instead of FIN when it is closed.
 fn set_linger_zero(stream: &std::net::TcpStream) {
     let linger = libc::linger {
@@ -192,9 +186,31 @@ fn set_linger_zero(stream: &std::net::TcpStream) {
     }
 }
 
+/// One channel's copies: every copy handed to it, by index, and the copies of each id.
+#[derive(Default)]
+struct Copies {
+    all: Vec<CopyState>,
+    of: HashMap<Key, Vec<usize>>,
+    unresolved: usize,
+}
+
+impl Copies {
+    /// Marks a copy resolved, once; a long soak holds millions of copies, so its frame goes.
+    fn resolve(&mut self, copy: usize, load: &Load, empty: &Arc<Vec<u8>>) {
+        let state = &mut self.all[copy];
+        if !state.done {
+            state.done = true;
+            state.frame = empty.clone();
+            self.unresolved -= 1;
+            load.outstanding.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// One client channel: sends the copies handed to it, resends on RETRY (backoff) and on
-/// silence (timeout), reconnects a broken TCP connection, and runs until the generator hung
-/// up and every copy is resolved, or the test aborts.
+/// silence (timeout) as the one resend loop (`ChannelLoop`) says, reconnects a broken TCP
+/// connection, and runs until the generator hung up and every copy is resolved, or the test
+/// aborts.
 pub(super) fn run_channel(
     name: String,
     mut link: Link,
@@ -207,240 +223,223 @@ pub(super) fn run_channel(
         name,
         ..ChannelReport::default()
     };
-    let mut copies: Vec<CopyState> = Vec::new();
-    let mut copies_of: HashMap<Key, Vec<usize>> = HashMap::new();
-    let mut ready: VecDeque<usize> = VecDeque::new();
-    let mut delayed: Vec<(Instant, usize)> = Vec::new();
-    let mut inflight: HashMap<Key, VecDeque<(usize, Instant)>> = HashMap::new();
-    let mut inflight_n = 0usize;
-    let mut unresolved = 0usize;
-    let mut inbox_open = true;
-    let mut last_scan = Instant::now();
-    let mut batch = Vec::new();
-    let empty: Arc<Vec<u8>> = Arc::default();
-    let ack_timeout = match link {
-        Link::Udp(_) => UDP_ACK_TIMEOUT,
-        Link::Tcp { .. } => TCP_ACK_TIMEOUT,
+    let mut copies = Copies::default();
+    let (window, ack_timeout) = match link {
+        Link::Udp(_) => (UDP_WINDOW, UDP_ACK_TIMEOUT),
+        Link::Tcp { .. } => (TCP_WINDOW, TCP_ACK_TIMEOUT),
     };
-    let requeue_all =
-        |inflight: &mut HashMap<Key, VecDeque<(usize, Instant)>>, n: &mut usize, ready: &mut VecDeque<usize>| {
-            for (_, q) in inflight.drain() {
-                ready.extend(q.into_iter().map(|(ci, _)| ci));
-            }
-            *n = 0;
-        };
+    let mut channel = ChannelLoop::new(window, ack_timeout, BACKOFF_BASE, BACKOFF_MAX);
+    let (mut inbox_open, mut resend_all) = (true, false);
+    let (mut sends, mut batch) = (Vec::new(), Vec::new());
+    let empty: Arc<Vec<u8>> = Arc::default();
     while !load.stopped() {
         while inbox_open {
             match inbox.try_recv() {
                 Ok((key, frame)) => {
-                    let ci = copies.len();
-                    copies.push(CopyState {
+                    let copy = copies.all.len();
+                    copies.all.push(CopyState {
                         key,
                         frame,
-                        attempts: 0,
                         done: false,
                     });
-                    copies_of.entry(key).or_default().push(ci);
-                    ready.push_back(ci);
-                    unresolved += 1;
+                    copies.of.entry(key).or_default().push(copy);
+                    channel.push(key, copy);
+                    copies.unresolved += 1;
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => inbox_open = false,
             }
         }
-        if !inbox_open && unresolved == 0 {
+        if !inbox_open && copies.unresolved == 0 {
             break;
         }
-        let now = Instant::now();
-        delayed.retain(|&(at, ci)| {
-            if at <= now {
-                ready.push_back(ci);
-                false
-            } else {
-                true
-            }
-        });
-        ready.retain(|&ci| !copies[ci].done);
-
-        // send
-        match &mut link {
-            Link::Udp(client) => {
-                while inflight_n < UDP_WINDOW && !ready.is_empty() {
-                    batch.clear();
-                    let max_frames = rng.gen_range(1..=4);
-                    let mut sent = Vec::new();
-                    while let Some(&ci) = ready.front() {
-                        let f = &copies[ci].frame;
-                        if !sent.is_empty() && (sent.len() >= max_frames || batch.len() + f.len() > 1_400) {
-                            break;
-                        }
-                        batch.extend_from_slice(f);
-                        sent.push(ci);
-                        ready.pop_front();
-                    }
-                    client.send_frames(&batch);
-                    let t = Instant::now();
-                    for ci in sent {
-                        inflight.entry(copies[ci].key).or_default().push_back((ci, t));
-                        inflight_n += 1;
-                        rep.frames_sent += 1;
-                    }
-                }
-            }
-            Link::Tcp {
-                addr,
-                index,
-                conn,
-                cuts_seen,
-            } => {
-                let cuts = load.cut_requests[*index].load(Ordering::SeqCst);
-                if cuts != *cuts_seen {
-                    *cuts_seen = cuts;
-                    if let Some(mut c) = conn.take() {
-                        // mid-stream: half a frame on the wire, then gone
-                        if let Some(&ci) = ready.front() {
-                            let f = &copies[ci].frame;
-                            let _ = c.send(&f[..rng.gen_range(1..f.len())]);
-                        }
-                        if load.cut_reset[*index].load(Ordering::SeqCst) {
-                            set_linger_zero(c.stream());
-                        }
-                        drop(c);
-                        requeue_all(&mut inflight, &mut inflight_n, &mut ready);
-                        rep.cuts += 1;
-                    }
-                }
-                if conn.is_none() && (!ready.is_empty() || inflight_n > 0) {
-                    match TcpClient::connect(*addr) {
-                        Ok(c) => *conn = Some(c),
-                        Err(_) => {
-                            // the server is restarting
-                            thread::sleep(Duration::from_millis(50));
-                            continue;
-                        }
-                    }
-                }
-                if let Some(c) = conn.as_mut() {
-                    if inflight_n < TCP_WINDOW && !ready.is_empty() {
-                        batch.clear();
-                        let mut sent = Vec::new();
-                        while inflight_n + sent.len() < TCP_WINDOW {
-                            let Some(ci) = ready.pop_front() else { break };
-                            batch.extend_from_slice(&copies[ci].frame);
-                            sent.push(ci);
-                        }
-                        let r = c.send_split(&batch, &mut rng);
-                        let t = Instant::now();
-                        for ci in sent {
-                            inflight.entry(copies[ci].key).or_default().push_back((ci, t));
-                            inflight_n += 1;
-                            rep.frames_sent += 1;
-                        }
-                        if r.is_err() {
-                            *conn = None;
-                            requeue_all(&mut inflight, &mut inflight_n, &mut ready);
-                            rep.reconnects += 1;
-                            continue;
-                        }
-                    }
-                }
-            }
-        }
-
-        // receive (waits about 5 ms when nothing is there)
-        let acks = match &mut link {
-            Link::Udp(client) => {
-                let mut acks = client.try_recv();
-                if !acks.is_empty() {
-                    loop {
-                        let more = client.try_recv();
-                        if more.is_empty() {
-                            break;
-                        }
-                        acks.extend(more);
-                    }
-                }
-                acks
-            }
-            Link::Tcp { conn, .. } => match conn.as_mut() {
-                Some(c) => {
-                    let acks = c.poll_acks();
-                    if c.is_closed() {
-                        *conn = None;
-                        rep.reconnects += 1;
-                        requeue_all(&mut inflight, &mut inflight_n, &mut ready);
-                    }
-                    acks
-                }
-                None => {
-                    thread::sleep(Duration::from_millis(5));
-                    Vec::new()
-                }
-            },
-        };
-        let now = Instant::now();
-        for ack in acks {
-            let key = ack.key();
-            rep.answers.entry(key).or_default().push(ack.status);
-            rep.counts.add(ack.status);
-            let Some(mine) = copies_of.get(&key) else {
-                rep.foreign.push(ack);
+        channel.retain_waiting(|copy| !copies.all[copy].done);
+        if let Link::Tcp { .. } = link {
+            if !tcp_ready(&mut link, &channel, &copies, &load, &mut rng, &mut rep, &mut resend_all) {
                 continue;
-            };
-            let matched = inflight.get_mut(&key).and_then(VecDeque::pop_front).map(|(ci, _)| ci);
-            if matched.is_some() {
-                inflight_n -= 1;
-            } else {
-                rep.stray += 1;
-            }
-            match ack.status {
-                St::Accepted | St::Duplicate | St::Rejected => {
-                    // a client pairs answers by id: a late answer resolves a copy too
-                    let target = matched
-                        .filter(|&ci| !copies[ci].done)
-                        .or_else(|| mine.iter().copied().find(|&ci| !copies[ci].done));
-                    if let Some(ci) = target {
-                        copies[ci].done = true;
-                        // a long soak holds millions of copies: keep only what is still needed
-                        copies[ci].frame = empty.clone();
-                        unresolved -= 1;
-                        load.outstanding.fetch_sub(1, Ordering::SeqCst);
-                    }
-                    if ack.status.is_stored() {
-                        load.progress();
-                    }
-                }
-                St::Retry => {
-                    if let Some(ci) = matched.filter(|&ci| !copies[ci].done) {
-                        copies[ci].attempts += 1;
-                        delayed.push((now + backoff(copies[ci].attempts, &mut rng), ci));
-                    }
-                }
             }
         }
-
-        // resend what got no answer
-        if now.duration_since(last_scan) > Duration::from_millis(50) {
-            last_scan = now;
-            for q in inflight.values_mut() {
-                while let Some(&(ci, t)) = q.front() {
-                    if now.duration_since(t) < ack_timeout {
-                        break;
-                    }
-                    q.pop_front();
-                    inflight_n -= 1;
-                    rep.timeouts += 1;
-                    ready.push_back(ci);
-                }
-            }
+        sends.clear();
+        channel.take_sends(&mut rng, std::mem::take(&mut resend_all), &mut sends, &mut rep.timeouts);
+        rep.frames_sent += sends.len();
+        if !send(&mut link, &sends, &copies, &mut rng, &mut batch) {
+            rep.reconnects += 1;
+            resend_all = true;
+            continue;
+        }
+        // waits about 5 ms when nothing is there
+        let acks = receive(&mut link, &mut rep.reconnects, &mut resend_all);
+        for ack in acks {
+            apply(ack, &mut channel, &mut copies, &load, &mut rng, &mut rep, &empty);
         }
     }
     if let Link::Udp(client) = &link {
         rep.udp_drops = client.drops();
     }
-    rep.copies = copies.len();
-    rep.unresolved = copies.iter().filter(|c| !c.done).map(|c| c.key).collect();
+    rep.copies = copies.all.len();
+    rep.unresolved = copies.all.iter().filter(|c| !c.done).map(|c| c.key).collect();
     rep
+}
+
+/// Carries out a requested cut of the TCP connection (half a frame on the wire, then gone,
+/// with RST if asked), and connects if there is something to send. False while the server
+/// cannot be reached (after a pause).
+fn tcp_ready(
+    link: &mut Link,
+    channel: &ChannelLoop,
+    copies: &Copies,
+    load: &Load,
+    rng: &mut StdRng,
+    rep: &mut ChannelReport,
+    resend_all: &mut bool,
+) -> bool {
+    let Link::Tcp {
+        addr,
+        index,
+        conn,
+        cuts_seen,
+    } = link
+    else {
+        return true;
+    };
+    let cuts = load.cut_requests[*index].load(Ordering::SeqCst);
+    if cuts != *cuts_seen {
+        *cuts_seen = cuts;
+        if let Some(mut c) = conn.take() {
+            if let Some(copy) = channel.peek_waiting() {
+                let f = &copies.all[copy].frame;
+                let _ = c.send(&f[..rng.gen_range(1..f.len())]);
+            }
+            if load.cut_reset[*index].load(Ordering::SeqCst) {
+                set_linger_zero(c.stream());
+            }
+            drop(c);
+            *resend_all = true;
+            rep.cuts += 1;
+        }
+    }
+    if conn.is_none() && !channel.is_idle() {
+        match TcpClient::connect(*addr) {
+            Ok(c) => *conn = Some(c),
+            Err(_) => {
+                // the server is restarting
+                thread::sleep(Duration::from_millis(50));
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Writes `sends`: over UDP up to 4 frames (1400 bytes) per datagram, over TCP in one write cut
+/// at random offsets. False if the TCP write failed (the connection is dropped).
+fn send(link: &mut Link, sends: &[usize], copies: &Copies, rng: &mut StdRng, batch: &mut Vec<u8>) -> bool {
+    match link {
+        Link::Udp(client) => {
+            let mut rest = sends;
+            while !rest.is_empty() {
+                let max_frames = rng.gen_range(1..=4);
+                batch.clear();
+                let mut taken = 0;
+                for &copy in rest {
+                    let f = &copies.all[copy].frame;
+                    if taken > 0 && (taken >= max_frames || batch.len() + f.len() > 1_400) {
+                        break;
+                    }
+                    batch.extend_from_slice(f);
+                    taken += 1;
+                }
+                client.send_frames(batch);
+                rest = &rest[taken..];
+            }
+            true
+        }
+        Link::Tcp { conn, .. } => {
+            let Some(c) = conn.as_mut().filter(|_| !sends.is_empty()) else {
+                return true;
+            };
+            batch.clear();
+            for &copy in sends {
+                batch.extend_from_slice(&copies.all[copy].frame);
+            }
+            if c.send_split(batch, rng).is_err() {
+                *conn = None;
+                return false;
+            }
+            true
+        }
+    }
+}
+
+/// Every ack that has arrived; a TCP connection found closed is dropped, and what was in flight
+/// on it goes again.
+fn receive(link: &mut Link, reconnects: &mut usize, resend_all: &mut bool) -> Vec<AckMsg> {
+    match link {
+        Link::Udp(client) => {
+            let mut acks = client.try_recv();
+            if !acks.is_empty() {
+                loop {
+                    let more = client.try_recv();
+                    if more.is_empty() {
+                        break;
+                    }
+                    acks.extend(more);
+                }
+            }
+            acks
+        }
+        Link::Tcp { conn, .. } => match conn.as_mut() {
+            Some(c) => {
+                let acks = c.poll_acks();
+                if c.is_closed() {
+                    *conn = None;
+                    *reconnects += 1;
+                    *resend_all = true;
+                }
+                acks
+            }
+            None => {
+                thread::sleep(Duration::from_millis(5));
+                Vec::new()
+            }
+        },
+    }
+}
+
+/// Records one ack and resolves the copy the resend loop says it ended.
+fn apply(
+    ack: AckMsg,
+    channel: &mut ChannelLoop,
+    copies: &mut Copies,
+    load: &Load,
+    rng: &mut StdRng,
+    rep: &mut ChannelReport,
+    empty: &Arc<Vec<u8>>,
+) {
+    let key = ack.key();
+    rep.answers.entry(key).or_default().push(ack.status);
+    rep.counts.add(ack.status);
+    if !copies.of.contains_key(&key) {
+        rep.foreign.push(ack);
+        return;
+    }
+    if ack.status.is_stored() {
+        load.progress();
+    }
+    match channel.answered(key, ack.status, rng) {
+        Verdict::Ended(ending) => copies.resolve(ending.payload, load, empty),
+        Verdict::ResendAt { .. } => {}
+        Verdict::Unknown => {
+            rep.stray += 1;
+            // a client pairs answers by id: a late final answer resolves a copy still waiting too
+            if ack.status != St::Retry {
+                let waiting = copies.of[&key].iter().copied().find(|&copy| !copies.all[copy].done);
+                if let Some(copy) = waiting {
+                    copies.resolve(copy, load, empty);
+                }
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
