@@ -18,6 +18,7 @@ use crate::support::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value};
+use shardgate_client::resend::Verdict;
 
 // ---------------------------------------------------------------------------------------
 // scraping and reading the exposition
@@ -126,15 +127,18 @@ impl Seen {
     }
 }
 
-/// One frame to get answered on one channel.
+/// One frame to get answered on one channel, and what became of it.
 struct Job {
     channel: usize,
     key: Key,
     frame: Vec<u8>,
-    sent_at: Option<Instant>,
-    next_send: Instant,
-    attempts: u32,
+    /// Copies written.
+    sends: u32,
+    /// The latest answer to it.
     last: Option<St>,
+    /// The answer that ended it, as the channel's resend loop decided: ACCEPTED, DUPLICATE or
+    /// REJECTED.
+    end: Option<St>,
 }
 
 impl Job {
@@ -143,15 +147,14 @@ impl Job {
             channel,
             key,
             frame,
-            sent_at: None,
-            next_send: Instant::now(),
-            attempts: 0,
+            sends: 0,
             last: None,
+            end: None,
         }
     }
 
     fn done(&self) -> bool {
-        self.last.is_some_and(|st| st != St::Retry)
+        self.end.is_some()
     }
 }
 
@@ -160,101 +163,113 @@ const WINDOW_PER_CHANNEL: usize = 64;
 /// counts this file checks. 1.5 s was once too short on a loaded 2-core machine (9 answers
 /// came later); an answer that is truly lost still gets its resend well inside the deadline.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// After RETRY to the n-th copy, the next goes `RETRY_BASE × 2^n` later, less up to half of
+/// that as jitter, and at most `RETRY_MAX` later: about 5 to 10 ms after the first copy's RETRY,
+/// 80 to 160 ms from the fifth on. Short, since RETRY means "busy a moment" and every phase of
+/// the test shares one deadline.
+const RETRY_BASE: Duration = Duration::from_millis(5);
+const RETRY_MAX: Duration = Duration::from_millis(160);
+/// Frames packed together go in one UDP datagram (one TCP write) of at most this many bytes.
+const MAX_DATAGRAM: usize = 1400;
 
-/// Sends every job, resends on RETRY (with backoff) and on timeout, and counts every answer
-/// that arrives, until each job has a final answer (ACCEPTED, DUPLICATE or REJECTED) or the
-/// deadline passes; then listens a while longer for late answers. `frames_per_datagram`
-/// packs UDP frames that are ready together (1: each frame alone).
+/// Sends every job and resends it on RETRY (with backoff) and on timeout, as its channel's side
+/// of the one resend loop (`ChannelLoop`) says, and counts every answer that arrives, until each
+/// job has a final answer (ACCEPTED, DUPLICATE or REJECTED) or the deadline passes; then listens
+/// a while longer for late answers. `frames_per_datagram` packs UDP frames that are ready
+/// together (1: each frame alone).
+///
+/// The loop's rules, and why they keep the counts exact here:
+/// - A channel has one copy of an id outstanding at a time (answers name only the id). Jobs are
+///   one per (channel, id), so no job here ever waits behind another.
+/// - The first final answer ends a job, and is its final status; any answer after that (to a copy
+///   resent after a timeout) is a stray one: counted in `answers` and `stray_answers`, and it
+///   changes nothing. An answer that comes during a RETRY pause belongs to the job still (it was
+///   resent after a timeout as well), so it ends the job or restarts the pause.
+/// - A copy paused by RETRY keeps its place in the channel's window of `WINDOW_PER_CHANNEL`.
 fn drive(channels: &mut [Channel], jobs: &mut [Job], seen: &mut Seen, frames_per_datagram: usize, deadline: Instant) {
+    let mut loops: Vec<ChannelLoop> = channels
+        .iter()
+        .map(|_| ChannelLoop::new(WINDOW_PER_CHANNEL, ANSWER_TIMEOUT, RETRY_BASE, RETRY_MAX))
+        .collect();
     let mut by_key: HashMap<(usize, Key), usize> = HashMap::new();
     for (index, job) in jobs.iter().enumerate() {
         assert!(
             by_key.insert((job.channel, job.key), index).is_none(),
             "one job per id and channel"
         );
+        loops[job.channel].push(job.key, index);
     }
     let mut rng = StdRng::seed_from_u64(jobs.len() as u64);
-    while jobs.iter().any(|job| !job.done()) && Instant::now() < deadline {
-        let now = Instant::now();
-        for (channel_index, channel) in channels.iter_mut().enumerate() {
-            let mut outstanding = jobs
-                .iter()
-                .filter(|job| job.channel == channel_index && job.sent_at.is_some())
-                .count();
-            let mut datagram = Vec::new();
-            let mut in_datagram = 0;
-            let transport = channel.transport();
-            let mut flush = |datagram: &mut Vec<u8>, in_datagram: &mut usize, channel: &mut Channel| {
-                if datagram.is_empty() {
-                    return;
-                }
-                match channel {
-                    Channel::Udp(client) => client.send_frames(datagram),
-                    Channel::Tcp(client) => client.send(datagram).expect("write to a data TCP connection"),
-                }
-                *seen.bytes_sent.entry(transport).or_default() += datagram.len() as u64;
-                *seen.frames_sent.entry(transport).or_default() += *in_datagram as u64;
-                datagram.clear();
-                *in_datagram = 0;
+    let (mut sends, mut datagram) = (Vec::new(), Vec::new());
+    while loops.iter().any(|channel| !channel.is_idle()) && Instant::now() < deadline {
+        for (channel, channel_loop) in channels.iter_mut().zip(&mut loops) {
+            sends.clear();
+            channel_loop.take_sends(&mut rng, false, &mut sends, &mut seen.timeouts);
+            let limit = match channel {
+                Channel::Udp(_) => frames_per_datagram,
+                Channel::Tcp(_) => usize::MAX,
             };
-            for job in jobs.iter_mut().filter(|job| job.channel == channel_index) {
-                if outstanding >= WINDOW_PER_CHANNEL {
-                    break;
-                }
-                if job.done() || job.sent_at.is_some() || job.next_send > now {
-                    continue;
-                }
-                let limit = if matches!(channel, Channel::Udp(_)) {
-                    frames_per_datagram
-                } else {
-                    usize::MAX
-                };
-                if in_datagram == limit || datagram.len() + job.frame.len() > 1400 {
-                    flush(&mut datagram, &mut in_datagram, channel);
+            let mut in_datagram = 0;
+            for &index in &sends {
+                let job = &mut jobs[index];
+                if in_datagram == limit || datagram.len() + job.frame.len() > MAX_DATAGRAM {
+                    flush(channel, &mut datagram, &mut in_datagram, seen);
                 }
                 datagram.extend_from_slice(&job.frame);
                 in_datagram += 1;
-                job.sent_at = Some(now);
-                job.attempts += 1;
-                outstanding += 1;
+                job.sends += 1;
             }
-            flush(&mut datagram, &mut in_datagram, channel);
+            flush(channel, &mut datagram, &mut in_datagram, seen);
         }
-        for job in jobs.iter_mut() {
-            if job.sent_at.is_some_and(|at| at.elapsed() > ANSWER_TIMEOUT) {
-                seen.timeouts += 1;
-                job.sent_at = None;
-                job.next_send = Instant::now();
-            }
-        }
-        for (channel_index, channel) in channels.iter_mut().enumerate() {
-            let acks = poll(channel);
-            let transport = channel.transport();
-            for ack in acks {
-                seen.answers.entry(transport).or_default().add(ack.status);
-                let Some(&index) = by_key.get(&(channel_index, ack.key())) else {
-                    panic!("answer {ack:?} names no frame sent on channel {channel_index}");
-                };
-                let job = &mut jobs[index];
-                if job.sent_at.take().is_none() {
-                    seen.stray_answers += 1;
-                }
-                job.last = Some(ack.status);
-                if ack.status == St::Retry {
-                    let backoff_ms = (5u64 << job.attempts.min(5)) + rng.gen_range(0..5);
-                    job.next_send = Instant::now() + Duration::from_millis(backoff_ms);
-                }
-            }
-        }
+        take_answers(channels, &mut loops, &by_key, jobs, seen, &mut rng);
     }
     // Late answers (to copies resent after a timeout) still count.
     let quiet = Instant::now() + Duration::from_millis(300);
     while Instant::now() < quiet {
-        for channel in channels.iter_mut() {
-            let transport = channel.transport();
-            for ack in poll(channel) {
-                seen.answers.entry(transport).or_default().add(ack.status);
-                seen.stray_answers += 1;
+        take_answers(channels, &mut loops, &by_key, jobs, seen, &mut rng);
+    }
+}
+
+/// Writes the frames packed in `datagram` (one UDP datagram, or one TCP write), if any, and
+/// counts them.
+fn flush(channel: &mut Channel, datagram: &mut Vec<u8>, in_datagram: &mut usize, seen: &mut Seen) {
+    if datagram.is_empty() {
+        return;
+    }
+    match channel {
+        Channel::Udp(client) => client.send_frames(datagram),
+        Channel::Tcp(client) => client.send(datagram).expect("write to a data TCP connection"),
+    }
+    let transport = channel.transport();
+    *seen.bytes_sent.entry(transport).or_default() += datagram.len() as u64;
+    *seen.frames_sent.entry(transport).or_default() += *in_datagram as u64;
+    datagram.clear();
+    *in_datagram = 0;
+}
+
+/// Reads what has arrived on every channel, counts each answer once, and applies it to the
+/// channel's resend loop, which says what it means: the end of its job, a RETRY pause, or nothing
+/// (a stray answer: no copy of that id is outstanding on that channel).
+fn take_answers(
+    channels: &mut [Channel],
+    loops: &mut [ChannelLoop],
+    by_key: &HashMap<(usize, Key), usize>,
+    jobs: &mut [Job],
+    seen: &mut Seen,
+    rng: &mut StdRng,
+) {
+    for (channel_index, (channel, channel_loop)) in channels.iter_mut().zip(loops).enumerate() {
+        let transport = channel.transport();
+        for ack in poll(channel) {
+            seen.answers.entry(transport).or_default().add(ack.status);
+            let Some(&index) = by_key.get(&(channel_index, ack.key())) else {
+                panic!("answer {ack:?} names no frame sent on channel {channel_index}");
+            };
+            jobs[index].last = Some(ack.status);
+            match channel_loop.answered(ack.key(), ack.status, rng) {
+                Verdict::Ended(ending) => jobs[ending.payload].end = Some(ack.status),
+                Verdict::ResendAt { .. } => {}
+                Verdict::Unknown => seen.stray_answers += 1,
             }
         }
     }
@@ -276,7 +291,7 @@ fn assert_all_answered(phase: &str, jobs: &[Job], seen: &Seen) {
     let open: Vec<(usize, Key, u32, Option<St>)> = jobs
         .iter()
         .filter(|job| !job.done())
-        .map(|job| (job.channel, job.key, job.attempts, job.last))
+        .map(|job| (job.channel, job.key, job.sends, job.last))
         .collect();
     assert!(
         open.is_empty(),
@@ -292,7 +307,7 @@ fn assert_all_answered(phase: &str, jobs: &[Job], seen: &Seen) {
 fn finals(jobs: &[Job]) -> StatusCounts {
     let mut counts = StatusCounts::default();
     for job in jobs {
-        if let Some(status) = job.last {
+        if let Some(status) = job.end {
             counts.add(status);
         }
     }

@@ -1,6 +1,6 @@
 //! `deliver_all`: resend until every copy is answered ACCEPTED or DUPLICATE; and
-//! `ChannelLoop`, one channel's side of the one resend loop, which the chaos soak's channels
-//! drive too.
+//! `ChannelLoop`, one channel's side of the one resend loop, which the chaos soak's channels and
+//! the metrics test's exact-count client drive too.
 
 use shardgate::wire::frame::{EventId, Status};
 use shardgate_client::resend::{Due, Limits, Outstanding, Schedule, Verdict, Waits};
