@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use shardgate_client::resend::{Due, End, Ending, Limits, Outstanding, Schedule, Verdict, Waits};
 
 /// A client that keeps delivering fresh events (batches of 100, UDP and TCP) until stopped.
 fn good_client(server: &Server, seed: u64, player_base: u64, stop: Arc<AtomicBool>) -> JoinHandle<Vec<Event>> {
@@ -471,23 +472,72 @@ fn tcp(server: &Server) -> TcpClient {
     TcpClient::connect(server.tcp_addr()).expect("connect")
 }
 
-/// Sends a good frame on this connection until it is ACCEPTED (resending on RETRY, with
-/// backoff; DUPLICATE after a RETRY is fine, the RETRY'd write may have landed).
+/// How long a good frame may go unanswered before `good_roundtrip` counts it a failure: the
+/// server answers every good frame, so silence is never resent here.
+const GOOD_ANSWER_WAIT: Duration = Duration::from_secs(5);
+/// Copies of a good frame, the first included, before RETRY counts as a failure.
+const GOOD_ATTEMPTS_MAX: u32 = 20;
+
+/// Sends a good frame on this connection until it is ACCEPTED, resending it there on RETRY;
+/// DUPLICATE after a RETRY is fine, the RETRY'd write may have landed. The one resend loop
+/// (`shardgate_client::resend::Outstanding`) says what each answer means and when the next copy
+/// is due; this keeps the frame on its one connection and fails on anything else: silence for
+/// `GOOD_ANSWER_WAIT`, a closed connection, a foreign or REJECTED answer, DUPLICATE to the
+/// first copy, or RETRY to the last of `GOOD_ATTEMPTS_MAX` copies.
 fn good_roundtrip(c: &mut TcpClient, e: &Event, what: &str, failures: &mut Vec<String>) {
+    // After a RETRY the next copy goes 20 ms later, doubling to 200 ms; no jitter, since one
+    // frame on one connection has nothing to spread out.
+    let waits = Waits {
+        answer: Schedule::new(GOOD_ANSWER_WAIT, GOOD_ANSWER_WAIT, 0),
+        retry: Schedule::new(Duration::from_millis(20), Duration::from_millis(200), 0),
+    };
+    let limits = Limits {
+        attempts_max: Some(GOOD_ATTEMPTS_MAX),
+        give_up_after_ns: None,
+    };
+    let mut table: Outstanding<()> = Outstanding::new(1, waits, limits);
+    let origin = Instant::now();
+    let now_ns = || origin.elapsed().as_nanos() as u64;
+    let (id, frame) = (event_id(e.key()), e.frame());
     let mut answers = Vec::new();
-    for attempt in 0..20u32 {
-        if c.send(&e.frame()).is_err() {
-            failures.push(format!("{what}: write of good frame {:?} failed", e.key()));
-            return;
-        }
-        let got = c.recv_acks_until(Instant::now() + Duration::from_secs(5), 1);
+    let write_failed = format!("{what}: write of good frame {:?} failed", e.key());
+    if c.send(&frame).is_err() {
+        failures.push(write_failed);
+        return;
+    }
+    table.first_sent(id, (), 0, now_ns(), 0).expect("a new table has room");
+    loop {
+        let due_ns = table.next_due_ns().expect("an outstanding event has a timer");
+        let got = c.recv_acks_until(origin + Duration::from_nanos(due_ns), 1);
         answers.extend(got.iter().copied());
         match got.as_slice() {
-            [a] if a.key() == e.key() && a.status == St::Accepted => return,
-            [a] if a.key() == e.key() && a.status == St::Duplicate && attempt > 0 => return,
-            [a] if a.key() == e.key() && a.status == St::Retry => {
-                thread::sleep(Duration::from_millis(20 * u64::from(attempt + 1)));
-            }
+            [] if c.is_closed() => break,
+            [] => match table.pop_due(now_ns(), 0) {
+                // Woke before the timer.
+                None => {}
+                // A RETRY pause ran out: the next copy.
+                Some(Due::Resend { timed_out: false, .. }) => {
+                    let Ok(()) = c.send(&frame) else {
+                        failures.push(write_failed);
+                        return;
+                    };
+                }
+                // No answer within GOOD_ANSWER_WAIT.
+                Some(Due::Resend { timed_out: true, .. } | Due::Ended(_)) => break,
+            },
+            [a] if a.key() == e.key() => match table.answered(id, wire_status(a.status), now_ns(), 0) {
+                // The next copy waits for the RETRY pause (a timer).
+                Verdict::ResendAt { .. } => {}
+                // ACCEPTED, or DUPLICATE after a RETRY: silence fails before any resend, so a
+                // second copy means a RETRY came first.
+                Verdict::Ended(Ending {
+                    end: End::Stored { first },
+                    attempts,
+                    ..
+                }) if first || attempts > 1 => return,
+                // REJECTED, DUPLICATE to the first copy, or RETRY to the last copy.
+                _ => break,
+            },
             _ => break,
         }
     }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use shardgate_client::resend::{Due, Limits, Outstanding, Schedule, Waits};
 
 const PARTITIONS: u64 = 16;
 /// The partition whose stream key the tests turn into a string.
@@ -34,41 +35,69 @@ fn redis_get(conn: &mut redis::Connection, key: &str) -> Option<String> {
         .unwrap_or_else(|e| panic!("GET {key}: {e}"))
 }
 
-/// Sends every event once per round over one UDP socket (6 frames a datagram, all at
-/// once so that they share batches) and collects the answers, resending what got RETRY or
-/// nothing in the next round, until each event in `settle` has a stored answer or the
-/// rounds run out. Returns every answer per event id.
+/// How long a round waits for the answers to its copies.
+const ROUND_ANSWER_WAIT: Duration = Duration::from_secs(3);
+/// The pause between one round's answers and the next round's copies.
+const ROUND_GAP: Duration = Duration::from_millis(50);
+
+/// Sends the events in rounds over one UDP socket and collects the answers, until each event in
+/// `settle` has a stored answer or `rounds` rounds went by. Returns every answer per event id.
+///
+/// A round sends every copy that is due at once (6 frames a datagram, so that they share
+/// batches), reads answers until each of its copies was answered or `ROUND_ANSWER_WAIT` passed,
+/// then pauses `ROUND_GAP`. The one resend loop (`shardgate_client::resend::Outstanding`) decides
+/// what each answer means and which copies are due; its waits are the round's (no answer in
+/// `ROUND_ANSWER_WAIT`, or a RETRY and `ROUND_GAP`), so every event neither stored nor rejected
+/// is due again at the next round, and they all go out together again.
 fn exchange_rounds(server: &Server, events: &[Event], settle: &HashSet<Key>, rounds: usize) -> HashMap<Key, Vec<St>> {
+    assert!(rounds > 0, "a round sends the first copies");
+    let waits = Waits {
+        answer: Schedule::new(ROUND_ANSWER_WAIT, ROUND_ANSWER_WAIT, 0),
+        retry: Schedule::new(ROUND_GAP, ROUND_GAP, 0),
+    };
+    // One copy per round.
+    let limits = Limits {
+        attempts_max: Some(u32::try_from(rounds).expect("a few rounds")),
+        give_up_after_ns: None,
+    };
+    // Payload: the event's index in `events`.
+    let mut table: Outstanding<usize> = Outstanding::new(events.len(), waits, limits);
+    let origin = Instant::now();
+    let now_ns = || origin.elapsed().as_nanos() as u64;
     let mut client = UdpClient::new(server.udp_addr());
     let mut answers: HashMap<Key, Vec<St>> = HashMap::new();
-    for _round in 0..rounds {
-        let open: Vec<&Event> = events
-            .iter()
-            .filter(|event| {
-                !answers
-                    .get(&event.key())
-                    .is_some_and(|got| got.iter().any(|st| st.is_stored()))
-            })
-            .collect();
-        if !open.iter().any(|event| settle.contains(&event.key())) {
-            break;
-        }
-        for chunk in open.chunks(6) {
+    let mut due: Vec<usize> = (0..events.len()).collect();
+    for (index, event) in events.iter().enumerate() {
+        let now = now_ns();
+        table
+            .first_sent(event_id(event.key()), index, now, now, 0)
+            .expect("one entry per event, room for all");
+    }
+    while due.iter().any(|&index| settle.contains(&events[index].key())) {
+        for chunk in due.chunks(6) {
             let mut datagram = Vec::new();
-            for event in chunk {
-                event.encode_into(&mut datagram);
+            for &index in chunk {
+                events[index].encode_into(&mut datagram);
             }
             client.send_frames(&datagram);
         }
-        let mut answered = 0;
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while answered < open.len() && Instant::now() < deadline {
+        // Until every copy of the round is answered: then each event left is paused by a RETRY.
+        let deadline = Instant::now() + ROUND_ANSWER_WAIT;
+        while table.entries().any(|entry| !entry.paused) && Instant::now() < deadline {
             for ack in client.try_recv() {
                 answers.entry(ack.key()).or_default().push(ack.status);
-                answered += 1;
+                // Unknown: a late answer to a copy of an event already ended.
+                table.answered(event_id(ack.key()), wire_status(ack.status), now_ns(), 0);
             }
         }
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(ROUND_GAP);
+        due.clear();
+        while let Some(next) = table.pop_due(now_ns(), 0) {
+            // Due::Ended: the last round's copy was not answered; the event is done.
+            if let Due::Resend { id, .. } = next {
+                due.push(table.get(id).expect("a resent event is outstanding").payload);
+            }
+        }
     }
     answers
 }

@@ -3,24 +3,35 @@
 //! of Redis grows the server's RSS by at most 2 MiB, and once Redis continues, events are
 //! ACCEPTED again within 5 s. The whole test takes about 70 s.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
+use shardgate_client::resend::{Due, Limits, Outstanding, Schedule, Waits};
 
 const SENDERS: u64 = 4;
 /// Per sender: a datagram of this many frames every `SEND_INTERVAL`, so 4 x 15 x 100/s =
 /// 6,000 frames/s in all.
 const FRAMES_PER_DATAGRAM: usize = 15;
 const SEND_INTERVAL: Duration = Duration::from_millis(10);
-/// Resends that go with each datagram's new events, oldest RETRY first.
+/// Resends that go with each datagram's new events, earliest due first.
 const RESENDS_PER_DATAGRAM: usize = 5;
-/// RETRY'd events a sender keeps for resending; older ones are given up (the test checks
-/// memory, not delivery).
-const RESEND_QUEUE_MAX: usize = 5_000;
+/// Events a sender tracks for resending (the resend loop's table, sized once): the bound on its
+/// memory. With the table full a new event still goes out, once and untracked, so that the send
+/// rate stays steady (the test checks the server's memory under a steady load, not delivery).
+const TRACKED_MAX: usize = 5_000;
+/// A copy with no answer in this long is resent: the server answers RETRY within its 1 s Redis
+/// timeout, so this only covers lost datagrams.
+const ANSWER_WAIT: Duration = Duration::from_secs(2);
+/// After a RETRY the next copy goes this long later, doubling to `RETRY_WAIT_MAX`: short, so
+/// that once Redis continues every RETRY'd event is resent within a second.
+const RETRY_WAIT_FIRST: Duration = Duration::from_millis(10);
+const RETRY_WAIT_MAX: Duration = Duration::from_secs(1);
+/// An event not stored this long after its first copy is given up: during the stall nothing is
+/// stored, so without this the stall's first events would hold the table for all of it.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(10);
 const WARMUP: Duration = Duration::from_secs(8);
 /// The stall; `SHARDGATE_STALL_SECS` shortens it when looking into a failure.
 const STALL_SECS_DEFAULT: u64 = 60;
@@ -38,27 +49,58 @@ struct Load {
     retries: AtomicU64,
     /// Microseconds since `epoch` of the latest ACCEPTED answer, plus one (0: none yet).
     last_accepted_us: AtomicU64,
+    /// New events sent untracked because the sender's table was full.
+    untracked: AtomicU64,
+    /// Events that reached `GIVE_UP_AFTER` unstored.
+    given_up: AtomicU64,
 }
 
-/// Sends unique events at a steady rate and resends what got RETRY, until stopped.
+/// Sends unique events at a steady rate and resends what got RETRY (or no answer), until
+/// stopped. The one resend loop (`shardgate_client::resend::Outstanding`) decides what each
+/// answer means and which copy is due; the sender packs datagrams and counts answers.
 fn sender(server: std::net::SocketAddr, index: u64, load: Arc<Load>, epoch: Instant) {
     let mut client = UdpClient::new(server);
-    let mut resend: VecDeque<Event> = VecDeque::new();
+    let waits = Waits {
+        answer: Schedule::new(ANSWER_WAIT, ANSWER_WAIT, 0),
+        retry: Schedule::new(RETRY_WAIT_FIRST, RETRY_WAIT_MAX, 0),
+    };
+    let limits = Limits {
+        attempts_max: None,
+        give_up_after_ns: Some(GIVE_UP_AFTER.as_nanos() as u64),
+    };
+    // No payload: a resend is rebuilt from its id.
+    let mut tracked: Outstanding<()> = Outstanding::new(TRACKED_MAX, waits, limits);
+    let now_ns = || epoch.elapsed().as_nanos() as u64;
     let mut next_seq = 0u64;
     let payload = [b'm'; 64];
     let mut next_send = Instant::now();
     while !load.stop.load(Ordering::Relaxed) {
         let mut datagram = Vec::with_capacity(1400);
         let mut frames = 0;
+        let now = now_ns();
+        // Due copies beyond this datagram's share stay due for the next one.
         while frames < RESENDS_PER_DATAGRAM {
-            let Some(event) = resend.pop_front() else { break };
-            event.encode_into(&mut datagram);
-            frames += 1;
+            match tracked.pop_due(now, 0) {
+                Some(Due::Resend { id, .. }) => {
+                    Event::new(id.player_id, id.seq, &payload).encode_into(&mut datagram);
+                    frames += 1;
+                }
+                Some(Due::Ended(_)) => {
+                    load.given_up.fetch_add(1, Ordering::Relaxed);
+                }
+                None => break,
+            }
         }
         while frames < FRAMES_PER_DATAGRAM {
             next_seq += 1;
-            Event::new(1_000_000 * (index + 1) + next_seq % 1_000, next_seq, &payload).encode_into(&mut datagram);
+            let event = Event::new(1_000_000 * (index + 1) + next_seq % 1_000, next_seq, &payload);
+            event.encode_into(&mut datagram);
             frames += 1;
+            // Full: the event goes out untracked (see TRACKED_MAX); ids are unique, so nothing
+            // else is refused.
+            if tracked.first_sent(event_id(event.key()), (), now, now, 0).is_err() {
+                load.untracked.fetch_add(1, Ordering::Relaxed);
+            }
         }
         client.send_frames(&datagram);
         load.frames_sent.fetch_add(frames as u64, Ordering::Relaxed);
@@ -74,14 +116,11 @@ fn sender(server: std::net::SocketAddr, index: u64, load: Arc<Load>, epoch: Inst
                     }
                     St::Retry => {
                         load.retries.fetch_add(1, Ordering::Relaxed);
-                        let (player, seq) = ack.key();
-                        resend.push_back(Event::new(player, seq, &payload));
-                        if resend.len() > RESEND_QUEUE_MAX {
-                            resend.pop_front();
-                        }
                     }
                     St::Duplicate | St::Rejected => {}
                 }
+                // Unknown (an untracked event, or a late answer) changes nothing.
+                tracked.answered(event_id(ack.key()), wire_status(ack.status), now_ns(), 0);
             }
             if Instant::now() >= next_send {
                 break;
@@ -128,11 +167,13 @@ fn memory_stays_flat_while_redis_stalls() {
         let rss = resident_bytes(server.pid());
         rss_max = rss_max.max(rss);
         println!(
-            "stalled {:>4.1} s: rss {:.2} MiB, frames sent {}, RETRY {}",
+            "stalled {:>4.1} s: rss {:.2} MiB, frames sent {}, RETRY {}, untracked {}, given up {}",
             stall_started.elapsed().as_secs_f64(),
             rss as f64 / (1 << 20) as f64,
             load.frames_sent.load(Ordering::Relaxed),
-            load.retries.load(Ordering::Relaxed)
+            load.retries.load(Ordering::Relaxed),
+            load.untracked.load(Ordering::Relaxed),
+            load.given_up.load(Ordering::Relaxed)
         );
         assert!(server.is_alive(), "the server died during the stall");
     }

@@ -519,11 +519,13 @@ impl ChannelLoop {
     }
 }
 
-fn event_id((player_id, seq): Key) -> EventId {
+/// The resend loop's id of a test's event key.
+pub fn event_id((player_id, seq): Key) -> EventId {
     EventId { player_id, seq }
 }
 
-fn wire_status(status: St) -> Status {
+/// The wire status of a test's answer, as the resend loop takes it.
+pub fn wire_status(status: St) -> Status {
     match status {
         St::Accepted => Status::Accepted,
         St::Duplicate => Status::Duplicate,

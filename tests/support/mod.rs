@@ -21,7 +21,7 @@ pub use nix::sys::signal::Signal;
 
 pub use basics::{free_port, free_port_outside_ephemeral, hex, test_seed, unhex, unix_us};
 pub use clients::{tcp_connect_from, udp_socket_from, TcpClient, UdpClient};
-pub use deliver::{deliver_all, deliver_resolved, ChannelLoop, DeliverOpts, DeliveryReport};
+pub use deliver::{deliver_all, deliver_resolved, event_id, wire_status, ChannelLoop, DeliverOpts, DeliveryReport};
 pub use events::{parse_acks, random_events, random_garbage, AckMsg, Event, Key, St, StatusCounts};
 pub use firehose::{Firehose, FirehoseOpts};
 pub use hdr::{parse_hdr_percentiles, HdrSummary};

@@ -1,7 +1,8 @@
 //! The one resend loop every shardgate sender runs: this crate's [`Client`](crate::Client), the
 //! bench's load generator (its lanes and its flood client), and the end-to-end tests' senders
-//! (the delivery loop, the chaos soak, the flood test's client and the metrics test's
-//! exact-count client).
+//! (the delivery loop, the chaos soak, the flood test's client, the metrics test's exact-count
+//! client, the garbage test's one-connection round trip, the stall test's steady-rate load and
+//! the revision-2 test's rounds).
 //!
 //! It is two parts, both without I/O (sans-IO, as quinn-proto's and h2's state machines), so
 //! that each sender keeps its own sockets, clock, batching and records and only asks here what
