@@ -50,8 +50,11 @@ impl Shard {
             self.check_partitions_once();
         }
         let connected = connected && self.liveness.partitions_agreed.get();
-        if connected && !self.liveness.redis_up.get() && outage.was_ever_up {
-            self.metrics.redis_reconnects.add(1);
+        if connected && !self.liveness.redis_up.get() {
+            if outage.was_ever_up {
+                self.metrics.redis_reconnects.add(1);
+            }
+            self.note_redis_nodes();
         }
         self.liveness.redis_up.set(connected);
         self.metrics.redis_up.set(i64::from(connected));
@@ -61,6 +64,23 @@ impl Shard {
             self.liveness.redis_failures.get(),
             self.metrics.retries_by(RetryCause::RedisDown),
         );
+    }
+
+    /// Counts the Redis nodes the client is connected to (`redis_nodes`), and logs the count
+    /// on a cluster when it changes: at start, it says cluster mode is on and how many
+    /// masters were discovered. Called when Redis comes up, not per tick: the count is read
+    /// from a list the client builds for it.
+    fn note_redis_nodes(&self) {
+        let nodes = self.store.connected_nodes() as i64;
+        let before = self.metrics.redis_nodes.get();
+        self.metrics.redis_nodes.set(nodes);
+        if self.store.is_cluster() && nodes != before {
+            tracing::info!(
+                shard = self.index,
+                masters = nodes,
+                "redis cluster mode: connected to {nodes} masters; a batch goes as one script call per partition"
+            );
+        }
     }
 
     /// Stops taking frames: every new frame gets RETRY, and `linger_loop` sends what is open.
@@ -124,6 +144,7 @@ impl Shard {
         match self.store.check_partitions().await {
             Ok(Partitions::Agree) => {
                 self.liveness.partitions_agreed.set(true);
+                self.note_redis_nodes();
                 Ok(())
             }
             Ok(Partitions::Differ { recorded }) => Err(partitions_differ_message(
@@ -179,7 +200,7 @@ impl Shard {
     /// deadline with every batch held by the Redis client. Its replacement is
     /// allocated, which is fine once: the shard is stopping.
     async fn abandon_open_batch(&self, sink: &impl AckSink) {
-        let mut batch = self.batches.open.replace(Batch::new(self.settings.batch_events_max));
+        let mut batch = self.batches.open.replace(Batch::new(self.settings.batch_events_max, self.store.is_cluster()));
         self.metrics.redis_errors[RedisErrorKind::Abandoned as usize].add(1);
         self.complete(&mut batch, false);
         self.answer(&batch, sink).await;

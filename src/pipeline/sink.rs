@@ -24,7 +24,7 @@ use crate::pipeline::liveness::log_due;
 use crate::pipeline::notify::Notify;
 use crate::pipeline::shard::Settings;
 use crate::pipeline::shard::{send_due, HeldCopy, Shard, EVENT_FAILURE_LOG_PERIOD};
-use crate::redis::store::{EventFailures, Outcome, StoreError};
+use crate::redis::store::{EventFailures, GroupCalls, Outcome, StoreError};
 use crate::telemetry::metrics::RetryCause;
 use crate::wire::frame::{EventId, Status};
 
@@ -66,11 +66,13 @@ pub(super) struct Batches {
 }
 
 impl Batches {
-    pub(super) fn new(settings: &Settings) -> Batches {
+    /// With `cluster`, every batch has its split by partition (`redis::groups`) too.
+    pub(super) fn new(settings: &Settings, cluster: bool) -> Batches {
         let slots = settings.batches_in_flight_max;
+        let batch = || Batch::new(settings.batch_events_max, cluster);
         Batches {
-            open: RefCell::new(Batch::new(settings.batch_events_max)),
-            spare: RefCell::new((0..slots).map(|_| Batch::new(settings.batch_events_max)).collect()),
+            open: RefCell::new(batch()),
+            spare: RefCell::new((0..slots).map(|_| batch()).collect()),
             held: RefCell::new(Vec::with_capacity(slots)),
             batches_in_flight: Cell::new(0),
             callers: (0..slots)
@@ -174,21 +176,48 @@ impl Shard {
     }
 
     async fn send(&self, mut batch: Batch, sink: &impl AckSink) {
-        let blob = batch.take_blob();
         let event_count = batch.len();
-        let nonce = self.batches.call_nonce.get().wrapping_add(1);
-        self.batches.call_nonce.set(nonce);
         let started = Instant::now();
         let mut outcomes = std::mem::take(batch.outcomes_mut());
         let mut failures = EventFailures::default();
-        let call = self
-            .store
-            .dedup_append(nonce, event_count, blob, &mut outcomes, &mut failures);
-        let abandoned = async {
-            self.abandon.wait().await;
-            Err(StoreError::abandoned())
+        let result = match batch.cluster_parts() {
+            // A Redis Cluster: one call per partition group. A group that failed has its
+            // events `Failed` (RETRY) in `outcomes`; the batch itself counts as answered.
+            Some((blob, groups)) => {
+                let call = async {
+                    let calls = self
+                        .store
+                        .dedup_append_groups(
+                            &self.batches.call_nonce,
+                            blob,
+                            event_count,
+                            groups,
+                            &mut outcomes,
+                            &mut failures,
+                        )
+                        .await;
+                    Ok(calls)
+                };
+                match futures_lite::future::or(call, self.abandoned()).await {
+                    Ok(calls) => {
+                        self.metrics.redis_calls.add(calls.calls);
+                        self.count_group_failures(&calls);
+                        Ok(())
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+            None => {
+                let blob = batch.take_blob();
+                let nonce = self.batches.call_nonce.get().wrapping_add(1);
+                self.batches.call_nonce.set(nonce);
+                self.metrics.redis_calls.add(1);
+                let call = self
+                    .store
+                    .dedup_append(nonce, event_count, blob, &mut outcomes, &mut failures);
+                futures_lite::future::or(call, self.abandoned()).await
+            }
         };
-        let result = futures_lite::future::or(call, abandoned).await;
         let round_trip = started.elapsed();
         self.latency.borrow_mut().record_redis_round_trip(round_trip);
         self.metrics.redis_round_trip_us.observe(round_trip.as_micros() as u64);
@@ -214,6 +243,28 @@ impl Shard {
             self.drained.notify();
         }
         self.linger.notify();
+    }
+
+    /// Ends when the drain deadline passes: the call raced against it is answered RETRY.
+    async fn abandoned<T>(&self) -> Result<T, StoreError> {
+        self.abandon.wait().await;
+        Err(StoreError::abandoned())
+    }
+
+    /// Counts the group calls of a batch that failed as a whole (on a cluster); the tick
+    /// logs them with the other failed calls.
+    fn count_group_failures(&self, calls: &GroupCalls) {
+        let failed = calls.failed_total();
+        if failed == 0 {
+            return;
+        }
+        for (counter, &count) in self.metrics.redis_errors.iter().zip(&calls.failed) {
+            counter.add(count);
+        }
+        self.liveness.redis_failures.set(self.liveness.redis_failures.get() + failed);
+        if let Some(error) = &calls.first_error {
+            tracing::debug!(shard = self.index, failed_groups = failed, %error, "redis cluster group calls failed; their events got RETRY");
+        }
     }
 
     /// Counts events Redis refused one by one, and logs the first failing

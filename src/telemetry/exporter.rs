@@ -393,6 +393,20 @@ const FAMILIES: &[Family] = &[
         value: Value::Counter(|shard, [kind, _]| shard.redis_errors[kind].get()),
     },
     Family {
+        name: "redis_calls",
+        help: "Redis script calls: one per batch on a standalone Redis, one per partition group of a batch on a cluster.",
+        unit: None,
+        labels: &[],
+        value: Value::Counter(|shard, _| shard.redis_calls.get()),
+    },
+    Family {
+        name: "redis_nodes",
+        help: "Redis nodes the shard is connected to: 1 on a standalone Redis, every master on a cluster.",
+        unit: None,
+        labels: &[],
+        value: Value::Gauge(|shard, _| shard.redis_nodes.get()),
+    },
+    Family {
         name: "redis_event_errors",
         help: "Events Redis refused one by one (answered RETRY; the rest of their batch was stored), by reason.",
         unit: None,
