@@ -200,7 +200,10 @@ impl Shard {
     /// deadline with every batch held by the Redis client. Its replacement is
     /// allocated, which is fine once: the shard is stopping.
     async fn abandon_open_batch(&self, sink: &impl AckSink) {
-        let mut batch = self.batches.open.replace(Batch::new(self.settings.batch_events_max, self.store.is_cluster()));
+        let mut batch = self
+            .batches
+            .open
+            .replace(Batch::new(self.settings.batch_events_max, self.store.is_cluster()));
         self.metrics.redis_errors[RedisErrorKind::Abandoned as usize].add(1);
         self.complete(&mut batch, false);
         self.answer(&batch, sink).await;

@@ -17,14 +17,15 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::limits::REPLY_BOOK_DESTINATIONS;
+use crate::limits::{CLUSTER_GROUP_CALLS_PER_BATCH, REPLY_BOOK_DESTINATIONS};
 use crate::pipeline::answer::{AckSink, ReplyBook, Route};
 use crate::pipeline::batch::Batch;
 use crate::pipeline::liveness::log_due;
 use crate::pipeline::notify::Notify;
 use crate::pipeline::shard::Settings;
 use crate::pipeline::shard::{send_due, HeldCopy, Shard, EVENT_FAILURE_LOG_PERIOD};
-use crate::redis::store::{EventFailures, GroupCalls, Outcome, StoreError};
+use crate::redis::groups::{GroupJob, Groups};
+use crate::redis::store::{EventFailures, GroupCalls, GroupReply, Outcome, StoreError};
 use crate::telemetry::metrics::RetryCause;
 use crate::wire::frame::{EventId, Status};
 
@@ -39,6 +40,34 @@ struct Caller {
     batch: RefCell<Option<Batch>>,
     /// Wakes the caller's task for a batch, or to end.
     ready: Notify,
+    /// On a Redis Cluster, the caller's lanes: each makes one group call of the caller's
+    /// batch at a time (`send_groups`). None on a standalone Redis.
+    lanes: Vec<Lane>,
+    /// Wakes the caller's task when one of its lanes has a reply.
+    lane_done: Notify,
+}
+
+/// One lane of a caller on a Redis Cluster, with a task spawned at start (`lane_loop`): a
+/// group call's future is as large as a batch call's (about 17-22 KB in a debug build), so
+/// the `CLUSTER_GROUP_CALLS_PER_BATCH` calls of a batch run in tasks of their own, allocated
+/// once, rather than joined inside the caller's future, whose size (and the stack a debug
+/// build uses to build it) would grow with them.
+struct Lane {
+    job: RefCell<GroupJob>,
+    state: Cell<LaneState>,
+    /// The reply of the job just made, from `Done` until its caller takes it.
+    reply: RefCell<Option<GroupReply>>,
+    /// Wakes the lane's task for a job, or to end.
+    ready: Notify,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LaneState {
+    Idle,
+    /// A job was handed over; the lane is making its call.
+    Sent,
+    /// The call answered; the reply waits for the caller.
+    Done,
 }
 
 /// The batches of one shard and the calls they are in: all allocated at start.
@@ -79,6 +108,15 @@ impl Batches {
                 .map(|_| Caller {
                     batch: RefCell::new(None),
                     ready: Notify::default(),
+                    lanes: (0..if cluster { CLUSTER_GROUP_CALLS_PER_BATCH } else { 0 })
+                        .map(|_| Lane {
+                            job: RefCell::new(GroupJob::new(settings.batch_events_max)),
+                            state: Cell::new(LaneState::Idle),
+                            reply: RefCell::new(None),
+                            ready: Notify::default(),
+                        })
+                        .collect(),
+                    lane_done: Notify::default(),
                 })
                 .collect(),
             idle_callers: RefCell::new((0..slots).rev().collect()),
@@ -124,17 +162,46 @@ impl Shard {
     /// The task of caller `caller`: sends each batch `flush` hands it, until
     /// `close_callers`. Spawned once per in-flight slot at start.
     pub async fn caller_loop<S: AckSink>(self: Rc<Self>, caller: usize, sink: Rc<S>) {
+        let lanes: Vec<glommio::Task<()>> = (0..self.batches.callers[caller].lanes.len())
+            .map(|lane| glommio::spawn_local(Rc::clone(&self).lane_loop(caller, lane)))
+            .collect();
         loop {
             let batch = self.batches.callers[caller].batch.take();
             match batch {
                 Some(batch) => {
-                    self.send(batch, &*sink).await;
+                    self.send(caller, batch, &*sink).await;
                     // No await since `send` counted the call done, so no
                     // `flush` ran meanwhile without this caller.
                     self.batches.idle_callers.borrow_mut().push(caller);
                 }
-                None if self.batches.callers_closed.get() => return,
+                None if self.batches.callers_closed.get() => break,
                 None => self.batches.callers[caller].ready.wait().await,
+            }
+        }
+        for lane in lanes {
+            lane.await;
+        }
+    }
+
+    /// The task of one lane of caller `caller` (cluster only): makes each group call its
+    /// caller hands it, until `close_callers`.
+    async fn lane_loop(self: Rc<Self>, caller: usize, lane: usize) {
+        let owner = &self.batches.callers[caller];
+        let this = &owner.lanes[lane];
+        loop {
+            match this.state.get() {
+                LaneState::Sent => {
+                    let reply = {
+                        let job = this.job.borrow();
+                        self.store.group_call(&job).await
+                    };
+                    this.job.borrow_mut().release();
+                    *this.reply.borrow_mut() = Some(reply);
+                    this.state.set(LaneState::Done);
+                    owner.lane_done.notify();
+                }
+                _ if self.batches.callers_closed.get() => return,
+                _ => this.ready.wait().await,
             }
         }
     }
@@ -149,6 +216,9 @@ impl Shard {
         self.batches.callers_closed.set(true);
         for caller in &self.batches.callers {
             caller.ready.notify();
+            for lane in &caller.lanes {
+                lane.ready.notify();
+            }
         }
     }
 
@@ -175,7 +245,7 @@ impl Shard {
         self.batches.batches_in_flight.get() + self.batches.held.borrow().len()
     }
 
-    async fn send(&self, mut batch: Batch, sink: &impl AckSink) {
+    async fn send(&self, caller: usize, mut batch: Batch, sink: &impl AckSink) {
         let event_count = batch.len();
         let started = Instant::now();
         let mut outcomes = std::mem::take(batch.outcomes_mut());
@@ -185,18 +255,9 @@ impl Shard {
             // events `Failed` (RETRY) in `outcomes`; the batch itself counts as answered.
             Some((blob, groups)) => {
                 let call = async {
-                    let calls = self
-                        .store
-                        .dedup_append_groups(
-                            &self.batches.call_nonce,
-                            blob,
-                            event_count,
-                            groups,
-                            &mut outcomes,
-                            &mut failures,
-                        )
-                        .await;
-                    Ok(calls)
+                    Ok(self
+                        .send_groups(caller, blob, event_count, groups, &mut outcomes, &mut failures)
+                        .await)
                 };
                 match futures_lite::future::or(call, self.abandoned()).await {
                     Ok(calls) => {
@@ -245,6 +306,65 @@ impl Shard {
         self.linger.notify();
     }
 
+    /// Sends a batch on a Redis Cluster: split by partition, one call per group, made by the
+    /// caller's lanes, at most `CLUSTER_GROUP_CALLS_PER_BATCH` at once, all within one
+    /// deadline. `outcomes` gets one entry per event, in the batch's order: each from its
+    /// own group's reply, `Failed` (RETRY) for the events of a group whose call failed.
+    async fn send_groups(
+        &self,
+        caller: usize,
+        blob: &[u8],
+        event_count: usize,
+        groups: &mut Groups,
+        outcomes: &mut Vec<Outcome>,
+        failures: &mut EventFailures,
+    ) -> GroupCalls {
+        let mut report = GroupCalls::default();
+        if let Err(error) = self.store.split(groups, blob, event_count) {
+            report.fail(error);
+            outcomes.clear();
+            outcomes.resize(event_count, Outcome::Failed);
+            return report;
+        }
+        let owner = &self.batches.callers[caller];
+        let deadline = Instant::now() + self.store.call_timeout();
+        // Nonces go up by one per call: a lane's job with a nonce below this one is left
+        // from a batch abandoned at the drain deadline, never this batch's.
+        let first_nonce = self.batches.call_nonce.get().wrapping_add(1);
+        let group_count = groups.groups().len();
+        let mut next_group = 0;
+        loop {
+            let mut running = 0;
+            for lane in &owner.lanes {
+                if lane.state.get() == LaneState::Done {
+                    let reply = lane.reply.take().expect("a done lane holds its reply");
+                    let job = lane.job.borrow();
+                    if job.nonce() >= first_nonce {
+                        self.store.take_group_reply(&job, reply, groups, failures, &mut report);
+                    }
+                    lane.state.set(LaneState::Idle);
+                }
+                if lane.state.get() == LaneState::Idle && next_group < group_count {
+                    let nonce = self.batches.call_nonce.get().wrapping_add(1);
+                    self.batches.call_nonce.set(nonce);
+                    groups.prepare(next_group, nonce, deadline, &mut lane.job.borrow_mut());
+                    next_group += 1;
+                    lane.state.set(LaneState::Sent);
+                    lane.ready.notify();
+                }
+                if lane.state.get() == LaneState::Sent && lane.job.borrow().nonce() >= first_nonce {
+                    running += 1;
+                }
+            }
+            if running == 0 && next_group == group_count {
+                break;
+            }
+            owner.lane_done.wait().await;
+        }
+        groups.merge(outcomes);
+        report
+    }
+
     /// Ends when the drain deadline passes: the call raced against it is answered RETRY.
     async fn abandoned<T>(&self) -> Result<T, StoreError> {
         self.abandon.wait().await;
@@ -261,7 +381,9 @@ impl Shard {
         for (counter, &count) in self.metrics.redis_errors.iter().zip(&calls.failed) {
             counter.add(count);
         }
-        self.liveness.redis_failures.set(self.liveness.redis_failures.get() + failed);
+        self.liveness
+            .redis_failures
+            .set(self.liveness.redis_failures.get() + failed);
         if let Some(error) = &calls.first_error {
             tracing::debug!(shard = self.index, failed_groups = failed, %error, "redis cluster group calls failed; their events got RETRY");
         }

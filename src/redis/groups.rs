@@ -19,6 +19,7 @@
 //! (`pipeline/batch.rs`).
 
 use std::ops::Range;
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -62,6 +63,70 @@ pub struct Groups {
     /// Redis's outcome per event, in split order; a failed group's events stay `Failed`.
     outcomes: Vec<Outcome>,
     events_max: usize,
+}
+
+/// One group call, as a lane makes it (`pipeline/sink.rs`): the group's records and keys,
+/// as handles on the split's lent buffers, its nonce and the batch's deadline. Allocated
+/// once per lane; `prepare` refills it without allocating.
+pub struct GroupJob {
+    group: usize,
+    nonce: u64,
+    event_count: usize,
+    deadline: Instant,
+    blob: Bytes,
+    keys: Bytes,
+    /// The declared keys in `keys`: the stream key, then one marker per event.
+    key_ranges: Vec<(u32, u32)>,
+}
+
+impl GroupJob {
+    pub fn new(events_max: usize) -> GroupJob {
+        GroupJob {
+            group: 0,
+            nonce: 0,
+            event_count: 0,
+            deadline: Instant::now(),
+            blob: Bytes::new(),
+            keys: Bytes::new(),
+            key_ranges: Vec::with_capacity(1 + events_max),
+        }
+    }
+
+    /// The group's index in its split.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    pub fn nonce(&self) -> u64 {
+        self.nonce
+    }
+
+    pub(crate) fn event_count(&self) -> usize {
+        self.event_count
+    }
+
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    pub(crate) fn blob(&self) -> &Bytes {
+        &self.blob
+    }
+
+    /// The script's KEYS: built for each attempt (a `NOSCRIPT` reload sends twice), as
+    /// handles on the lent keys buffer.
+    pub(crate) fn keys(&self) -> Vec<fred::types::Key> {
+        self.key_ranges
+            .iter()
+            .map(|&(start, end)| fred::types::Key::from(self.keys.slice(start as usize..end as usize)))
+            .collect()
+    }
+
+    /// Drops the job's handles on the split's buffers, so that the batch can take them back.
+    pub fn release(&mut self) {
+        self.blob = Bytes::new();
+        self.keys = Bytes::new();
+    }
 }
 
 /// Why a blob could not be split. Never expected: the shard wrote the blob.
@@ -182,6 +247,24 @@ impl Groups {
         declared
     }
 
+    /// Fills `job` for group `index`: its records, keys, `nonce` and `deadline`.
+    pub fn prepare(&self, index: usize, nonce: u64, deadline: Instant, job: &mut GroupJob) {
+        let group = &self.groups[index];
+        let (blob, keys) = self.lent_buffers();
+        job.group = index;
+        job.nonce = nonce;
+        job.deadline = deadline;
+        job.event_count = group.positions.len();
+        job.blob = blob.slice(group.blob.clone());
+        job.keys = keys.clone();
+        job.key_ranges.clear();
+        job.key_ranges
+            .push((group.stream.start as u32, group.stream.end as u32));
+        job.key_ranges
+            .extend(self.spans[group.positions.clone()].iter().map(|span| span.marker));
+        debug_assert!(job.key_ranges.len() <= job.key_ranges.capacity());
+    }
+
     fn lent_buffers(&self) -> &(Bytes, Bytes) {
         self.lent.as_ref().expect("split before the calls")
     }
@@ -267,7 +350,10 @@ fn parse_partition(text: &[u8]) -> Option<u32> {
     if text.is_empty() || text.len() > 4 || !text.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(text.iter().fold(0, |value, &digit| value * 10 + u32::from(digit - b'0')))
+    Some(
+        text.iter()
+            .fold(0, |value, &digit| value * 10 + u32::from(digit - b'0')),
+    )
 }
 
 /// `<prefix>:{<partition>` then `middle` then `tail`: the layout of protocol.md.
@@ -324,7 +410,11 @@ mod tests {
             .map(|group| (group.partition, group.positions.len()))
             .collect();
         assert_eq!(found, vec![(0, 1), (3, 2)]);
-        let keys: Vec<String> = groups.keys_of(&groups.groups()[1].clone()).iter().map(key_text).collect();
+        let keys: Vec<String> = groups
+            .keys_of(&groups.groups()[1].clone())
+            .iter()
+            .map(key_text)
+            .collect();
         assert_eq!(keys, vec!["sg:{3}:events", "sg:{3}:seen:19:1", "sg:{3}:seen:35:3"]);
         let expected = blob_of(&[(3, 19, 1), (3, 35, 3)]);
         assert_eq!(&groups.blob_of(&groups.groups()[1].clone())[..], &expected[..]);

@@ -30,7 +30,6 @@
 //! is sent once (`max_command_attempts = 1`), never replayed by fred after a
 //! reconnect, so a dead connection lets go of every blob it held.
 
-use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -42,7 +41,7 @@ use fred::types::scripts::Script;
 use fred::types::Builder;
 
 use crate::limits::CLUSTER_GROUP_CALLS_PER_BATCH;
-use crate::redis::groups::Groups;
+use crate::redis::groups::{GroupJob, Groups};
 use crate::redis::script::{
     partitions_key, DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED, OUTCOME_FAILED, PARTITIONS_LUA,
 };
@@ -193,7 +192,14 @@ impl EventFailures {
     }
 }
 
-/// What became of a batch's group calls on a Redis Cluster (`Store::dedup_append_groups`).
+/// The answer to one group call (`Store::group_call`), for `Store::take_group_reply`.
+pub struct GroupReply {
+    /// False if the batch's deadline passed before the call was sent.
+    sent: bool,
+    result: Result<Value, StoreError>,
+}
+
+/// What became of a batch's group calls on a Redis Cluster (`pipeline/sink.rs`).
 /// A failed group's events are `Failed` (RETRY); the other groups' events have their own
 /// outcomes.
 #[derive(Debug, Default)]
@@ -211,7 +217,7 @@ impl GroupCalls {
         self.failed.iter().sum()
     }
 
-    fn fail(&mut self, error: StoreError) {
+    pub fn fail(&mut self, error: StoreError) {
         self.failed[error.kind() as usize] += 1;
         self.first_error.get_or_insert(error);
     }
@@ -354,115 +360,73 @@ impl Store {
         decode_reply(&reply, nonce_text.as_bytes(), outcomes, failures)
     }
 
-    /// Runs the script on one batch on a Redis Cluster: one call per partition group of
-    /// `blob` (`groups.rs`), at most `CLUSTER_GROUP_CALLS_PER_BATCH` at once, each numbered
-    /// from `nonces`, all within one deadline. `outcomes` receives one entry per event, in the
-    /// batch's order: each from its own group's reply, and `Failed` (RETRY) for every event of
-    /// a group whose call failed; the other groups are unaffected.
-    pub async fn dedup_append_groups(
-        &self,
-        nonces: &Cell<u64>,
-        blob: &[u8],
-        event_count: usize,
-        groups: &mut Groups,
-        outcomes: &mut Vec<Outcome>,
-        failures: &mut EventFailures,
-    ) -> GroupCalls {
-        failures.clear();
-        let mut report = GroupCalls::default();
-        if groups.split(&self.prefix, blob, event_count).is_err() {
-            report.fail(StoreError::new(
-                RedisErrorKind::Script,
-                "the batch blob could not be split by partition".into(),
-            ));
-            outcomes.clear();
-            outcomes.resize(event_count, Outcome::Failed);
-            return report;
-        }
-        let deadline = Instant::now() + self.call_timeout;
-        let group_count = groups.groups().len();
-        let state = RefCell::new((&mut *groups, &mut *failures, report));
-        let (shared, next_group) = (&state, &Cell::new(0));
-        // Each lane sends the next unsent group until none is left: the lanes are a fixed
-        // join, part of the caller's own future, so a group call spawns and boxes nothing.
-        let lane = || async move {
-            loop {
-                let index = next_group.get();
-                if index >= group_count {
-                    return;
-                }
-                next_group.set(index + 1);
-                let result = self.group_call(shared, nonces, index, deadline).await;
-                let mut state = shared.borrow_mut();
-                let (groups, failures, report) = &mut *state;
-                report.calls += u64::from(!matches!(&result, Err((false, _))));
-                match result {
-                    Ok(group_failures) => failures.absorb(group_failures),
-                    Err((_, error)) => {
-                        groups.outcomes_of(index).fill(Outcome::Failed);
-                        report.fail(error);
-                    }
-                }
-            }
-        };
-        const _: () = assert!(CLUSTER_GROUP_CALLS_PER_BATCH == 8, "the join below has 8 lanes");
-        use futures_lite::future::zip;
-        zip(
-            zip(zip(lane(), lane()), zip(lane(), lane())),
-            zip(zip(lane(), lane()), zip(lane(), lane())),
-        )
-        .await;
-        let (groups, _, report) = state.into_inner();
-        groups.merge(outcomes);
-        report
+    /// The deadline of one call; on a cluster, of all the group calls of one batch.
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
     }
 
-    /// One group's call; its outcomes are written into `groups`. `Err((sent, error))` when
-    /// the group failed as a whole, `sent` false if the deadline passed before it was sent.
-    async fn group_call(
-        &self,
-        shared: &RefCell<(&mut Groups, &mut EventFailures, GroupCalls)>,
-        nonces: &Cell<u64>,
-        index: usize,
-        deadline: Instant,
-    ) -> Result<EventFailures, (bool, StoreError)> {
-        if Instant::now() >= deadline {
-            return Err((false, StoreError::timeout(self.call_timeout)));
+    /// Splits a batch's blob by partition for a cluster (`groups.rs`), keys under our prefix.
+    pub fn split(&self, groups: &mut Groups, blob: &[u8], event_count: usize) -> Result<(), StoreError> {
+        groups.split(&self.prefix, blob, event_count).map_err(|_| {
+            StoreError::new(
+                RedisErrorKind::Script,
+                "the batch blob could not be split by partition".into(),
+            )
+        })
+    }
+
+    /// One group's script call on a cluster, its keys declared, within the job's deadline
+    /// (the batch's). Not sent at all if the deadline has passed.
+    pub async fn group_call(&self, job: &GroupJob) -> GroupReply {
+        if Instant::now() >= job.deadline() {
+            return GroupReply {
+                sent: false,
+                result: Err(StoreError::timeout(self.call_timeout)),
+            };
         }
-        let nonce = nonces.get().wrapping_add(1);
-        nonces.set(nonce);
-        let (group, blob) = {
-            let state = shared.borrow();
-            let group = state.0.groups()[index].clone();
-            let blob = state.0.blob_of(&group);
-            (group, blob)
-        };
-        let event_count = group.positions.len();
-        let keys = || shared.borrow().0.keys_of(&group);
         let arguments = || {
             vec![
                 Value::Bytes(self.prefix.clone()),
                 Value::Bytes(self.window_secs.clone()),
-                Value::Integer(event_count as i64),
-                Value::Bytes(blob.clone()),
-                Value::Integer(i64::try_from(nonce).unwrap_or(i64::MAX)),
+                Value::Integer(job.event_count() as i64),
+                Value::Bytes(job.blob().clone()),
+                Value::Integer(i64::try_from(job.nonce()).unwrap_or(i64::MAX)),
             ]
         };
-        let reply = self
-            .until(deadline, self.evalsha(&self.script, keys, arguments))
-            .await
-            .map_err(|error| (true, error))?;
-        let mut nonce_text = itoa::Buffer::new();
-        let mut failures = EventFailures::default();
-        let mut state = shared.borrow_mut();
-        decode_reply(
-            &reply,
-            nonce_text.format(nonce).as_bytes(),
-            state.0.outcomes_of(index),
-            &mut failures,
-        )
-        .map_err(|error| (true, error))?;
-        Ok(failures)
+        let result = self
+            .until(job.deadline(), self.evalsha(&self.script, || job.keys(), arguments))
+            .await;
+        GroupReply { sent: true, result }
+    }
+
+    /// Puts a group call's reply on its events in `groups`: their outcomes, or `Failed`
+    /// (RETRY) for all of them if the call failed or its reply does not match it.
+    pub fn take_group_reply(
+        &self,
+        job: &GroupJob,
+        reply: GroupReply,
+        groups: &mut Groups,
+        failures: &mut EventFailures,
+        report: &mut GroupCalls,
+    ) {
+        report.calls += u64::from(reply.sent);
+        let outcomes = groups.outcomes_of(job.group());
+        let decoded = reply.result.and_then(|value| {
+            let mut nonce_text = itoa::Buffer::new();
+            let mut group_failures = EventFailures::default();
+            decode_reply(
+                &value,
+                nonce_text.format(job.nonce()).as_bytes(),
+                outcomes,
+                &mut group_failures,
+            )?;
+            failures.absorb(group_failures);
+            Ok(())
+        });
+        if let Err(error) = decoded {
+            groups.outcomes_of(job.group()).fill(Outcome::Failed);
+            report.fail(error);
+        }
     }
 
     /// Records our partition count under the prefix if none is, and says
@@ -710,8 +674,13 @@ fn cluster_url_for_fred(url: &str) -> Result<String, String> {
     fred_url.push_str(CLUSTER_SCHEME);
     fred_url.push_str(userinfo);
     for (index, seed) in seeds.split(',').enumerate() {
-        let port = seed.rsplit_once(':').filter(|(host, _)| !host.is_empty()).map(|(_, port)| port);
-        let valid_port = port.and_then(|port| port.parse::<u16>().ok()).is_some_and(|port| port > 0);
+        let port = seed
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty())
+            .map(|(_, port)| port);
+        let valid_port = port
+            .and_then(|port| port.parse::<u16>().ok())
+            .is_some_and(|port| port > 0);
         if !valid_port {
             return Err(format!("seed node {seed:?} must be host:port with a port in 1..=65535"));
         }
@@ -757,7 +726,10 @@ mod tests {
         match config.server {
             fred::types::config::ServerConfig::Clustered { hosts, policy } => {
                 assert_eq!(policy, ClusterDiscoveryPolicy::UseCache);
-                let mut seeds: Vec<String> = hosts.iter().map(|host| format!("{}:{}", host.host, host.port)).collect();
+                let mut seeds: Vec<String> = hosts
+                    .iter()
+                    .map(|host| format!("{}:{}", host.host, host.port))
+                    .collect();
                 seeds.sort();
                 Ok(seeds)
             }
@@ -768,7 +740,10 @@ mod tests {
     /// The comma form becomes fred's seed list; `redis://` stays standalone.
     #[test]
     fn cluster_urls_list_their_seeds() {
-        assert_eq!(cluster_seeds("redis-cluster://127.0.0.1:7000").unwrap(), ["127.0.0.1:7000"]);
+        assert_eq!(
+            cluster_seeds("redis-cluster://127.0.0.1:7000").unwrap(),
+            ["127.0.0.1:7000"]
+        );
         assert_eq!(
             cluster_seeds("redis-cluster://10.0.0.2:7001,10.0.0.1:7000,redis-c:7002").unwrap(),
             ["10.0.0.1:7000", "10.0.0.2:7001", "redis-c:7002"]
@@ -777,7 +752,10 @@ mod tests {
         let config = with_password.fred_config().unwrap();
         assert_eq!(config.username.as_deref(), Some("game"));
         assert_eq!(config.password.as_deref(), Some("s3cret,x"));
-        assert_eq!(with_password.to_string(), "redis-cluster://game:***@10.0.0.1:7000,10.0.0.2:7000");
+        assert_eq!(
+            with_password.to_string(),
+            "redis-cluster://game:***@10.0.0.1:7000,10.0.0.2:7000"
+        );
         assert!(with_password.is_cluster());
         let standalone = RedisUrl::new("redis://127.0.0.1:6379".into());
         assert!(!standalone.is_cluster());

@@ -394,7 +394,8 @@ const FAMILIES: &[Family] = &[
     },
     Family {
         name: "redis_calls",
-        help: "Redis script calls: one per batch on a standalone Redis, one per partition group of a batch on a cluster.",
+        help:
+            "Redis script calls: one per batch on a standalone Redis, one per partition group of a batch on a cluster.",
         unit: None,
         labels: &[],
         value: Value::Counter(|shard, _| shard.redis_calls.get()),
