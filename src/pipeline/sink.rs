@@ -53,7 +53,10 @@ struct Caller {
 /// once, rather than joined inside the caller's future, whose size (and the stack a debug
 /// build uses to build it) would grow with them.
 struct Lane {
-    job: RefCell<GroupJob>,
+    /// The job, allocated at start; the lane's task holds it while it makes the call.
+    job: RefCell<Option<GroupJob>>,
+    /// The nonce of the job last handed over: tells this batch's jobs from an abandoned one's.
+    nonce: Cell<u64>,
     state: Cell<LaneState>,
     /// The reply of the job just made, from `Done` until its caller takes it.
     reply: RefCell<Option<GroupReply>>,
@@ -110,7 +113,8 @@ impl Batches {
                     ready: Notify::default(),
                     lanes: (0..if cluster { CLUSTER_GROUP_CALLS_PER_BATCH } else { 0 })
                         .map(|_| Lane {
-                            job: RefCell::new(GroupJob::new(settings.batch_events_max)),
+                            job: RefCell::new(Some(GroupJob::new(settings.batch_events_max))),
+                            nonce: Cell::new(0),
                             state: Cell::new(LaneState::Idle),
                             reply: RefCell::new(None),
                             ready: Notify::default(),
@@ -191,11 +195,10 @@ impl Shard {
         loop {
             match this.state.get() {
                 LaneState::Sent => {
-                    let reply = {
-                        let job = this.job.borrow();
-                        self.store.group_call(&job).await
-                    };
-                    this.job.borrow_mut().release();
+                    let mut job = this.job.take().expect("a sent lane's job is in place");
+                    let reply = self.store.group_call(&job).await;
+                    job.release();
+                    *this.job.borrow_mut() = Some(job);
                     *this.reply.borrow_mut() = Some(reply);
                     this.state.set(LaneState::Done);
                     owner.lane_done.notify();
@@ -338,21 +341,30 @@ impl Shard {
             for lane in &owner.lanes {
                 if lane.state.get() == LaneState::Done {
                     let reply = lane.reply.take().expect("a done lane holds its reply");
-                    let job = lane.job.borrow();
-                    if job.nonce() >= first_nonce {
-                        self.store.take_group_reply(&job, reply, groups, failures, &mut report);
+                    if lane.nonce.get() >= first_nonce {
+                        let job = lane.job.borrow();
+                        let job = job.as_ref().expect("a done lane's job is back");
+                        self.store.take_group_reply(job, reply, groups, failures, &mut report);
                     }
                     lane.state.set(LaneState::Idle);
                 }
                 if lane.state.get() == LaneState::Idle && next_group < group_count {
                     let nonce = self.batches.call_nonce.get().wrapping_add(1);
                     self.batches.call_nonce.set(nonce);
-                    groups.prepare(next_group, nonce, deadline, &mut lane.job.borrow_mut());
+                    let mut job = lane.job.borrow_mut();
+                    groups.prepare(
+                        next_group,
+                        nonce,
+                        deadline,
+                        job.as_mut().expect("an idle lane's job is in place"),
+                    );
+                    drop(job);
+                    lane.nonce.set(nonce);
                     next_group += 1;
                     lane.state.set(LaneState::Sent);
                     lane.ready.notify();
                 }
-                if lane.state.get() == LaneState::Sent && lane.job.borrow().nonce() >= first_nonce {
+                if lane.state.get() == LaneState::Sent && lane.nonce.get() >= first_nonce {
                     running += 1;
                 }
             }
