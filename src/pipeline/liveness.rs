@@ -45,6 +45,12 @@ impl Shard {
         if self.release_held() && !self.batches.open.borrow().is_empty() {
             self.linger.notify();
         }
+        if self.store.restart_if_ended() {
+            tracing::warn!(
+                shard = self.index,
+                "the redis client's connection task ended on its own; started it again"
+            );
+        }
         let connected = self.store.is_connected();
         if connected && !self.liveness.partitions_agreed.get() {
             self.check_partitions_once();

@@ -30,6 +30,7 @@
 //! is sent once (`max_command_attempts = 1`), never replayed by fred after a
 //! reconnect, so a dead connection lets go of every blob it held.
 
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -236,6 +237,10 @@ pub struct Store {
     client: fred::clients::Client,
     /// `redis-cluster://`: a batch goes as one call per partition group.
     cluster: bool,
+    /// fred's connection (router) task, watched by `restart_if_ended`.
+    connection_task: RefCell<Option<fred::types::ConnectHandle>>,
+    /// Set by `quit`: the connection task ends on purpose.
+    quitting: Cell<bool>,
     script: Script,
     partitions_script: Script,
     prefix: Bytes,
@@ -257,6 +262,13 @@ impl Store {
         let call_timeout = Duration::from_millis(settings.call_timeout_ms);
         // On a cluster each batch makes up to CLUSTER_GROUP_CALLS_PER_BATCH calls at once, and
         // a redirected call goes through the queue a second time.
+        // A command is written once (module doc), but on a cluster each MOVED or ASK it
+        // follows is one more write of it, and fred fails a redirection with no write left;
+        // for ASK it also ends its router task (`restart_if_ended`). So on a cluster a
+        // command may be written once and once per redirection. A side effect: fred may then
+        // also write a command again after a reconnect, which is safe (the script is
+        // idempotent per event id, and its batch stays held until fred lets go of it).
+        let command_attempts = if cluster { 1 + CLUSTER_REDIRECTIONS_MAX } else { 1 };
         let calls_in_flight = if cluster {
             2 * settings.batches_in_flight_max * CLUSTER_GROUP_CALLS_PER_BATCH
         } else {
@@ -272,7 +284,7 @@ impl Store {
             .with_connection_config(|connection| {
                 connection.connection_timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
                 connection.internal_command_timeout = call_timeout;
-                connection.max_command_attempts = 1;
+                connection.max_command_attempts = command_attempts;
                 connection.max_command_buffer_len = calls_in_flight + COMMAND_BUFFER_SPARE;
                 connection.max_redirections = CLUSTER_REDIRECTIONS_MAX;
                 // A MOVED refreshes the slot map at once; CLUSTER INFO must say ok at connect.
@@ -296,6 +308,8 @@ impl Store {
         Ok(Store {
             client,
             cluster,
+            connection_task: RefCell::new(None),
+            quitting: Cell::new(false),
             script: Script::from_lua(DEDUP_APPEND_LUA),
             partitions_script: Script::from_lua(PARTITIONS_LUA),
             prefix: Bytes::copy_from_slice(settings.prefix.as_bytes()),
@@ -308,7 +322,24 @@ impl Store {
 
     /// Starts the connection task; it reconnects forever.
     pub fn connect(&self) {
-        let _connection_task = self.client.connect();
+        *self.connection_task.borrow_mut() = Some(self.client.connect());
+    }
+
+    /// Starts the connection task again if it ended on its own, and says so. fred's router
+    /// task ends on some errors instead of reconnecting: seen on a cluster when an `ASK`
+    /// arrives for a command that has used all its write attempts ("Max attempts reached"),
+    /// which left the client with no task to send anything, every call timing out, for
+    /// good. The shard's tick calls this every 5 ms; it is a flag read.
+    pub(crate) fn restart_if_ended(&self) -> bool {
+        let ended = self
+            .connection_task
+            .borrow()
+            .as_ref()
+            .is_some_and(|task| task.is_finished());
+        if ended && !self.quitting.get() {
+            self.connect();
+        }
+        ended && !self.quitting.get()
     }
 
     pub(crate) fn is_connected(&self) -> bool {
@@ -499,6 +530,7 @@ impl Store {
     /// Closes the connection; bounded, since a client still trying to connect
     /// would otherwise wait out its connect timeout.
     pub async fn quit(&self) {
+        self.quitting.set(true);
         let quit = async {
             let _ = self.client.quit().await;
         };

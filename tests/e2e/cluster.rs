@@ -61,6 +61,31 @@ fn check_keys(cluster: &RedisCluster, stored: &[StoredEvent], ctx: &str) {
     assert_eq!(markers, stored.len(), "{ctx}: one marker per stored event");
 }
 
+/// Every event was answered ACCEPTED or DUPLICATE, ACCEPTED at most once, and is stored
+/// exactly once with its fields; nothing else is stored, and every key is where its slot is.
+fn check_exactly_once(cluster: &RedisCluster, events: &[Event], report: &DeliveryReport, run: (u64, u64), ctx: &str) {
+    assert!(report.foreign_acks.is_empty(), "acks for ids never sent; {ctx}");
+    assert_eq!(report.counts.rejected, 0, "valid frames were REJECTED; {ctx}");
+    let unresolved = report.unresolved();
+    assert!(
+        unresolved.is_empty(),
+        "{} event ids never got ACCEPTED or DUPLICATE, e.g. {:?}; {ctx}",
+        unresolved.len(),
+        &unresolved[..unresolved.len().min(5)]
+    );
+    let stored = cluster.read_events("sg");
+    let all: HashSet<Key> = events.iter().map(Event::key).collect();
+    check_stored(&stored, events, &all, PARTITIONS, Some((run.0, run.1 + 1_000_000)), ctx);
+    assert_eq!(stored.len(), events.len(), "{ctx}");
+    check_keys(cluster, &stored, ctx);
+    let accepted_twice = report
+        .answers
+        .values()
+        .filter(|answers| answers.iter().filter(|status| **status == St::Accepted).count() > 1)
+        .count();
+    assert_eq!(accepted_twice, 0, "ids answered ACCEPTED more than once; {ctx}");
+}
+
 // ~2000 events x 1-3 copies over 4 UDP sockets and 2 TCP connections to a 2-shard server
 // on a 3-master cluster: each id stored once, exactly, and only where its slot lives.
 #[test]
@@ -96,27 +121,7 @@ fn every_event_stored_exactly_once_on_a_redis_cluster() {
     let t1 = unix_us();
     let ctx = format!("seed {seed}; {}", report.summary());
     eprintln!("{name}: {ctx}");
-    assert!(report.foreign_acks.is_empty(), "acks for ids never sent; {ctx}");
-    assert_eq!(report.counts.rejected, 0, "valid frames were REJECTED; {ctx}");
-    let unresolved = report.unresolved();
-    assert!(
-        unresolved.is_empty(),
-        "{} event ids never got ACCEPTED or DUPLICATE, e.g. {:?}; {ctx}",
-        unresolved.len(),
-        &unresolved[..unresolved.len().min(5)]
-    );
-
-    let stored = cluster.read_events("sg");
-    let all: HashSet<Key> = events.iter().map(Event::key).collect();
-    check_stored(&stored, &events, &all, PARTITIONS, Some((t0, t1 + 1_000_000)), &ctx);
-    assert_eq!(stored.len(), events.len(), "{ctx}");
-    check_keys(&cluster, &stored, &ctx);
-    let accepted_twice = report
-        .answers
-        .values()
-        .filter(|answers| answers.iter().filter(|status| **status == St::Accepted).count() > 1)
-        .count();
-    assert_eq!(accepted_twice, 0, "ids answered ACCEPTED more than once; {ctx}");
+    check_exactly_once(&cluster, &events, &report, (t0, t1), &ctx);
 
     // The cluster is seen, and each batch went as one call per partition group.
     let body = scrape_metrics(metrics);
@@ -168,4 +173,87 @@ fn a_bad_cluster_url_is_refused_at_start() {
     assert!(run.code().is_some_and(|code| code != 0), "{}", run.stderr);
     assert!(run.stderr.contains("port in 1..=65535"), "{}", run.stderr);
     assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+}
+
+// While ~8000 events x 1-3 copies are being delivered, the slots of every partition one
+// master serves move to another master, a few keys at a time (MIGRATING/IMPORTING, MIGRATE,
+// SETSLOT NODE): the client follows MOVED and ASK, a call that meets its slot half moved
+// gets TRYAGAIN and its events RETRY, and in the end every event is stored exactly once,
+// on the master that now serves its slot, and nothing is lost.
+#[test]
+fn a_slot_migration_under_load_loses_nothing_and_stores_nothing_twice() {
+    let _turn = take_turn(module_path!());
+    let name = "a_slot_migration_under_load_loses_nothing_and_stores_nothing_twice";
+    let seed = test_seed(name);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let cluster = RedisCluster::start();
+    let server = Server::builder(&cluster.url())
+        .cores("0,1")
+        .arg("--metrics", "127.0.0.1:0")
+        .start();
+    let metrics = serving_metrics_address(&server);
+
+    // The partitions whose slots the first master serves move to the second.
+    let masters = cluster.masters();
+    let (from, to) = (masters[0], masters[1]);
+    let slots: Vec<u16> = (0..PARTITIONS)
+        .map(|partition| cluster.key_slot(&format!("sg:{{{partition}}}:events")))
+        .filter(|&slot| cluster.owner_of_slot(slot) == from)
+        .collect();
+    assert!(!slots.is_empty(), "master {from} serves no partition's slot");
+
+    let events = random_events(&mut rng, 8000, 256);
+    let t0 = unix_us();
+    let (udp, tcp) = (server.udp_addr(), server.tcp_addr());
+    let delivery = {
+        let events = events.clone();
+        std::thread::spawn(move || {
+            deliver_all(
+                udp,
+                tcp,
+                &events,
+                &DeliverOpts {
+                    seed,
+                    udp_sockets: 4,
+                    tcp_conns: 2,
+                    min_copies: 1,
+                    max_copies: 3,
+                    udp_window: 16,
+                    tcp_window: 16,
+                    total_timeout: Duration::from_secs(40),
+                    ..DeliverOpts::default()
+                },
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let moved: usize = slots
+        .iter()
+        .map(|&slot| cluster.migrate_slot(slot, to, 20, Duration::from_millis(5)))
+        .sum();
+    let migration = started.elapsed();
+    let report = delivery.join().expect("the delivery thread");
+    let t1 = unix_us();
+    let ctx = format!("seed {seed}; {}", report.summary());
+    eprintln!(
+        "{name}: moved {} slots ({moved} keys) from {from} to {to} in {migration:.2?}, while: {ctx}",
+        slots.len()
+    );
+    assert!(moved > 0, "the migration moved no key: it ran after the load");
+    for &slot in &slots {
+        assert_eq!(cluster.owner_of_slot(slot), to, "slot {slot} moved");
+    }
+    cluster.wait_ok(Duration::from_secs(20));
+    check_exactly_once(&cluster, &events, &report, (t0, t1), &ctx);
+    let body = scrape_metrics(metrics);
+    eprintln!(
+        "{name}: RETRY answers {}, failed group calls by kind: cluster {} reply_mismatch {} timeout {} script {} connection {}",
+        report.counts.retry,
+        metric_sum(&body, "shardgate_redis_errors_total", &[("kind", "cluster")]),
+        metric_sum(&body, "shardgate_redis_errors_total", &[("kind", "reply_mismatch")]),
+        metric_sum(&body, "shardgate_redis_errors_total", &[("kind", "timeout")]),
+        metric_sum(&body, "shardgate_redis_errors_total", &[("kind", "script")]),
+        metric_sum(&body, "shardgate_redis_errors_total", &[("kind", "connection")]),
+    );
 }

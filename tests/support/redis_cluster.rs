@@ -237,11 +237,12 @@ impl RedisCluster {
             .expect("CLUSTER KEYSLOT")
     }
 
-    /// The master port serving `slot`, as node 0 sees it (`CLUSTER SLOTS`).
+    /// The master port serving `slot`, as the first master sees it (`CLUSTER SLOTS`).
     pub fn owner_of_slot(&self, slot: u16) -> u16 {
+        let first_master = self.masters()[0];
         let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
             .arg("SLOTS")
-            .query(&mut self.nodes[0].connection())
+            .query(&mut self.node(first_master).connection())
             .expect("CLUSTER SLOTS");
         for range in ranges {
             let redis::Value::Array(parts) = range else { continue };
@@ -257,6 +258,72 @@ impl RedisCluster {
             }
         }
         panic!("no master serves slot {slot}");
+    }
+}
+
+impl RedisCluster {
+    fn node_id(&self, port: u16) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut self.node(port).connection())
+            .expect("CLUSTER MYID")
+    }
+
+    /// Moves `slot` from the master that serves it to the master on `to`, as
+    /// `redis-cli --cluster reshard` does: IMPORTING on the target, MIGRATING on the source,
+    /// MIGRATE of its keys `keys_per_step` at a time (pausing `pause` between steps, so that a
+    /// load running meanwhile meets the slot half moved), then SETSLOT NODE on every master.
+    /// A key the target already holds fails the MIGRATE (no REPLACE): that would be a key
+    /// written twice. Returns the keys moved.
+    pub fn migrate_slot(&self, slot: u16, to: u16, keys_per_step: usize, pause: Duration) -> usize {
+        let from = self.owner_of_slot(slot);
+        assert_ne!(from, to, "slot {slot} is already on {to}");
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let mut source = self.node(from).connection();
+        let mut target = self.node(to).connection();
+        let setslot = |conn: &mut redis::Connection, state: &str, id: &str| {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(id)
+                .query(conn)
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {state} {id}: {e}"));
+        };
+        setslot(&mut target, "IMPORTING", &from_id);
+        setslot(&mut source, "MIGRATING", &to_id);
+        let mut moved = 0;
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(keys_per_step)
+                .query(&mut source)
+                .expect("CLUSTER GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            let _: () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query(&mut source)
+                .unwrap_or_else(|e| panic!("MIGRATE of {} keys of slot {slot}: {e}", keys.len()));
+            moved += keys.len();
+            thread::sleep(pause);
+        }
+        setslot(&mut target, "NODE", &to_id);
+        setslot(&mut source, "NODE", &to_id);
+        for master in self.masters() {
+            if master != from && master != to {
+                setslot(&mut self.node(master).connection(), "NODE", &to_id);
+            }
+        }
+        moved
     }
 }
 
