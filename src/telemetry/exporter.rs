@@ -373,7 +373,7 @@ const FAMILIES: &[Family] = &[
     },
     Family {
         name: "batch_events",
-        help: "Events per Redis script call.",
+        help: "Events per batch: one Redis script call standalone, one call per partition it holds on a cluster.",
         unit: None,
         labels: &[],
         value: Value::Histogram(|shard, _| shard.batch_events.read(), Recorded::AsNamed),
