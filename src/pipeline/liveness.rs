@@ -32,6 +32,9 @@ pub(super) struct Liveness {
     /// Refused events since the last log line, and when that line was written.
     pub(super) event_failures_unlogged: Cell<u64>,
     pub(super) event_failures_logged_at: Cell<Option<Instant>>,
+    /// Restarts of the client's connection task since the last log line, and when it was written.
+    client_restarts_unlogged: Cell<u64>,
+    client_restart_logged_at: Cell<Option<Instant>>,
 }
 
 impl Shard {
@@ -46,10 +49,7 @@ impl Shard {
             self.linger.notify();
         }
         if self.store.restart_if_ended() {
-            tracing::warn!(
-                shard = self.index,
-                "the redis client's connection task ended on its own; started it again"
-            );
+            self.log_client_restart();
         }
         let connected = self.store.is_connected();
         if connected && !self.liveness.partitions_agreed.get() {
@@ -70,6 +70,29 @@ impl Shard {
             self.liveness.redis_failures.get(),
             self.metrics.retries_by(RetryCause::RedisDown),
         );
+    }
+
+    /// fred's connection task ended on its own and was started again (`Store::restart_if_ended`):
+    /// logged at most once per `EVENT_FAILURE_LOG_PERIOD`, with the restarts since.
+    fn log_client_restart(&self) {
+        let restarts = self.liveness.client_restarts_unlogged.get() + 1;
+        let now = Instant::now();
+        if !log_due(
+            self.liveness.client_restart_logged_at.get(),
+            now,
+            EVENT_FAILURE_LOG_PERIOD,
+        ) {
+            self.liveness.client_restarts_unlogged.set(restarts);
+            return;
+        }
+        tracing::warn!(
+            shard = self.index,
+            restarts,
+            "the redis client's connection task ended on its own and was started again (if this repeats: \
+             does the url's mode, redis:// or redis-cluster://, match the server?)"
+        );
+        self.liveness.client_restarts_unlogged.set(0);
+        self.liveness.client_restart_logged_at.set(Some(now));
     }
 
     /// Counts the Redis nodes the client is connected to (`redis_nodes`), and logs the count

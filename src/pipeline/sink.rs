@@ -3,7 +3,9 @@
 //! - **linger** (`linger_loop`): the open batch goes when full (`admit`) or when due
 //!   (`shard::send_due`): one pace after the last call, never before its first event.
 //! - **send** (`flush`, `caller_loop`, `send`): a caller task spawned at start makes the
-//!   script call; at most `batches_in_flight_max` are in Redis at once.
+//!   script call; at most `batches_in_flight_max` are in Redis at once. On a Redis Cluster
+//!   the caller splits its batch by partition and its lanes (`lane_loop`, tasks spawned with
+//!   it) make one call per group (`send_groups`).
 //! - **complete**: confirmed ids go into the cache and leave the in-flight set, before any
 //!   answer goes out, so a copy arriving meanwhile already sees the cache.
 //! - **answer**: every event's answer, then every held copy's, leaves through intake's ack

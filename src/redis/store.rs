@@ -241,6 +241,8 @@ pub struct Store {
     connection_task: RefCell<Option<fred::types::ConnectHandle>>,
     /// Set by `quit`: the connection task ends on purpose.
     quitting: Cell<bool>,
+    /// When `restart_if_ended` last started the connection task again.
+    restarted_at: Cell<Option<Instant>>,
     script: Script,
     partitions_script: Script,
     prefix: Bytes,
@@ -310,6 +312,7 @@ impl Store {
             cluster,
             connection_task: RefCell::new(None),
             quitting: Cell::new(false),
+            restarted_at: Cell::new(None),
             script: Script::from_lua(DEDUP_APPEND_LUA),
             partitions_script: Script::from_lua(PARTITIONS_LUA),
             prefix: Bytes::copy_from_slice(settings.prefix.as_bytes()),
@@ -330,16 +333,31 @@ impl Store {
     /// arrives for a command that has used all its write attempts ("Max attempts reached"),
     /// which left the client with no task to send anything, every call timing out, for
     /// good. The shard's tick calls this every 5 ms; it is a flag read.
+    ///
+    /// It also ends when a `redis-cluster://` url names a standalone Redis (fred takes that
+    /// as a configuration error, not to be retried): restarts are spaced like reconnects,
+    /// at most one per `RECONNECT_DELAY_MS_MAX`, so that case costs one attempt a second.
     pub(crate) fn restart_if_ended(&self) -> bool {
         let ended = self
             .connection_task
             .borrow()
             .as_ref()
             .is_some_and(|task| task.is_finished());
-        if ended && !self.quitting.get() {
-            self.connect();
+        if !ended || self.quitting.get() {
+            return false;
         }
-        ended && !self.quitting.get()
+        let now = Instant::now();
+        let spacing = Duration::from_millis(u64::from(RECONNECT_DELAY_MS_MAX));
+        if self
+            .restarted_at
+            .get()
+            .is_some_and(|at| now.duration_since(at) < spacing)
+        {
+            return false;
+        }
+        self.restarted_at.set(Some(now));
+        self.connect();
+        true
     }
 
     pub(crate) fn is_connected(&self) -> bool {
