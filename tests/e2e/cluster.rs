@@ -257,3 +257,28 @@ fn a_slot_migration_under_load_loses_nothing_and_stores_nothing_twice() {
         metric_sum(&body, "shardgate_redis_errors_total", &[("kind", "connection")]),
     );
 }
+
+// A redis-cluster url that names a standalone Redis: fred ends its connection task on
+// every attempt (a configuration error to it); the server restarts it once a second,
+// answers RETRY meanwhile, and says what to check, once, not on every tick.
+#[test]
+fn a_cluster_url_to_a_standalone_redis_answers_retry_and_says_why() {
+    let _turn = take_turn(module_path!());
+    let redis = RedisServer::start();
+    let server = Server::builder(&format!("redis-cluster://127.0.0.1:{}", redis.port())).start();
+    let mut rng = StdRng::seed_from_u64(test_seed("a_cluster_url_to_a_standalone_redis"));
+    let event = random_events(&mut rng, 1, 16).remove(0);
+    let mut client = UdpClient::new(server.udp_addr());
+    std::thread::sleep(Duration::from_millis(2_500));
+    client.send_frames(&event.frame());
+    let acks = client.recv_acks_until(std::time::Instant::now() + Duration::from_secs(5), 1);
+    assert_eq!(acks.len(), 1, "one answer: {acks:?}");
+    assert_eq!(acks[0].status, St::Retry, "not stored: {acks:?}");
+    let lines = server.stderr_lines();
+    let restarts = lines.iter().filter(|line| line.contains("ended on its own")).count();
+    assert_eq!(restarts, 1, "logged once in its first 10 s: {lines:?}");
+    assert!(
+        lines.iter().any(|line| line.contains("redis:// or redis-cluster://")),
+        "the line says what to check: {lines:?}"
+    );
+}
