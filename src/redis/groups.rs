@@ -440,6 +440,63 @@ mod tests {
         groups.split(b"sg", &blob, 1).unwrap();
     }
 
+    /// A full batch of the largest records, each its own partition, under the longest
+    /// prefix, splits within the buffers allocated at start: none grows or moves.
+    #[test]
+    fn the_worst_batch_fits_the_buffers_allocated_at_start() {
+        use crate::limits::PREFIX_BYTES_MAX;
+        use crate::wire::frame::PAYLOAD_BYTES_MAX;
+        let events_max = 8;
+        let payload = [7u8; PAYLOAD_BYTES_MAX];
+        let mut blob = BytesMut::new();
+        for index in 0..events_max {
+            append_record(
+                &Record {
+                    partition: 9_999 - index as u32,
+                    player_id: u64::MAX - index as u64,
+                    seq: u64::MAX,
+                    action_type: u16::MAX,
+                    client_time_us: u64::MAX,
+                    recv_us: u64::MAX,
+                    payload: &payload,
+                },
+                &mut blob,
+            );
+        }
+        let prefix = [b'p'; PREFIX_BYTES_MAX];
+        let mut groups = Groups::new(events_max);
+        let capacities = |groups: &Groups| {
+            (
+                groups.spans.capacity(),
+                groups.groups.capacity(),
+                groups.blob.capacity(),
+                groups.keys.capacity(),
+                groups.outcomes.capacity(),
+            )
+        };
+        let before = capacities(&groups);
+        let (blob_start, keys_start) = (groups.blob.as_ptr(), groups.keys.as_ptr());
+        groups.split(&prefix, &blob, events_max).unwrap();
+        assert_eq!(groups.groups().len(), events_max);
+        let (lent_blob, lent_keys) = groups.lent_buffers().clone();
+        assert_eq!(lent_blob.as_ptr(), blob_start, "the blob was not moved");
+        assert_eq!(lent_keys.as_ptr(), keys_start, "the keys were not moved");
+        assert_eq!(lent_blob.len(), blob.len());
+        drop((lent_blob, lent_keys));
+        let mut job = GroupJob::new(events_max);
+        let job_capacity = job.key_ranges.capacity();
+        groups.prepare(0, 1, Instant::now(), &mut job);
+        assert_eq!(job.key_ranges.capacity(), job_capacity);
+        job.release();
+        groups.finish();
+        assert!(groups.try_release());
+        assert_eq!(capacities(&groups).0, before.0);
+        assert_eq!(capacities(&groups).1, before.1);
+        assert_eq!(capacities(&groups).4, before.4);
+        assert!(groups.blob.capacity() >= before.2 && groups.keys.capacity() >= before.3);
+        assert_eq!(groups.blob.as_ptr(), blob_start, "the same buffer came back");
+    }
+
     #[test]
     fn a_malformed_blob_is_refused() {
         let blob = blob_of(&[(1, 1, 1), (2, 2, 2)]);
