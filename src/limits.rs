@@ -51,10 +51,11 @@ pub(crate) const STREAM_KEY_BYTES_MAX: usize = PREFIX_BYTES_MAX + ":{".len() + 4
 
 /// On a Redis Cluster a batch is sent as one script call per partition group (every key of
 /// a call under one hash tag, `redis::groups`). At most this many of one batch's group calls
-/// are in flight at once; the rest go as these complete. 8 sends a batch over the default 16
-/// partitions in two waves, and the calls of one shard in flight stay at most
-/// `BATCHES_IN_FLIGHT_MAX` × 8. The number is also the shape of a fixed join in
-/// `Store::dedup_append_groups` (no task or boxed future per call), asserted there.
+/// are in flight at once, one per lane of its caller (`pipeline/sink.rs`; a lane is a task
+/// spawned at start with a call's future, ~20 KB, so fewer lanes when there are fewer
+/// partitions); the rest go as these complete. 8 sends a batch over the default 16
+/// partitions in at most two waves, and a shard's calls in flight stay at most
+/// `batches_in_flight_max` × 8, which fred's command queue is sized for (`store.rs`).
 pub const CLUSTER_GROUP_CALLS_PER_BATCH: usize = 8;
 
 /// Partitions (streams) per prefix. 1024 keeps the partition field of a record

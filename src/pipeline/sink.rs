@@ -104,6 +104,14 @@ impl Batches {
     pub(super) fn new(settings: &Settings, cluster: bool) -> Batches {
         let slots = settings.batches_in_flight_max;
         let batch = || Batch::new(settings.batch_events_max, cluster);
+        // A batch has at most one group per partition and one per event.
+        let lanes = if cluster {
+            CLUSTER_GROUP_CALLS_PER_BATCH
+                .min(settings.partitions as usize)
+                .min(settings.batch_events_max)
+        } else {
+            0
+        };
         Batches {
             open: RefCell::new(batch()),
             spare: RefCell::new((0..slots).map(|_| batch()).collect()),
@@ -113,7 +121,7 @@ impl Batches {
                 .map(|_| Caller {
                     batch: RefCell::new(None),
                     ready: Notify::default(),
-                    lanes: (0..if cluster { CLUSTER_GROUP_CALLS_PER_BATCH } else { 0 })
+                    lanes: (0..lanes)
                         .map(|_| Lane {
                             job: RefCell::new(Some(GroupJob::new(settings.batch_events_max))),
                             nonce: Cell::new(0),

@@ -233,6 +233,10 @@ fn a_slot_migration_under_load_loses_nothing_and_stores_nothing_twice() {
         .map(|&slot| cluster.migrate_slot(slot, to, 20, Duration::from_millis(5)))
         .sum();
     let migration = started.elapsed();
+    assert!(
+        !delivery.is_finished(),
+        "the load ended before the migration did ({migration:.2?}): nothing ran under load"
+    );
     let report = delivery.join().expect("the delivery thread");
     let t1 = unix_us();
     let ctx = format!("seed {seed}; {}", report.summary());
