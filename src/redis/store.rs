@@ -29,6 +29,16 @@
 //! (a blackholed host keeps a socket "connected" for minutes); and a command
 //! is sent once (`max_command_attempts = 1`), never replayed by fred after a
 //! reconnect, so a dead connection lets go of every blob it held.
+//!
+//! # On a Redis Cluster
+//! `redis-cluster://HOST:PORT[,HOST:PORT...]` names seed nodes (`RedisUrl::fred_config`).
+//! A batch then goes as one call per partition group (`groups.rs`, made by the pipeline's
+//! lanes through `group_call`), with its keys declared, so that fred routes it to the slot's
+//! master. fred follows `MOVED` and `ASK`; each redirection is one more write of the
+//! command, so there a command may be written `1 + CLUSTER_REDIRECTIONS_MAX` times, and a
+//! command may then also be replayed after a reconnect (safe: the script is idempotent per
+//! event id). fred's router task ends on some cluster errors instead of reconnecting; the
+//! shard's tick starts it again (`restart_if_ended`).
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
