@@ -150,6 +150,31 @@ fn every_event_stored_exactly_once_on_a_redis_cluster() {
             .any(|line| line.contains("redis cluster mode: connected to 3 masters")),
         "the log says cluster mode is on: {lines:?}"
     );
+
+    // The partition count recorded on the cluster (one key, on its slot's master) refuses a
+    // second server with another count, as on a standalone Redis.
+    let other = run_cli(
+        &[
+            "serve",
+            "--cores",
+            "0",
+            "--udp",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+            "--partitions",
+            "8",
+            "--redis",
+            &cluster.url(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(other.code(), Some(2), "{}", other.stderr);
+    assert!(
+        other.stderr.contains("--partitions 16") && other.stderr.contains("--partitions 8"),
+        "{}",
+        other.stderr
+    );
 }
 
 // A bad cluster url stops the start with a clear reason, and names no password.
