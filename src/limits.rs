@@ -40,6 +40,24 @@ pub const BATCHES_IN_FLIGHT_MAX: usize = 64;
 /// length-prefixed payload. See `script.rs` for the layout.
 pub const BATCH_RECORD_BYTES_MAX: usize = (1 + 4) + (1 + 20) * 2 + (1 + 5) + (1 + 20) * 2 + 2 + PAYLOAD_BYTES_MAX;
 
+/// Longest `--prefix`: every key starts with it, and the cluster key bounds below count it.
+pub(crate) const PREFIX_BYTES_MAX: usize = 64;
+
+/// Longest marker key `<prefix>:{<p>}:seen:<player>:<seq>` and stream key
+/// `<prefix>:{<p>}:events` (`redis::groups`): a prefix, a partition of at most four digits,
+/// and two u64s of at most 20 digits.
+pub(crate) const MARKER_KEY_BYTES_MAX: usize = PREFIX_BYTES_MAX + ":{".len() + 4 + "}:seen:".len() + 20 + 1 + 20;
+pub(crate) const STREAM_KEY_BYTES_MAX: usize = PREFIX_BYTES_MAX + ":{".len() + 4 + "}:events".len();
+
+/// On a Redis Cluster a batch is sent as one script call per partition group (every key of
+/// a call under one hash tag, `redis::groups`). At most this many of one batch's group calls
+/// are in flight at once, one per lane of its caller (`pipeline/sink.rs`; a lane is a task
+/// spawned at start with a call's future, ~20 KB, so fewer lanes when there are fewer
+/// partitions); the rest go as these complete. 8 sends a batch over the default 16
+/// partitions in at most two waves, and a shard's calls in flight stay at most
+/// `batches_in_flight_max` × 8, which fred's command queue is sized for (`store.rs`).
+pub const CLUSTER_GROUP_CALLS_PER_BATCH: usize = 8;
+
 /// Partitions (streams) per prefix. 1024 keeps the partition field of a record
 /// to four decimal digits.
 pub(crate) const PARTITIONS_DEFAULT: u32 = 16;
@@ -209,8 +227,10 @@ const _: () = assert!(BATCH_EVENTS_DEFAULT <= BATCH_EVENTS_MAX);
 const _: () = assert!(BATCHES_IN_FLIGHT_DEFAULT <= BATCHES_IN_FLIGHT_MAX);
 const _: () = assert!(PARTITIONS_DEFAULT <= PARTITIONS_MAX);
 const _: () = assert!(DEDUP_CAPACITY_MIN <= DEDUP_CAPACITY_DEFAULT && DEDUP_CAPACITY_DEFAULT <= DEDUP_CAPACITY_MAX);
-// The partition field is written with at most four digits.
+// The partition field is written with at most four digits (the key bounds count four too).
 const _: () = assert!(PARTITIONS_MAX <= 9_999);
+// A group call carries at least one event; a batch has at most one group per event.
+const _: () = assert!(CLUSTER_GROUP_CALLS_PER_BATCH >= 1 && CLUSTER_GROUP_CALLS_PER_BATCH <= BATCH_EVENTS_MAX);
 // The payload length is written as a u16.
 const _: () = assert!(PAYLOAD_BYTES_MAX <= u16::MAX as usize);
 // A whole frame always fits a read buffer, so a TCP stream can always make progress.

@@ -78,7 +78,7 @@ macro_rules! serve_settings {
             #[arg(long, value_name = "ADDR")]
             tcp: SocketAddr,
 
-            /// Redis to store events in, e.g. `redis://127.0.0.1:6379`. [required]
+            /// Redis to store events in: `redis://HOST:PORT` (standalone) or `redis-cluster://HOST:PORT[,HOST:PORT...]` (seed nodes of a Redis Cluster). [required]
             #[arg(long, value_name = "URL")]
             redis: String,
 
@@ -431,16 +431,12 @@ where
     Ok(value)
 }
 
-/// Only a standalone `redis://` url serves, and fred must parse it, so that a
-/// bad url stops the start instead of being retried forever.
+/// A standalone `redis://` url or a cluster's `redis-cluster://` seed nodes, which fred must
+/// take, so that a bad url stops the start instead of being retried forever.
 fn check_redis_url(redis_url: RedisUrl) -> Result<RedisUrl, ConfigError> {
-    if !redis_url.expose().starts_with("redis://") {
-        return Err(ConfigError::new(format!(
-            "--redis {redis_url:?} must be a redis:// url (standalone redis; tls and cluster are not supported)"
-        )));
-    }
-    fred::prelude::Config::from_url(redis_url.expose())
-        .map_err(|error| ConfigError::new(format!("invalid --redis url {redis_url:?}: {error}")))?;
+    redis_url
+        .fred_config()
+        .map_err(|reason| ConfigError::new(format!("--redis: {reason}")))?;
     Ok(redis_url)
 }
 
@@ -456,13 +452,14 @@ fn check_log_level(level: String) -> Result<String, ConfigError> {
 /// Keys are `<prefix>:{<p>}:...`; a brace in the prefix would move the hash tag.
 fn check_prefix(prefix: &str) -> Result<(), ConfigError> {
     let valid = !prefix.is_empty()
-        && prefix.len() <= 64
+        && prefix.len() <= limits::PREFIX_BYTES_MAX
         && prefix
             .bytes()
             .all(|byte| byte.is_ascii_graphic() && byte != b'{' && byte != b'}');
     if !valid {
         return Err(ConfigError::new(format!(
-            "--prefix {prefix:?} must be 1..=64 printable ascii characters without spaces or braces"
+            "--prefix {prefix:?} must be 1..={} printable ascii characters without spaces or braces",
+            limits::PREFIX_BYTES_MAX
         )));
     }
     Ok(())

@@ -208,6 +208,7 @@ fn announce_serving(config: &Config, process: &Process) -> Result<(), ServerErro
         placement = config.placement.name(),
         cores = ?config.cores,
         redis = %config.redis_url,
+        redis_mode = if config.redis_url.is_cluster() { "cluster" } else { "standalone" },
         metrics,
         "serving"
     );

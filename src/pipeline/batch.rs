@@ -10,6 +10,9 @@
 //! batches against its in-flight bound, so a Redis that stalls while staying
 //! connected holds at most `batches_in_flight_max` blobs, never a growing pile
 //! of them, and the batch never allocates a second buffer.
+//!
+//! On a Redis Cluster the blob is not lent: it is split by partition into the batch's
+//! `Groups` (`redis::groups`), allocated with it, whose buffers are lent and held the same way.
 
 use std::time::Instant;
 
@@ -17,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::limits::BATCH_RECORD_BYTES_MAX;
 use crate::pipeline::answer::Route;
+use crate::redis::groups::Groups;
 use crate::redis::script::{append_record, Record};
 use crate::redis::store::Outcome;
 use crate::wire::frame::{Action, EventId, Status};
@@ -39,12 +43,16 @@ pub struct Batch {
     events_max: usize,
     /// When the first event joined: the linger clock starts here.
     opened_at: Option<Instant>,
+    /// On a Redis Cluster, the split of the blob by partition; `None` on a standalone Redis.
+    groups: Option<Groups>,
 }
 
 impl Batch {
-    pub fn new(events_max: usize) -> Batch {
+    /// A batch for `events_max` events; with `cluster`, with its split by partition too.
+    pub fn new(events_max: usize, cluster: bool) -> Batch {
         assert!(events_max > 0);
         Batch {
+            groups: cluster.then(|| Groups::new(events_max)),
             events: Vec::with_capacity(events_max),
             blob: BytesMut::with_capacity(events_max * BATCH_RECORD_BYTES_MAX),
             lent: false,
@@ -107,6 +115,11 @@ impl Batch {
     /// Takes back the buffer lent to the Redis client if the client has let
     /// go of it; false while the client still holds it. Never allocates.
     pub fn try_release(&mut self) -> bool {
+        if let Some(groups) = &mut self.groups {
+            if !groups.try_release() {
+                return false;
+            }
+        }
         if !self.lent {
             return true;
         }
@@ -120,6 +133,13 @@ impl Batch {
         self.lent = false;
         debug_assert!(self.blob.is_empty() && self.blob.capacity() >= capacity_bytes);
         true
+    }
+
+    /// On a cluster: the blob, which stays here, and the split it is sent through.
+    pub fn cluster_parts(&mut self) -> Option<(&[u8], &mut Groups)> {
+        debug_assert!(!self.lent);
+        let groups = self.groups.as_mut()?;
+        Some((&self.blob[..], groups))
     }
 
     pub fn events(&self) -> &[Pending] {
@@ -146,6 +166,9 @@ impl Batch {
         self.statuses.clear();
         self.opened_at = None;
         self.blob.clear();
+        if let Some(groups) = &mut self.groups {
+            groups.finish();
+        }
         debug_assert!(self.is_empty());
     }
 }
@@ -170,7 +193,7 @@ mod tests {
     /// reuses the same buffer; while the blob is held it is not reusable.
     #[test]
     fn held_until_the_client_lets_go() {
-        let mut batch = Batch::new(4);
+        let mut batch = Batch::new(4, false);
         let route = Route::Datagram("127.0.0.1:1".parse().unwrap());
         batch.push(&action(1), 0, 0, route.clone(), Instant::now());
         let blob = batch.take_blob();

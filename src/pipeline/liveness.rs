@@ -32,6 +32,9 @@ pub(super) struct Liveness {
     /// Refused events since the last log line, and when that line was written.
     pub(super) event_failures_unlogged: Cell<u64>,
     pub(super) event_failures_logged_at: Cell<Option<Instant>>,
+    /// Restarts of the client's connection task since the last log line, and when it was written.
+    client_restarts_unlogged: Cell<u64>,
+    client_restart_logged_at: Cell<Option<Instant>>,
 }
 
 impl Shard {
@@ -45,13 +48,19 @@ impl Shard {
         if self.release_held() && !self.batches.open.borrow().is_empty() {
             self.linger.notify();
         }
+        if self.store.restart_if_ended() {
+            self.log_client_restart();
+        }
         let connected = self.store.is_connected();
         if connected && !self.liveness.partitions_agreed.get() {
             self.check_partitions_once();
         }
         let connected = connected && self.liveness.partitions_agreed.get();
-        if connected && !self.liveness.redis_up.get() && outage.was_ever_up {
-            self.metrics.redis_reconnects.add(1);
+        if connected && !self.liveness.redis_up.get() {
+            if outage.was_ever_up {
+                self.metrics.redis_reconnects.add(1);
+            }
+            self.note_redis_nodes();
         }
         self.liveness.redis_up.set(connected);
         self.metrics.redis_up.set(i64::from(connected));
@@ -61,6 +70,46 @@ impl Shard {
             self.liveness.redis_failures.get(),
             self.metrics.retries_by(RetryCause::RedisDown),
         );
+    }
+
+    /// fred's connection task ended on its own and was started again (`Store::restart_if_ended`):
+    /// logged at most once per `EVENT_FAILURE_LOG_PERIOD`, with the restarts since.
+    fn log_client_restart(&self) {
+        let restarts = self.liveness.client_restarts_unlogged.get() + 1;
+        let now = Instant::now();
+        if !log_due(
+            self.liveness.client_restart_logged_at.get(),
+            now,
+            EVENT_FAILURE_LOG_PERIOD,
+        ) {
+            self.liveness.client_restarts_unlogged.set(restarts);
+            return;
+        }
+        tracing::warn!(
+            shard = self.index,
+            restarts,
+            "the redis client's connection task ended on its own and was started again (if this repeats: \
+             does the url's mode, redis:// or redis-cluster://, match the server?)"
+        );
+        self.liveness.client_restarts_unlogged.set(0);
+        self.liveness.client_restart_logged_at.set(Some(now));
+    }
+
+    /// Counts the Redis nodes the client is connected to (`redis_nodes`), and logs the count
+    /// on a cluster when it changes: at start, it says cluster mode is on and how many
+    /// masters were discovered. Called when Redis comes up, not per tick: the count is read
+    /// from a list the client builds for it.
+    fn note_redis_nodes(&self) {
+        let nodes = self.store.connected_nodes() as i64;
+        let before = self.metrics.redis_nodes.get();
+        self.metrics.redis_nodes.set(nodes);
+        if self.store.is_cluster() && nodes != before {
+            tracing::info!(
+                shard = self.index,
+                masters = nodes,
+                "redis cluster mode: connected to {nodes} masters; a batch goes as one script call per partition"
+            );
+        }
     }
 
     /// Stops taking frames: every new frame gets RETRY, and `linger_loop` sends what is open.
@@ -124,6 +173,7 @@ impl Shard {
         match self.store.check_partitions().await {
             Ok(Partitions::Agree) => {
                 self.liveness.partitions_agreed.set(true);
+                self.note_redis_nodes();
                 Ok(())
             }
             Ok(Partitions::Differ { recorded }) => Err(partitions_differ_message(
@@ -179,7 +229,10 @@ impl Shard {
     /// deadline with every batch held by the Redis client. Its replacement is
     /// allocated, which is fine once: the shard is stopping.
     async fn abandon_open_batch(&self, sink: &impl AckSink) {
-        let mut batch = self.batches.open.replace(Batch::new(self.settings.batch_events_max));
+        let mut batch = self
+            .batches
+            .open
+            .replace(Batch::new(self.settings.batch_events_max, self.store.is_cluster()));
         self.metrics.redis_errors[RedisErrorKind::Abandoned as usize].add(1);
         self.complete(&mut batch, false);
         self.answer(&batch, sink).await;

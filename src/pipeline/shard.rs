@@ -153,13 +153,14 @@ impl Shard {
         peers: Vec<DedupReader>,
         metrics: Arc<ShardMetrics>,
     ) -> Shard {
+        let cluster = store.is_cluster();
         Shard {
             index,
             store,
             metrics,
             latency: RefCell::new(Latency::default()),
             admission: Admission::new(&settings, dedup, peers),
-            batches: Batches::new(&settings),
+            batches: Batches::new(&settings, cluster),
             liveness: Liveness::default(),
             stopping: Latch::default(),
             abandon: Latch::default(),

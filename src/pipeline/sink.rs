@@ -3,7 +3,9 @@
 //! - **linger** (`linger_loop`): the open batch goes when full (`admit`) or when due
 //!   (`shard::send_due`): one pace after the last call, never before its first event.
 //! - **send** (`flush`, `caller_loop`, `send`): a caller task spawned at start makes the
-//!   script call; at most `batches_in_flight_max` are in Redis at once.
+//!   script call; at most `batches_in_flight_max` are in Redis at once. On a Redis Cluster
+//!   the caller splits its batch by partition and its lanes (`lane_loop`, tasks spawned with
+//!   it) make one call per group (`send_groups`).
 //! - **complete**: confirmed ids go into the cache and leave the in-flight set, before any
 //!   answer goes out, so a copy arriving meanwhile already sees the cache.
 //! - **answer**: every event's answer, then every held copy's, leaves through intake's ack
@@ -17,14 +19,15 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::limits::REPLY_BOOK_DESTINATIONS;
+use crate::limits::{CLUSTER_GROUP_CALLS_PER_BATCH, REPLY_BOOK_DESTINATIONS};
 use crate::pipeline::answer::{AckSink, ReplyBook, Route};
 use crate::pipeline::batch::Batch;
 use crate::pipeline::liveness::log_due;
 use crate::pipeline::notify::Notify;
 use crate::pipeline::shard::Settings;
 use crate::pipeline::shard::{send_due, HeldCopy, Shard, EVENT_FAILURE_LOG_PERIOD};
-use crate::redis::store::{EventFailures, Outcome, StoreError};
+use crate::redis::groups::{GroupJob, Groups};
+use crate::redis::store::{EventFailures, GroupCalls, GroupReply, Outcome, StoreError};
 use crate::telemetry::metrics::RetryCause;
 use crate::wire::frame::{EventId, Status};
 
@@ -39,6 +42,37 @@ struct Caller {
     batch: RefCell<Option<Batch>>,
     /// Wakes the caller's task for a batch, or to end.
     ready: Notify,
+    /// On a Redis Cluster, the caller's lanes: each makes one group call of the caller's
+    /// batch at a time (`send_groups`). None on a standalone Redis.
+    lanes: Vec<Lane>,
+    /// Wakes the caller's task when one of its lanes has a reply.
+    lane_done: Notify,
+}
+
+/// One lane of a caller on a Redis Cluster, with a task spawned at start (`lane_loop`): a
+/// group call's future is as large as a batch call's (about 17-22 KB in a debug build), so
+/// the `CLUSTER_GROUP_CALLS_PER_BATCH` calls of a batch run in tasks of their own, allocated
+/// once, rather than joined inside the caller's future, whose size (and the stack a debug
+/// build uses to build it) would grow with them.
+struct Lane {
+    /// The job, allocated at start; the lane's task holds it while it makes the call.
+    job: RefCell<Option<GroupJob>>,
+    /// The nonce of the job last handed over: tells this batch's jobs from an abandoned one's.
+    nonce: Cell<u64>,
+    state: Cell<LaneState>,
+    /// The reply of the job just made, from `Done` until its caller takes it.
+    reply: RefCell<Option<GroupReply>>,
+    /// Wakes the lane's task for a job, or to end.
+    ready: Notify,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LaneState {
+    Idle,
+    /// A job was handed over; the lane is making its call.
+    Sent,
+    /// The call answered; the reply waits for the caller.
+    Done,
 }
 
 /// The batches of one shard and the calls they are in: all allocated at start.
@@ -66,17 +100,37 @@ pub(super) struct Batches {
 }
 
 impl Batches {
-    pub(super) fn new(settings: &Settings) -> Batches {
+    /// With `cluster`, every batch has its split by partition (`redis::groups`) too.
+    pub(super) fn new(settings: &Settings, cluster: bool) -> Batches {
         let slots = settings.batches_in_flight_max;
+        let batch = || Batch::new(settings.batch_events_max, cluster);
+        // A batch has at most one group per partition and one per event.
+        let lanes = if cluster {
+            CLUSTER_GROUP_CALLS_PER_BATCH
+                .min(settings.partitions as usize)
+                .min(settings.batch_events_max)
+        } else {
+            0
+        };
         Batches {
-            open: RefCell::new(Batch::new(settings.batch_events_max)),
-            spare: RefCell::new((0..slots).map(|_| Batch::new(settings.batch_events_max)).collect()),
+            open: RefCell::new(batch()),
+            spare: RefCell::new((0..slots).map(|_| batch()).collect()),
             held: RefCell::new(Vec::with_capacity(slots)),
             batches_in_flight: Cell::new(0),
             callers: (0..slots)
                 .map(|_| Caller {
                     batch: RefCell::new(None),
                     ready: Notify::default(),
+                    lanes: (0..lanes)
+                        .map(|_| Lane {
+                            job: RefCell::new(Some(GroupJob::new(settings.batch_events_max))),
+                            nonce: Cell::new(0),
+                            state: Cell::new(LaneState::Idle),
+                            reply: RefCell::new(None),
+                            ready: Notify::default(),
+                        })
+                        .collect(),
+                    lane_done: Notify::default(),
                 })
                 .collect(),
             idle_callers: RefCell::new((0..slots).rev().collect()),
@@ -122,17 +176,45 @@ impl Shard {
     /// The task of caller `caller`: sends each batch `flush` hands it, until
     /// `close_callers`. Spawned once per in-flight slot at start.
     pub async fn caller_loop<S: AckSink>(self: Rc<Self>, caller: usize, sink: Rc<S>) {
+        let lanes: Vec<glommio::Task<()>> = (0..self.batches.callers[caller].lanes.len())
+            .map(|lane| glommio::spawn_local(Rc::clone(&self).lane_loop(caller, lane)))
+            .collect();
         loop {
             let batch = self.batches.callers[caller].batch.take();
             match batch {
                 Some(batch) => {
-                    self.send(batch, &*sink).await;
+                    self.send(caller, batch, &*sink).await;
                     // No await since `send` counted the call done, so no
                     // `flush` ran meanwhile without this caller.
                     self.batches.idle_callers.borrow_mut().push(caller);
                 }
-                None if self.batches.callers_closed.get() => return,
+                None if self.batches.callers_closed.get() => break,
                 None => self.batches.callers[caller].ready.wait().await,
+            }
+        }
+        for lane in lanes {
+            lane.await;
+        }
+    }
+
+    /// The task of one lane of caller `caller` (cluster only): makes each group call its
+    /// caller hands it, until `close_callers`.
+    async fn lane_loop(self: Rc<Self>, caller: usize, lane: usize) {
+        let owner = &self.batches.callers[caller];
+        let this = &owner.lanes[lane];
+        loop {
+            match this.state.get() {
+                LaneState::Sent => {
+                    let mut job = this.job.take().expect("a sent lane's job is in place");
+                    let reply = self.store.group_call(&job).await;
+                    job.release();
+                    *this.job.borrow_mut() = Some(job);
+                    *this.reply.borrow_mut() = Some(reply);
+                    this.state.set(LaneState::Done);
+                    owner.lane_done.notify();
+                }
+                _ if self.batches.callers_closed.get() => return,
+                _ => this.ready.wait().await,
             }
         }
     }
@@ -147,6 +229,9 @@ impl Shard {
         self.batches.callers_closed.set(true);
         for caller in &self.batches.callers {
             caller.ready.notify();
+            for lane in &caller.lanes {
+                lane.ready.notify();
+            }
         }
     }
 
@@ -173,22 +258,40 @@ impl Shard {
         self.batches.batches_in_flight.get() + self.batches.held.borrow().len()
     }
 
-    async fn send(&self, mut batch: Batch, sink: &impl AckSink) {
-        let blob = batch.take_blob();
+    async fn send(&self, caller: usize, mut batch: Batch, sink: &impl AckSink) {
         let event_count = batch.len();
-        let nonce = self.batches.call_nonce.get().wrapping_add(1);
-        self.batches.call_nonce.set(nonce);
         let started = Instant::now();
         let mut outcomes = std::mem::take(batch.outcomes_mut());
         let mut failures = EventFailures::default();
-        let call = self
-            .store
-            .dedup_append(nonce, event_count, blob, &mut outcomes, &mut failures);
-        let abandoned = async {
-            self.abandon.wait().await;
-            Err(StoreError::abandoned())
+        let result = match batch.cluster_parts() {
+            // A Redis Cluster: one call per partition group. A group that failed has its
+            // events `Failed` (RETRY) in `outcomes`; the batch itself counts as answered.
+            Some((blob, groups)) => {
+                let call = async {
+                    Ok(self
+                        .send_groups(caller, blob, event_count, groups, &mut outcomes, &mut failures)
+                        .await)
+                };
+                match futures_lite::future::or(call, self.abandoned()).await {
+                    Ok(calls) => {
+                        self.metrics.redis_calls.add(calls.calls);
+                        self.count_group_failures(&calls);
+                        Ok(())
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+            None => {
+                let blob = batch.take_blob();
+                let nonce = self.batches.call_nonce.get().wrapping_add(1);
+                self.batches.call_nonce.set(nonce);
+                self.metrics.redis_calls.add(1);
+                let call = self
+                    .store
+                    .dedup_append(nonce, event_count, blob, &mut outcomes, &mut failures);
+                futures_lite::future::or(call, self.abandoned()).await
+            }
         };
-        let result = futures_lite::future::or(call, abandoned).await;
         let round_trip = started.elapsed();
         self.latency.borrow_mut().record_redis_round_trip(round_trip);
         self.metrics.redis_round_trip_us.observe(round_trip.as_micros() as u64);
@@ -214,6 +317,98 @@ impl Shard {
             self.drained.notify();
         }
         self.linger.notify();
+    }
+
+    /// Sends a batch on a Redis Cluster: split by partition, one call per group, made by the
+    /// caller's lanes, at most `CLUSTER_GROUP_CALLS_PER_BATCH` at once, all within one
+    /// deadline. `outcomes` gets one entry per event, in the batch's order: each from its
+    /// own group's reply, `Failed` (RETRY) for the events of a group whose call failed.
+    async fn send_groups(
+        &self,
+        caller: usize,
+        blob: &[u8],
+        event_count: usize,
+        groups: &mut Groups,
+        outcomes: &mut Vec<Outcome>,
+        failures: &mut EventFailures,
+    ) -> GroupCalls {
+        let mut report = GroupCalls::default();
+        if let Err(error) = self.store.split(groups, blob, event_count) {
+            report.fail(error);
+            outcomes.clear();
+            outcomes.resize(event_count, Outcome::Failed);
+            return report;
+        }
+        let owner = &self.batches.callers[caller];
+        let deadline = Instant::now() + self.store.call_timeout();
+        // Nonces go up by one per call: a lane's job with a nonce below this one is left
+        // from a batch abandoned at the drain deadline, never this batch's.
+        let first_nonce = self.batches.call_nonce.get().wrapping_add(1);
+        let group_count = groups.groups().len();
+        let mut next_group = 0;
+        loop {
+            let mut running = 0;
+            for lane in &owner.lanes {
+                if lane.state.get() == LaneState::Done {
+                    let reply = lane.reply.take().expect("a done lane holds its reply");
+                    if lane.nonce.get() >= first_nonce {
+                        let job = lane.job.borrow();
+                        let job = job.as_ref().expect("a done lane's job is back");
+                        self.store.take_group_reply(job, reply, groups, failures, &mut report);
+                    }
+                    lane.state.set(LaneState::Idle);
+                }
+                if lane.state.get() == LaneState::Idle && next_group < group_count {
+                    let nonce = self.batches.call_nonce.get().wrapping_add(1);
+                    self.batches.call_nonce.set(nonce);
+                    let mut job = lane.job.borrow_mut();
+                    groups.prepare(
+                        next_group,
+                        nonce,
+                        deadline,
+                        job.as_mut().expect("an idle lane's job is in place"),
+                    );
+                    drop(job);
+                    lane.nonce.set(nonce);
+                    next_group += 1;
+                    lane.state.set(LaneState::Sent);
+                    lane.ready.notify();
+                }
+                if lane.state.get() == LaneState::Sent && lane.nonce.get() >= first_nonce {
+                    running += 1;
+                }
+            }
+            if running == 0 && next_group == group_count {
+                break;
+            }
+            owner.lane_done.wait().await;
+        }
+        groups.merge(outcomes);
+        report
+    }
+
+    /// Ends when the drain deadline passes: the call raced against it is answered RETRY.
+    async fn abandoned<T>(&self) -> Result<T, StoreError> {
+        self.abandon.wait().await;
+        Err(StoreError::abandoned())
+    }
+
+    /// Counts the group calls of a batch that failed as a whole (on a cluster); the tick
+    /// logs them with the other failed calls.
+    fn count_group_failures(&self, calls: &GroupCalls) {
+        let failed = calls.failed_total();
+        if failed == 0 {
+            return;
+        }
+        for (counter, &count) in self.metrics.redis_errors.iter().zip(&calls.failed) {
+            counter.add(count);
+        }
+        self.liveness
+            .redis_failures
+            .set(self.liveness.redis_failures.get() + failed);
+        if let Some(error) = &calls.first_error {
+            tracing::debug!(shard = self.index, failed_groups = failed, %error, "redis cluster group calls failed; their events got RETRY");
+        }
     }
 
     /// Counts events Redis refused one by one, and logs the first failing

@@ -31,21 +31,33 @@
 //! count of calls, echoed so that a reply is matched to its call by more than
 //! its length (the project once met a client bug that reordered replies).
 //!
-//! The script touches keys of several partitions and declares none in KEYS:
-//! that is allowed on a standalone Redis, which is what shardgate targets (see
-//! docs/design.md on Redis Cluster).
+//! # KEYS
+//! On a standalone Redis one call carries a whole batch, over several partitions, and
+//! declares no key: Redis allows that. On a Redis Cluster (`groups.rs`) one call carries the
+//! events of one partition, so every key it touches is under one hash tag, and it declares
+//! them all: `KEYS[1]` is the stream key, `KEYS[1 + i]` the marker of event `i`. Declared, the
+//! keys route the call to the node that owns the slot, and they let Redis refuse the call
+//! (ASK, TRYAGAIN) while the slot is being migrated and some of its keys have moved: with
+//! only the stream key declared, a call could run on the node the stream moved to while the
+//! event's marker still sits on the other one, and store a resent event twice. The script
+//! still builds every key itself, from the blob, so the layout has one source; with KEYS
+//! given it checks each event's keys against the declared ones (a Lua string comparison is a
+//! pointer comparison), and an event whose keys were not declared fails alone (`E`). The same
+//! text serves both modes.
 
 use bytes::{BufMut, BytesMut};
 
 use crate::limits::BATCH_RECORD_BYTES_MAX;
 use crate::wire::frame::PAYLOAD_BYTES_MAX;
 
-/// ARGV: prefix, window seconds, event count, blob, nonce.
+/// ARGV: prefix, window seconds, event count, blob, nonce. KEYS: none on a standalone Redis;
+/// on a cluster the group's stream key, then each event's marker key, in blob order.
 pub const DEDUP_APPEND_LUA: &str = r#"
 local prefix = ARGV[1]
 local window_secs = ARGV[2]
 local count = tonumber(ARGV[3])
 local blob = ARGV[4]
+local declared = #KEYS > 0
 local outcomes = {}
 local failures = {}
 local position = 1
@@ -62,7 +74,12 @@ for index = 1, count do
     streams[partition] = prefix .. ':{' .. partition .. '}:events'
   end
   local marker = marker_prefix .. player .. ':' .. seq
-  local marked = redis.pcall('SET', marker, '1', 'NX', 'EX', window_secs)
+  local marked
+  if declared and (KEYS[index + 1] ~= marker or KEYS[1] ~= streams[partition]) then
+    marked = { err = 'ERR key not declared in KEYS' }
+  else
+    marked = redis.pcall('SET', marker, '1', 'NX', 'EX', window_secs)
+  end
   if type(marked) == 'table' and marked.err then
     outcomes[index] = 'E'
     failures[#failures + 1] = (index - 1) .. ' ' .. marker .. ' ' .. marked.err

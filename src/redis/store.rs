@@ -29,16 +29,30 @@
 //! (a blackholed host keeps a socket "connected" for minutes); and a command
 //! is sent once (`max_command_attempts = 1`), never replayed by fred after a
 //! reconnect, so a dead connection lets go of every blob it held.
+//!
+//! # On a Redis Cluster
+//! `redis-cluster://HOST:PORT[,HOST:PORT...]` names seed nodes (`RedisUrl::fred_config`).
+//! A batch then goes as one call per partition group (`groups.rs`, made by the pipeline's
+//! lanes through `group_call`), with its keys declared, so that fred routes it to the slot's
+//! master. fred follows `MOVED` and `ASK`; each redirection is one more write of the
+//! command, so there a command may be written `1 + CLUSTER_REDIRECTIONS_MAX` times, and a
+//! command may then also be replayed after a reconnect (safe: the script is idempotent per
+//! event id). fred's router task ends on some cluster errors instead of reconnecting; the
+//! shard's tick starts it again (`restart_if_ended`).
 
+use std::cell::{Cell, RefCell};
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::interfaces::LuaInterface;
 use fred::prelude::{ClientLike, Config as FredConfig, ReconnectPolicy, Value};
+use fred::types::config::ClusterDiscoveryPolicy;
 use fred::types::scripts::Script;
 use fred::types::Builder;
 
+use crate::limits::CLUSTER_GROUP_CALLS_PER_BATCH;
+use crate::redis::groups::{GroupJob, Groups};
 use crate::redis::script::{
     partitions_key, DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED, OUTCOME_FAILED, PARTITIONS_LUA,
 };
@@ -69,6 +83,11 @@ const UNRESPONSIVE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// fred's command queue beyond the shard's own in-flight calls: room for the
 /// partition check and a `SCRIPT LOAD`.
 const COMMAND_BUFFER_SPARE: usize = 4;
+/// `MOVED`/`ASK` redirections fred follows for one command before it fails it (fred's own
+/// default, set here so that it is ours): a slot moves once per resharding step, and a
+/// command that keeps being redirected meets a cluster that is changing under it; its
+/// events get RETRY, and the resend finds the settled cluster.
+const CLUSTER_REDIRECTIONS_MAX: u32 = 5;
 
 /// Keeps a Tokio time driver running for fred; see the module doc.
 pub struct TimeDriver {
@@ -113,6 +132,8 @@ impl StoreError {
         let kind = match error.kind() {
             ErrorKind::Timeout => RedisErrorKind::Timeout,
             ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Backpressure => RedisErrorKind::Connection,
+            ErrorKind::Cluster | ErrorKind::Routing => RedisErrorKind::Cluster,
+            _ if error.details().starts_with("TRYAGAIN") => RedisErrorKind::Cluster,
             _ => RedisErrorKind::Script,
         };
         StoreError::new(kind, format!("redis script failed: {error}"))
@@ -170,6 +191,47 @@ impl EventFailures {
         self.by_reason = [0; EventErrorReason::ALL.len()];
         self.first = None;
     }
+
+    /// Adds another call's failures (a group of a batch, on a cluster).
+    fn absorb(&mut self, other: EventFailures) {
+        for (total, count) in self.by_reason.iter_mut().zip(other.by_reason) {
+            *total += count;
+        }
+        if self.first.is_none() {
+            self.first = other.first;
+        }
+    }
+}
+
+/// The answer to one group call (`Store::group_call`), for `Store::take_group_reply`.
+pub struct GroupReply {
+    /// False if the batch's deadline passed before the call was sent.
+    sent: bool,
+    result: Result<Value, StoreError>,
+}
+
+/// What became of a batch's group calls on a Redis Cluster (`pipeline/sink.rs`).
+/// A failed group's events are `Failed` (RETRY); the other groups' events have their own
+/// outcomes.
+#[derive(Debug, Default)]
+pub struct GroupCalls {
+    /// Script calls made: one per partition group that was sent.
+    pub calls: u64,
+    /// Groups that failed as a whole, by kind.
+    pub failed: [u64; RedisErrorKind::ALL.len()],
+    /// The first group failure, for the log.
+    pub first_error: Option<StoreError>,
+}
+
+impl GroupCalls {
+    pub fn failed_total(&self) -> u64 {
+        self.failed.iter().sum()
+    }
+
+    pub fn fail(&mut self, error: StoreError) {
+        self.failed[error.kind() as usize] += 1;
+        self.first_error.get_or_insert(error);
+    }
 }
 
 /// What the prefix's recorded partition count says about ours.
@@ -183,6 +245,14 @@ pub(crate) enum Partitions {
 
 pub struct Store {
     client: fred::clients::Client,
+    /// `redis-cluster://`: a batch goes as one call per partition group.
+    cluster: bool,
+    /// fred's connection (router) task, watched by `restart_if_ended`.
+    connection_task: RefCell<Option<fred::types::ConnectHandle>>,
+    /// Set by `quit`: the connection task ends on purpose.
+    quitting: Cell<bool>,
+    /// When `restart_if_ended` last started the connection task again.
+    restarted_at: Cell<Option<Instant>>,
     script: Script,
     partitions_script: Script,
     prefix: Bytes,
@@ -196,9 +266,26 @@ impl Store {
     /// Builds the client; `connect` starts it. Must run on a shard thread that
     /// has entered the `TimeDriver`.
     pub fn new(settings: &StoreSettings) -> Result<Store, StoreError> {
-        let fred_config = FredConfig::from_url(settings.redis_url.expose())
-            .map_err(|error| StoreError::new(RedisErrorKind::Connection, format!("invalid redis url: {error}")))?;
+        let fred_config = settings
+            .redis_url
+            .fred_config()
+            .map_err(|error| StoreError::new(RedisErrorKind::Connection, error))?;
+        let cluster = settings.redis_url.is_cluster();
         let call_timeout = Duration::from_millis(settings.call_timeout_ms);
+        // On a cluster each batch makes up to CLUSTER_GROUP_CALLS_PER_BATCH calls at once, and
+        // a redirected call goes through the queue a second time.
+        // A command is written once (module doc), but on a cluster each MOVED or ASK it
+        // follows is one more write of it, and fred fails a redirection with no write left;
+        // for ASK it also ends its router task (`restart_if_ended`). So on a cluster a
+        // command may be written once and once per redirection. A side effect: fred may then
+        // also write a command again after a reconnect, which is safe (the script is
+        // idempotent per event id, and its batch stays held until fred lets go of it).
+        let command_attempts = if cluster { 1 + CLUSTER_REDIRECTIONS_MAX } else { 1 };
+        let calls_in_flight = if cluster {
+            2 * settings.batches_in_flight_max * CLUSTER_GROUP_CALLS_PER_BATCH
+        } else {
+            settings.batches_in_flight_max
+        };
         let mut builder = Builder::from_config(fred_config);
         builder
             .with_config(|fred_config| fred_config.fail_fast = false)
@@ -209,8 +296,12 @@ impl Store {
             .with_connection_config(|connection| {
                 connection.connection_timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
                 connection.internal_command_timeout = call_timeout;
-                connection.max_command_attempts = 1;
-                connection.max_command_buffer_len = settings.batches_in_flight_max + COMMAND_BUFFER_SPARE;
+                connection.max_command_attempts = command_attempts;
+                connection.max_command_buffer_len = calls_in_flight + COMMAND_BUFFER_SPARE;
+                connection.max_redirections = CLUSTER_REDIRECTIONS_MAX;
+                // A MOVED refreshes the slot map at once; CLUSTER INFO must say ok at connect.
+                connection.cluster_cache_update_delay = Duration::ZERO;
+                connection.disable_cluster_health_check = false;
                 connection.unresponsive.max_timeout = Some(call_timeout * UNRESPONSIVE_TIMEOUT_CALLS);
                 connection.unresponsive.interval = UNRESPONSIVE_CHECK_INTERVAL;
             })
@@ -228,6 +319,10 @@ impl Store {
         })?;
         Ok(Store {
             client,
+            cluster,
+            connection_task: RefCell::new(None),
+            quitting: Cell::new(false),
+            restarted_at: Cell::new(None),
             script: Script::from_lua(DEDUP_APPEND_LUA),
             partitions_script: Script::from_lua(PARTITIONS_LUA),
             prefix: Bytes::copy_from_slice(settings.prefix.as_bytes()),
@@ -240,11 +335,53 @@ impl Store {
 
     /// Starts the connection task; it reconnects forever.
     pub fn connect(&self) {
-        let _connection_task = self.client.connect();
+        *self.connection_task.borrow_mut() = Some(self.client.connect());
+    }
+
+    /// Starts the connection task again if it ended on its own, and says so. fred's router
+    /// task ends on some errors instead of reconnecting: seen on a cluster when an `ASK`
+    /// arrives for a command that has used all its write attempts ("Max attempts reached"),
+    /// which left the client with no task to send anything, every call timing out, for
+    /// good. The shard's tick calls this every 5 ms; it is a flag read.
+    ///
+    /// It also ends when a `redis-cluster://` url names a standalone Redis (fred takes that
+    /// as a configuration error, not to be retried): restarts are spaced like reconnects,
+    /// at most one per `RECONNECT_DELAY_MS_MAX`, so that case costs one attempt a second.
+    pub(crate) fn restart_if_ended(&self) -> bool {
+        let ended = self
+            .connection_task
+            .borrow()
+            .as_ref()
+            .is_some_and(|task| task.is_finished());
+        if !ended || self.quitting.get() {
+            return false;
+        }
+        let now = Instant::now();
+        let spacing = Duration::from_millis(u64::from(RECONNECT_DELAY_MS_MAX));
+        if self
+            .restarted_at
+            .get()
+            .is_some_and(|at| now.duration_since(at) < spacing)
+        {
+            return false;
+        }
+        self.restarted_at.set(Some(now));
+        self.connect();
+        true
     }
 
     pub(crate) fn is_connected(&self) -> bool {
         self.client.is_connected()
+    }
+
+    /// Whether `--redis` names a cluster: batches then go as one call per partition group.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// The nodes the client holds a connection to: on a cluster, every master it discovered.
+    pub fn connected_nodes(&self) -> usize {
+        self.client.active_connections().len()
     }
 
     /// Runs the script on one batch. `outcomes` receives one entry per event,
@@ -260,6 +397,7 @@ impl Store {
         failures: &mut EventFailures,
     ) -> Result<(), StoreError> {
         outcomes.clear();
+        outcomes.resize(event_count, Outcome::Failed);
         failures.clear();
         let mut nonce_text = itoa::Buffer::new();
         let nonce_text = nonce_text.format(nonce);
@@ -278,7 +416,76 @@ impl Store {
         let reply = self
             .within_deadline(self.evalsha(&self.script, Vec::new, arguments))
             .await?;
-        decode_reply(&reply, nonce_text.as_bytes(), event_count, outcomes, failures)
+        decode_reply(&reply, nonce_text.as_bytes(), outcomes, failures)
+    }
+
+    /// The deadline of one call; on a cluster, of all the group calls of one batch.
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
+
+    /// Splits a batch's blob by partition for a cluster (`groups.rs`), keys under our prefix.
+    pub fn split(&self, groups: &mut Groups, blob: &[u8], event_count: usize) -> Result<(), StoreError> {
+        groups.split(&self.prefix, blob, event_count).map_err(|_| {
+            StoreError::new(
+                RedisErrorKind::Script,
+                "the batch blob could not be split by partition".into(),
+            )
+        })
+    }
+
+    /// One group's script call on a cluster, its keys declared, within the job's deadline
+    /// (the batch's). Not sent at all if the deadline has passed.
+    pub async fn group_call(&self, job: &GroupJob) -> GroupReply {
+        if Instant::now() >= job.deadline() {
+            return GroupReply {
+                sent: false,
+                result: Err(StoreError::timeout(self.call_timeout)),
+            };
+        }
+        let arguments = || {
+            vec![
+                Value::Bytes(self.prefix.clone()),
+                Value::Bytes(self.window_secs.clone()),
+                Value::Integer(job.event_count() as i64),
+                Value::Bytes(job.blob().clone()),
+                Value::Integer(i64::try_from(job.nonce()).unwrap_or(i64::MAX)),
+            ]
+        };
+        let result = self
+            .until(job.deadline(), self.evalsha(&self.script, || job.keys(), arguments))
+            .await;
+        GroupReply { sent: true, result }
+    }
+
+    /// Puts a group call's reply on its events in `groups`: their outcomes, or `Failed`
+    /// (RETRY) for all of them if the call failed or its reply does not match it.
+    pub fn take_group_reply(
+        &self,
+        job: &GroupJob,
+        reply: GroupReply,
+        groups: &mut Groups,
+        failures: &mut EventFailures,
+        report: &mut GroupCalls,
+    ) {
+        report.calls += u64::from(reply.sent);
+        let outcomes = groups.outcomes_of(job.group());
+        let decoded = reply.result.and_then(|value| {
+            let mut nonce_text = itoa::Buffer::new();
+            let mut group_failures = EventFailures::default();
+            decode_reply(
+                &value,
+                nonce_text.format(job.nonce()).as_bytes(),
+                outcomes,
+                &mut group_failures,
+            )?;
+            failures.absorb(group_failures);
+            Ok(())
+        });
+        if let Err(error) = decoded {
+            groups.outcomes_of(job.group()).fill(Outcome::Failed);
+            report.fail(error);
+        }
     }
 
     /// Records our partition count under the prefix if none is, and says
@@ -328,9 +535,18 @@ impl Store {
         &self,
         call: impl std::future::Future<Output = Result<Value, fred::error::Error>>,
     ) -> Result<Value, StoreError> {
+        self.until(Instant::now() + self.call_timeout, call).await
+    }
+
+    /// A call raced against a deadline: past it, the call is a timeout.
+    async fn until(
+        &self,
+        deadline: Instant,
+        call: impl std::future::Future<Output = Result<Value, fred::error::Error>>,
+    ) -> Result<Value, StoreError> {
         let call = async { Some(call.await) };
         let deadline = async {
-            glommio::timer::sleep(self.call_timeout).await;
+            glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
             None
         };
         match futures_lite::future::or(call, deadline).await {
@@ -342,6 +558,7 @@ impl Store {
     /// Closes the connection; bounded, since a client still trying to connect
     /// would otherwise wait out its connect timeout.
     pub async fn quit(&self) {
+        self.quitting.set(true);
         let quit = async {
             let _ = self.client.quit().await;
         };
@@ -355,10 +572,10 @@ impl Store {
 fn decode_reply(
     reply: &Value,
     nonce: &[u8],
-    event_count: usize,
-    outcomes: &mut Vec<Outcome>,
+    outcomes: &mut [Outcome],
     failures: &mut EventFailures,
 ) -> Result<(), StoreError> {
+    let event_count = outcomes.len();
     let bytes: &[u8] = match reply {
         Value::String(text) => text.as_bytes(),
         Value::Bytes(bytes) => bytes,
@@ -386,8 +603,8 @@ fn decode_reply(
             format!("redis script answered {} events of {event_count}", outcome_bytes.len()),
         ));
     }
-    for &byte in outcome_bytes {
-        let outcome = match byte {
+    for (slot, &byte) in outcomes.iter_mut().zip(outcome_bytes) {
+        *slot = match byte {
             OUTCOME_APPENDED => Outcome::Appended,
             OUTCOME_ALREADY_STORED => Outcome::AlreadyStored,
             OUTCOME_FAILED => Outcome::Failed,
@@ -398,7 +615,6 @@ fn decode_reply(
                 ))
             }
         };
-        outcomes.push(outcome);
     }
     read_failures(failure_lines, failures);
     let failed_events = outcomes.iter().filter(|&&outcome| outcome == Outcome::Failed).count();
@@ -427,17 +643,52 @@ fn read_failures(lines: &[u8], failures: &mut EventFailures) {
     }
 }
 
-/// A `redis://` url whose password never reaches a log line or an error
-/// message: `Debug` and `Display` show it as `***`. `Store::new` alone reads the
-/// real text, through `expose`.
+/// A `redis://` (standalone) or `redis-cluster://` (cluster seed nodes) url whose password
+/// never reaches a log line or an error message: `Debug` and `Display` show it as `***`.
+/// `Store::new` alone reads the real text, through `fred_config`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl(String);
+
+const STANDALONE_SCHEME: &str = "redis://";
+const CLUSTER_SCHEME: &str = "redis-cluster://";
 
 impl RedisUrl {
     pub fn new(url: String) -> RedisUrl {
         RedisUrl(url)
     }
 
+    /// `redis-cluster://HOST:PORT[,HOST:PORT...]`: seed nodes of a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.0.starts_with(CLUSTER_SCHEME)
+    }
+
+    /// fred's configuration for this url, or a lowercase reason it is not one we serve.
+    /// The reason never holds the password: it names the url through `Display`.
+    pub(crate) fn fred_config(&self) -> Result<FredConfig, String> {
+        if self.0.starts_with(STANDALONE_SCHEME) {
+            let config = FredConfig::from_url_centralized(&self.0)
+                .map_err(|error| format!("invalid redis url {self}: {}", error.details().to_lowercase()))?;
+            return Ok(config);
+        }
+        if !self.is_cluster() {
+            return Err(format!(
+                "redis url {self} must be redis://HOST:PORT[/DB] (a standalone redis) or \
+                 redis-cluster://HOST:PORT[,HOST:PORT...] (seed nodes of a redis cluster); tls is not supported"
+            ));
+        }
+        let fred_url = cluster_url_for_fred(&self.0).map_err(|reason| format!("invalid redis url {self}: {reason}"))?;
+        let mut config = FredConfig::from_url_clustered(&fred_url)
+            .map_err(|error| format!("invalid redis url {self}: {}", error.details().to_lowercase()))?;
+        // After a failover or a reshard the seeds may be gone: reconnect through the nodes
+        // last seen too, not only the seeds.
+        config
+            .server
+            .set_cluster_discovery_policy(ClusterDiscoveryPolicy::UseCache)
+            .map_err(|error| format!("invalid redis url {self}: {}", error.details().to_lowercase()))?;
+        Ok(config)
+    }
+
+    #[cfg(test)]
     pub(crate) fn expose(&self) -> &str {
         &self.0
     }
@@ -460,6 +711,49 @@ impl std::fmt::Display for RedisUrl {
     }
 }
 
+/// Our cluster form, `redis-cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]`, in fred's:
+/// `redis-cluster://[USER:PASSWORD@]HOST:PORT?node=HOST:PORT&...`. Every seed needs a port;
+/// nothing may follow the seeds (a cluster has no database number). The reason for a
+/// refusal names only the seeds, never the userinfo.
+fn cluster_url_for_fred(url: &str) -> Result<String, String> {
+    let rest = url.strip_prefix(CLUSTER_SCHEME).ok_or("not a redis-cluster:// url")?;
+    let (userinfo, seeds) = match rest.rfind('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    if seeds.is_empty() {
+        return Err("a redis-cluster url needs at least one seed node host:port".into());
+    }
+    if seeds.contains(['/', '?', '#']) {
+        return Err(format!(
+            "a redis-cluster url lists seed nodes host:port[,host:port...] and nothing after them \
+             (no database, no query), not {seeds:?}"
+        ));
+    }
+    let mut fred_url = String::with_capacity(url.len() + 16);
+    fred_url.push_str(CLUSTER_SCHEME);
+    fred_url.push_str(userinfo);
+    for (index, seed) in seeds.split(',').enumerate() {
+        let port = seed
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty())
+            .map(|(_, port)| port);
+        let valid_port = port
+            .and_then(|port| port.parse::<u16>().ok())
+            .is_some_and(|port| port > 0);
+        if !valid_port {
+            return Err(format!("seed node {seed:?} must be host:port with a port in 1..=65535"));
+        }
+        fred_url.push_str(match index {
+            0 => "",
+            1 => "?node=",
+            _ => "&node=",
+        });
+        fred_url.push_str(seed);
+    }
+    Ok(fred_url)
+}
+
 /// `scheme://user:secret@host` -> `scheme://user:***@host`; urls without a
 /// password are returned as they are.
 fn redact_url(url: &str) -> String {
@@ -480,21 +774,92 @@ fn redact_url(url: &str) -> String {
 mod tests {
     use super::*;
 
+    /// `count` outcome slots, as a call of `count` events gets them.
+    fn slots(outcomes: &mut Vec<Outcome>, count: usize) -> &mut [Outcome] {
+        outcomes.clear();
+        outcomes.resize(count, Outcome::Failed);
+        outcomes
+    }
+
+    fn cluster_seeds(url: &str) -> Result<Vec<String>, String> {
+        let config = RedisUrl::new(url.to_string()).fred_config()?;
+        match config.server {
+            fred::types::config::ServerConfig::Clustered { hosts, policy } => {
+                assert_eq!(policy, ClusterDiscoveryPolicy::UseCache);
+                let mut seeds: Vec<String> = hosts
+                    .iter()
+                    .map(|host| format!("{}:{}", host.host, host.port))
+                    .collect();
+                seeds.sort();
+                Ok(seeds)
+            }
+            other => panic!("{url} is not clustered: {other:?}"),
+        }
+    }
+
+    /// The comma form becomes fred's seed list; `redis://` stays standalone.
+    #[test]
+    fn cluster_urls_list_their_seeds() {
+        assert_eq!(
+            cluster_seeds("redis-cluster://127.0.0.1:7000").unwrap(),
+            ["127.0.0.1:7000"]
+        );
+        assert_eq!(
+            cluster_seeds("redis-cluster://10.0.0.2:7001,10.0.0.1:7000,redis-c:7002").unwrap(),
+            ["10.0.0.1:7000", "10.0.0.2:7001", "redis-c:7002"]
+        );
+        let with_password = RedisUrl::new("redis-cluster://game:s3cret,x@10.0.0.1:7000,10.0.0.2:7000".into());
+        let config = with_password.fred_config().unwrap();
+        assert_eq!(config.username.as_deref(), Some("game"));
+        assert_eq!(config.password.as_deref(), Some("s3cret,x"));
+        assert_eq!(
+            with_password.to_string(),
+            "redis-cluster://game:***@10.0.0.1:7000,10.0.0.2:7000"
+        );
+        assert!(with_password.is_cluster());
+        let standalone = RedisUrl::new("redis://127.0.0.1:6379".into());
+        assert!(!standalone.is_cluster());
+        assert!(!standalone.fred_config().unwrap().server.is_clustered());
+    }
+
+    /// A bad url gets a lowercase reason that names it without its password.
+    #[test]
+    fn bad_cluster_urls_are_refused_clearly() {
+        for (url, reason) in [
+            ("redis-cluster://", "at least one seed node"),
+            ("redis-cluster://127.0.0.1", "port in 1..=65535"),
+            ("redis-cluster://127.0.0.1:7000,", "seed node \"\""),
+            ("redis-cluster://127.0.0.1:7000,:7001", "seed node \":7001\""),
+            ("redis-cluster://127.0.0.1:0", "port in 1..=65535"),
+            ("redis-cluster://127.0.0.1:99999", "port in 1..=65535"),
+            ("redis-cluster://127.0.0.1:7000/0", "nothing after them"),
+            ("redis-cluster://127.0.0.1:7000?node=x:1", "nothing after them"),
+            ("rediss-cluster://127.0.0.1:7000", "tls is not supported"),
+            ("http://127.0.0.1:7000", "must be redis://"),
+        ] {
+            let url = url.replacen("://", "://user:hunter2@", 1);
+            let error = RedisUrl::new(url.clone()).fred_config().unwrap_err();
+            assert!(error.contains(reason), "{url}: {error}");
+            assert!(!error.contains("hunter2"), "{url}: {error}");
+            assert!(error.starts_with(char::is_lowercase), "{url}: {error}");
+        }
+    }
+
     /// A reply of the right length decodes in order; anything else is an error, never a guess.
     #[test]
     fn outcomes_decode_strictly() {
         let mut outcomes = Vec::new();
         let mut failures = EventFailures::default();
         let reply = |text: &'static str| Value::Bytes(Bytes::from_static(text.as_bytes()));
-        decode_reply(&reply("7 ADA"), b"7", 3, &mut outcomes, &mut failures).unwrap();
+        decode_reply(&reply("7 ADA"), b"7", slots(&mut outcomes, 3), &mut failures).unwrap();
         assert_eq!(
             outcomes,
             vec![Outcome::Appended, Outcome::AlreadyStored, Outcome::Appended]
         );
         assert_eq!(failures.total(), 0);
-        assert!(decode_reply(&reply("7 AD"), b"7", 3, &mut outcomes, &mut failures).is_err());
-        assert!(decode_reply(&reply("7 AX"), b"7", 2, &mut outcomes, &mut failures).is_err());
-        assert!(decode_reply(&Value::Integer(1), b"7", 1, &mut outcomes, &mut failures).is_err());
+        assert!(decode_reply(&reply("7 AD"), b"7", slots(&mut outcomes, 3), &mut failures).is_err());
+        assert!(decode_reply(&reply("7 AX"), b"7", slots(&mut outcomes, 2), &mut failures).is_err());
+        assert!(decode_reply(&Value::Integer(1), b"7", slots(&mut outcomes, 1), &mut failures).is_err());
     }
 
     /// A reply that echoes another call's nonce fails the call, whatever its length.
@@ -503,10 +868,10 @@ mod tests {
         let mut outcomes = Vec::new();
         let mut failures = EventFailures::default();
         let reply = Value::Bytes(Bytes::from_static(b"8 AA"));
-        let error = decode_reply(&reply, b"7", 2, &mut outcomes, &mut failures).unwrap_err();
+        let error = decode_reply(&reply, b"7", slots(&mut outcomes, 2), &mut failures).unwrap_err();
         assert_eq!(error.kind(), RedisErrorKind::ReplyMismatch);
         let prefix_of_nonce = Value::Bytes(Bytes::from_static(b"17 AA"));
-        assert!(decode_reply(&prefix_of_nonce, b"1", 2, &mut outcomes, &mut failures).is_err());
+        assert!(decode_reply(&prefix_of_nonce, b"1", slots(&mut outcomes, 2), &mut failures).is_err());
     }
 
     /// A failed event is that event's alone: its outcome is `Failed`, counted by its error's code.
@@ -517,7 +882,7 @@ mod tests {
         let text =
             "3 AEE\n1 sg:{3}:events WRONGTYPE Operation against a key\n2 sg:{4}:seen:1:2 OOM command not allowed";
         let reply = Value::Bytes(Bytes::copy_from_slice(text.as_bytes()));
-        decode_reply(&reply, b"3", 3, &mut outcomes, &mut failures).unwrap();
+        decode_reply(&reply, b"3", slots(&mut outcomes, 3), &mut failures).unwrap();
         assert_eq!(outcomes, vec![Outcome::Appended, Outcome::Failed, Outcome::Failed]);
         assert_eq!(failures.by_reason[EventErrorReason::WrongType as usize], 1);
         assert_eq!(failures.by_reason[EventErrorReason::OutOfMemory as usize], 1);
@@ -526,6 +891,6 @@ mod tests {
             Some("sg:{3}:events: WRONGTYPE Operation against a key")
         );
         let unlisted = Value::Bytes(Bytes::from_static(b"3 AE"));
-        assert!(decode_reply(&unlisted, b"3", 2, &mut outcomes, &mut failures).is_err());
+        assert!(decode_reply(&unlisted, b"3", slots(&mut outcomes, 2), &mut failures).is_err());
     }
 }

@@ -373,7 +373,7 @@ const FAMILIES: &[Family] = &[
     },
     Family {
         name: "batch_events",
-        help: "Events per Redis script call.",
+        help: "Events per batch: one Redis script call standalone, one call per partition it holds on a cluster.",
         unit: None,
         labels: &[],
         value: Value::Histogram(|shard, _| shard.batch_events.read(), Recorded::AsNamed),
@@ -391,6 +391,21 @@ const FAMILIES: &[Family] = &[
         unit: None,
         labels: &[Label::RedisErrorKind],
         value: Value::Counter(|shard, [kind, _]| shard.redis_errors[kind].get()),
+    },
+    Family {
+        name: "redis_calls",
+        help:
+            "Redis script calls: one per batch on a standalone Redis, one per partition group of a batch on a cluster.",
+        unit: None,
+        labels: &[],
+        value: Value::Counter(|shard, _| shard.redis_calls.get()),
+    },
+    Family {
+        name: "redis_nodes",
+        help: "Redis nodes the shard is connected to: 1 on a standalone Redis, every master on a cluster.",
+        unit: None,
+        labels: &[],
+        value: Value::Gauge(|shard, _| shard.redis_nodes.get()),
     },
     Family {
         name: "redis_event_errors",

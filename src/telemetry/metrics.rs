@@ -229,15 +229,20 @@ pub enum RedisErrorKind {
     Abandoned = 3,
     /// The reply did not echo the call's nonce or had the wrong length.
     ReplyMismatch = 4,
+    /// A Redis Cluster refused the call: `CLUSTERDOWN`, `TRYAGAIN` while its slot migrates,
+    /// or more `MOVED`/`ASK` redirections than the client follows. (A redirection the client
+    /// followed to an answer is no error.)
+    Cluster = 5,
 }
 
 impl RedisErrorKind {
-    pub const ALL: [RedisErrorKind; 5] = [
+    pub const ALL: [RedisErrorKind; 6] = [
         RedisErrorKind::Timeout,
         RedisErrorKind::Connection,
         RedisErrorKind::Script,
         RedisErrorKind::Abandoned,
         RedisErrorKind::ReplyMismatch,
+        RedisErrorKind::Cluster,
     ];
 
     pub fn name(self) -> &'static str {
@@ -247,6 +252,7 @@ impl RedisErrorKind {
             RedisErrorKind::Script => "script",
             RedisErrorKind::Abandoned => "abandoned_at_shutdown",
             RedisErrorKind::ReplyMismatch => "reply_mismatch",
+            RedisErrorKind::Cluster => "cluster",
         }
     }
 }
@@ -358,6 +364,11 @@ pub struct ShardMetrics {
     pub batch_events: Histogram<11>,
     pub redis_round_trip_us: Histogram<16>,
     pub redis_errors: [Counter; RedisErrorKind::ALL.len()],
+    /// Script calls made: one per batch on a standalone Redis, one per partition group of a
+    /// batch on a Redis Cluster.
+    pub redis_calls: Counter,
+    /// Redis nodes the shard's client is connected to: 1 standalone, the masters on a cluster.
+    pub redis_nodes: Gauge,
     /// Events Redis refused one by one inside a call that succeeded.
     pub redis_event_errors: [Counter; EventErrorReason::ALL.len()],
     pub redis_reconnects: Counter,
@@ -390,6 +401,8 @@ impl Default for ShardMetrics {
             batch_events: Histogram::new(&BATCH_BOUNDS_EVENTS),
             redis_round_trip_us: Histogram::new(&LATENCY_BOUNDS_US),
             redis_errors: Default::default(),
+            redis_calls: Counter::default(),
+            redis_nodes: Gauge::default(),
             redis_event_errors: Default::default(),
             redis_reconnects: Counter::default(),
             redis_up: Gauge::default(),

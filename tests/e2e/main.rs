@@ -13,6 +13,7 @@ mod abuse;
 mod auth;
 mod chaos;
 mod cli;
+mod cluster;
 mod dedup;
 mod flood;
 mod garbage;

@@ -12,6 +12,7 @@ mod events;
 mod firehose;
 mod hdr;
 mod metrics;
+mod redis_cluster;
 mod redis_server;
 mod server;
 mod stored;
@@ -26,6 +27,7 @@ pub use events::{parse_acks, random_events, random_garbage, AckMsg, Event, Key, 
 pub use firehose::{Firehose, FirehoseOpts};
 pub use hdr::{parse_hdr_percentiles, HdrSummary};
 pub use metrics::{metric_sum, scrape_metrics, serving_metrics_address, Exposition, Sample};
+pub use redis_cluster::RedisCluster;
 pub use redis_server::{redis_ping, RedisServer};
 pub use server::{resident_bytes, run_cli, CliRun, Server, ServerBuilder};
 pub use stored::{check_stored, read_events, stream_keys, StoredEvent};

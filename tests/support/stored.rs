@@ -47,31 +47,37 @@ fn decimal<T: std::str::FromStr>(bytes: &[u8], what: &str) -> T {
 pub fn read_events(conn: &mut redis::Connection, prefix: &str, partitions: u64) -> Vec<StoredEvent> {
     let mut out = Vec::new();
     for p in 0..partitions {
-        let key = format!("{prefix}:{{{p}}}:events");
-        let mut start = "-".to_string();
-        loop {
-            let v: redis::Value = redis::cmd("XRANGE")
-                .arg(&key)
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(1000)
-                .query(conn)
-                .unwrap_or_else(|e| panic!("XRANGE {key}: {e}"));
-            let redis::Value::Array(entries) = v else {
-                panic!("XRANGE {key}: expected an array, got {v:?}");
-            };
-            if entries.is_empty() {
-                break;
-            }
-            for entry in &entries {
-                let (id, ev) = parse_entry(entry, &key, p);
-                start = format!("({id}");
-                out.push(ev);
-            }
-            if entries.len() < 1000 {
-                break;
-            }
+        out.extend(read_stream(conn, &format!("{prefix}:{{{p}}}:events"), p));
+    }
+    out
+}
+
+/// Every entry of one stream `key` of partition `partition` (XRANGE - +, paged), strictly parsed.
+pub fn read_stream(conn: &mut redis::Connection, key: &str, partition: u64) -> Vec<StoredEvent> {
+    let mut out = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let v: redis::Value = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query(conn)
+            .unwrap_or_else(|e| panic!("XRANGE {key}: {e}"));
+        let redis::Value::Array(entries) = v else {
+            panic!("XRANGE {key}: expected an array, got {v:?}");
+        };
+        if entries.is_empty() {
+            break;
+        }
+        for entry in &entries {
+            let (id, ev) = parse_entry(entry, key, partition);
+            start = format!("({id}");
+            out.push(ev);
+        }
+        if entries.len() < 1000 {
+            break;
         }
     }
     out
