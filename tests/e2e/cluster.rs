@@ -86,21 +86,27 @@ fn check_exactly_once(cluster: &RedisCluster, events: &[Event], report: &Deliver
     assert_eq!(accepted_twice, 0, "ids answered ACCEPTED more than once; {ctx}");
 }
 
+/// A test's seed and generator, a fresh 6-node cluster, and a 2-shard server on it with its
+/// metrics address. Bound in this order, the server is dropped (stopped) before the cluster.
+fn two_shards_on_a_cluster(name: &str) -> (u64, StdRng, RedisCluster, Server, std::net::SocketAddr) {
+    let seed = test_seed(name);
+    let cluster = RedisCluster::start();
+    let server = Server::builder(&cluster.url())
+        .cores("0,1")
+        .arg("--metrics", "127.0.0.1:0")
+        .start();
+    let metrics = serving_metrics_address(&server);
+    (seed, StdRng::seed_from_u64(seed), cluster, server, metrics)
+}
+
 // ~2000 events x 1-3 copies over 4 UDP sockets and 2 TCP connections to a 2-shard server
 // on a 3-master cluster: each id stored once, exactly, and only where its slot lives.
 #[test]
 fn every_event_stored_exactly_once_on_a_redis_cluster() {
     let _turn = take_turn(module_path!());
     let name = "every_event_stored_exactly_once_on_a_redis_cluster";
-    let seed = test_seed(name);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let cluster = RedisCluster::start();
-    let server = Server::builder(&cluster.url())
-        .cores("0,1")
-        .arg("--metrics", "127.0.0.1:0")
-        .start();
+    let (seed, mut rng, cluster, server, metrics) = two_shards_on_a_cluster(name);
     assert_eq!(server.shards(), 2);
-    let metrics = serving_metrics_address(&server);
 
     let events = random_events(&mut rng, 2000, 512);
     let t0 = unix_us();
@@ -209,14 +215,7 @@ fn a_bad_cluster_url_is_refused_at_start() {
 fn a_slot_migration_under_load_loses_nothing_and_stores_nothing_twice() {
     let _turn = take_turn(module_path!());
     let name = "a_slot_migration_under_load_loses_nothing_and_stores_nothing_twice";
-    let seed = test_seed(name);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let cluster = RedisCluster::start();
-    let server = Server::builder(&cluster.url())
-        .cores("0,1")
-        .arg("--metrics", "127.0.0.1:0")
-        .start();
-    let metrics = serving_metrics_address(&server);
+    let (seed, mut rng, cluster, server, metrics) = two_shards_on_a_cluster(name);
 
     // The partitions whose slots the first master serves move to the second.
     let masters = cluster.masters();

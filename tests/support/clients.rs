@@ -70,6 +70,22 @@ impl UdpClient {
         }
     }
 
+    /// One receive attempt, then every datagram already queued behind it, without waiting
+    /// again: the acks of one read of a busy socket.
+    pub fn try_recv_queued(&mut self) -> Vec<AckMsg> {
+        let mut acks = self.try_recv();
+        if acks.is_empty() {
+            return acks;
+        }
+        loop {
+            let more = self.try_recv();
+            if more.is_empty() {
+                return acks;
+            }
+            acks.extend(more);
+        }
+    }
+
     /// Every ack that arrives until `deadline`.
     pub fn recv_acks(&mut self, deadline: Instant) -> Vec<AckMsg> {
         self.recv_acks_until(deadline, usize::MAX)

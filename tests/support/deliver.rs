@@ -390,18 +390,7 @@ fn udp_datagram<'a>(
 /// connection found closed is dropped, and what was in flight on it goes again.
 fn receive(chan: &mut Chan, reconnects: &mut usize, resend_all: &mut bool) -> Vec<AckMsg> {
     match chan {
-        Chan::Udp(client) => {
-            let mut acks = client.try_recv();
-            // drain whatever else is queued without waiting again
-            loop {
-                let more = client.try_recv();
-                if more.is_empty() {
-                    break;
-                }
-                acks.extend(more);
-            }
-            acks
-        }
+        Chan::Udp(client) => client.try_recv_queued(),
         Chan::Tcp { client, .. } => {
             let Some(c) = client.as_mut() else {
                 return Vec::new();

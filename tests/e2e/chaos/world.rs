@@ -375,19 +375,7 @@ fn send(link: &mut Link, sends: &[usize], copies: &Copies, rng: &mut StdRng, bat
 /// on it goes again.
 fn receive(link: &mut Link, reconnects: &mut usize, resend_all: &mut bool) -> Vec<AckMsg> {
     match link {
-        Link::Udp(client) => {
-            let mut acks = client.try_recv();
-            if !acks.is_empty() {
-                loop {
-                    let more = client.try_recv();
-                    if more.is_empty() {
-                        break;
-                    }
-                    acks.extend(more);
-                }
-            }
-            acks
-        }
+        Link::Udp(client) => client.try_recv_queued(),
         Link::Tcp { conn, .. } => match conn.as_mut() {
             Some(c) => {
                 let acks = c.poll_acks();
