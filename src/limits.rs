@@ -56,7 +56,7 @@ pub(crate) const STREAM_KEY_BYTES_MAX: usize = PREFIX_BYTES_MAX + ":{".len() + 4
 /// partitions); the rest go as these complete. 8 sends a batch over the default 16
 /// partitions in at most two waves, and a shard's calls in flight stay at most
 /// `batches_in_flight_max` × 8, which fred's command queue is sized for (`store.rs`).
-pub const CLUSTER_GROUP_CALLS_PER_BATCH: usize = 8;
+pub(crate) const CLUSTER_GROUP_CALLS_PER_BATCH: usize = 8;
 
 /// Partitions (streams) per prefix. 1024 keeps the partition field of a record
 /// to four decimal digits.

@@ -136,7 +136,7 @@ impl Batch {
     }
 
     /// On a cluster: the blob, which stays here, and the split it is sent through.
-    pub fn cluster_parts(&mut self) -> Option<(&[u8], &mut Groups)> {
+    pub(crate) fn cluster_parts(&mut self) -> Option<(&[u8], &mut Groups)> {
         debug_assert!(!self.lent);
         let groups = self.groups.as_mut()?;
         Some((&self.blob[..], groups))

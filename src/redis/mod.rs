@@ -8,6 +8,6 @@
 //! This layer imports neither intake nor the pipeline; it takes its own settings
 //! (`store::StoreSettings`), built by `host`.
 
-pub mod groups;
+pub(crate) mod groups;
 pub mod script;
 pub mod store;

@@ -204,7 +204,7 @@ impl EventFailures {
 }
 
 /// The answer to one group call (`Store::group_call`), for `Store::take_group_reply`.
-pub struct GroupReply {
+pub(crate) struct GroupReply {
     /// False if the batch's deadline passed before the call was sent.
     sent: bool,
     result: Result<Value, StoreError>,
@@ -214,7 +214,7 @@ pub struct GroupReply {
 /// A failed group's events are `Failed` (RETRY); the other groups' events have their own
 /// outcomes.
 #[derive(Debug, Default)]
-pub struct GroupCalls {
+pub(crate) struct GroupCalls {
     /// Script calls made: one per partition group that was sent.
     pub calls: u64,
     /// Groups that failed as a whole, by kind.
@@ -224,11 +224,11 @@ pub struct GroupCalls {
 }
 
 impl GroupCalls {
-    pub fn failed_total(&self) -> u64 {
+    pub(crate) fn failed_total(&self) -> u64 {
         self.failed.iter().sum()
     }
 
-    pub fn fail(&mut self, error: StoreError) {
+    pub(crate) fn fail(&mut self, error: StoreError) {
         self.failed[error.kind() as usize] += 1;
         self.first_error.get_or_insert(error);
     }
@@ -380,7 +380,7 @@ impl Store {
     }
 
     /// The nodes the client holds a connection to: on a cluster, every master it discovered.
-    pub fn connected_nodes(&self) -> usize {
+    pub(crate) fn connected_nodes(&self) -> usize {
         self.client.active_connections().len()
     }
 
@@ -420,12 +420,12 @@ impl Store {
     }
 
     /// The deadline of one call; on a cluster, of all the group calls of one batch.
-    pub fn call_timeout(&self) -> Duration {
+    pub(crate) fn call_timeout(&self) -> Duration {
         self.call_timeout
     }
 
     /// Splits a batch's blob by partition for a cluster (`groups.rs`), keys under our prefix.
-    pub fn split(&self, groups: &mut Groups, blob: &[u8], event_count: usize) -> Result<(), StoreError> {
+    pub(crate) fn split(&self, groups: &mut Groups, blob: &[u8], event_count: usize) -> Result<(), StoreError> {
         groups.split(&self.prefix, blob, event_count).map_err(|_| {
             StoreError::new(
                 RedisErrorKind::Script,
@@ -436,7 +436,7 @@ impl Store {
 
     /// One group's script call on a cluster, its keys declared, within the job's deadline
     /// (the batch's). Not sent at all if the deadline has passed.
-    pub async fn group_call(&self, job: &GroupJob) -> GroupReply {
+    pub(crate) async fn group_call(&self, job: &GroupJob) -> GroupReply {
         if Instant::now() >= job.deadline() {
             return GroupReply {
                 sent: false,
@@ -460,7 +460,7 @@ impl Store {
 
     /// Puts a group call's reply on its events in `groups`: their outcomes, or `Failed`
     /// (RETRY) for all of them if the call failed or its reply does not match it.
-    pub fn take_group_reply(
+    pub(crate) fn take_group_reply(
         &self,
         job: &GroupJob,
         reply: GroupReply,
