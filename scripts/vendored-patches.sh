@@ -22,8 +22,10 @@ CRATES=(
 )
 # Files in a vendored tree that are not the crate's: the notes on the patches.
 OURS=(PATCHED.md)
-# Files in a published crate that the vendored tree leaves out: cargo's packaging metadata.
-PACKAGING=(.cargo_vcs_info.json Cargo.toml.orig)
+# Files in a published crate that the vendored tree leaves out: cargo's packaging metadata, and
+# fred's Cargo.lock, which its own .gitignore keeps out of git (cargo never reads the lock file
+# of a path dependency anyway).
+PACKAGING=(.cargo_vcs_info.json Cargo.toml.orig Cargo.lock)
 
 mode="${1:-}"
 case "$mode" in
