@@ -39,6 +39,32 @@
 //! command may then also be replayed after a reconnect (safe: the script is idempotent per
 //! event id). fred's router task ends on some cluster errors instead of reconnecting; the
 //! shard's tick starts it again (`restart_if_ended`).
+//!
+//! # `--durability replica`
+//! After a call's script reply, `WAIT 1 <ms>` goes on the same connection, and its events are
+//! answered only if at least one replica confirms (`confirm`); otherwise they are `Unconfirmed`
+//! (RETRY). Redis's `WAIT` counts the replicas that have every write made *on the connection
+//! it is sent on*, so it must follow the script on that connection:
+//! - standalone: fred keeps one connection per client (`router::Connections::Centralized`),
+//!   and its one router task takes commands off one channel in the order they were sent
+//!   (`router/commands.rs`: `rx.recv()` -> `process_command` -> `write_command`, the route
+//!   being that single connection), so a `WAIT` sent after the script's reply is written after
+//!   the script, on its connection. Other batches' calls may sit between them: `WAIT` then
+//!   waits for those too, never for less.
+//! - cluster: the `WAIT` is routed to the group's hash slot (`ClusterHash::Custom`, the slot
+//!   of the group's stream key), i.e. to the master that owns it, which ran the script unless
+//!   the slot moved in between (see docs/design.md, "Durability").
+//!
+//! The `WAIT` is sent as a custom command that fred does not treat as blocking: fred's
+//! `WAIT` is marked blocking, and a blocking command stops fred from writing anything else on
+//! the connection until it answers (or, with `Blocking::Interrupt`, gets it unblocked). Redis
+//! itself answers a connection's commands in order, so pipelining after a `WAIT` is safe. Its
+//! timeout is what is left of the call's one deadline (`redis_timeout_ms`) less a margin
+//! (`WAIT_ANSWER_MARGIN`), at least 1 ms (`WAIT 1 0` would block for ever), so that Redis
+//! answers with its count before the deadline fires and the count can be logged. While a
+//! `WAIT` waits, Redis runs nothing else of that connection: with the replica down, a
+//! standalone shard's calls queue behind each other's `WAIT`s, and many end at their
+//! deadline (RETRY, `redis_errors_total{kind="timeout"}`) rather than at their `WAIT`.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -49,7 +75,7 @@ use fred::interfaces::LuaInterface;
 use fred::prelude::{ClientLike, Config as FredConfig, ReconnectPolicy, Value};
 use fred::types::config::ClusterDiscoveryPolicy;
 use fred::types::scripts::Script;
-use fred::types::Builder;
+use fred::types::{Builder, ClusterHash, CustomCommand};
 
 use crate::limits::CLUSTER_GROUP_CALLS_PER_BATCH;
 use crate::redis::groups::{GroupJob, Groups};
@@ -69,6 +95,44 @@ pub struct StoreSettings {
     pub prefix: String,
     pub dedup_window_secs: u64,
     pub partitions: u32,
+    pub durability: Durability,
+}
+
+/// `--durability`: when a stored batch is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Once the master ran the script (and its AOF policy, if any, applies).
+    Local,
+    /// Once `WAIT 1` confirms that at least one replica has the batch's writes.
+    Replica,
+}
+
+impl Durability {
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Local => "local",
+            Durability::Replica => "replica",
+        }
+    }
+}
+
+/// Replicas that must confirm a batch's writes under `--durability replica`.
+const WAIT_REPLICAS: i64 = 1;
+/// What `WAIT` leaves of the call's deadline, so that Redis answers with its count before our
+/// own deadline fires: Redis times blocked clients out from its event loop, which an idle
+/// server wakes only every 100 ms (`hz 10`), so a `WAIT` may answer up to about 100 ms late
+/// (seen: a `WAIT 1 355` answered after more than 400 ms). At most half of what is left.
+const WAIT_ANSWER_MARGIN: Duration = Duration::from_millis(150);
+
+/// Why a call's writes were not confirmed by a replica (`--durability replica`): its events
+/// get RETRY.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortfall {
+    /// Replicas that confirmed, if `WAIT` answered.
+    pub replicas: Option<i64>,
+    /// For the log: what `WAIT` said, or why it did not answer.
+    pub reason: String,
 }
 
 /// Reconnect backoff: quick first retries for a restart, capped at 1 s.
@@ -172,6 +236,18 @@ pub enum Outcome {
     AlreadyStored,
     /// Redis refused this event alone; no marker is left. RETRY.
     Failed,
+    /// Stored or found stored, but under `--durability replica` no replica confirmed the
+    /// call's writes (`Store::confirm`). RETRY; never put in the dedup cache.
+    Unconfirmed,
+}
+
+/// Marks every answered event of a call `Unconfirmed`; `Failed` ones stay `Failed`.
+pub fn mark_unconfirmed(outcomes: &mut [Outcome]) {
+    for outcome in outcomes {
+        if matches!(outcome, Outcome::Appended | Outcome::AlreadyStored) {
+            *outcome = Outcome::Unconfirmed;
+        }
+    }
 }
 
 /// The events of a call that Redis refused one by one: counts by reason, and
@@ -208,6 +284,8 @@ pub struct GroupReply {
     /// False if the batch's deadline passed before the call was sent.
     sent: bool,
     result: Result<Value, StoreError>,
+    /// Under `--durability replica`, a `WAIT` after a successful call that fell short.
+    shortfall: Option<Shortfall>,
 }
 
 /// What became of a batch's group calls on a Redis Cluster (`pipeline/sink.rs`).
@@ -221,6 +299,10 @@ pub struct GroupCalls {
     pub failed: [u64; RedisErrorKind::ALL.len()],
     /// The first group failure, for the log.
     pub first_error: Option<StoreError>,
+    /// Group calls whose `WAIT` fell short (`--durability replica`): their events got RETRY.
+    pub wait_shortfalls: u64,
+    /// The first of them, for the log.
+    pub first_shortfall: Option<Shortfall>,
 }
 
 impl GroupCalls {
@@ -260,6 +342,9 @@ pub struct Store {
     partitions_key: String,
     partitions: u32,
     call_timeout: Duration,
+    durability: Durability,
+    /// `WAIT`, as a command fred pipelines (module doc); its cluster hash is set per group.
+    wait_command: CustomCommand,
 }
 
 impl Store {
@@ -330,6 +415,8 @@ impl Store {
             partitions_key: partitions_key(&settings.prefix),
             partitions: settings.partitions,
             call_timeout,
+            durability: settings.durability,
+            wait_command: CustomCommand::new_static("WAIT", ClusterHash::Random, false),
         })
     }
 
@@ -387,7 +474,9 @@ impl Store {
     /// Runs the script on one batch. `outcomes` receives one entry per event,
     /// in order, and `failures` what Redis refused event by event. On error
     /// nothing is known about any event of the batch: any of them may be
-    /// stored (RETRY means "not confirmed").
+    /// stored (RETRY means "not confirmed"). Under `--durability replica` the call is followed
+    /// by `WAIT` (`confirm`); if it falls short, the events Redis answered are `Unconfirmed`
+    /// and the shortfall is returned.
     pub async fn dedup_append(
         &self,
         nonce: u64,
@@ -395,7 +484,8 @@ impl Store {
         blob: Bytes,
         outcomes: &mut Vec<Outcome>,
         failures: &mut EventFailures,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Shortfall>, StoreError> {
+        let deadline = Instant::now() + self.call_timeout;
         outcomes.clear();
         outcomes.resize(event_count, Outcome::Failed);
         failures.clear();
@@ -414,9 +504,57 @@ impl Store {
             ]
         };
         let reply = self
-            .within_deadline(self.evalsha(&self.script, Vec::new, arguments))
+            .until(deadline, self.evalsha(&self.script, Vec::new, arguments))
             .await?;
-        decode_reply(&reply, nonce_text.as_bytes(), outcomes, failures)
+        decode_reply(&reply, nonce_text.as_bytes(), outcomes, failures)?;
+        let shortfall = self.confirm(deadline, None).await;
+        if shortfall.is_some() {
+            mark_unconfirmed(outcomes);
+        }
+        Ok(shortfall)
+    }
+
+    /// Under `--durability replica`, `WAIT 1 <ms>` on the connection (standalone) or the slot's
+    /// node (cluster, `slot`) that just ran a script call, within the call's `deadline`: None
+    /// if a replica confirmed (or under `local`), else why not. See the module doc.
+    async fn confirm(&self, deadline: Instant, slot: Option<u16>) -> Option<Shortfall> {
+        if self.durability == Durability::Local {
+            return None;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let wait_ms = remaining
+            .saturating_sub(WAIT_ANSWER_MARGIN.min(remaining / 2))
+            .as_millis();
+        if wait_ms == 0 {
+            return Some(Shortfall {
+                replicas: None,
+                reason: "no time left in the call's deadline for WAIT".into(),
+            });
+        }
+        let mut command = self.wait_command.clone();
+        if let Some(slot) = slot {
+            command.cluster_hash = ClusterHash::Custom(slot);
+        }
+        let arguments = vec![
+            Value::Integer(WAIT_REPLICAS),
+            Value::Integer(i64::try_from(wait_ms).unwrap_or(i64::MAX)),
+        ];
+        let wait = self.client.custom::<Value, Value>(command, arguments);
+        match self.until(deadline, wait).await {
+            Ok(Value::Integer(replicas)) if replicas >= WAIT_REPLICAS => None,
+            Ok(Value::Integer(replicas)) => Some(Shortfall {
+                replicas: Some(replicas),
+                reason: format!("WAIT {WAIT_REPLICAS} {wait_ms}: {replicas} replicas confirmed"),
+            }),
+            Ok(other) => Some(Shortfall {
+                replicas: None,
+                reason: format!("WAIT replied with an unexpected type: {:?}", other.kind()),
+            }),
+            Err(error) => Some(Shortfall {
+                replicas: None,
+                reason: format!("WAIT failed: {error}"),
+            }),
+        }
     }
 
     /// The deadline of one call; on a cluster, of all the group calls of one batch.
@@ -441,6 +579,7 @@ impl Store {
             return GroupReply {
                 sent: false,
                 result: Err(StoreError::timeout(self.call_timeout)),
+                shortfall: None,
             };
         }
         let arguments = || {
@@ -455,7 +594,19 @@ impl Store {
         let result = self
             .until(job.deadline(), self.evalsha(&self.script, || job.keys(), arguments))
             .await;
-        GroupReply { sent: true, result }
+        let shortfall = match (&result, self.durability) {
+            (Ok(_), Durability::Replica) => {
+                // The group's keys share one hash tag: the stream key's slot is the call's.
+                let slot = fred::util::redis_keyslot(job.stream_key());
+                self.confirm(job.deadline(), Some(slot)).await
+            }
+            _ => None,
+        };
+        GroupReply {
+            sent: true,
+            result,
+            shortfall,
+        }
     }
 
     /// Puts a group call's reply on its events in `groups`: their outcomes, or `Failed`
@@ -482,9 +633,18 @@ impl Store {
             failures.absorb(group_failures);
             Ok(())
         });
-        if let Err(error) = decoded {
-            groups.outcomes_of(job.group()).fill(Outcome::Failed);
-            report.fail(error);
+        match decoded {
+            Err(error) => {
+                groups.outcomes_of(job.group()).fill(Outcome::Failed);
+                report.fail(error);
+            }
+            Ok(()) => {
+                if let Some(shortfall) = reply.shortfall {
+                    mark_unconfirmed(groups.outcomes_of(job.group()));
+                    report.wait_shortfalls += 1;
+                    report.first_shortfall.get_or_insert(shortfall);
+                }
+            }
         }
     }
 

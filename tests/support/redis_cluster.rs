@@ -164,6 +164,34 @@ impl RedisCluster {
         }
     }
 
+    /// Waits until every master has a replica online (`INFO replication`: `connected_slaves:1`
+    /// and `state=online`), i.e. done with its first sync: before that a `WAIT 1` confirms
+    /// nothing. `wait_ok` does not wait for it.
+    pub fn wait_replicas_online(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pending: Vec<u16> = self
+                .masters()
+                .into_iter()
+                .filter(|&port| {
+                    let info: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query(&mut self.node(port).connection())
+                        .unwrap_or_default();
+                    !(info.contains("connected_slaves:1") && info.contains("state=online"))
+                })
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "masters {pending:?} have no replica online after {timeout:?}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The masters' ports, as the first node sees them (`CLUSTER SHARDS`-free: `ROLE` per node).
     pub fn masters(&self) -> Vec<u16> {
         self.nodes
