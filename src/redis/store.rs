@@ -494,15 +494,7 @@ impl Store {
         // Built again for a NOSCRIPT retry rather than cloned up front, as fred's
         // `evalsha_with_reload` does on every call: one heap copy of the arguments per call
         // instead of two. The nonce goes as an integer, which fred writes without a buffer.
-        let arguments = || {
-            vec![
-                Value::Bytes(self.prefix.clone()),
-                Value::Bytes(self.window_secs.clone()),
-                Value::Integer(event_count as i64),
-                Value::Bytes(blob.clone()),
-                Value::Integer(i64::try_from(nonce).unwrap_or(i64::MAX)),
-            ]
-        };
+        let arguments = || self.script_arguments(event_count, &blob, nonce);
         let reply = self
             .until(deadline, self.evalsha(&self.script, Vec::new, arguments))
             .await?;
@@ -557,6 +549,23 @@ impl Store {
         }
     }
 
+    /// The script's ARGV (`script.rs`): under `--durability replica` a sixth, `1`, has a call
+    /// that wrote nothing but found markers write one, so that its `WAIT` covers them.
+    fn script_arguments(&self, event_count: usize, blob: &Bytes, nonce: u64) -> Vec<Value> {
+        let mut arguments = Vec::with_capacity(6);
+        arguments.extend([
+            Value::Bytes(self.prefix.clone()),
+            Value::Bytes(self.window_secs.clone()),
+            Value::Integer(event_count as i64),
+            Value::Bytes(blob.clone()),
+            Value::Integer(i64::try_from(nonce).unwrap_or(i64::MAX)),
+        ]);
+        if self.durability == Durability::Replica {
+            arguments.push(Value::Integer(1));
+        }
+        arguments
+    }
+
     /// The deadline of one call; on a cluster, of all the group calls of one batch.
     pub fn call_timeout(&self) -> Duration {
         self.call_timeout
@@ -582,15 +591,7 @@ impl Store {
                 shortfall: None,
             };
         }
-        let arguments = || {
-            vec![
-                Value::Bytes(self.prefix.clone()),
-                Value::Bytes(self.window_secs.clone()),
-                Value::Integer(job.event_count() as i64),
-                Value::Bytes(job.blob().clone()),
-                Value::Integer(i64::try_from(job.nonce()).unwrap_or(i64::MAX)),
-            ]
-        };
+        let arguments = || self.script_arguments(job.event_count(), job.blob(), job.nonce());
         let result = self
             .until(job.deadline(), self.evalsha(&self.script, || job.keys(), arguments))
             .await;

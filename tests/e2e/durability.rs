@@ -155,6 +155,61 @@ fn replica_durability_answers_retry_while_the_replica_is_stopped() {
         .map(|(key, _)| key)
         .collect();
     assert!(accepted_twice.is_empty(), "ACCEPTED more than once: {accepted_twice:?}");
+
+    // 4. A second server (an empty dedup cache) resends stored events: its calls find only
+    //    markers and write nothing, so each sets one marker again (`SET .. XX KEEPTTL`) for
+    //    its WAIT to cover the first copies' writes. Every answer DUPLICATE, nothing more stored.
+    let second = replica_server(&master.url());
+    let set_calls = || command_calls(&master, "set");
+    let script_calls = || command_calls(&master, "evalsha");
+    let (sets_before, scripts_before) = (set_calls(), script_calls());
+    let resend = deliver_all(
+        second.udp_addr(),
+        second.tcp_addr(),
+        before,
+        &DeliverOpts {
+            seed: seed + 3,
+            udp_sockets: 0,
+            tcp_conns: 1,
+            total_timeout: Duration::from_secs(20),
+            ..DeliverOpts::default()
+        },
+    );
+    assert!(resend.unresolved().is_empty(), "{}", resend.summary());
+    assert_eq!(resend.counts.accepted, 0, "{}", resend.summary());
+    let (sets, scripts) = (set_calls() - sets_before, script_calls() - scripts_before);
+    // One SET NX per event, plus at most one marker set again per call, at least one.
+    let events_sent = before.len() as u64;
+    assert!(
+        sets > events_sent && sets <= events_sent + scripts,
+        "{sets} SET for {events_sent} events in {scripts} calls"
+    );
+    assert_eq!(
+        read_events(&mut master.connection(), "sg", PARTITIONS).len(),
+        events.len()
+    );
+}
+
+/// `calls` of `command` in the Redis's `INFO commandstats`, less its failed calls.
+fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.connection())
+        .expect("INFO commandstats");
+    stat(&stats, command, "calls") - stat(&stats, command, "failed_calls")
+}
+
+/// One field of `cmdstat_<command>:calls=N,...,failed_calls=F`, 0 when absent.
+fn stat(stats: &str, command: &str, field: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:")))
+        .and_then(|fields| {
+            fields
+                .split(',')
+                .find_map(|pair| pair.strip_prefix(&format!("{field}=")))
+        })
+        .map_or(0, |count| count.parse().expect("a call count"))
 }
 
 // `--durability replica` against a master with no replica at all: every event RETRY, and the
@@ -223,21 +278,10 @@ fn replica_durability_on_a_redis_cluster_stores_every_event() {
             .arg("commandstats")
             .query(&mut cluster.node(port).connection())
             .expect("INFO commandstats");
-        // `calls=N,...,failed_calls=F`: a NOSCRIPT answer (the first calls on a master,
-        // before fred loads the script) is a failed call.
-        let stat = |command: &str, field: &str| -> u64 {
-            stats
-                .lines()
-                .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:")))
-                .and_then(|fields| {
-                    fields
-                        .split(',')
-                        .find_map(|pair| pair.strip_prefix(&format!("{field}=")))
-                })
-                .map_or(0, |count| count.parse().expect("a call count"))
-        };
-        let scripts = stat("evalsha", "calls") - stat("evalsha", "failed_calls");
-        let waits = stat("wait", "calls");
+        // A NOSCRIPT answer (the first calls on a master, before fred loads the script) is a
+        // failed call.
+        let scripts = stat(&stats, "evalsha", "calls") - stat(&stats, "evalsha", "failed_calls");
+        let waits = stat(&stats, "wait", "calls");
         waits_total += waits;
         assert!(
             waits <= scripts && scripts <= waits + 1 + failed_calls,
