@@ -65,13 +65,25 @@
 //! `WAIT` waits, Redis runs nothing else of that connection: with the replica down, a
 //! standalone shard's calls queue behind each other's `WAIT`s, and many end at their
 //! deadline (RETRY, `redis_errors_total{kind="timeout"}`) rather than at their `WAIT`.
+//!
+//! One `WAIT` at a time per connection (`WaitGate`, group commit): Redis starts a `WAIT`'s
+//! timer only when it reaches it, after the `WAIT`s before it on the connection, so `WAIT`s
+//! sent back to back would hold the connection for the sum of their timeouts (seen: fred then
+//! closed it as unresponsive, and on a cluster that stalled the other masters' calls too). A
+//! call whose script answered while a `WAIT` is out waits for the next one, which covers its
+//! writes and those of every call that answered meanwhile: the first of them sends it, and
+//! all of them take its answer. On a cluster the gate is the slot's master's (fred's cached
+//! slot map), since fred keeps one connection per node.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fmt;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fred::interfaces::LuaInterface;
+use fred::interfaces::{ClusterInterface, LuaInterface};
 use fred::prelude::{ClientLike, Config as FredConfig, ReconnectPolicy, Value};
 use fred::types::config::ClusterDiscoveryPolicy;
 use fred::types::scripts::Script;
@@ -124,6 +136,76 @@ const WAIT_REPLICAS: i64 = 1;
 /// server wakes only every 100 ms (`hz 10`), so a `WAIT` may answer up to about 100 ms late
 /// (seen: a `WAIT 1 355` answered after more than 400 ms). At most half of what is left.
 const WAIT_ANSWER_MARGIN: Duration = Duration::from_millis(150);
+
+/// The `WAIT`s of one connection, one at a time (module doc). Numbered: a call needs the
+/// answer of a `WAIT` numbered above the last one sent when its script answered.
+#[derive(Default)]
+struct WaitGate {
+    /// `WAIT`s sent so far; the one out, if any, is the last of them.
+    sent: Cell<u64>,
+    out: Cell<bool>,
+    /// The last `WAIT` that answered (or was given up): its number and what it said.
+    last: RefCell<(u64, Option<Shortfall>)>,
+    /// Bumped when `last` changes; calls waiting for it are woken.
+    version: Cell<u64>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl WaitGate {
+    fn finish(&self, number: u64, result: Option<Shortfall>) {
+        *self.last.borrow_mut() = (number, result);
+        self.out.set(false);
+        self.version.set(self.version.get() + 1);
+        for waker in self.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once `finish` ran after this was called.
+    async fn changed(&self) {
+        let seen = self.version.get();
+        std::future::poll_fn(|context| {
+            if self.version.get() != seen {
+                return Poll::Ready(());
+            }
+            let mut waiters = self.waiters.borrow_mut();
+            if !waiters.iter().any(|waker| waker.will_wake(context.waker())) {
+                waiters.push(context.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Gives the gate its `WAIT`'s answer, or, if the call that sent it was dropped before the
+/// answer (the drain's deadline), a shortfall, so that the gate is never left taken.
+struct WaitOut<'a> {
+    gate: &'a WaitGate,
+    number: u64,
+    done: bool,
+}
+
+impl WaitOut<'_> {
+    fn finish(mut self, result: Option<Shortfall>) {
+        self.done = true;
+        self.gate.finish(self.number, result);
+    }
+}
+
+impl Drop for WaitOut<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.gate.finish(
+                self.number,
+                Some(Shortfall {
+                    replicas: None,
+                    reason: "WAIT given up by its call".into(),
+                }),
+            );
+        }
+    }
+}
 
 /// Why a call's writes were not confirmed by a replica (`--durability replica`): its events
 /// get RETRY.
@@ -345,6 +427,9 @@ pub struct Store {
     durability: Durability,
     /// `WAIT`, as a command fred pipelines (module doc); its cluster hash is set per group.
     wait_command: CustomCommand,
+    /// Standalone: the connection's `WAIT` gate. Cluster: the gates of the masters, by node.
+    wait_gate: Rc<WaitGate>,
+    node_wait_gates: RefCell<HashMap<fred::types::config::Server, Rc<WaitGate>>>,
 }
 
 impl Store {
@@ -417,6 +502,8 @@ impl Store {
             call_timeout,
             durability: settings.durability,
             wait_command: CustomCommand::new_static("WAIT", ClusterHash::Random, false),
+            wait_gate: Rc::default(),
+            node_wait_gates: RefCell::default(),
         })
     }
 
@@ -506,13 +593,70 @@ impl Store {
         Ok(shortfall)
     }
 
-    /// Under `--durability replica`, `WAIT 1 <ms>` on the connection (standalone) or the slot's
-    /// node (cluster, `slot`) that just ran a script call, within the call's `deadline`: None
-    /// if a replica confirmed (or under `local`), else why not. See the module doc.
+    /// Under `--durability replica`, the answer of a `WAIT 1 <ms>` sent on the connection
+    /// (standalone) or to the slot's master (cluster, `slot`) after a script call answered,
+    /// within the call's `deadline`: None if a replica confirmed (or under `local`), else why
+    /// not. One `WAIT` at a time per connection, shared by the calls that answered before it
+    /// was sent (module doc).
     async fn confirm(&self, deadline: Instant, slot: Option<u16>) -> Option<Shortfall> {
         if self.durability == Durability::Local {
             return None;
         }
+        let gate = self.wait_gate_for(slot);
+        // A WAIT out now was sent before this call's script answered: it may not cover it.
+        let needed = gate.sent.get() + 1;
+        let confirmed = async {
+            loop {
+                {
+                    let last = gate.last.borrow();
+                    if last.0 >= needed {
+                        return last.1.clone();
+                    }
+                }
+                if !gate.out.get() {
+                    gate.out.set(true);
+                    let number = gate.sent.get() + 1;
+                    gate.sent.set(number);
+                    let out = WaitOut {
+                        gate: &gate,
+                        number,
+                        done: false,
+                    };
+                    let result = self.send_wait(deadline, slot).await;
+                    out.finish(result.clone());
+                    return result;
+                }
+                gate.changed().await;
+            }
+        };
+        let deadline_passed = async {
+            glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+            Some(Shortfall {
+                replicas: None,
+                reason: "the call's deadline passed waiting for the connection's WAIT".into(),
+            })
+        };
+        futures_lite::future::or(confirmed, deadline_passed).await
+    }
+
+    /// The `WAIT` gate of the connection a call's `WAIT` goes on: on a cluster, the slot's
+    /// master's as fred's cached slot map has it.
+    fn wait_gate_for(&self, slot: Option<u16>) -> Rc<WaitGate> {
+        let Some(slot) = slot else {
+            return Rc::clone(&self.wait_gate);
+        };
+        let node = self
+            .client
+            .cached_cluster_state()
+            .and_then(|state| state.get_server(slot).cloned());
+        match node {
+            Some(node) => Rc::clone(self.node_wait_gates.borrow_mut().entry(node).or_default()),
+            None => Rc::clone(&self.wait_gate),
+        }
+    }
+
+    /// Sends one `WAIT 1 <ms>` (`confirm`) and reads its answer.
+    async fn send_wait(&self, deadline: Instant, slot: Option<u16>) -> Option<Shortfall> {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let wait_ms = remaining
             .saturating_sub(WAIT_ANSWER_MARGIN.min(remaining / 2))
