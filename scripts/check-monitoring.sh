@@ -94,6 +94,21 @@ tests:
           - labels: 'ALERTS{alertname="ShardgateDown",alertstate="firing",instance="a:9100",job="shardgate",severity="critical"}'
             value: 1
 
+  - name: --durability replica, a master's replica stops confirming
+    interval: 1m
+    input_series:
+      - series: 'shardgate_redis_wait_shortfalls_total{job="shardgate",instance="a:9100",shard="0"}'
+        values: '0x3 0+20x10'
+    promql_expr_test:
+      - expr: ALERTS{alertname="ShardgateReplicaUnconfirmed",alertstate="firing"}
+        eval_time: 4m
+        exp_samples: []
+      - expr: ALERTS{alertname="ShardgateReplicaUnconfirmed",alertstate="firing"}
+        eval_time: 8m
+        exp_samples:
+          - labels: 'ALERTS{alertname="ShardgateReplicaUnconfirmed",alertstate="firing",instance="a:9100",severity="critical"}'
+            value: 1
+
   - name: 10% RETRY, 2% REJECTED, p99.9 at 8.5 ms, a burst of UDP drops
     interval: 1m
     input_series:

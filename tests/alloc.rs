@@ -69,7 +69,7 @@ use shardgate::pipeline::notify::Notify;
 use shardgate::pipeline::shard::Shard;
 use shardgate::pipeline::{Outage, Settings};
 use shardgate::redis::script::{append_record, Record};
-use shardgate::redis::store::{EventFailures, Outcome, RedisUrl, Store, StoreSettings, TimeDriver};
+use shardgate::redis::store::{Durability, EventFailures, Outcome, RedisUrl, Store, StoreSettings, TimeDriver};
 use shardgate::sys::{thread_allocations, CountingAllocator, DatagramBatch};
 use shardgate::telemetry::metrics::{LookupOutcome, RetryCause, ShardMetrics, Transport};
 use shardgate::wire::auth::player_key;
@@ -226,6 +226,7 @@ async fn drive_shard(redis_url: String) -> Report {
         prefix: PREFIX.into(),
         dedup_window_secs: settings.dedup_window_secs,
         partitions: settings.partitions,
+        durability: Durability::Local,
     })
     .expect("the redis client builds");
     store.connect();
@@ -980,6 +981,7 @@ async fn measure_redis_calls(redis_url: String) -> (u64, u64) {
         prefix: PREFIX.into(),
         dedup_window_secs: 60,
         partitions: 16,
+        durability: Durability::Local,
     })
     .expect("the redis client builds");
     store.connect();

@@ -34,7 +34,7 @@ const TIMEOUT_MAX: Duration = Duration::from_secs(5);
 const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// RETRY causes that spend the availability budget, as in docs/monitoring/shardgate-slos.toml:
 /// in_flight_copy (the client resent too early) and shutting_down (a planned stop) do not.
-pub const RETRY_CAUSES_OURS: [&str; 3] = ["overload", "redis_down", "redis_error"];
+pub const RETRY_CAUSES_OURS: [&str; 4] = ["overload", "redis_down", "redis_error", "replica_unconfirmed"];
 
 /// Where to scrape: a parsed `http://HOST:PORT/PATH` on loopback.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -30,7 +30,7 @@ use serde::Deserialize;
 
 use crate::host::placement::{parse_core_list, PlacementMode};
 use crate::limits;
-use crate::redis::store::RedisUrl;
+use crate::redis::store::{Durability, RedisUrl};
 pub use crate::telemetry::logging::LogFormat;
 
 /// shardgate: thread-per-core intake of game action events into Redis,
@@ -136,6 +136,10 @@ macro_rules! serve_settings {
             /// Timeout of one Redis script call; its events then get RETRY. [default: 1000]
             #[arg(long, value_name = "MILLIS")]
             redis_timeout_ms: u64 = limits::REDIS_TIMEOUT_MS_DEFAULT; within 1..=limits::REDIS_TIMEOUT_MS_MAX,
+
+            /// `local`: answer once the Redis master ran the batch. `replica`: answer only after `WAIT 1` confirms that a replica has the batch's writes, within --redis-timeout-ms; else RETRY. [default: local]
+            #[arg(long, value_enum, value_name = "MODE")]
+            durability: Durability = Durability::Local,
 
             /// On SIGTERM/SIGINT, how long to wait for in-flight writes. [default: 5000]
             #[arg(long, value_name = "MILLIS")]
@@ -284,6 +288,7 @@ pub struct Config {
     pub batch_linger_us: u64,
     pub batches_in_flight_max: usize,
     pub redis_timeout_ms: u64,
+    pub durability: Durability,
     pub drain_timeout_ms: u64,
     pub tcp_connections_per_shard: usize,
     pub tcp_connections_per_source: usize,
@@ -342,6 +347,7 @@ impl ServeArgs {
         let tcp = required(args.tcp, "tcp")?;
         let log_level = check_log_level(required(args.log_level, "log_level")?)?;
         let log_format = required(args.log_format, "log_format")?;
+        let durability = required(args.durability, "durability")?;
         let auth = match &args.auth_secret_file {
             Some(paths) => Some(crate::host::secrets::load(paths)?),
             None => None,
@@ -359,6 +365,7 @@ impl ServeArgs {
             prefix,
             hdr_out: args.hdr_out,
             auth,
+            durability,
         }))
     }
 }
@@ -386,6 +393,7 @@ impl Config {
             prefix: self.prefix.clone(),
             dedup_window_secs: self.dedup_window_secs,
             partitions: self.partitions,
+            durability: self.durability,
         }
     }
 
@@ -657,6 +665,66 @@ mod tests {
                 .contains("--cores is required with --placement pinned"),
             "{error}"
         );
+    }
+
+    /// `--durability` is `local` by default, `replica` from a flag or the file; a bad value is
+    /// refused with a lowercase message naming the choices, by clap and by the file.
+    #[test]
+    fn durability_parses() {
+        assert_eq!(minimal().resolve().unwrap().durability, Durability::Local);
+        let from_file: ServeArgs = toml::from_str("durability = \"replica\"").unwrap();
+        let config = minimal().or(from_file.clone()).resolve().unwrap();
+        assert_eq!(config.durability, Durability::Replica);
+        assert_eq!(config.store_settings().durability, Durability::Replica);
+        let flag = ServeArgs {
+            durability: Some(Durability::Local),
+            ..minimal()
+        };
+        assert_eq!(flag.or(from_file).resolve().unwrap().durability, Durability::Local);
+        let error = toml::from_str::<ServeArgs>("durability = \"replicas\"").unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("`local`") && message.contains("`replica`"),
+            "{message}"
+        );
+        let cli = Cli::try_parse_from([
+            "shardgate",
+            "serve",
+            "--cores",
+            "0",
+            "--udp",
+            "127.0.0.1:7000",
+            "--tcp",
+            "127.0.0.1:7000",
+            "--redis",
+            "redis://127.0.0.1:6379",
+            "--durability",
+            "Replica2",
+        ]);
+        let message = cli.unwrap_err().to_string();
+        assert!(
+            message.contains("invalid value 'Replica2' for '--durability <MODE>'"),
+            "{message}"
+        );
+        assert!(message.contains("[possible values: local, replica]"), "{message}");
+        let Command::Serve(args) = Cli::try_parse_from([
+            "shardgate",
+            "serve",
+            "--cores",
+            "0",
+            "--udp",
+            "127.0.0.1:7000",
+            "--tcp",
+            "127.0.0.1:7000",
+            "--redis",
+            "redis://127.0.0.1:6379",
+            "--durability",
+            "replica",
+        ])
+        .unwrap()
+        .command;
+        assert_eq!(args.resolve().unwrap().durability, Durability::Replica);
+        assert_eq!(Durability::Replica.name(), "replica");
     }
 
     /// With fenced and no --cores, the shards take the cores this thread may run on, as the

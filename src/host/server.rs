@@ -305,8 +305,9 @@ fn finish(config: &Config, reports: &[ShardReport], started: SystemTime) -> Resu
         rejected = total(|metrics| metrics.acks(Status::Rejected)),
         unparseable = total(ShardMetrics::unparseable_total),
         retry_overload = total(|metrics| metrics.retries_by(RetryCause::Overload)),
-        retry_redis =
-            total(|metrics| metrics.retries_by(RetryCause::RedisDown) + metrics.retries_by(RetryCause::RedisError)),
+        retry_redis = total(|metrics| metrics.retries_by(RetryCause::RedisDown)
+            + metrics.retries_by(RetryCause::RedisError)
+            + metrics.retries_by(RetryCause::ReplicaUnconfirmed)),
         drained_events,
         batches = total(|metrics| metrics.batch_events.read().count()),
         cache_events = reports.iter().map(|report| report.cache_events).sum::<usize>(),

@@ -32,6 +32,9 @@ pub(super) struct Liveness {
     /// Refused events since the last log line, and when that line was written.
     pub(super) event_failures_unlogged: Cell<u64>,
     pub(super) event_failures_logged_at: Cell<Option<Instant>>,
+    /// `WAIT` shortfalls (`--durability replica`) since the last log line, and when it was written.
+    pub(super) wait_shortfalls_unlogged: Cell<u64>,
+    pub(super) wait_shortfalls_logged_at: Cell<Option<Instant>>,
     /// Restarts of the client's connection task since the last log line, and when it was written.
     client_restarts_unlogged: Cell<u64>,
     client_restart_logged_at: Cell<Option<Instant>>,

@@ -27,7 +27,7 @@ use crate::pipeline::notify::Notify;
 use crate::pipeline::shard::Settings;
 use crate::pipeline::shard::{send_due, HeldCopy, Shard, EVENT_FAILURE_LOG_PERIOD};
 use crate::redis::groups::{GroupJob, Groups};
-use crate::redis::store::{EventFailures, GroupCalls, GroupReply, Outcome, StoreError};
+use crate::redis::store::{EventFailures, GroupCalls, GroupReply, Outcome, Shortfall, StoreError};
 use crate::telemetry::metrics::RetryCause;
 use crate::wire::frame::{EventId, Status};
 
@@ -276,6 +276,7 @@ impl Shard {
                     Ok(calls) => {
                         self.metrics.redis_calls.add(calls.calls);
                         self.count_group_failures(&calls);
+                        self.count_wait_shortfalls(calls.wait_shortfalls, calls.first_shortfall.as_ref());
                         Ok(())
                     }
                     Err(error) => Err(error),
@@ -289,7 +290,11 @@ impl Shard {
                 let call = self
                     .store
                     .dedup_append(nonce, event_count, blob, &mut outcomes, &mut failures);
-                futures_lite::future::or(call, self.abandoned()).await
+                futures_lite::future::or(call, self.abandoned()).await.map(|shortfall| {
+                    if let Some(shortfall) = &shortfall {
+                        self.count_wait_shortfalls(1, Some(shortfall));
+                    }
+                })
             }
         };
         let round_trip = started.elapsed();
@@ -411,6 +416,41 @@ impl Shard {
         }
     }
 
+    /// Counts `WAIT`s that fell short (`--durability replica`; their events get RETRY,
+    /// `replica_unconfirmed`), and logs how many replicas confirmed at most once per
+    /// `EVENT_FAILURE_LOG_PERIOD`.
+    fn count_wait_shortfalls(&self, count: u64, first: Option<&Shortfall>) {
+        if count == 0 {
+            return;
+        }
+        self.metrics.redis_wait_shortfalls.add(count);
+        let unlogged = self.liveness.wait_shortfalls_unlogged.get() + count;
+        let now = Instant::now();
+        if !log_due(
+            self.liveness.wait_shortfalls_logged_at.get(),
+            now,
+            EVENT_FAILURE_LOG_PERIOD,
+        ) {
+            self.liveness.wait_shortfalls_unlogged.set(unlogged);
+            return;
+        }
+        let replicas_confirmed = match first.and_then(|shortfall| shortfall.replicas) {
+            Some(replicas) => replicas.to_string(),
+            None => "unknown".to_string(),
+        };
+        let reason = first.map_or("", |shortfall| shortfall.reason.as_str());
+        tracing::warn!(
+            shard = self.index,
+            shortfalls = unlogged,
+            %replicas_confirmed,
+            replicas_needed = 1,
+            reason,
+            "--durability replica: no replica confirmed the writes of some calls in time; their events got RETRY (is the master's replica down or lagging?)"
+        );
+        self.liveness.wait_shortfalls_unlogged.set(0);
+        self.liveness.wait_shortfalls_logged_at.set(Some(now));
+    }
+
     /// Counts events Redis refused one by one, and logs the first failing
     /// key at most once per `EVENT_FAILURE_LOG_PERIOD`.
     fn count_event_failures(&self, failures: &EventFailures) {
@@ -455,11 +495,18 @@ impl Shard {
             let status = match (stored, outcomes.get(index)) {
                 (true, Some(Outcome::Appended)) => Status::Accepted,
                 (true, Some(Outcome::AlreadyStored)) => Status::Duplicate,
-                (true, Some(Outcome::Failed)) | (true, None) | (false, _) => Status::Retry,
+                (true, Some(Outcome::Unconfirmed)) => {
+                    // Written, maybe, but no replica confirmed it: not in the cache, so that
+                    // a resend goes to Redis (and its WAIT) again.
+                    self.metrics.retry(RetryCause::ReplicaUnconfirmed);
+                    Status::Retry
+                }
+                (true, Some(Outcome::Failed)) | (true, None) | (false, _) => {
+                    self.metrics.retry(RetryCause::RedisError);
+                    Status::Retry
+                }
             };
-            if status == Status::Retry {
-                self.metrics.retry(RetryCause::RedisError);
-            } else {
+            if status != Status::Retry {
                 dedup.insert(event.id);
             }
             statuses.push(status);

@@ -122,6 +122,12 @@ impl GroupJob {
             .collect()
     }
 
+    /// The group's stream key (`KEYS[1]`): its hash slot is the call's.
+    pub(crate) fn stream_key(&self) -> &[u8] {
+        let (start, end) = self.key_ranges[0];
+        &self.keys[start as usize..end as usize]
+    }
+
     /// Drops the job's handles on the split's buffers, so that the batch can take them back.
     pub fn release(&mut self) {
         self.blob = Bytes::new();

@@ -50,14 +50,24 @@ use bytes::{BufMut, BytesMut};
 use crate::limits::BATCH_RECORD_BYTES_MAX;
 use crate::wire::frame::PAYLOAD_BYTES_MAX;
 
-/// ARGV: prefix, window seconds, event count, blob, nonce. KEYS: none on a standalone Redis;
-/// on a cluster the group's stream key, then each event's marker key, in blob order.
+/// ARGV: prefix, window seconds, event count, blob, nonce, and under `--durability replica`
+/// a sixth, `1`. KEYS: none on a standalone Redis; on a cluster the group's stream key, then
+/// each event's marker key, in blob order.
+///
+/// With ARGV[6] = `1`, a call that wrote nothing but found a marker (only `D` and `E`) sets
+/// the last such marker again, unchanged (`SET .. XX KEEPTTL`): a write, so that the `WAIT`
+/// that follows the call (`store.rs`) covers the replication stream up to this call, and
+/// with it the earlier copy's write that the `D` answers rest on, which may have been made on
+/// another connection after this connection's last write. A call that appended wrote already.
 pub const DEDUP_APPEND_LUA: &str = r#"
 local prefix = ARGV[1]
 local window_secs = ARGV[2]
 local count = tonumber(ARGV[3])
 local blob = ARGV[4]
 local declared = #KEYS > 0
+local confirm = ARGV[6] == '1'
+local wrote = false
+local found_marker
 local outcomes = {}
 local failures = {}
 local position = 1
@@ -87,6 +97,7 @@ for index = 1, count do
     local stream = streams[partition]
     local appended = redis.pcall('XADD', stream, '*', 'player', player, 'seq', seq,
       'type', action_type, 'ts', ts, 'recv_us', recv_us, 'payload', payload)
+    wrote = true
     if type(appended) == 'table' and appended.err then
       redis.call('DEL', marker)
       outcomes[index] = 'E'
@@ -96,10 +107,14 @@ for index = 1, count do
     end
   else
     outcomes[index] = 'D'
+    found_marker = marker
   end
 end
 if position ~= #blob + 1 then
   return redis.error_reply('batch blob has trailing bytes')
+end
+if confirm and not wrote and found_marker then
+  redis.pcall('SET', found_marker, '1', 'XX', 'KEEPTTL')
 end
 local reply = ARGV[5] .. ' ' .. table.concat(outcomes)
 if #failures > 0 then

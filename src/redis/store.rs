@@ -39,17 +39,55 @@
 //! command may then also be replayed after a reconnect (safe: the script is idempotent per
 //! event id). fred's router task ends on some cluster errors instead of reconnecting; the
 //! shard's tick starts it again (`restart_if_ended`).
+//!
+//! # `--durability replica`
+//! After a call's script reply, `WAIT 1 <ms>` goes on the same connection, and its events are
+//! answered only if at least one replica confirms (`confirm`); otherwise they are `Unconfirmed`
+//! (RETRY). Redis's `WAIT` counts the replicas that have every write made *on the connection
+//! it is sent on*, so it must follow the script on that connection:
+//! - standalone: fred keeps one connection per client (`router::Connections::Centralized`),
+//!   and its one router task takes commands off one channel in the order they were sent
+//!   (`router/commands.rs`: `rx.recv()` -> `process_command` -> `write_command`, the route
+//!   being that single connection), so a `WAIT` sent after the script's reply is written after
+//!   the script, on its connection. Other batches' calls may sit between them: `WAIT` then
+//!   waits for those too, never for less.
+//! - cluster: the `WAIT` is routed to the group's hash slot (`ClusterHash::Custom`, the slot
+//!   of the group's stream key), i.e. to the master that owns it, which ran the script unless
+//!   the slot moved in between (see docs/design.md, "Durability").
+//!
+//! The `WAIT` is sent as a custom command that fred does not treat as blocking: fred's
+//! `WAIT` is marked blocking, and a blocking command stops fred from writing anything else on
+//! the connection until it answers (or, with `Blocking::Interrupt`, gets it unblocked). Redis
+//! itself answers a connection's commands in order, so pipelining after a `WAIT` is safe. Its
+//! timeout is what is left of the call's one deadline (`redis_timeout_ms`) less a margin
+//! (`WAIT_ANSWER_MARGIN`), at least 1 ms (`WAIT 1 0` would block for ever), so that Redis
+//! answers with its count before the deadline fires and the count can be logged. While a
+//! `WAIT` waits, Redis runs nothing else of that connection: with the replica down, a
+//! standalone shard's calls queue behind each other's `WAIT`s, and many end at their
+//! deadline (RETRY, `redis_errors_total{kind="timeout"}`) rather than at their `WAIT`.
+//!
+//! One `WAIT` at a time per connection (`WaitGate`, group commit): Redis starts a `WAIT`'s
+//! timer only when it reaches it, after the `WAIT`s before it on the connection, so `WAIT`s
+//! sent back to back would hold the connection for the sum of their timeouts (seen: fred then
+//! closed it as unresponsive, and on a cluster that stalled the other masters' calls too). A
+//! call whose script answered while a `WAIT` is out waits for the next one, which covers its
+//! writes and those of every call that answered meanwhile: the first of them sends it, and
+//! all of them take its answer. On a cluster the gate is the slot's master's (fred's cached
+//! slot map), since fred keeps one connection per node.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fmt;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fred::interfaces::LuaInterface;
+use fred::interfaces::{ClusterInterface, LuaInterface};
 use fred::prelude::{ClientLike, Config as FredConfig, ReconnectPolicy, Value};
 use fred::types::config::ClusterDiscoveryPolicy;
 use fred::types::scripts::Script;
-use fred::types::Builder;
+use fred::types::{Builder, ClusterHash, CustomCommand};
 
 use crate::limits::CLUSTER_GROUP_CALLS_PER_BATCH;
 use crate::redis::groups::{GroupJob, Groups};
@@ -69,6 +107,114 @@ pub struct StoreSettings {
     pub prefix: String,
     pub dedup_window_secs: u64,
     pub partitions: u32,
+    pub durability: Durability,
+}
+
+/// `--durability`: when a stored batch is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Once the master ran the script (and its AOF policy, if any, applies).
+    Local,
+    /// Once `WAIT 1` confirms that at least one replica has the batch's writes.
+    Replica,
+}
+
+impl Durability {
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Local => "local",
+            Durability::Replica => "replica",
+        }
+    }
+}
+
+/// Replicas that must confirm a batch's writes under `--durability replica`.
+const WAIT_REPLICAS: i64 = 1;
+/// What `WAIT` leaves of the call's deadline, so that Redis answers with its count before our
+/// own deadline fires: Redis times blocked clients out from its event loop, which an idle
+/// server wakes only every 100 ms (`hz 10`), so a `WAIT` may answer up to about 100 ms late
+/// (seen: a `WAIT 1 355` answered after more than 400 ms). At most half of what is left.
+const WAIT_ANSWER_MARGIN: Duration = Duration::from_millis(150);
+
+/// The `WAIT`s of one connection, one at a time (module doc). Numbered: a call needs the
+/// answer of a `WAIT` numbered above the last one sent when its script answered.
+#[derive(Default)]
+struct WaitGate {
+    /// `WAIT`s sent so far; the one out, if any, is the last of them.
+    sent: Cell<u64>,
+    out: Cell<bool>,
+    /// The last `WAIT` that answered (or was given up): its number and what it said.
+    last: RefCell<(u64, Option<Shortfall>)>,
+    /// Bumped when `last` changes; calls waiting for it are woken.
+    version: Cell<u64>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl WaitGate {
+    fn finish(&self, number: u64, result: Option<Shortfall>) {
+        *self.last.borrow_mut() = (number, result);
+        self.out.set(false);
+        self.version.set(self.version.get() + 1);
+        for waker in self.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once `finish` ran after this was called.
+    async fn changed(&self) {
+        let seen = self.version.get();
+        std::future::poll_fn(|context| {
+            if self.version.get() != seen {
+                return Poll::Ready(());
+            }
+            let mut waiters = self.waiters.borrow_mut();
+            if !waiters.iter().any(|waker| waker.will_wake(context.waker())) {
+                waiters.push(context.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Gives the gate its `WAIT`'s answer, or, if the call that sent it was dropped before the
+/// answer (the drain's deadline), a shortfall, so that the gate is never left taken.
+struct WaitOut<'a> {
+    gate: &'a WaitGate,
+    number: u64,
+    done: bool,
+}
+
+impl WaitOut<'_> {
+    fn finish(mut self, result: Option<Shortfall>) {
+        self.done = true;
+        self.gate.finish(self.number, result);
+    }
+}
+
+impl Drop for WaitOut<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.gate.finish(
+                self.number,
+                Some(Shortfall {
+                    replicas: None,
+                    reason: "WAIT given up by its call".into(),
+                }),
+            );
+        }
+    }
+}
+
+/// Why a call's writes were not confirmed by a replica (`--durability replica`): its events
+/// get RETRY.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortfall {
+    /// Replicas that confirmed, if `WAIT` answered.
+    pub replicas: Option<i64>,
+    /// For the log: what `WAIT` said, or why it did not answer.
+    pub reason: String,
 }
 
 /// Reconnect backoff: quick first retries for a restart, capped at 1 s.
@@ -172,6 +318,18 @@ pub enum Outcome {
     AlreadyStored,
     /// Redis refused this event alone; no marker is left. RETRY.
     Failed,
+    /// Stored or found stored, but under `--durability replica` no replica confirmed the
+    /// call's writes (`Store::confirm`). RETRY; never put in the dedup cache.
+    Unconfirmed,
+}
+
+/// Marks every answered event of a call `Unconfirmed`; `Failed` ones stay `Failed`.
+pub fn mark_unconfirmed(outcomes: &mut [Outcome]) {
+    for outcome in outcomes {
+        if matches!(outcome, Outcome::Appended | Outcome::AlreadyStored) {
+            *outcome = Outcome::Unconfirmed;
+        }
+    }
 }
 
 /// The events of a call that Redis refused one by one: counts by reason, and
@@ -208,6 +366,8 @@ pub(crate) struct GroupReply {
     /// False if the batch's deadline passed before the call was sent.
     sent: bool,
     result: Result<Value, StoreError>,
+    /// Under `--durability replica`, a `WAIT` after a successful call that fell short.
+    shortfall: Option<Shortfall>,
 }
 
 /// What became of a batch's group calls on a Redis Cluster (`pipeline/sink.rs`).
@@ -221,6 +381,10 @@ pub(crate) struct GroupCalls {
     pub failed: [u64; RedisErrorKind::ALL.len()],
     /// The first group failure, for the log.
     pub first_error: Option<StoreError>,
+    /// Group calls whose `WAIT` fell short (`--durability replica`): their events got RETRY.
+    pub wait_shortfalls: u64,
+    /// The first of them, for the log.
+    pub first_shortfall: Option<Shortfall>,
 }
 
 impl GroupCalls {
@@ -260,6 +424,12 @@ pub struct Store {
     partitions_key: String,
     partitions: u32,
     call_timeout: Duration,
+    durability: Durability,
+    /// `WAIT`, as a command fred pipelines (module doc); its cluster hash is set per group.
+    wait_command: CustomCommand,
+    /// Standalone: the connection's `WAIT` gate. Cluster: the gates of the masters, by node.
+    wait_gate: Rc<WaitGate>,
+    node_wait_gates: RefCell<HashMap<fred::types::config::Server, Rc<WaitGate>>>,
 }
 
 impl Store {
@@ -330,6 +500,10 @@ impl Store {
             partitions_key: partitions_key(&settings.prefix),
             partitions: settings.partitions,
             call_timeout,
+            durability: settings.durability,
+            wait_command: CustomCommand::new_static("WAIT", ClusterHash::Random, false),
+            wait_gate: Rc::default(),
+            node_wait_gates: RefCell::default(),
         })
     }
 
@@ -387,7 +561,9 @@ impl Store {
     /// Runs the script on one batch. `outcomes` receives one entry per event,
     /// in order, and `failures` what Redis refused event by event. On error
     /// nothing is known about any event of the batch: any of them may be
-    /// stored (RETRY means "not confirmed").
+    /// stored (RETRY means "not confirmed"). Under `--durability replica` the call is followed
+    /// by `WAIT` (`confirm`); if it falls short, the events Redis answered are `Unconfirmed`
+    /// and the shortfall is returned.
     pub async fn dedup_append(
         &self,
         nonce: u64,
@@ -395,7 +571,8 @@ impl Store {
         blob: Bytes,
         outcomes: &mut Vec<Outcome>,
         failures: &mut EventFailures,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Shortfall>, StoreError> {
+        let deadline = Instant::now() + self.call_timeout;
         outcomes.clear();
         outcomes.resize(event_count, Outcome::Failed);
         failures.clear();
@@ -404,19 +581,133 @@ impl Store {
         // Built again for a NOSCRIPT retry rather than cloned up front, as fred's
         // `evalsha_with_reload` does on every call: one heap copy of the arguments per call
         // instead of two. The nonce goes as an integer, which fred writes without a buffer.
-        let arguments = || {
-            vec![
-                Value::Bytes(self.prefix.clone()),
-                Value::Bytes(self.window_secs.clone()),
-                Value::Integer(event_count as i64),
-                Value::Bytes(blob.clone()),
-                Value::Integer(i64::try_from(nonce).unwrap_or(i64::MAX)),
-            ]
-        };
+        let arguments = || self.script_arguments(event_count, &blob, nonce);
         let reply = self
-            .within_deadline(self.evalsha(&self.script, Vec::new, arguments))
+            .until(deadline, self.evalsha(&self.script, Vec::new, arguments))
             .await?;
-        decode_reply(&reply, nonce_text.as_bytes(), outcomes, failures)
+        decode_reply(&reply, nonce_text.as_bytes(), outcomes, failures)?;
+        let shortfall = self.confirm(deadline, None).await;
+        if shortfall.is_some() {
+            mark_unconfirmed(outcomes);
+        }
+        Ok(shortfall)
+    }
+
+    /// Under `--durability replica`, the answer of a `WAIT 1 <ms>` sent on the connection
+    /// (standalone) or to the slot's master (cluster, `slot`) after a script call answered,
+    /// within the call's `deadline`: None if a replica confirmed (or under `local`), else why
+    /// not. One `WAIT` at a time per connection, shared by the calls that answered before it
+    /// was sent (module doc).
+    async fn confirm(&self, deadline: Instant, slot: Option<u16>) -> Option<Shortfall> {
+        if self.durability == Durability::Local {
+            return None;
+        }
+        let gate = self.wait_gate_for(slot);
+        // A WAIT out now was sent before this call's script answered: it may not cover it.
+        let needed = gate.sent.get() + 1;
+        let confirmed = async {
+            loop {
+                {
+                    let last = gate.last.borrow();
+                    if last.0 >= needed {
+                        return last.1.clone();
+                    }
+                }
+                if !gate.out.get() {
+                    gate.out.set(true);
+                    let number = gate.sent.get() + 1;
+                    gate.sent.set(number);
+                    let out = WaitOut {
+                        gate: &gate,
+                        number,
+                        done: false,
+                    };
+                    let result = self.send_wait(deadline, slot).await;
+                    out.finish(result.clone());
+                    return result;
+                }
+                gate.changed().await;
+            }
+        };
+        let deadline_passed = async {
+            glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+            Some(Shortfall {
+                replicas: None,
+                reason: "the call's deadline passed waiting for the connection's WAIT".into(),
+            })
+        };
+        futures_lite::future::or(confirmed, deadline_passed).await
+    }
+
+    /// The `WAIT` gate of the connection a call's `WAIT` goes on: on a cluster, the slot's
+    /// master's as fred's cached slot map has it.
+    fn wait_gate_for(&self, slot: Option<u16>) -> Rc<WaitGate> {
+        let Some(slot) = slot else {
+            return Rc::clone(&self.wait_gate);
+        };
+        let node = self
+            .client
+            .cached_cluster_state()
+            .and_then(|state| state.get_server(slot).cloned());
+        match node {
+            Some(node) => Rc::clone(self.node_wait_gates.borrow_mut().entry(node).or_default()),
+            None => Rc::clone(&self.wait_gate),
+        }
+    }
+
+    /// Sends one `WAIT 1 <ms>` (`confirm`) and reads its answer.
+    async fn send_wait(&self, deadline: Instant, slot: Option<u16>) -> Option<Shortfall> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let wait_ms = remaining
+            .saturating_sub(WAIT_ANSWER_MARGIN.min(remaining / 2))
+            .as_millis();
+        if wait_ms == 0 {
+            return Some(Shortfall {
+                replicas: None,
+                reason: "no time left in the call's deadline for WAIT".into(),
+            });
+        }
+        let mut command = self.wait_command.clone();
+        if let Some(slot) = slot {
+            command.cluster_hash = ClusterHash::Custom(slot);
+        }
+        let arguments = vec![
+            Value::Integer(WAIT_REPLICAS),
+            Value::Integer(i64::try_from(wait_ms).unwrap_or(i64::MAX)),
+        ];
+        let wait = self.client.custom::<Value, Value>(command, arguments);
+        match self.until(deadline, wait).await {
+            Ok(Value::Integer(replicas)) if replicas >= WAIT_REPLICAS => None,
+            Ok(Value::Integer(replicas)) => Some(Shortfall {
+                replicas: Some(replicas),
+                reason: format!("WAIT {WAIT_REPLICAS} {wait_ms}: {replicas} replicas confirmed"),
+            }),
+            Ok(other) => Some(Shortfall {
+                replicas: None,
+                reason: format!("WAIT replied with an unexpected type: {:?}", other.kind()),
+            }),
+            Err(error) => Some(Shortfall {
+                replicas: None,
+                reason: format!("WAIT failed: {error}"),
+            }),
+        }
+    }
+
+    /// The script's ARGV (`script.rs`): under `--durability replica` a sixth, `1`, has a call
+    /// that wrote nothing but found markers write one, so that its `WAIT` covers them.
+    fn script_arguments(&self, event_count: usize, blob: &Bytes, nonce: u64) -> Vec<Value> {
+        let mut arguments = Vec::with_capacity(6);
+        arguments.extend([
+            Value::Bytes(self.prefix.clone()),
+            Value::Bytes(self.window_secs.clone()),
+            Value::Integer(event_count as i64),
+            Value::Bytes(blob.clone()),
+            Value::Integer(i64::try_from(nonce).unwrap_or(i64::MAX)),
+        ]);
+        if self.durability == Durability::Replica {
+            arguments.push(Value::Integer(1));
+        }
+        arguments
     }
 
     /// The deadline of one call; on a cluster, of all the group calls of one batch.
@@ -441,21 +732,26 @@ impl Store {
             return GroupReply {
                 sent: false,
                 result: Err(StoreError::timeout(self.call_timeout)),
+                shortfall: None,
             };
         }
-        let arguments = || {
-            vec![
-                Value::Bytes(self.prefix.clone()),
-                Value::Bytes(self.window_secs.clone()),
-                Value::Integer(job.event_count() as i64),
-                Value::Bytes(job.blob().clone()),
-                Value::Integer(i64::try_from(job.nonce()).unwrap_or(i64::MAX)),
-            ]
-        };
+        let arguments = || self.script_arguments(job.event_count(), job.blob(), job.nonce());
         let result = self
             .until(job.deadline(), self.evalsha(&self.script, || job.keys(), arguments))
             .await;
-        GroupReply { sent: true, result }
+        let shortfall = match (&result, self.durability) {
+            (Ok(_), Durability::Replica) => {
+                // The group's keys share one hash tag: the stream key's slot is the call's.
+                let slot = fred::util::redis_keyslot(job.stream_key());
+                self.confirm(job.deadline(), Some(slot)).await
+            }
+            _ => None,
+        };
+        GroupReply {
+            sent: true,
+            result,
+            shortfall,
+        }
     }
 
     /// Puts a group call's reply on its events in `groups`: their outcomes, or `Failed`
@@ -482,9 +778,18 @@ impl Store {
             failures.absorb(group_failures);
             Ok(())
         });
-        if let Err(error) = decoded {
-            groups.outcomes_of(job.group()).fill(Outcome::Failed);
-            report.fail(error);
+        match decoded {
+            Err(error) => {
+                groups.outcomes_of(job.group()).fill(Outcome::Failed);
+                report.fail(error);
+            }
+            Ok(()) => {
+                if let Some(shortfall) = reply.shortfall {
+                    mark_unconfirmed(groups.outcomes_of(job.group()));
+                    report.wait_shortfalls += 1;
+                    report.first_shortfall.get_or_insert(shortfall);
+                }
+            }
         }
     }
 

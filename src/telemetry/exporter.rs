@@ -422,6 +422,13 @@ const FAMILIES: &[Family] = &[
         value: Value::Counter(|shard, _| shard.redis_reconnects.get()),
     },
     Family {
+        name: "redis_wait_shortfalls",
+        help: "WAIT calls after a script call (--durability replica) that no replica confirmed in time; their events got RETRY.",
+        unit: None,
+        labels: &[],
+        value: Value::Counter(|shard, _| shard.redis_wait_shortfalls.get()),
+    },
+    Family {
         name: "redis_up",
         help: "1 while the shard's Redis connection is up.",
         unit: None,
@@ -760,6 +767,7 @@ mod tests {
         shard.redis_errors.iter().for_each(&mut count);
         shard.redis_event_errors.iter().for_each(&mut count);
         count(&shard.redis_reconnects);
+        count(&shard.redis_wait_shortfalls);
         shard.retries.iter().for_each(&mut count);
         count(&shard.tcp_connections_accepted);
         shard.tcp_connections_closed.iter().for_each(&mut count);

@@ -198,15 +198,18 @@ pub enum RetryCause {
     RedisError = 2,
     InFlightCopy = 3,
     ShuttingDown = 4,
+    /// Stored, but under `--durability replica` no replica confirmed the write in time.
+    ReplicaUnconfirmed = 5,
 }
 
 impl RetryCause {
-    pub const ALL: [RetryCause; 5] = [
+    pub const ALL: [RetryCause; 6] = [
         RetryCause::Overload,
         RetryCause::RedisDown,
         RetryCause::RedisError,
         RetryCause::InFlightCopy,
         RetryCause::ShuttingDown,
+        RetryCause::ReplicaUnconfirmed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -216,6 +219,7 @@ impl RetryCause {
             RetryCause::RedisError => "redis_error",
             RetryCause::InFlightCopy => "in_flight_copy",
             RetryCause::ShuttingDown => "shutting_down",
+            RetryCause::ReplicaUnconfirmed => "replica_unconfirmed",
         }
     }
 }
@@ -372,9 +376,12 @@ pub struct ShardMetrics {
     /// Events Redis refused one by one inside a call that succeeded.
     pub redis_event_errors: [Counter; EventErrorReason::ALL.len()],
     pub redis_reconnects: Counter,
+    /// `WAIT` calls (`--durability replica`) that confirmed fewer than one replica, failed or
+    /// timed out: their calls' events got RETRY.
+    pub redis_wait_shortfalls: Counter,
     pub redis_up: Gauge,
     pub events_in_flight: Gauge,
-    pub retries: [Counter; 5],
+    pub retries: [Counter; RetryCause::ALL.len()],
     pub tcp_connections_open: Gauge,
     pub tcp_connections_accepted: Counter,
     pub tcp_connections_closed: [Counter; CloseReason::ALL.len()],
@@ -405,6 +412,7 @@ impl Default for ShardMetrics {
             redis_nodes: Gauge::default(),
             redis_event_errors: Default::default(),
             redis_reconnects: Counter::default(),
+            redis_wait_shortfalls: Counter::default(),
             redis_up: Gauge::default(),
             events_in_flight: Gauge::default(),
             retries: Default::default(),

@@ -15,6 +15,7 @@ mod chaos;
 mod cli;
 mod cluster;
 mod dedup;
+mod durability;
 mod flood;
 mod garbage;
 mod hlog;

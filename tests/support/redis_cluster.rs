@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
+use super::basics::send_signal;
 use super::redis_server::redis_ping;
 use super::stored::{read_stream, StoredEvent};
+use super::Signal;
 
 /// One node: its process, port and data dir.
 pub struct ClusterNode {
@@ -34,6 +36,18 @@ impl ClusterNode {
         conn.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("read timeout");
         conn
+    }
+
+    /// SIGSTOP: its connections stay open but it answers nothing (a replica acknowledges nothing).
+    pub fn pause(&self) {
+        let pid = self.child.as_ref().expect("the node runs").id();
+        send_signal(pid, Signal::SIGSTOP).expect("SIGSTOP a cluster node");
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        let pid = self.child.as_ref().expect("the node runs").id();
+        send_signal(pid, Signal::SIGCONT).expect("SIGCONT a cluster node");
     }
 
     fn kill(&mut self) {
@@ -162,6 +176,48 @@ impl RedisCluster {
             );
             thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Waits until every master has a replica online (`INFO replication`: `connected_slaves:1`
+    /// and `state=online`), i.e. done with its first sync: before that a `WAIT 1` confirms
+    /// nothing. `wait_ok` does not wait for it.
+    pub fn wait_replicas_online(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pending: Vec<u16> = self
+                .masters()
+                .into_iter()
+                .filter(|&port| {
+                    let info: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query(&mut self.node(port).connection())
+                        .unwrap_or_default();
+                    !(info.contains("connected_slaves:1") && info.contains("state=online"))
+                })
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "masters {pending:?} have no replica online after {timeout:?}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The port of the (first) replica of the master on `master_port`, from its
+    /// `INFO replication` (`slave0:ip=..,port=N,state=..`).
+    pub fn replica_of(&self, master_port: u16) -> u16 {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut self.node(master_port).connection())
+            .expect("INFO replication");
+        info.lines()
+            .find_map(|line| line.strip_prefix("slave0:"))
+            .and_then(|fields| fields.split(',').find_map(|pair| pair.strip_prefix("port=")))
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("master {master_port} lists no replica:\n{info}"))
     }
 
     /// The masters' ports, as the first node sees them (`CLUSTER SHARDS`-free: `ROLE` per node).

@@ -15,6 +15,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     aof: bool,
+    /// `--replicaof 127.0.0.1 <port>`: a replica of the Redis on that port.
+    replica_of: Option<u16>,
     dir: tempfile::TempDir,
 }
 
@@ -39,7 +41,45 @@ impl RedisServer {
         Self::launch(Some(port), true)
     }
 
+    /// Plain Redis replicating the (plain) Redis on `master_port`; waits until its link to
+    /// the master is up (`master_link_status:up`), 20 s at most.
+    pub fn start_replica_of(master_port: u16) -> RedisServer {
+        let replica = Self::launch_with(None, false, Some(master_port));
+        replica.wait_master_link_up(Duration::from_secs(20));
+        replica
+    }
+
+    /// `INFO replication`, as text.
+    pub fn info_replication(&self) -> String {
+        redis::cmd("INFO")
+            .arg("replication")
+            .query::<String>(&mut self.connection())
+            .unwrap_or_else(|e| panic!("INFO replication on {}: {e}", self.port))
+    }
+
+    /// Waits until this replica's link to its master is up; panics past `timeout`.
+    pub fn wait_master_link_up(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.info_replication();
+            if info.lines().any(|line| line.trim() == "master_link_status:up") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica on {} has no link to its master after {timeout:?}:\n{info}\nlog:\n{}",
+                self.port,
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn launch(port: Option<u16>, aof: bool) -> RedisServer {
+        Self::launch_with(port, aof, None)
+    }
+
+    fn launch_with(port: Option<u16>, aof: bool, replica_of: Option<u16>) -> RedisServer {
         match Command::new("redis-server").arg("--version").output() {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -55,6 +95,7 @@ impl RedisServer {
             child: None,
             port: 0,
             aof,
+            replica_of,
             dir,
         };
         for _attempt in 0..5 {
@@ -86,11 +127,16 @@ impl RedisServer {
         let log2 = log.try_clone().expect("clone log fd");
         let port = self.port.to_string();
         let dir = self.dir.path().to_str().expect("utf-8 tempdir").to_string();
-        Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &port, "--bind", "127.0.0.1", "--dir", &dir])
             .args(["--save", "", "--daemonize", "no"])
             .args(["--appendonly", if self.aof { "yes" } else { "no" }])
-            .args(["--appendfsync", "always"])
+            .args(["--appendfsync", "always"]);
+        if let Some(master_port) = self.replica_of {
+            command.args(["--replicaof", "127.0.0.1", &master_port.to_string()]);
+        }
+        command
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
