@@ -667,6 +667,24 @@ mod tests {
         );
     }
 
+    /// The smallest `serve` command line, with `--durability mode`.
+    fn serve_with_durability(mode: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from([
+            "shardgate",
+            "serve",
+            "--cores",
+            "0",
+            "--udp",
+            "127.0.0.1:7000",
+            "--tcp",
+            "127.0.0.1:7000",
+            "--redis",
+            "redis://127.0.0.1:6379",
+            "--durability",
+            mode,
+        ])
+    }
+
     /// `--durability` is `local` by default, `replica` from a flag or the file; a bad value is
     /// refused with a lowercase message naming the choices, by clap and by the file.
     #[test]
@@ -687,42 +705,13 @@ mod tests {
             message.contains("`local`") && message.contains("`replica`"),
             "{message}"
         );
-        let cli = Cli::try_parse_from([
-            "shardgate",
-            "serve",
-            "--cores",
-            "0",
-            "--udp",
-            "127.0.0.1:7000",
-            "--tcp",
-            "127.0.0.1:7000",
-            "--redis",
-            "redis://127.0.0.1:6379",
-            "--durability",
-            "Replica2",
-        ]);
-        let message = cli.unwrap_err().to_string();
+        let message = serve_with_durability("Replica2").unwrap_err().to_string();
         assert!(
             message.contains("invalid value 'Replica2' for '--durability <MODE>'"),
             "{message}"
         );
         assert!(message.contains("[possible values: local, replica]"), "{message}");
-        let Command::Serve(args) = Cli::try_parse_from([
-            "shardgate",
-            "serve",
-            "--cores",
-            "0",
-            "--udp",
-            "127.0.0.1:7000",
-            "--tcp",
-            "127.0.0.1:7000",
-            "--redis",
-            "redis://127.0.0.1:6379",
-            "--durability",
-            "replica",
-        ])
-        .unwrap()
-        .command;
+        let Command::Serve(args) = serve_with_durability("replica").unwrap().command;
         assert_eq!(args.resolve().unwrap().durability, Durability::Replica);
         assert_eq!(Durability::Replica.name(), "replica");
     }
