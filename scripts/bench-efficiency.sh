@@ -329,7 +329,7 @@ for run in $(seq "$headline_runs"); do
   fi
   timeout $(( headline_warmup_s + headline_timed_s + 60 )) "$bench" run --target "udp://$target_udp" \
     --rate "$headline_rate" --duration "$(( headline_warmup_s + headline_timed_s ))s" --warmup "${headline_warmup_s}s" \
-    --frames-per-datagram 1 --redis "$redis_url" --prefix sge --json "$work/headline-$run.json" \
+    --frames-per-datagram 1 --redis "$redis_url" --prefix sge --json "$work/headline-$run.json" --stall-probe \
     >"$work/headline-$run.txt" 2>&1 || true
   scrape
   redis_retries=$(metric_sum '^shardgate_retries_total.*cause="redis_(down|error)"')
@@ -504,20 +504,27 @@ section="$work/section.md"
   echo "\`shardgate serve --cores $shard_cores --placement fenced --udp-source-frames-per-sec 100000 --metrics ...\` (as scripts/bench.sh's headline step; \`scripts/shard-cores.sh\` picks the cores), a fresh server and an"
   echo "emptied Redis per run; \`shardgate-bench run --rate ${headline_rate} --duration $(( headline_warmup_s + headline_timed_s ))s --warmup ${headline_warmup_s}s --frames-per-datagram 1 --redis ...\`"
   echo "(generator not pinned). RETRY (Redis): \`shardgate_retries_total\` with cause redis_down or redis_error, read from the"
-  echo "server after the run."
+  echo "server after the run. Machine stalls: \`--stall-probe\` (bench/src/stall_probe.rs), a \`SCHED_FIFO\` thread per core"
+  echo "waking every millisecond; a wake 1 ms or more late is a stall, a span in which no thread on that core could run"
+  echo "(the hypervisor held the virtual CPU, or the kernel ran interrupt work). \"slow in stall windows\": of the first attempts"
+  echo "over 5 ms, the share meant to be sent from 5 ms before a stall to 2 ms after it, beside the share of the run those"
+  echo "windows cover. A tail mostly inside a small share of the time is the machine's."
   echo
-  echo "| run | achieved rate | first-attempt p99.9 | p99 | lost | stored twice | acked but missing | RETRY (Redis) | RETRY (all causes) | verdict |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
+  echo "| run | achieved rate | first-attempt p99.9 | p99 | lost | stored twice | acked but missing | RETRY (Redis) | RETRY (all causes) | machine stalls ≥ 2 ms (longest) | slow in stall windows (windows' share of time) | verdict |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
   while IFS=$'\t' read -r run json redis_retries all_retries; do
     if [ ! -s "$json" ]; then
-      echo "| $run | no result | - | - | - | - | - | - | - | **FAIL** |"
+      echo "| $run | no result | - | - | - | - | - | - | - | - | - | **FAIL** |"
       continue
     fi
     verdict="**FAIL**"
     [ "$(jq -r '.slo_ok' "$json")" = true ] && [ "$redis_retries" = 0 ] && verdict=PASS
     jq -r --arg r "$run" --arg rr "$redis_retries" --arg ar "$all_retries" --arg v "$verdict" \
       'def us(v): if .latency_first_us.count > 0 then "\(v) µs" else "- (none answered first time)" end;
-       "| \($r) | \(.achieved_rate)/s | \(us(.latency_first_us.p999)) | \(us(.latency_first_us.p99)) | \(.lost) | \(.stored_twice) | \(.acked_missing) | \($rr) | \($ar) | \($v) |"' "$json"
+       def stalls: if .stall_probe == null then "-" else "\([.stall_probe.cores[].stalls_over_2ms] | add) (\([.stall_probe.cores[].late_max_us] | max) µs)" end;
+       def covered: if .stall_probe == null or .stall_probe.slow_first == 0 then "-" else
+         "\(.stall_probe.slow_first_in_stall_windows * 1000 / .stall_probe.slow_first | round / 10)% of \(.stall_probe.slow_first) (\(.stall_probe.stall_window_share * 1000 | round / 10)%)" end;
+       "| \($r) | \(.achieved_rate)/s | \(us(.latency_first_us.p999)) | \(us(.latency_first_us.p99)) | \(.lost) | \(.stored_twice) | \(.acked_missing) | \($rr) | \($ar) | \(stalls) | \(covered) | \($v) |"' "$json"
   done <"$work/headline.tsv"
   echo
   echo "Headline: **$passes of $headline_runs runs PASS**."

@@ -57,6 +57,7 @@ mod report;
 mod run;
 mod schedule;
 mod scrape;
+mod stall_probe;
 mod sweep;
 mod sys;
 mod tcp;
@@ -172,6 +173,11 @@ struct WorkloadArgs {
     /// Time between two scrapes of --scrape.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
     scrape_interval: Duration,
+
+    /// While the load runs, a real-time thread per core measures how long the machine stops
+    /// running threads, and the report sets the slow answers against those stalls.
+    #[arg(long)]
+    stall_probe: bool,
 }
 
 impl WorkloadArgs {
@@ -202,6 +208,7 @@ impl WorkloadArgs {
             partitions: self.partitions,
             json_path: None,
             slo_check: false,
+            stall_probe: self.stall_probe,
         }
     }
 }

@@ -55,6 +55,8 @@ pub struct Plan {
     pub partitions: u32,
     pub json_path: Option<PathBuf>,
     pub slo_check: bool,
+    /// Run the stall probe (`stall_probe.rs`) beside the load.
+    pub stall_probe: bool,
 }
 
 /// The raw values from the command line.
@@ -77,6 +79,8 @@ pub struct PlanInput {
     pub partitions: u32,
     pub json_path: Option<PathBuf>,
     pub slo_check: bool,
+    /// Run the stall probe (`stall_probe.rs`) beside the load.
+    pub stall_probe: bool,
 }
 
 impl Plan {
@@ -154,6 +158,7 @@ impl Plan {
             partitions: input.partitions,
             json_path: input.json_path,
             slo_check: input.slo_check,
+            stall_probe: input.stall_probe,
         };
         let frames_planned = plan.duration.as_nanos() * u128::from(plan.rate_per_sec) / 1_000_000_000;
         if frames_planned > FRAMES_PLANNED_MAX {
@@ -193,6 +198,7 @@ pub(crate) mod tests {
             partitions: 16,
             json_path: None,
             slo_check: false,
+            stall_probe: false,
         }
     }
 

@@ -13,6 +13,7 @@ use crate::parse::format_duration;
 use crate::plan::Plan;
 use crate::run::RunOutcome;
 use crate::scrape::ScrapeStats;
+use crate::stall_probe::StallReport;
 use crate::verify::Verification;
 
 /// First-attempt p99.9 must stay below this for the SLO.
@@ -111,6 +112,8 @@ pub struct Summary {
     pub generator_cpu_us_per_frame: f64,
     /// What `--scrape` did while the load ran (scrapes, failures, their time); null without it.
     pub scrape: Option<ScrapeStats>,
+    /// What `--stall-probe` saw while the load ran (`stall_probe.rs`); null without it.
+    pub stall_probe: Option<StallReport>,
 }
 
 impl Summary {
@@ -160,6 +163,7 @@ impl Summary {
                 outcome.generator_cpu.as_secs_f64() * 1e6 / tally.sent.max(1) as f64,
             ),
             scrape: outcome.scrape.clone(),
+            stall_probe: outcome.stall_probe.clone(),
         };
         summary.sli_within_5ms_share = summary.latency_first_us.within_5ms_share();
         summary.slo_failures = slo_failures(&summary);
@@ -237,6 +241,9 @@ impl Summary {
                 scrape.duration_mean_ms,
                 scrape.duration_max_ms,
             );
+        }
+        if let Some(stalls) = &self.stall_probe {
+            text.push_str(&stalls.text());
         }
         write_outcome_lines(
             &mut text,
@@ -391,6 +398,7 @@ pub(crate) mod tests {
             sent_per_player: Vec::new(),
             seq_base: 0,
             generator_cpu: std::time::Duration::from_millis(50),
+            stall_probe: None,
             scrape: None,
         }
     }

@@ -20,6 +20,7 @@ use crate::parse::Transport;
 use crate::plan::Plan;
 use crate::schedule::{Clock, Schedule};
 use crate::scrape::{ScrapeConfig, ScrapeStats, Scraper};
+use crate::stall_probe::{self, Probe, StallReport};
 use crate::sys;
 use crate::tcp::{self, TcpWire};
 use crate::tracker::{Latencies, Tracker, LOST_SAMPLE_MAX};
@@ -54,6 +55,8 @@ pub struct RunOutcome {
     pub generator_cpu: Duration,
     /// What `--scrape` did while the load ran; None without it.
     pub scrape: Option<ScrapeStats>,
+    /// What `--stall-probe` saw while the load ran; None without it.
+    pub stall_probe: Option<StallReport>,
 }
 
 /// Why [`run_verified`] has no result.
@@ -125,7 +128,8 @@ pub fn run(plan: &Plan, scrape: Option<&ScrapeConfig>) -> Result<RunOutcome, Str
 
     let schedule = Schedule::new(plan);
     let seq_base = unix_now_us();
-    let clock = Clock::starting_at(Instant::now() + START_DELAY);
+    let start = Instant::now() + START_DELAY;
+    let clock = Clock::starting_at(start);
     let events = EventSource::new(plan.players, seq_base);
     let counters = Arc::new(Counters::default());
     // No lane ever holds more than all it sends in the run, however long the server stalls.
@@ -142,6 +146,11 @@ pub fn run(plan: &Plan, scrape: Option<&ScrapeConfig>) -> Result<RunOutcome, Str
         .map(Scraper::start)
         .transpose()
         .map_err(|error| format!("cannot start the scrape thread: {error}"))?;
+    let probe = plan
+        .stall_probe
+        .then(|| Probe::start(&Probe::allowed_cores(), stall_probe::monotonic_ns_of(start)))
+        .transpose()
+        .map_err(|error| format!("cannot start the stall probe: {error}"))?;
     let progress_done = Arc::new(AtomicBool::new(false));
     let progress = live::spawn_progress(Arc::clone(&counters), clock, plan.duration, Arc::clone(&progress_done));
     let shared = Shared {
@@ -173,6 +182,7 @@ pub fn run(plan: &Plan, scrape: Option<&ScrapeConfig>) -> Result<RunOutcome, Str
         seq_base,
         generator_cpu,
         scrape,
+        stall_probe: None,
     };
     outcome.events = outcome.sent_per_player.iter().sum();
     for lane in lanes {
@@ -183,5 +193,8 @@ pub fn run(plan: &Plan, scrape: Option<&ScrapeConfig>) -> Result<RunOutcome, Str
         let room = LOST_SAMPLE_MAX.saturating_sub(outcome.lost_sample.len());
         outcome.lost_sample.extend(report.lost_sample.into_iter().take(room));
     }
+    let measured_ms = (schedule.warmup_ns / 1_000_000, plan.duration.as_millis() as u64);
+    outcome.stall_probe =
+        probe.map(|probe| probe.stop(&outcome.latencies.slow_first_by_ms, measured_ms.0, measured_ms.1));
     Ok(outcome)
 }

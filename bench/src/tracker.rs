@@ -35,6 +35,7 @@ use shardgate_client::resend::{mix, Due, End, Limits, Outstanding, Refusal, Sche
 use shardgate_proto::frame::{Ack, EventId, Status};
 
 use crate::events::Event;
+use crate::stall_probe::SLOW_NS;
 
 /// First wait for an answer before resending; doubles per attempt up to [`BACKOFF_CAP_NS`].
 /// 200 ms is far above a healthy answer (about a millisecond) and short enough that a dropped
@@ -78,13 +79,21 @@ struct Frame {
 pub struct Latencies {
     pub first_us: Histogram<u64>,
     pub final_us: Histogram<u64>,
+    /// First attempts slower than [`SLOW_NS`], by the millisecond of the run they were meant
+    /// to be sent in; grows to the last such millisecond, at most [`SLOW_BY_MS_MAX`] long.
+    pub slow_first_by_ms: Vec<u32>,
 }
+
+/// Milliseconds of run `slow_first_by_ms` covers: an hour, 14 MB at the most. A slow answer
+/// later than that is still in the histograms, not in the by-millisecond count.
+pub const SLOW_BY_MS_MAX: usize = 3_600_000;
 
 impl Latencies {
     pub fn new() -> Latencies {
         Latencies {
             first_us: new_histogram(),
             final_us: new_histogram(),
+            slow_first_by_ms: Vec::new(),
         }
     }
 
@@ -92,6 +101,23 @@ impl Latencies {
         // Same bounds on both sides, so adding cannot fail; a failure would only drop samples.
         let _ = self.first_us.add(&other.first_us);
         let _ = self.final_us.add(&other.final_us);
+        if self.slow_first_by_ms.len() < other.slow_first_by_ms.len() {
+            self.slow_first_by_ms.resize(other.slow_first_by_ms.len(), 0);
+        }
+        for (total, count) in self.slow_first_by_ms.iter_mut().zip(&other.slow_first_by_ms) {
+            *total += count;
+        }
+    }
+
+    fn count_slow(&mut self, intended_ns: u64) {
+        let ms = usize::try_from(intended_ns / 1_000_000).unwrap_or(usize::MAX);
+        if ms >= SLOW_BY_MS_MAX {
+            return;
+        }
+        if self.slow_first_by_ms.len() <= ms {
+            self.slow_first_by_ms.resize(ms + 1, 0);
+        }
+        self.slow_first_by_ms[ms] += 1;
     }
 }
 
@@ -184,7 +210,7 @@ impl Tracker {
             Verdict::ResendAt { .. } => {
                 if let Some(entry) = self.frames.get(ack.id) {
                     let (frame, latency_ns) = (entry.payload, now_ns.saturating_sub(entry.started_ns));
-                    self.first_answer(frame, latency_ns);
+                    self.first_answer(frame, now_ns, latency_ns);
                 }
                 if let Some(frame) = self.frames.payload_mut(ack.id) {
                     frame.answered = true;
@@ -192,7 +218,7 @@ impl Tracker {
                 Fate::Retrying
             }
             Verdict::Ended(ending) => {
-                self.first_answer(ending.payload, ending.latency_ns);
+                self.first_answer(ending.payload, now_ns, ending.latency_ns);
                 match ending.end {
                     End::Stored { .. } => {
                         if ending.payload.measured {
@@ -246,10 +272,14 @@ impl Tracker {
         }
     }
 
-    /// Records the first-attempt latency if this is the frame's first answer.
-    fn first_answer(&mut self, frame: Frame, latency_ns: u64) {
+    /// Records the first-attempt latency if this is the frame's first answer, and a slow one
+    /// by the millisecond it was meant to be sent in (`run --stall-probe` sets them against stalls).
+    fn first_answer(&mut self, frame: Frame, now_ns: u64, latency_ns: u64) {
         if frame.measured && !frame.answered {
             record_ns(&mut self.latencies.first_us, latency_ns);
+            if latency_ns >= SLOW_NS {
+                self.latencies.count_slow(now_ns.saturating_sub(latency_ns));
+            }
         }
     }
 }
@@ -335,6 +365,38 @@ mod tests {
         assert_eq!(report.latencies.final_us.len(), 2);
         assert_eq!(report.acked_ids.len(), 2);
         assert!(report.latencies.first_us.max() >= 3_999);
+    }
+
+    // A first answer of 5 ms or more is counted by the millisecond it was meant to be sent in;
+    // faster ones, and lanes merged, keep their counts.
+    #[test]
+    fn slow_first_answers_are_counted_by_intended_millisecond() {
+        let mut tracker = Tracker::new(4, 0);
+        tracker.register(event(1), 7 * MS, 7 * MS).unwrap();
+        tracker.register(event(2), 7 * MS + MS / 2, 8 * MS).unwrap();
+        tracker.register(event(3), 9 * MS, 9 * MS).unwrap();
+        assert_eq!(
+            tracker.on_ack(ack(Status::Accepted, 1), 13 * MS),
+            Fate::Stored,
+            "6 ms: slow"
+        );
+        assert_eq!(
+            tracker.on_ack(ack(Status::Retry, 2), 12 * MS + MS / 2),
+            Fate::Retrying,
+            "5 ms: slow"
+        );
+        assert_eq!(
+            tracker.on_ack(ack(Status::Accepted, 3), 13 * MS),
+            Fate::Stored,
+            "4 ms: not slow"
+        );
+        let report = tracker.finish();
+        assert_eq!(report.latencies.slow_first_by_ms, vec![0, 0, 0, 0, 0, 0, 0, 2]);
+        let mut merged = Latencies::new();
+        merged.merge(&report.latencies);
+        merged.merge(&report.latencies);
+        assert_eq!(merged.slow_first_by_ms[7], 4);
+        assert_eq!(merged.slow_first_by_ms.len(), 8);
     }
 
     // RETRY is a first answer but not a final one; the frame is resent after the retry delay,
