@@ -102,6 +102,8 @@ enum Command {
     Peer(peer::PeerArgs),
     /// A well-behaved client's ack latency without and with one source flooding the server.
     Flood(flood::FloodArgs),
+    /// How long this machine stops running threads, idle and (--busy) with every core busy.
+    Stalls(stall_probe::StallsArgs),
 }
 
 /// The workload flags `run` and `sweep` share.
@@ -278,6 +280,7 @@ fn main() -> ExitCode {
         Command::Reflector(arguments) => reflector::command(arguments),
         Command::Peer(arguments) => peer::command(arguments),
         Command::Flood(arguments) => flood::command(arguments),
+        Command::Stalls(arguments) => stall_probe::command(arguments),
     }
 }
 

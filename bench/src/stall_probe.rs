@@ -27,6 +27,14 @@
 //! share of the run's measured time those windows cover. A tail mostly inside a small share of
 //! the time is the machine's.
 //!
+//! # `shardgate-bench stalls`: the same probe without a run
+//! Checks a host before trusting its latency figures: the probe alone for `--duration`, idle,
+//! then (`--busy`) again with one low-priority spinning thread per core, so that every
+//! virtual CPU is busy the whole time, as under load. On this project's virtual machine the
+//! second reading is the one that matters: a hypervisor that overcommits its cores takes a
+//! busy virtual CPU away for milliseconds at a time, and an idle one hardly ever. On dedicated
+//! metal both readings should show no stall of a millisecond.
+//!
 //! # Cost and bounds
 //! Two wakes per millisecond on this 2-core machine, a few microseconds of CPU each. Each
 //! thread keeps at most [`STALLS_MAX`] stalls; more are counted, not kept.
@@ -37,6 +45,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use clap::Args;
 use serde::Serialize;
 
 use crate::reflector::pin_to_core;
@@ -272,6 +281,19 @@ impl StallReport {
 
     /// The lines `run` prints.
     pub fn text(&self) -> String {
+        let mut text = self.text_without_answers();
+        text.push_str(&format!(
+            "  stalls    first attempts over 5 ms: {}, of them {} ({:.1}%) meant to be sent in a stall's window; the windows cover {:.1}% of the measured time\n",
+            self.slow_first,
+            self.slow_first_in_stall_windows,
+            100.0 * self.slow_first_in_stall_windows as f64 / self.slow_first.max(1) as f64,
+            100.0 * self.stall_window_share,
+        ));
+        text
+    }
+
+    /// The per-core lines alone.
+    fn text_without_answers(&self) -> String {
         let mut text = String::new();
         for core in &self.cores {
             text.push_str(&format!(
@@ -289,13 +311,6 @@ impl StallReport {
                 core.stalled_ms,
             ));
         }
-        text.push_str(&format!(
-            "  stalls    first attempts over 5 ms: {}, of them {} ({:.1}%) meant to be sent in a stall's window; the windows cover {:.1}% of the measured time\n",
-            self.slow_first,
-            self.slow_first_in_stall_windows,
-            100.0 * self.slow_first_in_stall_windows as f64 / self.slow_first.max(1) as f64,
-            100.0 * self.stall_window_share,
-        ));
         text
     }
 }
@@ -318,6 +333,82 @@ fn core_line(reading: &CoreReading) -> CoreStalls {
         stalls_over_2ms: over(2_000_000),
         stalls_over_5ms: over(5_000_000),
         stalled_ms: reading.stalls.iter().map(|stall| stall.late_ns as f64 / 1e6).sum(),
+    }
+}
+
+/// Flags of `shardgate-bench stalls`.
+#[derive(Debug, Args)]
+pub struct StallsArgs {
+    /// How long each reading lasts (1s..=10m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse::parse_duration, default_value = "10s")]
+    duration: Duration,
+
+    /// After the idle reading, take a second one with every core kept busy by a spinning
+    /// thread at the lowest priority (`SCHED_IDLE`), which the probe preempts at once.
+    #[arg(long)]
+    busy: bool,
+}
+
+/// `shardgate-bench stalls`: the probe alone, idle and optionally busy; prints each reading.
+pub fn command(arguments: StallsArgs) -> std::process::ExitCode {
+    let seconds = arguments.duration.as_secs_f64();
+    if !(1.0..=600.0).contains(&seconds) {
+        eprintln!("shardgate-bench: error: --duration must be between 1s and 10m");
+        return std::process::ExitCode::from(2);
+    }
+    let cores = Probe::allowed_cores();
+    let mut readings = vec![("idle", false)];
+    if arguments.busy {
+        readings.push(("busy", true));
+    }
+    for (name, busy) in readings {
+        match reading(&cores, arguments.duration, busy) {
+            Ok(report) => print!("stalls ({name}, {seconds:.0} s):\n{}", report.text_without_answers()),
+            Err(error) => {
+                eprintln!("shardgate-bench: error: cannot start the probe: {error}");
+                return std::process::ExitCode::from(1);
+            }
+        }
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// One reading of `duration`; with `busy`, a `SCHED_IDLE` spinner per core runs meanwhile.
+fn reading(cores: &[usize], duration: Duration, busy: bool) -> io::Result<StallReport> {
+    let stop_spinning = Arc::new(AtomicBool::new(false));
+    let spinners = if busy {
+        cores
+            .iter()
+            .map(|&core| {
+                let stop = Arc::clone(&stop_spinning);
+                std::thread::Builder::new()
+                    .name(format!("spinner-{core}"))
+                    .spawn(move || spin(core, &stop))
+            })
+            .collect::<io::Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
+    let probe = Probe::start(cores, monotonic_ns());
+    std::thread::sleep(duration);
+    stop_spinning.store(true, Ordering::Relaxed);
+    for spinner in spinners {
+        let _ = spinner.join();
+    }
+    Ok(probe?.stop(&[], 0, duration.as_millis() as u64))
+}
+
+/// Keeps `core` busy at the lowest priority until `stop`.
+fn spin(core: usize, stop: &AtomicBool) {
+    if pin_to_core(core).is_err() {
+        return;
+    }
+    let parameters = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `parameters` is a valid sched_param; pid 0 means the calling thread. Failing
+    // leaves the spinner at normal priority, where the real-time probe still preempts it.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &parameters) };
+    while !stop.load(Ordering::Relaxed) {
+        std::hint::spin_loop();
     }
 }
 
