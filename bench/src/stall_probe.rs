@@ -246,7 +246,26 @@ pub struct StallReport {
     pub slow_first_in_stall_windows: u64,
     /// The share of the measured span that the stall windows cover.
     pub stall_window_share: f64,
+    /// The largest bursts of slow answers, most slow answers first, at most [`EPISODES_MAX`].
+    pub episodes: Vec<Episode>,
 }
+
+/// A burst of slow answers: milliseconds of intended send time with slow first attempts, no
+/// more than [`EPISODE_GAP`] apart, and the longest stall from [`COVER_BEFORE`] before it to
+/// its end.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Episode {
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub slow_first: u64,
+    /// 0 when no stall came near it.
+    pub longest_stall_us: u64,
+}
+
+/// Slow milliseconds closer than this belong to one episode.
+pub const EPISODE_GAP: Duration = Duration::from_millis(5);
+/// Episodes the report keeps.
+pub const EPISODES_MAX: usize = 10;
 
 impl StallReport {
     fn new(readings: &[CoreReading], slow_by_ms: &[u32], measure_from_ms: u64, measure_to_ms: u64) -> StallReport {
@@ -266,6 +285,7 @@ impl StallReport {
             slow_first: 0,
             slow_first_in_stall_windows: 0,
             stall_window_share: 0.0,
+            episodes: Vec::new(),
         };
         for ms in measured.clone() {
             let slow = u64::from(slow_by_ms.get(ms).copied().unwrap_or(0));
@@ -276,6 +296,7 @@ impl StallReport {
         }
         let covered_ms = covered[measured.clone()].iter().filter(|&&is| is).count();
         report.stall_window_share = covered_ms as f64 / measured.len().max(1) as f64;
+        report.episodes = episodes(readings, slow_by_ms, measured);
         report
     }
 
@@ -289,6 +310,12 @@ impl StallReport {
             100.0 * self.slow_first_in_stall_windows as f64 / self.slow_first.max(1) as f64,
             100.0 * self.stall_window_share,
         ));
+        for episode in &self.episodes {
+            text.push_str(&format!(
+                "  stalls    burst at {}-{} ms: {} slow, longest stall near it {} µs\n",
+                episode.from_ms, episode.to_ms, episode.slow_first, episode.longest_stall_us
+            ));
+        }
         text
     }
 
@@ -313,6 +340,45 @@ impl StallReport {
         }
         text
     }
+}
+
+/// The largest bursts of slow answers in `measured`, each with the longest stall near it.
+fn episodes(readings: &[CoreReading], slow_by_ms: &[u32], measured: std::ops::Range<usize>) -> Vec<Episode> {
+    let gap_ms = EPISODE_GAP.as_millis() as u64;
+    let mut found: Vec<Episode> = Vec::new();
+    for ms in measured {
+        let slow = u64::from(slow_by_ms.get(ms).copied().unwrap_or(0));
+        if slow == 0 {
+            continue;
+        }
+        let ms = ms as u64;
+        match found.last_mut() {
+            Some(last) if ms <= last.to_ms + gap_ms => {
+                last.to_ms = ms;
+                last.slow_first += slow;
+            }
+            _ => found.push(Episode {
+                from_ms: ms,
+                to_ms: ms,
+                slow_first: slow,
+                longest_stall_us: 0,
+            }),
+        }
+    }
+    found.sort_by(|a, b| b.slow_first.cmp(&a.slow_first).then(a.from_ms.cmp(&b.from_ms)));
+    found.truncate(EPISODES_MAX);
+    let before_ns = COVER_BEFORE.as_nanos() as u64;
+    for episode in &mut found {
+        let (from_ns, to_ns) = (episode.from_ms * 1_000_000, (episode.to_ms + 1) * 1_000_000);
+        episode.longest_stall_us = readings
+            .iter()
+            .flat_map(|reading| &reading.stalls)
+            .filter(|stall| stall.woke_ns + before_ns >= from_ns && stall.began_ns() < to_ns)
+            .map(|stall| stall.late_ns / 1_000)
+            .max()
+            .unwrap_or(0);
+    }
+    found
 }
 
 fn core_line(reading: &CoreReading) -> CoreStalls {
@@ -465,6 +531,36 @@ mod tests {
         assert_eq!(report.cores[0].stalls, 1);
         assert_eq!(report.cores[0].stalls_over_2ms, 1);
         assert_eq!(report.cores[0].stalls_over_5ms, 0);
+    }
+
+    // Slow milliseconds close together make one burst, largest first, each with the longest
+    // stall near it.
+    #[test]
+    fn bursts_are_found_and_matched_to_stalls() {
+        let readings = [reading(&[(502, 3), (800, 1)])];
+        let mut slow_by_ms = vec![0u32; 1_000];
+        for ms in [500, 503, 507] {
+            slow_by_ms[ms] = 10;
+        }
+        slow_by_ms[700] = 50;
+        let report = StallReport::new(&readings, &slow_by_ms, 0, 1_000);
+        assert_eq!(
+            report.episodes,
+            vec![
+                Episode {
+                    from_ms: 700,
+                    to_ms: 700,
+                    slow_first: 50,
+                    longest_stall_us: 0
+                },
+                Episode {
+                    from_ms: 500,
+                    to_ms: 507,
+                    slow_first: 30,
+                    longest_stall_us: 3_000
+                },
+            ]
+        );
     }
 
     // Answers before the measured span (the warmup) are left out, and windows past the end are cut.
