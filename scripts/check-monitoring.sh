@@ -97,8 +97,12 @@ tests:
   - name: --durability replica, a master's replica stops confirming
     interval: 1m
     input_series:
-      - series: 'shardgate_redis_wait_shortfalls_total{job="shardgate",instance="a:9100",shard="0"}'
+      - series: 'shardgate_redis_wait_shortfalls_total{job="shardgate",instance="a:9100",shard="0",node="10.0.0.3:7000"}'
         values: '0x3 0+20x10'
+      - series: 'shardgate_redis_wait_shortfalls_total{job="shardgate",instance="a:9100",shard="1",node="10.0.0.3:7000"}'
+        values: '0x3 0+5x10'
+      - series: 'shardgate_redis_wait_shortfalls_total{job="shardgate",instance="a:9100",shard="0",node="10.0.0.1:7000"}'
+        values: '0x13'
     promql_expr_test:
       - expr: ALERTS{alertname="ShardgateReplicaUnconfirmed",alertstate="firing"}
         eval_time: 4m
@@ -106,7 +110,7 @@ tests:
       - expr: ALERTS{alertname="ShardgateReplicaUnconfirmed",alertstate="firing"}
         eval_time: 8m
         exp_samples:
-          - labels: 'ALERTS{alertname="ShardgateReplicaUnconfirmed",alertstate="firing",instance="a:9100",severity="critical"}'
+          - labels: 'ALERTS{alertname="ShardgateReplicaUnconfirmed",alertstate="firing",instance="a:9100",node="10.0.0.3:7000",severity="critical"}'
             value: 1
 
   - name: 10% RETRY, 2% REJECTED, p99.9 at 8.5 ms, a burst of UDP drops

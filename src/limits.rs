@@ -58,6 +58,17 @@ pub(crate) const STREAM_KEY_BYTES_MAX: usize = PREFIX_BYTES_MAX + ":{".len() + 4
 /// `batches_in_flight_max` × 8, which fred's command queue is sized for (`store.rs`).
 pub(crate) const CLUSTER_GROUP_CALLS_PER_BATCH: usize = 8;
 
+/// Redis nodes one shard's metrics name (`node` label, `telemetry::metrics::RedisNodes`);
+/// further nodes fold into `node="other"`. Each named node adds 28 series per shard to the
+/// exposition (a 16-bucket round-trip histogram, 6 error kinds, 2 redirection kinds, WAIT
+/// shortfalls), so this bounds a scrape's size and Prometheus's series however the cluster
+/// changes. A shard's client talks only to masters, and the capacity model asks for a
+/// handful (3 masters run the seed's 120 000 frames/s at 12% each, docs/operations.md);
+/// 64 leaves room for a cluster grown tenfold plus the old addresses of failed-over or
+/// replaced masters, which stay named for the life of the process. A row is ~300 bytes:
+/// 20 KiB per shard.
+pub(crate) const REDIS_NODES_PER_SHARD_MAX: usize = 64;
+
 /// Partitions (streams) per prefix. 1024 keeps the partition field of a record
 /// to four decimal digits.
 pub(crate) const PARTITIONS_DEFAULT: u32 = 16;
@@ -229,6 +240,8 @@ const _: () = assert!(PARTITIONS_DEFAULT <= PARTITIONS_MAX);
 const _: () = assert!(DEDUP_CAPACITY_MIN <= DEDUP_CAPACITY_DEFAULT && DEDUP_CAPACITY_DEFAULT <= DEDUP_CAPACITY_MAX);
 // The partition field is written with at most four digits (the key bounds count four too).
 const _: () = assert!(PARTITIONS_MAX <= 9_999);
+// A node's row index fits the u8 a call keeps it in, with the two rows `other` and `unknown`.
+const _: () = assert!(REDIS_NODES_PER_SHARD_MAX >= 1 && REDIS_NODES_PER_SHARD_MAX + 2 <= u8::MAX as usize);
 // A group call carries at least one event; a batch has at most one group per event.
 const _: () = assert!(CLUSTER_GROUP_CALLS_PER_BATCH >= 1 && CLUSTER_GROUP_CALLS_PER_BATCH <= BATCH_EVENTS_MAX);
 // The payload length is written as a u16.

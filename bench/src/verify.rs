@@ -150,9 +150,26 @@ impl Checker {
     }
 }
 
+/// The userinfo (`user:password@`, or empty) of a `redis-cluster://` url given to `connect`, for
+/// the connections a `MOVED` sends verification to.
+static CLUSTER_USERINFO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// Opens the connection verification will use; called before the run so that a wrong URL
-/// fails fast instead of after minutes of load.
+/// fails fast instead of after minutes of load. A `redis-cluster://[userinfo@]SEED[,SEED...]`
+/// url (shardgate's form) connects to its first seed; verification then follows each
+/// partition's `MOVED` to the master that serves it.
 pub fn connect(url: &str) -> Result<redis::Connection, String> {
+    let seed_url;
+    let url = match url.strip_prefix("redis-cluster://") {
+        Some(rest) => {
+            let (userinfo, seeds) = rest.rfind('@').map_or(("", rest), |at| (&rest[..=at], &rest[at + 1..]));
+            let first_seed = seeds.split(',').next().unwrap_or("");
+            let _ = CLUSTER_USERINFO.set(userinfo.to_string());
+            seed_url = format!("redis://{userinfo}{first_seed}");
+            seed_url.as_str()
+        }
+        None => url,
+    };
     let client = redis::Client::open(url).map_err(|error| format!("invalid --redis {url:?}: {error}"))?;
     let mut connection = client
         .get_connection_with_timeout(CONNECT_TIMEOUT)
@@ -202,18 +219,44 @@ pub fn verify_since(
         Some(since_ms) => format!("{}-0", since_ms.saturating_sub(START_MARGIN_MS)),
         None => "-".to_string(),
     };
+    // On a cluster, the master of each partition's slot, opened at its first MOVED.
+    let mut masters: Vec<(String, redis::Connection)> = Vec::new();
     for partition in 0..partitions {
         let key = format!("{prefix}:{{{partition}}}:events");
         let mut start = first_id.clone();
+        let mut node: Option<usize> = None;
         loop {
-            let reply: Value = redis::cmd("XRANGE")
-                .arg(&key)
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(PAGE_ENTRIES)
-                .query(connection)
-                .map_err(|error| format!("XRANGE {key} failed: {error}"))?;
+            let query = |connection: &mut redis::Connection| {
+                redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(PAGE_ENTRIES)
+                    .query::<Value>(connection)
+            };
+            let reply = match node {
+                Some(index) => query(&mut masters[index].1),
+                None => query(connection),
+            };
+            let reply = match reply {
+                Err(error) if error.kind() == redis::ErrorKind::Moved && node.is_none() => {
+                    let (address, _slot) = error
+                        .redirect_node()
+                        .ok_or_else(|| format!("XRANGE {key}: a MOVED without a node: {error}"))?;
+                    let index = match masters.iter().position(|(known, _)| known == address) {
+                        Some(index) => index,
+                        None => {
+                            let userinfo = CLUSTER_USERINFO.get().map_or("", String::as_str);
+                            masters.push((address.to_string(), connect(&format!("redis://{userinfo}{address}"))?));
+                            masters.len() - 1
+                        }
+                    };
+                    node = Some(index);
+                    continue;
+                }
+                reply => reply.map_err(|error| format!("XRANGE {key} failed: {error}"))?,
+            };
             let page = read_page(reply).map_err(|error| format!("XRANGE {key}: {error}"))?;
             for (_, id) in &page {
                 checker.entry(*id);

@@ -54,6 +54,7 @@ impl Shard {
         if self.store.restart_if_ended() {
             self.log_client_restart();
         }
+        self.store.take_redirections(&self.metrics.redis_by_node);
         let connected = self.store.is_connected();
         if connected && !self.liveness.partitions_agreed.get() {
             self.check_partitions_once();
@@ -101,8 +102,10 @@ impl Shard {
     /// Counts the Redis nodes the client is connected to (`redis_nodes`), and logs the count
     /// on a cluster when it changes: at start, it says cluster mode is on and how many
     /// masters were discovered. Called when Redis comes up, not per tick: the count is read
-    /// from a list the client builds for it.
+    /// from a list the client builds for it. Also names the nodes the client knows of in the
+    /// metrics (`node` label), so that their series show before their first call.
     fn note_redis_nodes(&self) {
+        self.store.name_nodes(&self.metrics.redis_by_node);
         let nodes = self.store.connected_nodes() as i64;
         let before = self.metrics.redis_nodes.get();
         self.metrics.redis_nodes.set(nodes);
@@ -236,7 +239,8 @@ impl Shard {
             .batches
             .open
             .replace(Batch::new(self.settings.batch_events_max, self.store.is_cluster()));
-        self.metrics.redis_errors[RedisErrorKind::Abandoned as usize].add(1);
+        let node = self.store.node_row(&self.metrics.redis_by_node, None);
+        self.metrics.redis_by_node.at(node).errors[RedisErrorKind::Abandoned as usize].add(1);
         self.complete(&mut batch, false);
         self.answer(&batch, sink).await;
         batch.finish();

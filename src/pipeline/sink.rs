@@ -27,8 +27,8 @@ use crate::pipeline::notify::Notify;
 use crate::pipeline::shard::Settings;
 use crate::pipeline::shard::{send_due, HeldCopy, Shard, EVENT_FAILURE_LOG_PERIOD};
 use crate::redis::groups::{GroupJob, Groups};
-use crate::redis::store::{EventFailures, GroupCalls, GroupReply, Outcome, Shortfall, StoreError};
-use crate::telemetry::metrics::RetryCause;
+use crate::redis::store::{EventFailures, GroupCalls, GroupReply, GroupVerdict, Outcome, Shortfall, StoreError};
+use crate::telemetry::metrics::{NodeRow, RedisNodes, RetryCause};
 use crate::wire::frame::{EventId, Status};
 
 /// Makes one script call at a time, for the batch `Shard::flush` hands it.
@@ -62,6 +62,8 @@ struct Lane {
     state: Cell<LaneState>,
     /// The reply of the job just made, from `Done` until its caller takes it.
     reply: RefCell<Option<GroupReply>>,
+    /// The node that answered the job just made: its failure or `WAIT` shortfall counts there.
+    node: Cell<NodeRow>,
     /// Wakes the lane's task for a job, or to end.
     ready: Notify,
 }
@@ -127,6 +129,7 @@ impl Batches {
                             nonce: Cell::new(0),
                             state: Cell::new(LaneState::Idle),
                             reply: RefCell::new(None),
+                            node: Cell::new(RedisNodes::UNKNOWN),
                             ready: Notify::default(),
                         })
                         .collect(),
@@ -206,7 +209,19 @@ impl Shard {
             match this.state.get() {
                 LaneState::Sent => {
                     let mut job = this.job.take().expect("a sent lane's job is in place");
+                    let started = Instant::now();
                     let reply = self.store.group_call(&job).await;
+                    // Counted here rather than by the caller, which an abandoned batch no
+                    // longer has. The slot's master now: a MOVED on the way refreshed the map.
+                    let nodes = &self.metrics.redis_by_node;
+                    let node = self.store.node_row(nodes, Some(job.slot()));
+                    if reply.was_sent() {
+                        nodes
+                            .at(node)
+                            .round_trip_us
+                            .observe(started.elapsed().as_micros() as u64);
+                    }
+                    this.node.set(node);
                     job.release();
                     *this.job.borrow_mut() = Some(job);
                     *this.reply.borrow_mut() = Some(reply);
@@ -260,6 +275,9 @@ impl Shard {
 
     async fn send(&self, caller: usize, mut batch: Batch, sink: &impl AckSink) {
         let event_count = batch.len();
+        // Standalone, the node of the batch's one call; on a cluster `unknown`, where a failure
+        // of the batch as a whole counts (each group call counts at its own node).
+        let node = self.store.node_row(&self.metrics.redis_by_node, None);
         let started = Instant::now();
         let mut outcomes = std::mem::take(batch.outcomes_mut());
         let mut failures = EventFailures::default();
@@ -292,6 +310,7 @@ impl Shard {
                     .dedup_append(nonce, event_count, blob, &mut outcomes, &mut failures);
                 futures_lite::future::or(call, self.abandoned()).await.map(|shortfall| {
                     if let Some(shortfall) = &shortfall {
+                        self.metrics.redis_by_node.at(node).wait_shortfalls.add(1);
                         self.count_wait_shortfalls(1, Some(shortfall));
                     }
                 })
@@ -299,10 +318,13 @@ impl Shard {
         };
         let round_trip = started.elapsed();
         self.latency.borrow_mut().record_redis_round_trip(round_trip);
-        self.metrics.redis_round_trip_us.observe(round_trip.as_micros() as u64);
+        if !self.store.is_cluster() {
+            let round_trip_us = round_trip.as_micros() as u64;
+            self.metrics.redis_by_node.at(node).round_trip_us.observe(round_trip_us);
+        }
         self.metrics.batch_events.observe(event_count as u64);
         if let Err(error) = &result {
-            self.metrics.redis_errors[error.kind() as usize].add(1);
+            self.metrics.redis_by_node.at(node).errors[error.kind() as usize].add(1);
             self.liveness.redis_failures.set(self.liveness.redis_failures.get() + 1);
         }
         self.count_event_failures(&failures);
@@ -339,6 +361,13 @@ impl Shard {
     ) -> GroupCalls {
         let mut report = GroupCalls::default();
         if let Err(error) = self.store.split(groups, blob, event_count) {
+            self.count_at_node(
+                RedisNodes::UNKNOWN,
+                GroupVerdict {
+                    failed: Some(error.kind()),
+                    wait_shortfall: false,
+                },
+            );
             report.fail(error);
             outcomes.clear();
             outcomes.resize(event_count, Outcome::Failed);
@@ -359,7 +388,8 @@ impl Shard {
                     if lane.nonce.get() >= first_nonce {
                         let job = lane.job.borrow();
                         let job = job.as_ref().expect("a done lane's job is back");
-                        self.store.take_group_reply(job, reply, groups, failures, &mut report);
+                        let verdict = self.store.take_group_reply(job, reply, groups, failures, &mut report);
+                        self.count_at_node(lane.node.get(), verdict);
                     }
                     lane.state.set(LaneState::Idle);
                 }
@@ -398,15 +428,23 @@ impl Shard {
         Err(StoreError::abandoned())
     }
 
-    /// Counts the group calls of a batch that failed as a whole (on a cluster); the tick
-    /// logs them with the other failed calls.
+    /// Counts a group call's failure or `WAIT` shortfall at the node it went to.
+    fn count_at_node(&self, node: NodeRow, verdict: GroupVerdict) {
+        let node = self.metrics.redis_by_node.at(node);
+        if let Some(kind) = verdict.failed {
+            node.errors[kind as usize].add(1);
+        }
+        if verdict.wait_shortfall {
+            node.wait_shortfalls.add(1);
+        }
+    }
+
+    /// Counts the group calls of a batch that failed as a whole (on a cluster; each was
+    /// counted at its node already); the tick logs them with the other failed calls.
     fn count_group_failures(&self, calls: &GroupCalls) {
         let failed = calls.failed_total();
         if failed == 0 {
             return;
-        }
-        for (counter, &count) in self.metrics.redis_errors.iter().zip(&calls.failed) {
-            counter.add(count);
         }
         self.liveness
             .redis_failures
@@ -416,14 +454,13 @@ impl Shard {
         }
     }
 
-    /// Counts `WAIT`s that fell short (`--durability replica`; their events get RETRY,
-    /// `replica_unconfirmed`), and logs how many replicas confirmed at most once per
-    /// `EVENT_FAILURE_LOG_PERIOD`.
+    /// Logs `WAIT`s that fell short (`--durability replica`; their events get RETRY,
+    /// `replica_unconfirmed`; each was counted at its node), with how many replicas confirmed,
+    /// at most once per `EVENT_FAILURE_LOG_PERIOD`.
     fn count_wait_shortfalls(&self, count: u64, first: Option<&Shortfall>) {
         if count == 0 {
             return;
         }
-        self.metrics.redis_wait_shortfalls.add(count);
         let unlogged = self.liveness.wait_shortfalls_unlogged.get() + count;
         let now = Instant::now();
         if !log_due(

@@ -128,6 +128,11 @@ impl GroupJob {
         &self.keys[start as usize..end as usize]
     }
 
+    /// The call's hash slot: its keys share one hash tag, so the stream key's slot.
+    pub(crate) fn slot(&self) -> u16 {
+        fred::util::redis_keyslot(self.stream_key())
+    }
+
     /// Drops the job's handles on the split's buffers, so that the batch can take them back.
     pub fn release(&mut self) {
         self.blob = Bytes::new();

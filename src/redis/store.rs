@@ -83,7 +83,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fred::interfaces::{ClusterInterface, LuaInterface};
+use fred::interfaces::{ClusterInterface, LuaInterface, MetricsInterface};
 use fred::prelude::{ClientLike, Config as FredConfig, ReconnectPolicy, Value};
 use fred::types::config::ClusterDiscoveryPolicy;
 use fred::types::scripts::Script;
@@ -94,7 +94,7 @@ use crate::redis::groups::{GroupJob, Groups};
 use crate::redis::script::{
     partitions_key, DEDUP_APPEND_LUA, OUTCOME_ALREADY_STORED, OUTCOME_APPENDED, OUTCOME_FAILED, PARTITIONS_LUA,
 };
-use crate::telemetry::metrics::{EventErrorReason, RedisErrorKind};
+use crate::telemetry::metrics::{EventErrorReason, NodeRow, Redirection, RedisErrorKind, RedisNodes};
 
 /// What a shard's Redis client needs from the command line; built by `host`.
 #[derive(Clone, Debug)]
@@ -370,6 +370,13 @@ pub(crate) struct GroupReply {
     shortfall: Option<Shortfall>,
 }
 
+impl GroupReply {
+    /// Whether the call was sent: its batch's deadline had not passed before it.
+    pub(crate) fn was_sent(&self) -> bool {
+        self.sent
+    }
+}
+
 /// What became of a batch's group calls on a Redis Cluster (`pipeline/sink.rs`).
 /// A failed group's events are `Failed` (RETRY); the other groups' events have their own
 /// outcomes.
@@ -385,6 +392,15 @@ pub(crate) struct GroupCalls {
     pub wait_shortfalls: u64,
     /// The first of them, for the log.
     pub first_shortfall: Option<Shortfall>,
+}
+
+/// What one group call's reply said, for the counts of its node (`pipeline/sink.rs`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GroupVerdict {
+    /// The call failed as a whole: every event of its group got RETRY.
+    pub failed: Option<RedisErrorKind>,
+    /// Its `WAIT` fell short (`--durability replica`): every event of its group got RETRY.
+    pub wait_shortfall: bool,
 }
 
 impl GroupCalls {
@@ -430,6 +446,8 @@ pub struct Store {
     /// Standalone: the connection's `WAIT` gate. Cluster: the gates of the masters, by node.
     wait_gate: Rc<WaitGate>,
     node_wait_gates: RefCell<HashMap<fred::types::config::Server, Rc<WaitGate>>>,
+    /// Standalone: the node every call goes to, as the url names it (the `node` label).
+    standalone_node: Option<(String, u16)>,
 }
 
 impl Store {
@@ -441,6 +459,10 @@ impl Store {
             .fred_config()
             .map_err(|error| StoreError::new(RedisErrorKind::Connection, error))?;
         let cluster = settings.redis_url.is_cluster();
+        let standalone_node = match &fred_config.server {
+            fred::types::config::ServerConfig::Centralized { server } => Some((server.host.to_string(), server.port)),
+            _ => None,
+        };
         let call_timeout = Duration::from_millis(settings.call_timeout_ms);
         // On a cluster each batch makes up to CLUSTER_GROUP_CALLS_PER_BATCH calls at once, and
         // a redirected call goes through the queue a second time.
@@ -504,6 +526,7 @@ impl Store {
             wait_command: CustomCommand::new_static("WAIT", ClusterHash::Random, false),
             wait_gate: Rc::default(),
             node_wait_gates: RefCell::default(),
+            standalone_node,
         })
     }
 
@@ -556,6 +579,54 @@ impl Store {
     /// The nodes the client holds a connection to: on a cluster, every master it discovered.
     pub(crate) fn connected_nodes(&self) -> usize {
         self.client.active_connections().len()
+    }
+
+    /// The row in `nodes` of the node a call goes to: standalone, the url's; on a cluster, the
+    /// master of `slot` in the client's slot map (after a call, the one that answered it, since a
+    /// `MOVED` refreshes the map), or `unknown` without a slot or a map. Never allocates past a
+    /// node's first sight.
+    pub(crate) fn node_row(&self, nodes: &RedisNodes, slot: Option<u16>) -> NodeRow {
+        if let Some((host, port)) = &self.standalone_node {
+            return nodes.row(host, *port);
+        }
+        let Some(slot) = slot else {
+            return RedisNodes::UNKNOWN;
+        };
+        self.client
+            .with_cached_cluster_state(|state| {
+                state
+                    .get_server(slot)
+                    .map(|server| nodes.row(&server.host, server.port))
+            })
+            .flatten()
+            .unwrap_or(RedisNodes::UNKNOWN)
+    }
+
+    /// Names every node the client knows of in `nodes`, so that their series show from the
+    /// start: standalone, the url's node; on a cluster, every master of the slot map.
+    pub(crate) fn name_nodes(&self, nodes: &RedisNodes) {
+        if self.standalone_node.is_some() {
+            self.node_row(nodes, None);
+            return;
+        }
+        self.client.with_cached_cluster_state(|state| {
+            for master in state.unique_primary_nodes() {
+                nodes.row(&master.host, master.port);
+            }
+        });
+    }
+
+    /// Counts the `MOVED` and `ASK` redirections the client followed since the last call, by
+    /// the node that answered with them (a vendored fred patch counts them).
+    pub(crate) fn take_redirections(&self, nodes: &RedisNodes) {
+        if !self.cluster {
+            return;
+        }
+        self.client.take_redirections(|server, moved, ask| {
+            let node = nodes.at(nodes.row(&server.host, server.port));
+            node.redirections[Redirection::Moved as usize].add(moved);
+            node.redirections[Redirection::Ask as usize].add(ask);
+        });
     }
 
     /// Runs the script on one batch. `outcomes` receives one entry per event,
@@ -740,11 +811,7 @@ impl Store {
             .until(job.deadline(), self.evalsha(&self.script, || job.keys(), arguments))
             .await;
         let shortfall = match (&result, self.durability) {
-            (Ok(_), Durability::Replica) => {
-                // The group's keys share one hash tag: the stream key's slot is the call's.
-                let slot = fred::util::redis_keyslot(job.stream_key());
-                self.confirm(job.deadline(), Some(slot)).await
-            }
+            (Ok(_), Durability::Replica) => self.confirm(job.deadline(), Some(job.slot())).await,
             _ => None,
         };
         GroupReply {
@@ -755,7 +822,8 @@ impl Store {
     }
 
     /// Puts a group call's reply on its events in `groups`: their outcomes, or `Failed`
-    /// (RETRY) for all of them if the call failed or its reply does not match it.
+    /// (RETRY) for all of them if the call failed or its reply does not match it. Says which,
+    /// for the counts of the call's node.
     pub(crate) fn take_group_reply(
         &self,
         job: &GroupJob,
@@ -763,7 +831,7 @@ impl Store {
         groups: &mut Groups,
         failures: &mut EventFailures,
         report: &mut GroupCalls,
-    ) {
+    ) -> GroupVerdict {
         report.calls += u64::from(reply.sent);
         let outcomes = groups.outcomes_of(job.group());
         let decoded = reply.result.and_then(|value| {
@@ -778,9 +846,11 @@ impl Store {
             failures.absorb(group_failures);
             Ok(())
         });
+        let mut verdict = GroupVerdict::default();
         match decoded {
             Err(error) => {
                 groups.outcomes_of(job.group()).fill(Outcome::Failed);
+                verdict.failed = Some(error.kind());
                 report.fail(error);
             }
             Ok(()) => {
@@ -788,9 +858,11 @@ impl Store {
                     mark_unconfirmed(groups.outcomes_of(job.group()));
                     report.wait_shortfalls += 1;
                     report.first_shortfall.get_or_insert(shortfall);
+                    verdict.wait_shortfall = true;
                 }
             }
         }
+        verdict
     }
 
     /// Records our partition count under the prefix if none is, and says

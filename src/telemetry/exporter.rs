@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::telemetry::metrics::{
-    CloseReason, EventErrorReason, HistogramReading, LookupOutcome, RedisErrorKind, RetryCause, ShardMetrics, Transport,
+    CloseReason, EventErrorReason, HistogramReading, LookupOutcome, Redirection, RedisErrorKind, RetryCause,
+    ShardMetrics, Transport,
 };
 use crate::wire::frame::{RejectReason, Status};
 
@@ -41,7 +42,9 @@ const LABELS_MAX: usize = 2;
 /// and what one shard's series take (some 9 KiB, more as counters grow
 /// digits), so the body is allocated once per scrape.
 const BODY_BYTES_FIXED: usize = 4 * 1024;
-const BODY_BYTES_PER_SHARD: usize = 12 * 1024;
+const BODY_BYTES_PER_SHARD: usize = 10 * 1024;
+/// What one Redis node's series of one shard take (28 lines with the node's address).
+const BODY_BYTES_PER_NODE: usize = 3 * 1024;
 
 /// Binds the endpoint and serves it on a thread for the life of the process.
 pub fn start(address: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::io::Result<SocketAddr> {
@@ -234,15 +237,19 @@ enum Label {
     RedisErrorKind,
     EventErrorReason,
     CloseReason,
+    /// A Redis node, `host:port`: a shard's own values (`RedisNodes`), whose slot is the
+    /// node's row.
+    Node,
+    Redirection,
     /// The running build's version, for `build_info`.
     Version,
 }
 
 /// One label of one series.
 #[derive(Clone, Copy, Debug)]
-struct LabelValue {
+struct LabelValue<'a> {
     name: &'static str,
-    value: &'static str,
+    value: &'a str,
     slot: usize,
 }
 
@@ -254,14 +261,16 @@ impl Label {
             Label::RejectReason | Label::EventErrorReason | Label::CloseReason => "reason",
             Label::LookupOutcome => "outcome",
             Label::RetryCause => "cause",
-            Label::RedisErrorKind => "kind",
+            Label::RedisErrorKind | Label::Redirection => "kind",
+            Label::Node => "node",
             Label::Version => "version",
         }
     }
 
-    /// The value at `position`, in the order of the enum's `ALL`, which is the
-    /// order series are written in; `None` past the last.
-    fn value(self, position: usize) -> Option<LabelValue> {
+    /// The value at `position`, in the order of the enum's `ALL` (a node's: the order the
+    /// shard named them in), which is the order series are written in; `None` past the last.
+    /// Only `Node` reads the shard, and has no value without one.
+    fn value(self, position: usize, shard: Option<&ShardMetrics>) -> Option<LabelValue<'_>> {
         let (slot, value) = match self {
             Label::Transport => Transport::ALL.get(position).map(|&it| (it as usize, it.name())),
             Label::UdpTransport => [Transport::Udp].get(position).map(|&it| (it as usize, it.name())),
@@ -275,6 +284,8 @@ impl Label {
             Label::RedisErrorKind => RedisErrorKind::ALL.get(position).map(|&it| (it as usize, it.name())),
             Label::EventErrorReason => EventErrorReason::ALL.get(position).map(|&it| (it as usize, it.name())),
             Label::CloseReason => CloseReason::ALL.get(position).map(|&it| (it as usize, it.name())),
+            Label::Node => shard?.redis_by_node.shown().nth(position),
+            Label::Redirection => Redirection::ALL.get(position).map(|&it| (it as usize, it.name())),
             Label::Version => (position == 0).then_some((0, env!("CARGO_PKG_VERSION"))),
         }?;
         Some(LabelValue {
@@ -380,17 +391,27 @@ const FAMILIES: &[Family] = &[
     },
     Family {
         name: "redis_round_trip_seconds",
-        help: "Duration of one Redis script call.",
+        help: "Duration of one Redis script call, by the node it went to.",
         unit: Some("seconds"),
-        labels: &[],
-        value: Value::Histogram(|shard, _| shard.redis_round_trip_us.read(), Recorded::Microseconds),
+        labels: &[Label::Node],
+        value: Value::Histogram(
+            |shard, [node, _]| shard.redis_by_node.row_at(node).round_trip_us.read(),
+            Recorded::Microseconds,
+        ),
     },
     Family {
         name: "redis_errors",
-        help: "Failed Redis script calls, by kind.",
+        help: "Failed Redis script calls, by node and kind.",
         unit: None,
-        labels: &[Label::RedisErrorKind],
-        value: Value::Counter(|shard, [kind, _]| shard.redis_errors[kind].get()),
+        labels: &[Label::Node, Label::RedisErrorKind],
+        value: Value::Counter(|shard, [node, kind]| shard.redis_by_node.row_at(node).errors[kind].get()),
+    },
+    Family {
+        name: "redis_redirections",
+        help: "Script calls a Redis Cluster node answered with MOVED or ASK, which the client followed, by node.",
+        unit: None,
+        labels: &[Label::Node, Label::Redirection],
+        value: Value::Counter(|shard, [node, kind]| shard.redis_by_node.row_at(node).redirections[kind].get()),
     },
     Family {
         name: "redis_calls",
@@ -423,10 +444,10 @@ const FAMILIES: &[Family] = &[
     },
     Family {
         name: "redis_wait_shortfalls",
-        help: "WAIT calls after a script call (--durability replica) that no replica confirmed in time; their events got RETRY.",
+        help: "WAIT calls after a script call (--durability replica) that no replica confirmed in time, by node; their events got RETRY.",
         unit: None,
-        labels: &[],
-        value: Value::Counter(|shard, _| shard.redis_wait_shortfalls.get()),
+        labels: &[Label::Node],
+        value: Value::Counter(|shard, [node, _]| shard.redis_by_node.row_at(node).wait_shortfalls.get()),
     },
     Family {
         name: "redis_up",
@@ -516,12 +537,16 @@ const _: () = {
 };
 
 /// Every combination of the labels' values, the last label varying fastest;
-/// a family without labels has one series, so one empty combination.
-fn label_sets(labels: &'static [Label]) -> impl Iterator<Item = [Option<LabelValue>; LABELS_MAX]> {
-    let values = |label: Option<Label>| {
+/// a family without labels has one series, so one empty combination. `shard` gives the
+/// values of `node`; a family with it has no series without one.
+fn label_sets<'a>(
+    labels: &'static [Label],
+    shard: Option<&'a ShardMetrics>,
+) -> impl Iterator<Item = [Option<LabelValue<'a>>; LABELS_MAX]> + 'a {
+    let values = move |label: Option<Label>| {
         (0..).map_while(move |position| match label {
             None => (position == 0).then_some(None),
-            Some(label) => label.value(position).map(Some),
+            Some(label) => label.value(position, shard).map(Some),
         })
     };
     let (outer, inner) = (labels.first().copied(), labels.get(1).copied());
@@ -530,7 +555,13 @@ fn label_sets(labels: &'static [Label]) -> impl Iterator<Item = [Option<LabelVal
 
 fn render(shards: &[Arc<ShardMetrics>], format: Format) -> String {
     let mut exposition = Exposition {
-        text: String::with_capacity(BODY_BYTES_FIXED + BODY_BYTES_PER_SHARD * shards.len()),
+        text: String::with_capacity(
+            BODY_BYTES_FIXED
+                + shards
+                    .iter()
+                    .map(|shard| BODY_BYTES_PER_SHARD + BODY_BYTES_PER_NODE * shard.redis_by_node.named_count())
+                    .sum::<usize>(),
+        ),
         format,
     };
     for family in FAMILIES {
@@ -550,13 +581,13 @@ struct Exposition {
 }
 
 /// Which series of a family a sample line belongs to.
-struct Series {
+struct Series<'a> {
     /// `None` for a process-wide family.
     shard: Option<usize>,
-    labels: [Option<LabelValue>; LABELS_MAX],
+    labels: [Option<LabelValue<'a>>; LABELS_MAX],
 }
 
-impl Series {
+impl Series<'_> {
     fn slots(&self) -> Slots {
         self.labels.map(|label| label.map_or(0, |label| label.slot))
     }
@@ -574,14 +605,14 @@ impl Exposition {
         self.comments(family);
         if let Value::ProcessGauge(read) = family.value {
             let value = read();
-            for labels in label_sets(family.labels) {
+            for labels in label_sets(family.labels, None) {
                 self.sample_start(family, "", &Series { shard: None, labels }, None);
                 self.integer_line_end(value);
             }
             return;
         }
         for (index, shard) in shards.iter().enumerate() {
-            for labels in label_sets(family.labels) {
+            for labels in label_sets(family.labels, Some(shard)) {
                 let series = Series {
                     shard: Some(index),
                     labels,
@@ -666,7 +697,8 @@ impl Exposition {
             text.push_str(itoa::Buffer::new().format(shard));
             text.push('"');
         }
-        // Label values are the enums' names and the version, which never need escaping.
+        // Label values are the enums' names, the version and node addresses, which never need
+        // escaping (`RedisNodes::row` names no node whose address would).
         for label in series.labels.iter().flatten() {
             label_start(text, label.name);
             text.push_str(label.value);
@@ -764,10 +796,15 @@ mod tests {
         count(&shard.udp_receive_errors);
         shard.dedup_lookups.iter().for_each(&mut count);
         count(&shard.dedup_cache_evictions);
-        shard.redis_errors.iter().for_each(&mut count);
+        // Two nodes, named in this order.
+        for (host, port) in [("10.0.0.1", 7000), ("10.0.0.2", 7001)] {
+            let node = shard.redis_by_node.at(shard.redis_by_node.row(host, port));
+            node.errors.iter().for_each(&mut count);
+            node.redirections.iter().for_each(&mut count);
+            count(&node.wait_shortfalls);
+        }
         shard.redis_event_errors.iter().for_each(&mut count);
         count(&shard.redis_reconnects);
-        count(&shard.redis_wait_shortfalls);
         shard.retries.iter().for_each(&mut count);
         count(&shard.tcp_connections_accepted);
         shard.tcp_connections_closed.iter().for_each(&mut count);
@@ -779,8 +816,9 @@ mod tests {
         for value in [0, 1, 3, 17, 1024, 5000] {
             shard.batch_events.observe(value + base);
         }
+        let first_node = shard.redis_by_node.at(shard.redis_by_node.row("10.0.0.1", 7000));
         for value in [1, 10, 11, 4_999, 5_000, 5_001, 123_456, 2_000_000] {
-            shard.redis_round_trip_us.observe(value + base);
+            first_node.round_trip_us.observe(value + base);
             shard.intake_to_ack_us[0].observe(value * 2 + base);
             shard.intake_to_ack_us[1].observe(value * 3 + base);
         }
@@ -816,11 +854,14 @@ mod tests {
             "# TYPE shardgate_batch_events histogram",
             "shardgate_batch_events_sum{shard=\"0\"} 6045.0",
             "shardgate_batch_events_bucket{le=\"1024.0\",shard=\"0\"} 5",
-            "shardgate_redis_round_trip_seconds_sum{shard=\"0\"} 2.138478",
-            "shardgate_redis_round_trip_seconds_count{shard=\"0\"} 8",
-            "shardgate_redis_round_trip_seconds_bucket{le=\"0.00001\",shard=\"0\"} 2",
-            "shardgate_redis_round_trip_seconds_bucket{le=\"1.0\",shard=\"0\"} 7",
-            "shardgate_redis_round_trip_seconds_sum{shard=\"2\"} 0.0",
+            "shardgate_redis_round_trip_seconds_sum{shard=\"0\",node=\"10.0.0.1:7000\"} 2.138478",
+            "shardgate_redis_round_trip_seconds_count{shard=\"0\",node=\"10.0.0.1:7000\"} 8",
+            "shardgate_redis_round_trip_seconds_bucket{le=\"0.00001\",shard=\"0\",node=\"10.0.0.1:7000\"} 2",
+            "shardgate_redis_round_trip_seconds_bucket{le=\"1.0\",shard=\"0\",node=\"10.0.0.1:7000\"} 7",
+            "shardgate_redis_round_trip_seconds_count{shard=\"0\",node=\"10.0.0.2:7001\"} 0",
+            "shardgate_redis_errors_total{shard=\"1\",node=\"10.0.0.2:7001\",kind=\"cluster\"} 1047",
+            "shardgate_redis_redirections_total{shard=\"0\",node=\"10.0.0.1:7000\",kind=\"ask\"} 40",
+            "shardgate_redis_wait_shortfalls_total{shard=\"0\",node=\"10.0.0.2:7001\"} 50",
             "shardgate_intake_to_ack_seconds_bucket{le=\"0.005\",shard=\"0\",transport=\"udp\"} 3",
             "shardgate_intake_to_ack_seconds_bucket{le=\"+Inf\",shard=\"1\",transport=\"tcp\"} 8",
             "# TYPE shardgate_process_resident_memory_bytes gauge",
@@ -831,6 +872,8 @@ mod tests {
                 "no line {line:?} in:\n{text}"
             );
         }
+        // A shard that has named no node has no per-node series.
+        assert!(!text.contains("shard=\"2\",node="), "{text}");
     }
 
     /// Both formats hold the same samples; the text format's comments name
@@ -890,6 +933,7 @@ mod tests {
     /// need no escaping in either format; each label lists every value once.
     #[test]
     fn table_rows_are_well_formed() {
+        let shard = numbered_shard(0);
         let mut names: Vec<&str> = FAMILIES.iter().map(|family| family.name).collect();
         names.sort_unstable();
         names.dedup();
@@ -911,7 +955,9 @@ mod tests {
                 family.name
             );
             for label in family.labels {
-                let values: Vec<LabelValue> = (0..).map_while(|position| label.value(position)).collect();
+                let values: Vec<LabelValue> = (0..)
+                    .map_while(|position| label.value(position, Some(&shard)))
+                    .collect();
                 assert!(values.iter().all(|value| !value.value.contains(['\\', '\n', '"'])));
                 let mut distinct: Vec<usize> = values.iter().map(|value| value.slot).collect();
                 distinct.sort_unstable();
@@ -919,7 +965,7 @@ mod tests {
                 assert_eq!(distinct.len(), values.len(), "{label:?} repeats a slot");
             }
         }
-        let count = |label: Label| (0..).map_while(|position| label.value(position)).count();
+        let count = |label: Label| (0..).map_while(|position| label.value(position, Some(&shard))).count();
         assert_eq!(count(Label::Transport), Transport::ALL.len());
         assert_eq!(count(Label::UdpTransport), 1);
         assert_eq!(count(Label::Status), Status::ALL.len());
@@ -929,6 +975,9 @@ mod tests {
         assert_eq!(count(Label::RedisErrorKind), RedisErrorKind::ALL.len());
         assert_eq!(count(Label::EventErrorReason), EventErrorReason::ALL.len());
         assert_eq!(count(Label::CloseReason), CloseReason::ALL.len());
+        assert_eq!(count(Label::Node), 2);
+        assert_eq!(Label::Node.value(0, None).map(|value| value.value), None);
+        assert_eq!(count(Label::Redirection), Redirection::ALL.len());
         assert_eq!(count(Label::Version), 1);
     }
 

@@ -9,10 +9,13 @@
 //! scrape means anyway. Nothing allocates after `ShardMetrics::new`.
 //!
 //! Labels stay low-cardinality: `shard`, `transport`, `status`, `reason`,
-//! `outcome`, `cause`, `kind`. See docs/operations.md for the reference.
+//! `outcome`, `cause`, `kind`, and `node`, whose values are bounded by
+//! `REDIS_NODES_PER_SHARD_MAX` (`RedisNodes`). See docs/operations.md for the reference.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
+use crate::limits::REDIS_NODES_PER_SHARD_MAX;
 use crate::wire::frame::{RejectReason, Status};
 
 /// A monotonically increasing count with one writer.
@@ -261,6 +264,162 @@ impl RedisErrorKind {
     }
 }
 
+/// A redirection a Redis Cluster node answered a call with, which the client followed: the
+/// `kind` of `redis_redirections_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Redirection {
+    /// The slot is served by another node: the client refreshes its slot map and resends.
+    Moved = 0,
+    /// The slot is being migrated and the key is already on the target: resent there once.
+    Ask = 1,
+}
+
+impl Redirection {
+    pub const ALL: [Redirection; 2] = [Redirection::Moved, Redirection::Ask];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Redirection::Moved => "moved",
+            Redirection::Ask => "ask",
+        }
+    }
+}
+
+/// What one shard counts for one Redis node.
+#[derive(Debug)]
+pub struct NodeMetrics {
+    /// One script call to the node, success or failure.
+    pub round_trip_us: Histogram<16>,
+    /// Failed script calls to the node, by kind.
+    pub errors: [Counter; RedisErrorKind::ALL.len()],
+    /// Calls the node answered with a redirection, by kind.
+    pub redirections: [Counter; Redirection::ALL.len()],
+    /// `WAIT`s after a call to the node that fell short (`--durability replica`).
+    pub wait_shortfalls: Counter,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> NodeMetrics {
+        NodeMetrics {
+            round_trip_us: Histogram::new(&LATENCY_BOUNDS_US),
+            errors: Default::default(),
+            redirections: Default::default(),
+            wait_shortfalls: Counter::default(),
+        }
+    }
+}
+
+/// A node's row in a shard's `RedisNodes`: a small index, so that a call keeps it in a byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeRow(u8);
+
+/// The Redis nodes one shard has made calls to, each with its `NodeMetrics`: the `node` label.
+///
+/// A node is named `host:port`, as the client knows it (the `--redis` url standalone, the slot
+/// map on a cluster), and interned into a fixed table at first sight: its row is then found by
+/// comparing names, without allocating; only the first sight allocates its name. At most
+/// `REDIS_NODES_PER_SHARD_MAX` are named; calls to any further node count under
+/// `node="other"`, and failures no node can be named for (a cluster batch abandoned at the drain
+/// deadline, a call whose slot the client has no map for yet) under `node="unknown"`. Those two
+/// rows are shown once they count something. One writer, the shard; the exporter reads a name
+/// once its row is published (`named`, release/acquire).
+#[derive(Debug)]
+pub struct RedisNodes {
+    names: [OnceLock<Box<str>>; REDIS_NODES_PER_SHARD_MAX],
+    /// Names set so far: rows `0..named` are named nodes.
+    named: AtomicUsize,
+    /// The named rows, then `other`, then `unknown`.
+    rows: [NodeMetrics; REDIS_NODES_PER_SHARD_MAX + 2],
+    /// Whether `other` and `unknown` counted anything yet: they are shown from then on.
+    spare_rows_used: [AtomicBool; 2],
+}
+
+impl Default for RedisNodes {
+    fn default() -> RedisNodes {
+        RedisNodes {
+            names: std::array::from_fn(|_| OnceLock::new()),
+            named: AtomicUsize::new(0),
+            rows: std::array::from_fn(|_| NodeMetrics::default()),
+            spare_rows_used: Default::default(),
+        }
+    }
+}
+
+impl RedisNodes {
+    /// Calls to nodes past the first `REDIS_NODES_PER_SHARD_MAX`.
+    pub const OTHER: NodeRow = NodeRow(REDIS_NODES_PER_SHARD_MAX as u8);
+    /// Failures that no node can be named for.
+    pub const UNKNOWN: NodeRow = NodeRow(REDIS_NODES_PER_SHARD_MAX as u8 + 1);
+
+    /// The row of node `host:port`, named now if it is new and the table has room. A name that
+    /// would need escaping in the exposition is no host name: it counts under `other`.
+    pub fn row(&self, host: &str, port: u16) -> NodeRow {
+        let named = self.named.load(Ordering::Relaxed);
+        let known = self.names[..named]
+            .iter()
+            .position(|name| name.get().is_some_and(|name| names_node(name, host, port)));
+        if let Some(index) = known {
+            return NodeRow(index as u8);
+        }
+        if named == REDIS_NODES_PER_SHARD_MAX || host.contains(['"', '\\', '\n']) {
+            return RedisNodes::OTHER;
+        }
+        let name = format!("{host}:{port}").into_boxed_str();
+        assert!(self.names[named].set(name).is_ok(), "one writer names each row once");
+        self.named.store(named + 1, Ordering::Release);
+        NodeRow(named as u8)
+    }
+
+    /// The metrics of `row`; `other` and `unknown` are shown from their first use on.
+    #[inline]
+    pub fn at(&self, row: NodeRow) -> &NodeMetrics {
+        if let Some(spare) = (row.0 as usize).checked_sub(REDIS_NODES_PER_SHARD_MAX) {
+            if !self.spare_rows_used[spare].load(Ordering::Relaxed) {
+                self.spare_rows_used[spare].store(true, Ordering::Relaxed);
+            }
+        }
+        &self.rows[row.0 as usize]
+    }
+
+    /// The rows shown, in order: every named node, then `other` and `unknown` if used. Each
+    /// comes with its index, which `row_at` takes back.
+    pub fn shown(&self) -> impl Iterator<Item = (usize, &str)> + '_ {
+        let named = self.named.load(Ordering::Acquire);
+        let names = self.names[..named]
+            .iter()
+            .enumerate()
+            .filter_map(|(index, name)| Some((index, &**name.get()?)));
+        let spares = ["other", "unknown"]
+            .into_iter()
+            .enumerate()
+            .filter(|&(spare, _)| self.spare_rows_used[spare].load(Ordering::Relaxed))
+            .map(|(spare, name)| (REDIS_NODES_PER_SHARD_MAX + spare, name));
+        names.chain(spares)
+    }
+
+    /// The metrics of a row `shown` listed.
+    pub fn row_at(&self, index: usize) -> &NodeMetrics {
+        &self.rows[index]
+    }
+
+    /// Named nodes so far.
+    pub fn named_count(&self) -> usize {
+        self.named.load(Ordering::Acquire)
+    }
+
+    /// Failed calls of one kind, over every node.
+    pub fn errors_total(&self, kind: RedisErrorKind) -> u64 {
+        self.rows.iter().map(|row| row.errors[kind as usize].get()).sum()
+    }
+}
+
+/// Whether `name` is `host:port`, compared without building the text.
+fn names_node(name: &str, host: &str, port: u16) -> bool {
+    name.strip_prefix(host)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .is_some_and(|text| text.parse::<u16>() == Ok(port))
+}
+
 /// Why Redis refused one event of a batch, from its error's code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum EventErrorReason {
@@ -366,8 +525,8 @@ pub struct ShardMetrics {
     pub dedup_cache_events: Gauge,
     pub dedup_cache_evictions: Counter,
     pub batch_events: Histogram<11>,
-    pub redis_round_trip_us: Histogram<16>,
-    pub redis_errors: [Counter; RedisErrorKind::ALL.len()],
+    /// Script calls' round trips, errors, redirections and `WAIT` shortfalls, by Redis node.
+    pub redis_by_node: RedisNodes,
     /// Script calls made: one per batch on a standalone Redis, one per partition group of a
     /// batch on a Redis Cluster.
     pub redis_calls: Counter,
@@ -376,9 +535,6 @@ pub struct ShardMetrics {
     /// Events Redis refused one by one inside a call that succeeded.
     pub redis_event_errors: [Counter; EventErrorReason::ALL.len()],
     pub redis_reconnects: Counter,
-    /// `WAIT` calls (`--durability replica`) that confirmed fewer than one replica, failed or
-    /// timed out: their calls' events got RETRY.
-    pub redis_wait_shortfalls: Counter,
     pub redis_up: Gauge,
     pub events_in_flight: Gauge,
     pub retries: [Counter; RetryCause::ALL.len()],
@@ -406,13 +562,11 @@ impl Default for ShardMetrics {
             dedup_cache_events: Gauge::default(),
             dedup_cache_evictions: Counter::default(),
             batch_events: Histogram::new(&BATCH_BOUNDS_EVENTS),
-            redis_round_trip_us: Histogram::new(&LATENCY_BOUNDS_US),
-            redis_errors: Default::default(),
+            redis_by_node: RedisNodes::default(),
             redis_calls: Counter::default(),
             redis_nodes: Gauge::default(),
             redis_event_errors: Default::default(),
             redis_reconnects: Counter::default(),
-            redis_wait_shortfalls: Counter::default(),
             redis_up: Gauge::default(),
             events_in_flight: Gauge::default(),
             retries: Default::default(),
@@ -521,6 +675,42 @@ mod tests {
         assert_eq!(Histogram::new(&LATENCY_BOUNDS_US).read().count(), 0);
     }
 
+    /// A node is named once, found again by its name, and past the bound folds into `other`;
+    /// `other` and `unknown` are shown only once used.
+    #[test]
+    fn nodes_are_interned_up_to_the_bound() {
+        let nodes = RedisNodes::default();
+        assert_eq!(nodes.shown().count(), 0);
+        let first = nodes.row("10.0.0.1", 7000);
+        assert_eq!(nodes.row("10.0.0.2", 7000), NodeRow(1));
+        assert_eq!(nodes.row("10.0.0.1", 7000), first);
+        assert_eq!(
+            nodes.row("10.0.0.1", 700),
+            NodeRow(2),
+            "a port that is a prefix of another"
+        );
+        assert_eq!(nodes.row("bad\"host", 1), RedisNodes::OTHER);
+        nodes.at(first).errors[RedisErrorKind::Timeout as usize].add(2);
+        let shown: Vec<(usize, &str)> = nodes.shown().collect();
+        assert_eq!(shown, [(0, "10.0.0.1:7000"), (1, "10.0.0.2:7000"), (2, "10.0.0.1:700")]);
+        for port in 0..REDIS_NODES_PER_SHARD_MAX as u16 {
+            nodes.row("10.0.1.1", port);
+        }
+        assert_eq!(nodes.named_count(), REDIS_NODES_PER_SHARD_MAX);
+        assert_eq!(nodes.row("10.0.0.9", 7000), RedisNodes::OTHER);
+        assert_eq!(nodes.row("10.0.0.2", 7000), NodeRow(1), "named nodes keep their rows");
+        nodes.at(RedisNodes::OTHER).errors[RedisErrorKind::Timeout as usize].add(1);
+        let spares: Vec<&str> = nodes
+            .shown()
+            .skip(REDIS_NODES_PER_SHARD_MAX)
+            .map(|(_, name)| name)
+            .collect();
+        assert_eq!(spares, ["other"]);
+        nodes.at(RedisNodes::UNKNOWN).wait_shortfalls.add(1);
+        assert_eq!(nodes.shown().count(), REDIS_NODES_PER_SHARD_MAX + 2);
+        assert_eq!(nodes.errors_total(RedisErrorKind::Timeout), 3);
+    }
+
     /// Enum discriminants index the arrays: every variant has its own slot.
     #[test]
     fn label_indexes_are_dense() {
@@ -544,6 +734,9 @@ mod tests {
         }
         for (index, reason) in EventErrorReason::ALL.iter().enumerate() {
             assert_eq!(*reason as usize, index);
+        }
+        for (index, kind) in Redirection::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, index);
         }
     }
 }

@@ -149,6 +149,35 @@ fn every_event_stored_exactly_once_on_a_redis_cluster() {
         "at least one call per batch: {calls} calls, {batches} batches"
     );
     assert_eq!(errors, 0, "no call failed on a steady cluster");
+
+    // Per node: the masters are the `node` values, by their real addresses, each with calls,
+    // and the calls add up; promtool takes the exposition with them.
+    let masters: HashSet<String> = cluster
+        .masters()
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    let exposition = Exposition::parse(&body);
+    let round_trips = "shardgate_redis_round_trip_seconds_count";
+    let nodes: HashSet<&str> = exposition
+        .matching(round_trips, &[])
+        .filter_map(|sample| sample.label("node"))
+        .collect();
+    assert_eq!(nodes, masters.iter().map(String::as_str).collect(), "{body}");
+    for master in &masters {
+        assert!(
+            exposition.sum(round_trips, &[("node", master)]) > 0,
+            "no call to master {master}: {body}"
+        );
+    }
+    assert_eq!(
+        exposition.sum(round_trips, &[]),
+        calls,
+        "one round trip per script call"
+    );
+    if let Err(problem) = Exposition::check_with_promtool(&body) {
+        panic!("{problem}\n--- exposition:\n{body}");
+    }
     let lines = server.stderr_lines();
     assert!(
         lines
@@ -284,6 +313,15 @@ fn a_slot_migration_under_load_loses_nothing_and_stores_nothing_twice() {
         metric_sum(&body, "shardgate_redis_errors_total", &[("kind", "script")]),
         metric_sum(&body, "shardgate_redis_errors_total", &[("kind", "connection")]),
     );
+    // The old owner sent the calls of its moved slots on: the client followed its MOVED (and
+    // ASK while a slot was half moved), counted at its node; the new owner sent none back.
+    let redirections = "shardgate_redis_redirections_total";
+    let (from_node, to_node) = (format!("127.0.0.1:{from}"), format!("127.0.0.1:{to}"));
+    let moved = metric_sum(&body, redirections, &[("node", &from_node), ("kind", "moved")]);
+    let ask = metric_sum(&body, redirections, &[("node", &from_node), ("kind", "ask")]);
+    eprintln!("{name}: redirections from {from_node}: MOVED {moved}, ASK {ask}");
+    assert!(moved > 0, "no MOVED counted at {from_node}: {body}");
+    assert_eq!(metric_sum(&body, redirections, &[("node", &to_node)]), 0, "{body}");
 }
 
 // A redis-cluster url that names a standalone Redis: fred ends its connection task on

@@ -359,9 +359,14 @@ fn replica_durability_on_a_cluster_retries_only_the_master_without_replica() {
         report.summary()
     );
     let body = scrape_metrics(metrics);
+    // The shortfalls are counted at the master without a replica (node label). Not all of
+    // them: a group call sent late in its batch may find no time left for its WAIT elsewhere.
+    let shortfalls = "shardgate_redis_wait_shortfalls_total";
+    let total = metric_sum(&body, shortfalls, &[]);
+    let at_master = metric_sum(&body, shortfalls, &[("node", &format!("127.0.0.1:{master}"))]);
     assert!(
-        metric_sum(&body, "shardgate_redis_wait_shortfalls_total", &[]) > 0,
-        "{body}"
+        total > 0 && at_master * 2 > total,
+        "{at_master} of {total} WAIT shortfalls at master {master}: {body}"
     );
     assert!(
         metric_sum(&body, "shardgate_retries_total", &[("cause", "replica_unconfirmed")]) > 0,

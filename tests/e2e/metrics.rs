@@ -804,7 +804,8 @@ fn server_with_traffic(redis: &RedisServer, seed: u64) -> (Server, SocketAddr) {
     (server, metrics)
 }
 
-// `promtool check metrics` (the Debian `prometheus` package) accepts what /metrics serves.
+// `promtool check metrics` (the Debian `prometheus` package) accepts what /metrics serves, and
+// a standalone Redis is one `node`, named as the url names it.
 #[test]
 fn promtool_accepts_the_exposition() {
     let _turn = take_turn(module_path!());
@@ -812,34 +813,18 @@ fn promtool_accepts_the_exposition() {
     let redis = RedisServer::start();
     let (_server, metrics) = server_with_traffic(&redis, seed);
     let (_, body) = scrape(metrics).unwrap_or_else(|e| panic!("scrape: {e}"));
-    let mut promtool = match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "promtool not found on PATH: install the Debian `prometheus` package \
-             (`apt-get install -y prometheus`, as root; CI installs it)"
-        ),
-        Err(e) => panic!("cannot run promtool: {e}"),
-    };
-    let mut stdin = promtool.stdin.take().expect("promtool stdin");
-    let writer = {
-        let body = body.clone();
-        thread::spawn(move || stdin.write_all(body.as_bytes()))
-    };
-    let output = promtool.wait_with_output().expect("promtool output");
-    writer.join().expect("writer").expect("write to promtool");
+    let exposition = Exposition::parse(&body);
+    let node = format!("127.0.0.1:{}", redis.port());
+    let round_trips = exposition.matching("shardgate_redis_round_trip_seconds_count", &[]);
+    let nodes: Vec<Option<&str>> = round_trips.map(|sample| sample.label("node")).collect();
     assert!(
-        output.status.success(),
-        "promtool check metrics failed ({}):\n{}{}\n--- exposition:\n{body}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+        !nodes.is_empty() && nodes.iter().all(|named| *named == Some(node.as_str())),
+        "round trips by node {nodes:?}, expected {node} alone"
     );
+    assert!(exposition.sum("shardgate_redis_round_trip_seconds_count", &[("node", &node)]) > 0);
+    if let Err(problem) = Exposition::check_with_promtool(&body) {
+        panic!("{problem}\n--- exposition:\n{body}");
+    }
 }
 
 /// What a scraper sends when it prefers OpenMetrics (Prometheus 2.x sends about this).

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use prom_text_format_parser::{Scrape, Type, ValueType};
@@ -79,6 +80,41 @@ pub struct Exposition {
 
 impl Exposition {
     /// Panics with the parser's complaint unless `body` is a valid exposition.
+    /// What `promtool check metrics` (the Debian `prometheus` package) says of `body`: `Err`
+    /// with its output if it refuses it. Panics if promtool is not installed.
+    pub fn check_with_promtool(body: &str) -> Result<(), String> {
+        let mut promtool = match Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "promtool not found on PATH: install the Debian `prometheus` package \
+                 (`apt-get install -y prometheus`, as root; CI installs it)"
+            ),
+            Err(e) => panic!("cannot run promtool: {e}"),
+        };
+        let mut stdin = promtool.stdin.take().expect("promtool stdin");
+        let writer = {
+            let body = body.to_string();
+            std::thread::spawn(move || stdin.write_all(body.as_bytes()))
+        };
+        let output = promtool.wait_with_output().expect("promtool output");
+        writer.join().expect("writer").expect("write to promtool");
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "promtool check metrics failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+
     pub fn parse(body: &str) -> Exposition {
         Exposition::read(body).unwrap_or_else(|e| panic!("bad exposition: {e}\n--- body:\n{body}"))
     }

@@ -176,6 +176,11 @@ impl Notifications {
 pub struct ClientCounters {
   pub cmd_buffer_len:   RefCount<AtomicUsize>,
   pub redelivery_count: RefCount<AtomicUsize>,
+  /// shardgate patch: `MOVED` and `ASK` redirections followed since the last
+  /// `take_redirections`, by the node that answered with them: `(node, [moved, ask])`. An entry
+  /// stays once its node was seen (its counts go back to zero), so counting allocates only at a
+  /// node's first redirection.
+  pub redirections:     RefCount<Mutex<Vec<(Server, [u64; 2])>>>,
 }
 
 impl Default for ClientCounters {
@@ -183,11 +188,36 @@ impl Default for ClientCounters {
     ClientCounters {
       cmd_buffer_len:   RefCount::new(AtomicUsize::new(0)),
       redelivery_count: RefCount::new(AtomicUsize::new(0)),
+      redirections:     RefCount::new(Mutex::new(Vec::new())),
     }
   }
 }
 
 impl ClientCounters {
+  /// shardgate patch: counts one redirection answered by `server`; `ask` for `ASK`, else `MOVED`.
+  pub fn record_redirection(&self, server: &Server, ask: bool) {
+    let mut redirections = self.redirections.lock();
+    let index = match redirections.iter().position(|(known, _)| known == server) {
+      Some(index) => index,
+      None => {
+        redirections.push((server.clone(), [0, 0]));
+        redirections.len() - 1
+      },
+    };
+    redirections[index].1[usize::from(ask)] += 1;
+  }
+
+  /// shardgate patch: calls `func(node, moved, ask)` for each node with redirections since the
+  /// last call, and sets their counts back to zero. Never allocates.
+  pub fn take_redirections<F: FnMut(&Server, u64, u64)>(&self, mut func: F) {
+    for (server, counts) in self.redirections.lock().iter_mut() {
+      if counts[0] + counts[1] > 0 {
+        func(server, counts[0], counts[1]);
+        *counts = [0, 0];
+      }
+    }
+  }
+
   pub fn incr_cmd_buffer_len(&self) -> usize {
     utils::incr_atomic(&self.cmd_buffer_len)
   }

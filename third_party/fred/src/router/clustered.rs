@@ -267,13 +267,18 @@ pub fn redirect_command(inner: &RefCount<ClientInner>, server: &Server, mut comm
   // commands are not redirected to replica nodes
   command.use_replica = false;
 
-  let (kind, slot, server) = match parse_cluster_error_frame(inner, &frame, server) {
+  let redirected_by = server;
+  let (kind, slot, server) = match parse_cluster_error_frame(inner, &frame, redirected_by) {
     Ok(results) => results,
     Err(e) => {
       command.respond_to_caller(Err(e));
       return;
     },
   };
+  // shardgate patch: counted by the node that answered with it (`take_redirections`).
+  inner
+    .counters
+    .record_redirection(redirected_by, matches!(kind, ClusterErrorKind::Ask));
 
   let command = match kind {
     ClusterErrorKind::Ask => RouterCommand::Ask { slot, server, command },

@@ -22,6 +22,12 @@ pub trait ClusterInterface: ClientLike + Sized {
     self.inner().with_cluster_state(|state| Ok(state.clone())).ok()
   }
 
+  /// shardgate patch: reads the cached cluster state in place, without the copy
+  /// `cached_cluster_state` makes: `None` if the cluster state is not known.
+  fn with_cached_cluster_state<R, F: FnOnce(&ClusterRouting) -> R>(&self, func: F) -> Option<R> {
+    self.inner().with_cluster_state(|state| Ok(func(state))).ok()
+  }
+
   /// Read the number of known primary cluster nodes, or `0` if the cluster state is not known.
   fn num_primary_cluster_nodes(&self) -> usize {
     self

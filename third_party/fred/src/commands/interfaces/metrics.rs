@@ -18,6 +18,13 @@ pub trait MetricsInterface: ClientLike + Sized {
     self.inner().counters.take_redelivery_count()
   }
 
+  /// shardgate patch: calls `func(node, moved, ask)` for every cluster node that answered
+  /// commands with `MOVED` or `ASK` redirections (which the client followed) since the last call,
+  /// with their counts, and sets the counts back to zero. Never allocates.
+  fn take_redirections<F: FnMut(&crate::types::config::Server, u64, u64)>(&self, func: F) {
+    self.inner().counters.take_redirections(func)
+  }
+
   /// Read the number of buffered commands that have not yet been sent to the server.
   fn command_queue_len(&self) -> usize {
     self.inner().counters.read_cmd_buffer_len()
