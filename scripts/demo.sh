@@ -119,6 +119,16 @@ start_cluster() {
     sleep 0.1
   done
   [ "$ok" = 6 ] || { echo "the cluster did not reach cluster_state:ok in 30 s" >&2; exit 1; }
+  # A replica's first sync forks its master for a snapshot: let that pass before the load.
+  for _ in $(seq 300); do
+    ok=0
+    for port in "${ports[@]}"; do
+      redis-cli -p "$port" info replication 2>/dev/null | grep -q '^master_link_status:up' && ok=$((ok + 1))
+    done
+    [ "$ok" = 3 ] && break
+    sleep 0.1
+  done
+  [ "$ok" = 3 ] || { echo "the 3 replicas did not sync with their masters in 30 s" >&2; exit 1; }
   seeds=("127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" "127.0.0.1:${ports[2]}")
   redis_url="redis-cluster://$(IFS=,; echo "${seeds[*]}")"
   cluster_port="${ports[0]}"
