@@ -8,8 +8,8 @@
 //! are 10.213.S.0/24 (clients) and 10.214.S.0/24 (Redis): they exist only on this machine, and
 //! no two networks of concurrent tests share them. Its namespaces and links are named
 //! `sgnSSS...` (at most 9 characters; Linux allows 15). Drop removes them, also when the test
-//! fails; a test killed before its drop leaves them behind, and the next network to take the
-//! slot removes them first.
+//! fails; a test killed before its drop leaves them behind, and the next network made removes
+//! those of every slot whose lock no test holds.
 //!
 //! Namespaces need root and `ip` (iproute2). Where they cannot be made, [`Network::create`]
 //! says so on stderr and the test skips; `SHARDGATE_REQUIRE_NETNS=1` (set by `.ci/run`)
@@ -17,6 +17,7 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
@@ -77,7 +78,10 @@ impl Network {
                 panic!("{test}: network namespaces are required ({REQUIRE_ENV}=1) and cannot be made: {error}")
             }
             Err(error) => {
-                eprintln!(
+                // Straight to the process's stderr: the test harness shows what `eprintln!`
+                // writes only for a failed test, and a skip must be seen.
+                let _ = writeln!(
+                    std::io::stderr(),
                     "\n*** {test}: SKIPPED, network namespaces cannot be made here: {error}\n\
                      *** (run as root with iproute2; {REQUIRE_ENV}=1 makes this a failure)\n"
                 );
@@ -92,9 +96,9 @@ impl Network {
         if unsafe { libc::geteuid() } != 0 {
             return Err(NetworkError("not root".to_string()));
         }
-        ip(&["netns", "list"])?;
+        remove_stale_networks()?;
         let (slot, lock) = take_slot()?;
-        let prefix = format!("sgn{slot:03}");
+        let prefix = slot_prefix(slot);
         remove_leftovers(&prefix);
         let mut network = Network {
             prefix,
@@ -216,18 +220,10 @@ fn take_slot() -> Result<(u8, File), NetworkError> {
     let addresses = ip(&["-4", "-o", "addr", "show"])?;
     for offset in 0..SLOTS {
         let slot = ((start.wrapping_add(offset)) % SLOTS + 1) as u8;
-        let path = std::env::temp_dir().join(format!("shardgate-netns-{slot}.lock"));
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|error| NetworkError(format!("open {}: {error}", path.display())))?;
-        // SAFETY: flock on a file descriptor this function owns.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let Some(lock) = lock_slot(slot)? else {
             continue;
-        }
-        let prefix = format!("sgn{slot:03}");
+        };
+        let prefix = slot_prefix(slot);
         let in_use = [CLIENT_NET, REDIS_NET].iter().any(|net| {
             let subnet = format!(" {}.{}.{slot}.", net[0], net[1]);
             addresses
@@ -239,6 +235,45 @@ fn take_slot() -> Result<(u8, File), NetworkError> {
         }
     }
     Err(NetworkError(format!("no free slot of {SLOTS} for a test network")))
+}
+
+/// The slot's lock file, locked, or `None` while another test holds it.
+fn lock_slot(slot: u8) -> Result<Option<File>, NetworkError> {
+    let path = std::env::temp_dir().join(format!("shardgate-netns-{slot}.lock"));
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|error| NetworkError(format!("open {}: {error}", path.display())))?;
+    // SAFETY: flock on a file descriptor this function owns; the lock goes with the file.
+    let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    Ok(locked.then_some(lock))
+}
+
+fn slot_prefix(slot: u8) -> String {
+    format!("sgn{slot:03}")
+}
+
+/// Removes the namespaces and links of every slot no test holds: what tests killed before
+/// their drop left behind.
+fn remove_stale_networks() -> Result<(), NetworkError> {
+    let names = ip(&["netns", "list"])? + &ip(&["-o", "link", "show"])?;
+    let mut slots: Vec<u8> = names
+        .split(|c: char| c.is_whitespace() || c == ':' || c == '@')
+        .filter_map(|name| name.strip_prefix("sgn"))
+        .filter_map(|rest| rest.get(..3)?.parse().ok())
+        .filter(|slot| (1..=SLOTS).contains(slot))
+        .map(|slot: u16| slot as u8)
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    for slot in slots {
+        if let Some(_lock) = lock_slot(slot)? {
+            remove_leftovers(&slot_prefix(slot));
+        }
+    }
+    Ok(())
 }
 
 /// Whether an `ip -o addr show` line is about a link named with `prefix` (a leftover).
