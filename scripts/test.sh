@@ -2,7 +2,9 @@
 # Runs every test of the project, in this order:
 #   1. the workspace's cargo tests (unit, property, end to end). Each end-to-end
 #      test starts its own redis-server on a free loopback port; nothing here
-#      uses a Redis that is already running. tests/e2e/hlog.rs reads the .hlog
+#      uses a Redis that is already running. tests/e2e/hosts.rs runs servers in
+#      network namespaces it makes (root and iproute2); it skips, saying so on
+#      stderr, where it cannot, unless SHARDGATE_REQUIRE_NETNS=1 (.ci/run sets it). tests/e2e/hlog.rs reads the .hlog
 #      with HdrHistogram's Python port, which it pip-installs into
 #      target/tmp/hlog-venv: it needs python3 with venv and PyPI, and fails without;
 #   2. the host-side tests (tune-host.sh, cgroups, systemd unit) on fake trees;

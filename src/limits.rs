@@ -227,6 +227,14 @@ pub(crate) const SPIN_BEFORE_PARK_US_MAX: u64 = 10_000;
 /// still delivered, only spread less evenly (`sys.rs`).
 pub(crate) const UDP_GROUP_RECOUNT_MS: u64 = 1_000;
 
+/// On a cluster, how often a shard compares the masters in its client's slot map with the
+/// ones it last saw, while calls are failing and for `CLUSTER_MASTERS_WATCH_MS` after the
+/// last failure: a failover or a reshard shows as failed calls first, and the client learns
+/// the new masters within a few seconds of it. Each look copies the slot map (16 384 slots
+/// in a few ranges), so at most once a second, and never on a quiet, healthy shard.
+pub(crate) const CLUSTER_MASTERS_CHECK_MS: u64 = 1_000;
+pub(crate) const CLUSTER_MASTERS_WATCH_MS: u64 = 30_000;
+
 /// How often each shard looks at the process-wide shutdown flag.
 pub(crate) const SHUTDOWN_POLL_MS: u64 = 5;
 

@@ -6,11 +6,11 @@
 //! gets RETRY. Outages are logged as a few summary lines, never one per failure. At stop the
 //! drain waits for calls in flight up to its deadline, then answers RETRY for the rest.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::limits::SHUTDOWN_POLL_MS;
+use crate::limits::{CLUSTER_MASTERS_CHECK_MS, CLUSTER_MASTERS_WATCH_MS, SHUTDOWN_POLL_MS};
 use crate::pipeline::answer::AckSink;
 use crate::pipeline::batch::Batch;
 use crate::pipeline::shard::{Shard, EVENT_FAILURE_LOG_PERIOD};
@@ -38,6 +38,12 @@ pub(super) struct Liveness {
     /// Restarts of the client's connection task since the last log line, and when it was written.
     client_restarts_unlogged: Cell<u64>,
     client_restart_logged_at: Cell<Option<Instant>>,
+    /// On a cluster: the masters last seen in the client's slot map, the failed calls counted
+    /// when the count last rose and when that was, and when the masters were last looked at.
+    cluster_masters: RefCell<Vec<String>>,
+    failures_seen: Cell<u64>,
+    failures_rose_at: Cell<Option<Instant>>,
+    masters_checked_at: Cell<Option<Instant>>,
 }
 
 impl Shard {
@@ -65,6 +71,9 @@ impl Shard {
                 self.metrics.redis_reconnects.add(1);
             }
             self.note_redis_nodes();
+        }
+        if connected && self.store.is_cluster() {
+            self.watch_cluster_masters();
         }
         self.liveness.redis_up.set(connected);
         self.metrics.redis_up.set(i64::from(connected));
@@ -99,6 +108,65 @@ impl Shard {
         self.liveness.client_restart_logged_at.set(Some(now));
     }
 
+    /// While a cluster's calls fail, and for a while after, looks once a second whether the
+    /// masters in the client's slot map changed (`CLUSTER_MASTERS_CHECK_MS`): a failover or a
+    /// reshard then gets a log line naming the masters that went and came.
+    fn watch_cluster_masters(&self) {
+        let now = Instant::now();
+        let failures = self.liveness.redis_failures.get();
+        if failures != self.liveness.failures_seen.get() {
+            self.liveness.failures_seen.set(failures);
+            self.liveness.failures_rose_at.set(Some(now));
+        }
+        let watching = self
+            .liveness
+            .failures_rose_at
+            .get()
+            .is_some_and(|rose_at| now.duration_since(rose_at) < Duration::from_millis(CLUSTER_MASTERS_WATCH_MS));
+        let due = log_due(
+            self.liveness.masters_checked_at.get(),
+            now,
+            Duration::from_millis(CLUSTER_MASTERS_CHECK_MS),
+        );
+        if watching && due {
+            self.liveness.masters_checked_at.set(Some(now));
+            self.note_cluster_masters();
+        }
+    }
+
+    /// Records the cluster's masters as the client's slot map has them, and logs a change
+    /// from the ones recorded before (not the first ones: `note_redis_nodes` says those).
+    fn note_cluster_masters(&self) {
+        let masters = self.store.cluster_masters();
+        if masters.is_empty() {
+            return;
+        }
+        let mut known = self.liveness.cluster_masters.borrow_mut();
+        if *known == masters {
+            return;
+        }
+        if !known.is_empty() {
+            let gone: Vec<&str> = known
+                .iter()
+                .filter(|master| !masters.contains(master))
+                .map(String::as_str)
+                .collect();
+            let came: Vec<&str> = masters
+                .iter()
+                .filter(|master| !known.contains(master))
+                .map(String::as_str)
+                .collect();
+            tracing::warn!(
+                shard = self.index,
+                masters = %masters.join(","),
+                gone = %gone.join(","),
+                came = %came.join(","),
+                "redis cluster masters changed (a failover or a reshard): calls for the slots of a gone master go to the one that serves them now"
+            );
+        }
+        *known = masters;
+    }
+
     /// Counts the Redis nodes the client is connected to (`redis_nodes`), and logs the count
     /// on a cluster when it changes: at start, it says cluster mode is on and how many
     /// masters were discovered. Called when Redis comes up, not per tick: the count is read
@@ -106,6 +174,9 @@ impl Shard {
     /// metrics (`node` label), so that their series show before their first call.
     fn note_redis_nodes(&self) {
         self.store.name_nodes(&self.metrics.redis_by_node);
+        if self.store.is_cluster() {
+            self.note_cluster_masters();
+        }
         let nodes = self.store.connected_nodes() as i64;
         let before = self.metrics.redis_nodes.get();
         self.metrics.redis_nodes.set(nodes);

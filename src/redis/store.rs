@@ -576,6 +576,22 @@ impl Store {
         self.cluster
     }
 
+    /// On a cluster, the masters the client's slot map routes to (`host:port`, sorted); empty
+    /// on a standalone Redis or before the first slot map. Copies the map: for a log line
+    /// when the masters change, never per call.
+    pub(crate) fn cluster_masters(&self) -> Vec<String> {
+        if !self.cluster {
+            return Vec::new();
+        }
+        let mut masters: Vec<String> = self
+            .client
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes().iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        masters.sort();
+        masters
+    }
+
     /// The nodes the client holds a connection to: on a cluster, every master it discovered.
     pub(crate) fn connected_nodes(&self) -> usize {
         self.client.active_connections().len()

@@ -14,7 +14,7 @@ const PARTITIONS: u64 = 16;
 
 /// Checks every key on every master: only the partition count, the partitions' streams and
 /// one marker per stored event, each on the master that owns its slot.
-fn check_keys(cluster: &RedisCluster, stored: &[StoredEvent], ctx: &str) {
+pub(crate) fn check_keys(cluster: &RedisCluster, stored: &[StoredEvent], ctx: &str) {
     let stored_ids: HashSet<(u64, u64)> = stored.iter().map(StoredEvent::key).collect();
     let mut markers = 0;
     let mut partitions_keys = 0;
@@ -63,7 +63,13 @@ fn check_keys(cluster: &RedisCluster, stored: &[StoredEvent], ctx: &str) {
 
 /// Every event was answered ACCEPTED or DUPLICATE, ACCEPTED at most once, and is stored
 /// exactly once with its fields; nothing else is stored, and every key is where its slot is.
-fn check_exactly_once(cluster: &RedisCluster, events: &[Event], report: &DeliveryReport, run: (u64, u64), ctx: &str) {
+pub(crate) fn check_exactly_once(
+    cluster: &RedisCluster,
+    events: &[Event],
+    report: &DeliveryReport,
+    run: (u64, u64),
+    ctx: &str,
+) {
     assert!(report.foreign_acks.is_empty(), "acks for ids never sent; {ctx}");
     assert_eq!(report.counts.rejected, 0, "valid frames were REJECTED; {ctx}");
     let unresolved = report.unresolved();

@@ -24,7 +24,7 @@ pub(super) fn set_rcvbuf(fd: i32, bytes: i32) {
     }
 }
 
-/// A UDP client on its own ephemeral loopback port.
+/// A UDP client on its own ephemeral port (loopback, for a server on loopback).
 pub struct UdpClient {
     sock: UdpSocket,
     server: SocketAddr,
@@ -34,7 +34,14 @@ pub struct UdpClient {
 
 impl UdpClient {
     pub fn new(server: SocketAddr) -> UdpClient {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind udp client");
+        // A loopback source cannot leave the host: a server on another address (in a network
+        // namespace) is reached from the address the route picks.
+        let local = if server.ip().is_loopback() {
+            "127.0.0.1:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let sock = UdpSocket::bind(local).expect("bind udp client");
         sock.set_read_timeout(Some(Duration::from_millis(5)))
             .expect("udp read timeout");
         set_rcvbuf(sock.as_raw_fd(), 4 << 20);

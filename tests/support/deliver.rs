@@ -48,7 +48,8 @@ pub struct DeliverOpts {
     /// how far apart (in positions of a channel's send order) copies of one event may be;
     /// None: a twentieth of the events. Some(1): all copies go out at about the same time.
     pub copy_spread: Option<usize>,
-    /// put the copies of one event on different channels (as far as there are enough)
+    /// put the copies of one event on different channels (as far as there are enough); to
+    /// several hosts (`deliver_to_hosts`): on different hosts, as far as there are enough
     pub distinct_channels: bool,
 }
 
@@ -96,6 +97,8 @@ pub struct DeliveryReport {
     pub reconnects: usize,
     /// datagrams dropped at the client sockets (lost acks)
     pub udp_client_drops: u64,
+    /// when each RETRY answer arrived
+    pub retries_at: Vec<Instant>,
     pub elapsed: Duration,
 }
 
@@ -159,6 +162,7 @@ struct ChanResult {
     foreign: Vec<AckMsg>,
     reconnects: usize,
     udp_drops: u64,
+    retries_at: Vec<Instant>,
 }
 
 /// `deliver_all` to `server` with default options, failing the test unless
@@ -183,9 +187,18 @@ pub fn deliver_resolved(server: &Server, events: &[Event], seed: u64, total_time
 /// answered ACCEPTED or DUPLICATE (or REJECTED, which is final) or `total_timeout` passed. Each
 /// channel runs the one resend loop (`ChannelLoop`) and only does its own I/O around it.
 pub fn deliver_all(udp: SocketAddr, tcp: SocketAddr, events: &[Event], opts: &DeliverOpts) -> DeliveryReport {
+    deliver_to_hosts(&[(udp, tcp)], events, opts)
+}
+
+/// [`deliver_all`] to several servers, each given as its (UDP, TCP) addresses: each gets
+/// `opts.udp_sockets` UDP sockets and `opts.tcp_conns` TCP connections, and the copies of an
+/// event are spread over all of them (with `distinct_channels`, over different hosts).
+pub fn deliver_to_hosts(hosts: &[(SocketAddr, SocketAddr)], events: &[Event], opts: &DeliverOpts) -> DeliveryReport {
     let started = Instant::now();
-    let n_chans = opts.udp_sockets + opts.tcp_conns;
-    assert!(n_chans > 0, "deliver_all needs a UDP socket or a TCP connection");
+    let per_host = opts.udp_sockets + opts.tcp_conns;
+    assert!(per_host > 0, "deliver_all needs a UDP socket or a TCP connection");
+    assert!(!hosts.is_empty(), "deliver_to_hosts needs a host");
+    let n_chans = per_host * hosts.len();
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let frames: Arc<Vec<Vec<u8>>> = Arc::new(events.iter().map(Event::frame).collect());
     let known: Arc<HashSet<Key>> = Arc::new(events.iter().map(Event::key).collect());
@@ -198,10 +211,18 @@ pub fn deliver_all(udp: SocketAddr, tcp: SocketAddr, events: &[Event], opts: &De
         let n = rng.gen_range(opts.min_copies..=opts.max_copies);
         let mut order: Vec<usize> = (0..n_chans).collect();
         order.shuffle(&mut rng);
+        let first_host = if hosts.len() > 1 {
+            rng.gen_range(0..hosts.len())
+        } else {
+            0
+        };
         for k in 0..n {
             let ci = copies.len();
             copies.push(ei);
-            let ch = if opts.distinct_channels {
+            let ch = if opts.distinct_channels && hosts.len() > 1 {
+                let host = (first_host + k) % hosts.len();
+                host * per_host + rng.gen_range(0..per_host)
+            } else if opts.distinct_channels {
                 order[k % n_chans]
             } else {
                 rng.gen_range(0..n_chans)
@@ -214,7 +235,8 @@ pub fn deliver_all(udp: SocketAddr, tcp: SocketAddr, events: &[Event], opts: &De
     for (ch, mut list) in per_chan.into_iter().enumerate() {
         list.sort();
         let mine: Vec<(usize, usize)> = list.into_iter().map(|(_, ci)| (ci, copies[ci])).collect();
-        let chan = if ch < opts.udp_sockets {
+        let (udp, tcp) = hosts[ch / per_host];
+        let chan = if ch % per_host < opts.udp_sockets {
             Chan::Udp(UdpClient::new(udp))
         } else {
             Chan::Tcp {
@@ -252,7 +274,9 @@ pub fn deliver_all(udp: SocketAddr, tcp: SocketAddr, events: &[Event], opts: &De
         report.foreign_acks.extend(r.foreign);
         report.reconnects += r.reconnects;
         report.udp_client_drops += r.udp_drops;
+        report.retries_at.extend(r.retries_at);
     }
+    report.retries_at.sort();
     report.elapsed = started.elapsed();
     report
 }
@@ -280,6 +304,7 @@ fn run_channel(
         foreign: Vec::new(),
         reconnects: 0,
         udp_drops: 0,
+        retries_at: Vec::new(),
     };
     let (window, ack_timeout) = match chan {
         Chan::Udp(_) => (opts.udp_window, opts.udp_ack_timeout),
@@ -345,6 +370,9 @@ fn run_channel(
             let key = ack.key();
             res.answers.entry(key).or_default().push(ack.status);
             res.counts.add(ack.status);
+            if ack.status == St::Retry {
+                res.retries_at.push(Instant::now());
+            }
             if !known.contains(&key) {
                 res.foreign.push(ack);
                 continue;

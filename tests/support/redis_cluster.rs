@@ -1,9 +1,10 @@
-//! A private Redis Cluster of 6 nodes (3 masters, 3 replicas) on loopback ports, in temp
-//! dirs, built with `redis-cli --cluster create`; every node is killed on drop.
+//! A private Redis Cluster of 6 nodes (3 masters, 3 replicas) on loopback ports (or on one
+//! given local address), in temp dirs, built with `redis-cli --cluster create`; every node is
+//! killed on drop.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::fs::OpenOptions;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -12,14 +13,17 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::basics::send_signal;
-use super::redis_server::redis_ping;
+use super::redis_server::redis_ping_at;
 use super::stored::{read_stream, StoredEvent};
 use super::Signal;
 
-/// One node: its process, port and data dir.
+/// One node: its process, address, port and data dir.
 pub struct ClusterNode {
     child: Option<Child>,
+    /// The one address it binds, and announces to the other nodes and to clients.
+    pub host: Ipv4Addr,
     pub port: u16,
+    node_timeout_ms: u32,
     dir: tempfile::TempDir,
 }
 
@@ -28,8 +32,68 @@ impl ClusterNode {
         self.dir.path().join("redis.log")
     }
 
+    /// Starts `redis-server` on its port and data dir (with the `nodes.conf` a run before it
+    /// left there), its log appended to.
+    fn spawn(&mut self) {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("node log");
+        let log2 = log.try_clone().expect("clone log fd");
+        let dir = self.dir.path().to_str().expect("utf-8 tempdir").to_string();
+        let mut command = Command::new("redis-server");
+        command
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                &self.host.to_string(),
+                "--dir",
+                &dir,
+            ])
+            .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+            .args(["--cluster-node-timeout", &self.node_timeout_ms.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            // A replica's full sync starts at once, not 5 s later (the default, to gather
+            // more replicas into one transfer): tests wait for their replicas to be online.
+            .args(["--repl-diskless-sync-delay", "0"]);
+        if !self.host.is_loopback() {
+            // What the other nodes and the clients are told to reach it at; and protected
+            // mode would refuse them (no password, not loopback). The address is a test
+            // network's, which exists only on this machine.
+            command.args(["--cluster-announce-ip", &self.host.to_string()]);
+            command.args(["--protected-mode", "no"]);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .expect("spawn redis-server (apt-get install redis-server)");
+        self.child = Some(child);
+    }
+
+    fn wait_ping(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !redis_ping_at(IpAddr::V4(self.host), self.port, Duration::from_millis(250)) {
+            assert!(
+                Instant::now() < deadline,
+                "cluster node {}:{} did not answer PING within {timeout:?}",
+                self.host,
+                self.port
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `host:port`.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
     pub fn connection(&self) -> redis::Connection {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).expect("redis url");
+        let client = redis::Client::open(format!("redis://{}:{}", self.host, self.port)).expect("redis url");
         let conn = client
             .get_connection_with_timeout(Duration::from_secs(2))
             .unwrap_or_else(|e| panic!("connect to cluster node {}: {e}", self.port));
@@ -50,10 +114,33 @@ impl ClusterNode {
         send_signal(pid, Signal::SIGCONT).expect("SIGCONT a cluster node");
     }
 
-    fn kill(&mut self) {
+    /// SIGKILL (`kill -9`): a crash, nothing written on the way out.
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// After [`kill`](Self::kill): starts it again on the same port and data dir, as a
+    /// supervisor would, and waits (10 s at most) until it answers PING. Its `nodes.conf`
+    /// makes it rejoin the cluster; with no persistence it comes back empty.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running node {}", self.port);
+        self.spawn();
+        self.wait_ping(Duration::from_secs(10));
+    }
+
+    /// What `ROLE` says: `master`, `slave`, or empty when it does not answer.
+    pub fn role(&self) -> String {
+        let client = redis::Client::open(format!("redis://{}:{}", self.host, self.port)).expect("redis url");
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
+            return String::new();
+        };
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut conn).unwrap_or_default();
+        match role.first() {
+            Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+            _ => String::new(),
         }
     }
 }
@@ -63,13 +150,13 @@ pub struct RedisCluster {
     pub nodes: Vec<ClusterNode>,
 }
 
-/// A loopback port whose cluster bus port (port + 10000) is free too, both below the
+/// A port on `host` whose cluster bus port (port + 10000) is free too, both below the
 /// ephemeral range so that no client socket takes them meanwhile.
-fn free_node_port() -> u16 {
+fn free_node_port(host: Ipv4Addr) -> u16 {
     let mut rng = rand::thread_rng();
     for _attempt in 0..1000 {
         let port = rng.gen_range(12_000..22_000u16);
-        let free = |port: u16| TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).is_ok();
+        let free = |port: u16| TcpListener::bind(SocketAddr::from((host, port))).is_ok();
         if free(port) && free(port + 10_000) {
             return port;
         }
@@ -78,9 +165,16 @@ fn free_node_port() -> u16 {
 }
 
 impl RedisCluster {
-    /// Starts 6 nodes, creates the cluster, and waits (30 s at most) until every node says
-    /// `cluster_state:ok` and knows all 6 nodes.
+    /// Starts 6 nodes on loopback, creates the cluster, and waits (30 s at most) until every
+    /// node says `cluster_state:ok` and knows all 6 nodes.
     pub fn start() -> RedisCluster {
+        RedisCluster::start_on(Ipv4Addr::LOCALHOST, 2000)
+    }
+
+    /// As [`start`](Self::start), every node bound to (and announcing) `host`, a local
+    /// address, with `cluster-node-timeout` `node_timeout_ms`: how long a master may be
+    /// unreachable before its replica is promoted.
+    pub fn start_on(host: Ipv4Addr, node_timeout_ms: u32) -> RedisCluster {
         let mut cluster = RedisCluster { nodes: Vec::new() };
         for _ in 0..6 {
             let dir = tempfile::Builder::new()
@@ -89,41 +183,18 @@ impl RedisCluster {
                 .expect("tempdir for a cluster node");
             let mut node = ClusterNode {
                 child: None,
-                port: free_node_port(),
+                host,
+                port: free_node_port(host),
+                node_timeout_ms,
                 dir,
             };
-            let log = File::create(node.log_path()).expect("node log");
-            let log2 = log.try_clone().expect("clone log fd");
-            let dir = node.dir.path().to_str().expect("utf-8 tempdir").to_string();
-            let child = Command::new("redis-server")
-                .args(["--port", &node.port.to_string(), "--bind", "127.0.0.1", "--dir", &dir])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-                .args(["--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"])
-                .args(["--daemonize", "no"])
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(log2)
-                .spawn()
-                .expect("spawn redis-server (apt-get install redis-server)");
-            node.child = Some(child);
+            node.spawn();
             cluster.nodes.push(node);
         }
         for node in &cluster.nodes {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !redis_ping(node.port, Duration::from_millis(250)) {
-                assert!(
-                    Instant::now() < deadline,
-                    "cluster node {} did not answer PING",
-                    node.port
-                );
-                thread::sleep(Duration::from_millis(20));
-            }
+            node.wait_ping(Duration::from_secs(10));
         }
-        let addresses: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|node| format!("127.0.0.1:{}", node.port))
-            .collect();
+        let addresses: Vec<String> = cluster.nodes.iter().map(ClusterNode::address).collect();
         let output = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addresses)
@@ -144,8 +215,9 @@ impl RedisCluster {
     /// `redis-cluster://` with the first two nodes as seeds.
     pub fn url(&self) -> String {
         format!(
-            "redis-cluster://127.0.0.1:{},127.0.0.1:{}",
-            self.nodes[0].port, self.nodes[1].port
+            "redis-cluster://{},{}",
+            self.nodes[0].address(),
+            self.nodes[1].address()
         )
     }
 
@@ -220,14 +292,11 @@ impl RedisCluster {
             .unwrap_or_else(|| panic!("master {master_port} lists no replica:\n{info}"))
     }
 
-    /// The masters' ports, as the first node sees them (`CLUSTER SHARDS`-free: `ROLE` per node).
+    /// The masters' ports (`ROLE` per running node; a killed node is none).
     pub fn masters(&self) -> Vec<u16> {
         self.nodes
             .iter()
-            .filter(|node| {
-                let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut node.connection()).unwrap_or_default();
-                matches!(role.first(), Some(redis::Value::BulkString(b)) if b == b"master")
-            })
+            .filter(|node| node.child.is_some() && node.role() == "master")
             .map(|node| node.port)
             .collect()
     }
@@ -235,6 +304,13 @@ impl RedisCluster {
     pub fn node(&self, port: u16) -> &ClusterNode {
         self.nodes
             .iter()
+            .find(|node| node.port == port)
+            .expect("a node of this cluster")
+    }
+
+    pub fn node_mut(&mut self, port: u16) -> &mut ClusterNode {
+        self.nodes
+            .iter_mut()
             .find(|node| node.port == port)
             .expect("a node of this cluster")
     }
@@ -360,7 +436,7 @@ impl RedisCluster {
                 break;
             }
             let _: () = redis::cmd("MIGRATE")
-                .arg("127.0.0.1")
+                .arg(self.node(to).host.to_string())
                 .arg(to)
                 .arg("")
                 .arg(0)

@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -231,7 +232,12 @@ impl Drop for RedisServer {
 
 /// PING through the real client: true once Redis answers PONG (not LOADING).
 pub fn redis_ping(port: u16, timeout: Duration) -> bool {
-    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+    redis_ping_at(IpAddr::V4(Ipv4Addr::LOCALHOST), port, timeout)
+}
+
+/// [`redis_ping`] to a Redis on `host`.
+pub fn redis_ping_at(host: IpAddr, port: u16, timeout: Duration) -> bool {
+    let Ok(client) = redis::Client::open(format!("redis://{host}:{port}")) else {
         return false;
     };
     let Ok(mut conn) = client.get_connection_with_timeout(timeout) else {

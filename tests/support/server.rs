@@ -15,6 +15,7 @@ use super::Signal;
 pub struct ServerBuilder {
     flags: Vec<(String, Option<String>)>,
     extra: Vec<String>,
+    launcher: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -30,6 +31,7 @@ impl ServerBuilder {
         let mut b = ServerBuilder {
             flags: Vec::new(),
             extra: Vec::new(),
+            launcher: Vec::new(),
             dir,
         };
         b = b
@@ -68,6 +70,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Starts the binary through `launcher` (e.g. `ip netns exec NS`), which must exec it, so
+    /// that the child's pid (signals, `kill -9`) is shardgate's.
+    pub fn launched_by(mut self, launcher: &[&str]) -> ServerBuilder {
+        self.launcher = launcher.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
     pub fn args(&self) -> Vec<String> {
         let mut args = vec!["serve".to_string()];
         for (flag, value) in &self.flags {
@@ -91,7 +100,16 @@ impl ServerBuilder {
     pub fn start(self) -> Server {
         let args = self.args();
         let hdr_path = self.hdr_path();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        let binary = env!("CARGO_BIN_EXE_shardgate");
+        let mut command = match self.launcher.split_first() {
+            Some((launcher, launcher_args)) => {
+                let mut command = Command::new(launcher);
+                command.args(launcher_args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -99,7 +117,11 @@ impl ServerBuilder {
             .spawn()
             .expect("spawn shardgate");
         let pid = child.id();
-        println!("started shardgate pid {pid}: {}", args.join(" "));
+        println!(
+            "started shardgate pid {pid}: {} {}",
+            self.launcher.join(" "),
+            args.join(" ")
+        );
         let stderr_lines = Arc::new(Mutex::new(Vec::new()));
         let stdout_lines = Arc::new(Mutex::new(Vec::new()));
         let readers = vec![
