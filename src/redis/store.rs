@@ -732,14 +732,17 @@ impl Store {
         let Some(slot) = slot else {
             return Rc::clone(&self.wait_gate);
         };
-        let node = self
-            .client
-            .cached_cluster_state()
-            .and_then(|state| state.get_server(slot).cloned());
-        match node {
-            Some(node) => Rc::clone(self.node_wait_gates.borrow_mut().entry(node).or_default()),
-            None => Rc::clone(&self.wait_gate),
-        }
+        // Read in place: `cached_cluster_state` would copy the whole slot map per call. Only a
+        // node's first gate copies its address.
+        let gate = self.client.with_cached_cluster_state(|state| {
+            let node = state.get_server(slot)?;
+            let mut gates = self.node_wait_gates.borrow_mut();
+            if let Some(gate) = gates.get(node) {
+                return Some(Rc::clone(gate));
+            }
+            Some(Rc::clone(gates.entry(node.clone()).or_default()))
+        });
+        gate.flatten().unwrap_or_else(|| Rc::clone(&self.wait_gate))
     }
 
     /// Sends one `WAIT 1 <ms>` (`confirm`) and reads its answer.
