@@ -81,3 +81,67 @@ foreign_cores() { # the same, only the average cores
   awk -v b0="$1" -v o0="$2" -v t0="$3" -v b1="$4" -v o1="$5" -v t1="$6" 'BEGIN {
     f = (b1 - b0) - (o1 - o0); if (f < 0) f = 0; w = t1 - t0; if (w < 1) w = 1; printf "%.2f", f / w }'
 }
+
+# A loopback port whose Redis Cluster bus port (port + 10000) is free too, both below the
+# ephemeral range so that no client socket takes them meanwhile.
+free_cluster_port() {
+  python3 -c '
+import random, socket
+for _ in range(1000):
+    port = random.randrange(12000, 22000)
+    try:
+        for p in (port, port + 10000):
+            s = socket.socket(); s.bind(("127.0.0.1", p)); s.close()
+    except OSError:
+        continue
+    print(port); break'
+}
+
+# A private Redis Cluster: 6 redis-servers on loopback in $work/cluster-PORT (3 masters with one
+# replica each, `redis-cli --cluster create`), RDB snapshots off; the arguments add settings to
+# every node (e.g. --appendonly no). Waits until every node says cluster_state:ok and every
+# master's replica is online (its first sync done). Sets cluster_ports (all six),
+# cluster_masters, cluster_replicas (ports), cluster_pid_of_PORT per node, and cluster_url
+# (redis-cluster:// with two seeds); exits if it does not form within 60 s.
+start_redis_cluster() {
+  local port dir ready role addresses=()
+  cluster_ports=() cluster_masters=() cluster_replicas=()
+  for _ in 1 2 3 4 5 6; do
+    port=$(free_cluster_port)
+    [ -n "$port" ] || { echo "no free port pair for a cluster node" >&2; exit 1; }
+    dir="$work/cluster-$port"
+    mkdir -p "$dir"
+    redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --save "" --cluster-enabled yes \
+      --cluster-config-file nodes.conf "$@" --daemonize no --logfile "$dir/redis.log" &
+    pids+=($!)
+    printf -v "cluster_pid_of_$port" '%s' "$!"
+    cluster_ports+=("$port")
+    addresses+=("127.0.0.1:$port")
+  done
+  for port in "${cluster_ports[@]}"; do
+    for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    redis-cli -p "$port" ping >/dev/null || { echo "cluster node $port did not start" >&2; cat "$work/cluster-$port/redis.log" >&2; exit 1; }
+  done
+  redis-cli --cluster create "${addresses[@]}" --cluster-replicas 1 --cluster-yes \
+    >"$work/cluster-create.log" 2>&1 || { echo "redis-cli --cluster create failed" >&2; cat "$work/cluster-create.log" >&2; exit 1; }
+  for _ in $(seq 600); do
+    ready=1 cluster_masters=() cluster_replicas=()
+    for port in "${cluster_ports[@]}"; do
+      redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || ready=0
+      role=$(redis-cli -p "$port" role 2>/dev/null | head -1)
+      case "$role" in
+        master) cluster_masters+=("$port")
+          redis-cli -p "$port" info replication 2>/dev/null | grep -q '^slave0:.*state=online' || ready=0 ;;
+        slave) cluster_replicas+=("$port") ;;
+        *) ready=0 ;;
+      esac
+    done
+    [ "$ready" = 1 ] && [ "${#cluster_masters[@]}" = 3 ] && break
+    sleep 0.1
+  done
+  [ "$ready" = 1 ] && [ "${#cluster_masters[@]}" = 3 ] \
+    || { echo "the cluster did not form in 60 s" >&2; redis-cli -p "${cluster_ports[0]}" cluster info >&2; exit 1; }
+  cluster_url="redis-cluster://127.0.0.1:${cluster_masters[0]},127.0.0.1:${cluster_masters[1]}"
+}
+# The pid of cluster node PORT.
+cluster_pid() { local name="cluster_pid_of_$1"; echo "${!name}"; }

@@ -5,6 +5,12 @@
 #
 #   scripts/bench.sh [--out FILE] [--step 8s] [--budget-secs 560] [--instr-secs 180] [--durable] [--nats URL] [--keep-logs DIR] [--no-efficiency]
 #   scripts/bench.sh --only efficiency [scripts/bench-efficiency.sh's flags]
+#   scripts/bench.sh --cluster [scripts/bench-cluster.sh's flags]
+#
+# --cluster (or --only cluster) runs only the Redis Cluster comparison, scripts/bench-cluster.sh:
+# shardgate against a private 6-node cluster (3 masters) and a standalone Redis in the same run,
+# the highest SLO-holding rate and p99.9 of each and the capacity model's per-core figures; it
+# writes its own section of bench/RESULTS.md and leaves the others as they are.
 #
 # After the flood section, the efficiency section (issue 14: server CPU per frame against a
 # blocking UDP echo, Redis CPU and memory per stored event, system calls per frame, the headline
@@ -54,8 +60,13 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = --only ]; then
   case "${2:-}" in
     efficiency) shift 2; exec scripts/bench-efficiency.sh "$@" ;;
-    *) echo "--only takes: efficiency" >&2; exit 2 ;;
+    cluster) shift 2; exec scripts/bench-cluster.sh "$@" ;;
+    *) echo "--only takes: efficiency, cluster" >&2; exit 2 ;;
   esac
+fi
+if [ "${1:-}" = --cluster ]; then
+  shift
+  exec scripts/bench-cluster.sh "$@"
 fi
 started_s=$(date +%s)
 load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)

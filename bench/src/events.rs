@@ -14,7 +14,9 @@
 //! another path would. It is drawn from a ring of the most recent fresh events, preferring one
 //! first sent by another lane: lanes are distinct sockets or connections, which the kernel
 //! spreads over the server's shards, so copies exercise cross-shard dedup and copies that
-//! arrive while the original is still being written.
+//! arrive while the original is still being written. With several targets the lanes take them
+//! in turn, so another lane is often another server: the copy then meets no cache that saw the
+//! original, only Redis's marker, as when a client fails over to another address.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

@@ -148,7 +148,7 @@ pub fn command(arguments: FloodArgs) -> ExitCode {
         Ok(redis) => redis,
         Err(message) => return fail(EXIT_CONNECTION, &message),
     };
-    let since_ms = match redis.as_mut().map(verify::redis_time_ms).transpose() {
+    let since_ms = match redis.as_mut().map(verify::Streams::time_ms).transpose() {
         Ok(since_ms) => since_ms,
         Err(message) => return fail(EXIT_CONNECTION, &message),
     };

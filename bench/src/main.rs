@@ -7,8 +7,10 @@
 //! the sends are copies of recent events, sent from another socket so that they land on another
 //! shard. Every frame is resent on RETRY or silence until it is answered ACCEPTED or
 //! DUPLICATE, as a real client would. Afterwards, with `--redis`, it reads the partition streams
-//! back and counts events stored twice and events acked but missing. `--plot FILE.svg` draws the
-//! latencies by percentile.
+//! back (from every master with `redis-cluster://`) and counts events stored twice and events
+//! acked but missing. `--plot FILE.svg` draws the latencies by percentile. Several `--target`s
+//! take the lanes in turn, so a copy often goes to another server than its original, as a
+//! client failing over to another address would send it.
 //!
 //! `shardgate-bench sweep` runs the same workload at rising rates (`--from`, `--to`, `--step` or
 //! `--factor`) until a step misses the SLO, and names the highest rate that held it.
@@ -146,7 +148,8 @@ struct WorkloadArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "500us")]
     slice: Duration,
 
-    /// Verify against this Redis after the run, e.g. redis://127.0.0.1:6379.
+    /// Verify against this Redis after the run, e.g. redis://127.0.0.1:6379, or a Redis
+    /// Cluster, redis-cluster://HOST:PORT[,HOST:PORT...] (each stream read from its master).
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
 
@@ -191,9 +194,9 @@ impl WorkloadArgs {
             .transpose()
     }
 
-    fn into_plan_input(self, target: Target, rate_per_sec: u64) -> PlanInput {
+    fn into_plan_input(self, targets: Vec<Target>, rate_per_sec: u64) -> PlanInput {
         PlanInput {
-            target,
+            targets,
             allow_remote: self.allow_remote,
             rate_per_sec,
             duration: self.duration,
@@ -218,8 +221,10 @@ impl WorkloadArgs {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Where to send: udp://HOST:PORT or tcp://HOST:PORT (loopback only, see --allow-remote).
-    #[arg(long, value_name = "URL", value_parser = parse_target)]
-    target: Target,
+    /// Several targets (comma-separated, or the flag repeated), all of one transport, take the
+    /// lanes in turn: one server each, or one cluster of servers behind several addresses.
+    #[arg(long = "target", value_name = "URL", value_parser = parse_target, value_delimiter = ',', required = true)]
+    targets: Vec<Target>,
 
     /// Frames per second, first sends only (resends come on top).
     #[arg(long, value_name = "N")]
@@ -241,8 +246,10 @@ struct RunArgs {
 #[command(group(ArgGroup::new("increment").required(true).args(["step", "factor"])))]
 struct SweepArgs {
     /// Where to send: udp://HOST:PORT or tcp://HOST:PORT (loopback only, see --allow-remote).
-    #[arg(long, value_name = "URL", value_parser = parse_target)]
-    target: Target,
+    /// Several targets (comma-separated, or the flag repeated), all of one transport, take the
+    /// lanes in turn: one server each, or one cluster of servers behind several addresses.
+    #[arg(long = "target", value_name = "URL", value_parser = parse_target, value_delimiter = ',', required = true)]
+    targets: Vec<Target>,
 
     /// The first step's rate, frames per second.
     #[arg(long, value_name = "N")]
@@ -287,7 +294,7 @@ fn main() -> ExitCode {
 /// `run`: one rate, a summary, optionally JSON and a plot.
 fn run_command(arguments: RunArgs) -> ExitCode {
     let RunArgs {
-        target,
+        targets,
         rate,
         workload,
         json,
@@ -301,7 +308,7 @@ fn run_command(arguments: RunArgs) -> ExitCode {
     let input = PlanInput {
         json_path: json,
         slo_check,
-        ..workload.into_plan_input(target, rate)
+        ..workload.into_plan_input(targets, rate)
     };
     let plan = match Plan::new(input) {
         Ok(plan) => plan,
@@ -330,7 +337,9 @@ fn run_command(arguments: RunArgs) -> ExitCode {
     if let Some(path) = &plot_path {
         let title = format!(
             "{} at {}/s, {} frame(s) per send: latency by percentile",
-            plan.target, plan.rate_per_sec, plan.frames_per_send
+            plan.targets_text(),
+            plan.rate_per_sec,
+            plan.frames_per_send
         );
         let curves = [
             plot::Curve {
@@ -349,7 +358,10 @@ fn run_command(arguments: RunArgs) -> ExitCode {
     if outcome.tally.sent > 0 && outcome.tally.answers_total() == 0 {
         return fail(
             EXIT_CONNECTION,
-            &format!("no answer at all from {}: is shardgate listening there?", plan.target),
+            &format!(
+                "no answer at all from {}: is shardgate listening there?",
+                plan.targets_text()
+            ),
         );
     }
     if plan.slo_check && !summary.slo_ok {
@@ -361,7 +373,7 @@ fn run_command(arguments: RunArgs) -> ExitCode {
 /// `sweep`: rising rates until the SLO breaks; one line per step and the highest that held.
 fn sweep_command(arguments: SweepArgs) -> ExitCode {
     let SweepArgs {
-        target,
+        targets,
         from,
         to,
         step,
@@ -384,7 +396,7 @@ fn sweep_command(arguments: SweepArgs) -> ExitCode {
         Ok(scrape) => scrape,
         Err(message) => return fail(EXIT_USAGE, &message),
     };
-    let base = workload.into_plan_input(target, from);
+    let base = workload.into_plan_input(targets, from);
     // Checks the flags once before anything connects; each step's rate is checked in `sweep`.
     if let Err(message) = Plan::new(base.clone()) {
         return fail(EXIT_USAGE, &message);

@@ -120,7 +120,7 @@ pub fn command(arguments: RedisArgs) -> ExitCode {
     }
 
     // Connect and load the script before the load, so a wrong URL fails at once.
-    let mut verifier = match verify::connect(&url) {
+    let mut verifier = match verify::connect_standalone(&url) {
         Ok(connection) => connection,
         Err(message) => return fail(PEER, EXIT_CONNECTION, &message),
     };
@@ -179,6 +179,7 @@ pub fn command(arguments: RedisArgs) -> ExitCode {
         tally.merge(lane_tally);
     }
     let ledger = Ledger::new(seq_base, &sent_per_player);
+    let mut verifier = verify::Streams::Standalone(verifier);
     let verification = verify::verify(
         &mut verifier,
         &shared.prefix,

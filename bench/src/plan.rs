@@ -1,8 +1,9 @@
 //! The checked settings of one run.
 //!
 //! `main.rs` turns flags into a [`Plan`]; every range is checked here, before any socket is
-//! opened, so the rest of the crate can rely on them (at least one lane, a payload that fits a
-//! frame, a datagram that fits UDP, a warmup shorter than the run).
+//! opened, so the rest of the crate can rely on them (at least one target and one lane per
+//! target, one transport, a payload that fits a frame, a datagram that fits UDP, a warmup
+//! shorter than the run).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,7 +36,10 @@ const SLICE_MAX: Duration = Duration::from_millis(100);
 /// Everything a run needs, validated.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    pub target: Target,
+    /// Where the lanes go, in turn: lane `i` sends to `targets[i % targets.len()]`. Never
+    /// empty; all of one transport.
+    pub targets: Vec<Target>,
+    pub transport: Transport,
     pub rate_per_sec: u64,
     /// Whole run, warmup included: scheduled sends stop at `duration`.
     pub duration: Duration,
@@ -62,7 +66,7 @@ pub struct Plan {
 /// The raw values from the command line.
 #[derive(Clone)]
 pub struct PlanInput {
-    pub target: Target,
+    pub targets: Vec<Target>,
     pub allow_remote: bool,
     pub rate_per_sec: u64,
     pub duration: Duration,
@@ -86,12 +90,23 @@ pub struct PlanInput {
 impl Plan {
     /// Checks every bound; the message names the flag.
     pub fn new(input: PlanInput) -> Result<Plan, String> {
-        if !input.allow_remote && !input.target.is_loopback() {
+        let Some(first_target) = input.targets.first() else {
+            return Err("--target is required".into());
+        };
+        let transport = first_target.transport;
+        if let Some(other) = input.targets.iter().find(|target| target.transport != transport) {
             return Err(format!(
-                "--target {} is not a loopback address; this tool only sends to its own machine unless \
-                 --allow-remote is given",
-                input.target
+                "--target {other} is not {}: every target of a run uses the same transport",
+                transport.name()
             ));
+        }
+        if let Some(remote) = input.targets.iter().find(|target| !target.is_loopback()) {
+            if !input.allow_remote {
+                return Err(format!(
+                    "--target {remote} is not a loopback address; this tool only sends to its own machine unless \
+                     --allow-remote is given"
+                ));
+            }
         }
         if input.rate_per_sec == 0 {
             return Err("--rate must be at least 1 frame per second".into());
@@ -115,7 +130,7 @@ impl Plan {
             return Err(format!("--payload must be at most {PAYLOAD_BYTES_MAX} bytes"));
         }
         let frame_bytes = FRAME_OVERHEAD_BYTES + input.payload_bytes;
-        let frames_per_send_max = match input.target.transport {
+        let frames_per_send_max = match transport {
             Transport::Udp => UDP_DATAGRAM_BYTES_MAX / frame_bytes,
             Transport::Tcp => FRAMES_PER_SEND_MAX,
         };
@@ -123,15 +138,21 @@ impl Plan {
             return Err(format!(
                 "--frames-per-datagram must be within 1..={frames_per_send_max} for {}-byte frames over {}",
                 frame_bytes,
-                input.target.transport.name()
+                transport.name()
             ));
         }
-        let (lanes, lanes_flag) = match input.target.transport {
+        let (lanes, lanes_flag) = match transport {
             Transport::Udp => (input.sockets, "--sockets"),
             Transport::Tcp => (input.connections, "--connections"),
         };
         if !(1..=LANES_MAX).contains(&lanes) {
             return Err(format!("{lanes_flag} must be within 1..={LANES_MAX}"));
+        }
+        if lanes < input.targets.len() {
+            return Err(format!(
+                "{lanes_flag} ({lanes}) must be at least the number of targets ({}): each target needs a lane",
+                input.targets.len()
+            ));
         }
         if !(SLICE_MIN..=SLICE_MAX).contains(&input.slice) {
             return Err("--slice must be within 10us..=100ms".into());
@@ -143,7 +164,8 @@ impl Plan {
             return Err("--prefix must not be empty".into());
         }
         let plan = Plan {
-            target: input.target,
+            targets: input.targets,
+            transport,
             rate_per_sec: input.rate_per_sec,
             duration: input.duration,
             warmup: input.warmup,
@@ -172,6 +194,21 @@ impl Plan {
     pub fn frame_bytes(&self) -> usize {
         FRAME_OVERHEAD_BYTES + self.payload_bytes
     }
+
+    /// The target lane `lane` sends to: the targets take the lanes in turn.
+    pub fn target_of_lane(&self, lane: usize) -> &Target {
+        &self.targets[lane % self.targets.len()]
+    }
+
+    /// The targets as `--target` takes them, comma-separated: for the summary and messages.
+    pub fn targets_text(&self) -> String {
+        targets_text(&self.targets)
+    }
+}
+
+/// Targets comma-separated, as `--target` takes them.
+pub fn targets_text(targets: &[Target]) -> String {
+    targets.iter().map(Target::to_string).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]
@@ -181,7 +218,7 @@ pub(crate) mod tests {
 
     pub(crate) fn input() -> PlanInput {
         PlanInput {
-            target: parse_target("udp://127.0.0.1:4000").unwrap(),
+            targets: vec![parse_target("udp://127.0.0.1:4000").unwrap()],
             allow_remote: false,
             rate_per_sec: 1_000,
             duration: Duration::from_secs(10),
@@ -206,18 +243,49 @@ pub(crate) mod tests {
     #[test]
     fn lanes_follow_the_transport() {
         let plan = Plan::new(PlanInput {
-            target: parse_target("tcp://127.0.0.1:4000").unwrap(),
+            targets: vec![parse_target("tcp://127.0.0.1:4000").unwrap()],
             ..input()
         })
         .unwrap();
         assert_eq!(plan.lanes, 2);
     }
 
+    // Several targets take the lanes in turn; they must share a transport, each needs a lane,
+    // and any remote one needs --allow-remote.
+    #[test]
+    fn targets_take_the_lanes_in_turn() {
+        let targets = |texts: &[&str]| texts.iter().map(|text| parse_target(text).unwrap()).collect::<Vec<_>>();
+        let plan = Plan::new(PlanInput {
+            targets: targets(&["udp://127.0.0.1:4000", "udp://127.0.0.1:4001", "udp://127.0.0.1:4002"]),
+            sockets: 8,
+            ..input()
+        })
+        .unwrap();
+        let ports: Vec<u16> = (0..8).map(|lane| plan.target_of_lane(lane).address.port()).collect();
+        assert_eq!(ports, [4000, 4001, 4002, 4000, 4001, 4002, 4000, 4001]);
+        assert_eq!(
+            plan.targets_text(),
+            "udp://127.0.0.1:4000,udp://127.0.0.1:4001,udp://127.0.0.1:4002"
+        );
+        let refused = |targets: Vec<Target>, sockets: usize| {
+            Plan::new(PlanInput {
+                targets,
+                sockets,
+                ..input()
+            })
+            .unwrap_err()
+        };
+        assert!(refused(targets(&["udp://127.0.0.1:4000", "tcp://127.0.0.1:4001"]), 4).contains("same transport"));
+        assert!(refused(targets(&["udp://127.0.0.1:4000", "udp://127.0.0.1:4001"]), 1).contains("--sockets"));
+        assert!(refused(targets(&["udp://127.0.0.1:4000", "udp://10.0.0.1:4001"]), 4).contains("--allow-remote"));
+        assert!(refused(Vec::new(), 4).contains("--target"));
+    }
+
     // Remote targets need --allow-remote; bad ranges name their flag.
     #[test]
     fn refuses_bad_settings() {
         let remote = || PlanInput {
-            target: parse_target("udp://10.0.0.1:4000").unwrap(),
+            targets: vec![parse_target("udp://10.0.0.1:4000").unwrap()],
             ..input()
         };
         assert!(Plan::new(remote()).unwrap_err().contains("--allow-remote"));

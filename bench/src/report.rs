@@ -120,7 +120,7 @@ impl Summary {
     pub fn new(plan: &Plan, outcome: &RunOutcome, verification: Option<&Verification>) -> Summary {
         let tally = &outcome.tally;
         let mut summary = Summary {
-            target: plan.target.to_string(),
+            target: plan.targets_text(),
             duration_s: plan.duration.as_secs_f64(),
             warmup_s: plan.warmup.as_secs_f64(),
             lanes: plan.lanes,

@@ -25,7 +25,7 @@ use crate::sys;
 use crate::tcp::{self, TcpWire};
 use crate::tracker::{Latencies, Tracker, LOST_SAMPLE_MAX};
 use crate::udp::{self, UdpWire};
-use crate::verify::{self, Ledger, Verification};
+use crate::verify::{self, Ledger, Streams, Verification};
 
 /// Time between opening the lanes and the schedule's start, so the progress thread is up and
 /// the first pass starts on time.
@@ -71,19 +71,19 @@ pub enum RunFailure {
 /// `sweep`. With `scrape`, the server's metrics are scraped meanwhile.
 pub fn run_verified(
     plan: &Plan,
-    redis: Option<&mut redis::Connection>,
+    redis: Option<&mut Streams>,
     scrape: Option<&ScrapeConfig>,
 ) -> Result<(RunOutcome, Option<Verification>), RunFailure> {
-    let Some(connection) = redis else {
+    let Some(streams) = redis else {
         return run(plan, scrape)
             .map(|outcome| (outcome, None))
             .map_err(RunFailure::Setup);
     };
-    let since_ms = verify::redis_time_ms(connection).map_err(RunFailure::Setup)?;
+    let since_ms = streams.time_ms().map_err(RunFailure::Setup)?;
     let outcome = run(plan, scrape).map_err(RunFailure::Setup)?;
     let ledger = Ledger::new(outcome.seq_base, &outcome.sent_per_player);
     match verify::verify_since(
-        connection,
+        streams,
         &plan.prefix,
         plan.partitions,
         ledger,
@@ -101,28 +101,34 @@ pub fn run_verified(
 /// Runs the plan, scraping `scrape` from the schedule's start to the engine's end. An error
 /// means a lane (or the scrape thread) could not be opened (nothing was sent).
 pub fn run(plan: &Plan, scrape: Option<&ScrapeConfig>) -> Result<RunOutcome, String> {
-    let target = plan.target.address;
-    let open_error = |error: std::io::Error| format!("cannot open a lane to {}: {error}", plan.target);
+    let open_error = |lane: usize| {
+        let target = plan.target_of_lane(lane).clone();
+        move |error: std::io::Error| format!("cannot open a lane to {target}: {error}")
+    };
     // Opened before the clock starts, so a dead target fails before any frame is scheduled.
     enum Opened {
-        Udp(UdpWire),
+        // Boxed: a UdpWire is hundreds of bytes larger than a TcpWire, and the enum takes the larger.
+        Udp(Box<UdpWire>),
         Tcp(TcpWire),
     }
-    let mut wire = match plan.target.transport {
+    let mut wire = match plan.transport {
         Transport::Udp => {
             let sockets = (0..plan.lanes)
-                .map(|_| udp::open(target))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(open_error)?;
+                .map(|lane| udp::open(plan.target_of_lane(lane).address).map_err(open_error(lane)))
+                .collect::<Result<Vec<_>, _>>()?;
             let datagram_bytes_max = plan.frames_per_send * plan.frame_bytes();
-            Opened::Udp(UdpWire::new(sockets, datagram_bytes_max, plan.frames_per_send).map_err(open_error)?)
+            Opened::Udp(Box::new(
+                UdpWire::new(sockets, datagram_bytes_max, plan.frames_per_send).map_err(open_error(0))?,
+            ))
         }
         Transport::Tcp => {
-            let streams = (0..plan.lanes)
-                .map(|_| tcp::connect(target))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(open_error)?;
-            Opened::Tcp(TcpWire::new(target, streams).map_err(open_error)?)
+            let targets: Vec<_> = (0..plan.lanes).map(|lane| plan.target_of_lane(lane).address).collect();
+            let streams = targets
+                .iter()
+                .enumerate()
+                .map(|(lane, &target)| tcp::connect(target).map_err(open_error(lane)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Opened::Tcp(TcpWire::new(targets, streams).map_err(open_error(0))?)
         }
     };
 
@@ -160,7 +166,7 @@ pub fn run(plan: &Plan, scrape: Option<&ScrapeConfig>) -> Result<RunOutcome, Str
     };
     let cpu_before = sys::process_cpu_time();
     match &mut wire {
-        Opened::Udp(wire) => engine::drive(&shared, &clock, &schedule, &mut lanes, wire),
+        Opened::Udp(wire) => engine::drive(&shared, &clock, &schedule, &mut lanes, wire.as_mut()),
         Opened::Tcp(wire) => engine::drive(&shared, &clock, &schedule, &mut lanes, wire),
     }
     let scrape = scraper.map(Scraper::stop);
@@ -197,4 +203,174 @@ pub fn run(plan: &Plan, scrape: Option<&ScrapeConfig>) -> Result<RunOutcome, Str
     outcome.stall_probe =
         probe.map(|probe| probe.stop(&outcome.latencies.slow_first_by_ms, measured_ms.0, measured_ms.1));
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, UdpSocket};
+    use std::sync::Mutex;
+    use std::thread;
+
+    use shardgate_proto::frame::{encode_ack, parse, Status};
+
+    use crate::parse::parse_target;
+    use crate::plan::{tests::input, PlanInput};
+
+    /// A stand-in server on loopback that answers every frame ACCEPTED and records the ids it
+    /// was sent, until `stop` is set.
+    struct Echo {
+        address: SocketAddr,
+        ids: Arc<Mutex<Vec<EventId>>>,
+        stop: Arc<AtomicBool>,
+        thread: Option<thread::JoinHandle<()>>,
+    }
+
+    const POLL: Duration = Duration::from_millis(50);
+
+    /// Answers the whole frames of `bytes`, records their ids, and returns the acks.
+    fn answer(bytes: &[u8], frame_bytes: usize, ids: &Mutex<Vec<EventId>>) -> Vec<u8> {
+        let mut acks = Vec::new();
+        for frame in bytes.chunks_exact(frame_bytes) {
+            let id = parse(frame).expect("the generator sends valid frames").id;
+            ids.lock().unwrap().push(id);
+            acks.extend_from_slice(&encode_ack(Status::Accepted, id));
+        }
+        acks
+    }
+
+    impl Echo {
+        fn start(transport: Transport, frame_bytes: usize) -> Echo {
+            let ids = Arc::new(Mutex::new(Vec::new()));
+            let stop = Arc::new(AtomicBool::new(false));
+            let (thread_ids, thread_stop) = (Arc::clone(&ids), Arc::clone(&stop));
+            let (address, thread) = match transport {
+                Transport::Udp => {
+                    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                    socket.set_read_timeout(Some(POLL)).unwrap();
+                    let address = socket.local_addr().unwrap();
+                    let thread = thread::spawn(move || {
+                        let mut datagram = vec![0u8; 65_536];
+                        while !thread_stop.load(Ordering::Relaxed) {
+                            if let Ok((length, from)) = socket.recv_from(&mut datagram) {
+                                let acks = answer(&datagram[..length], frame_bytes, &thread_ids);
+                                let _ = socket.send_to(&acks, from);
+                            }
+                        }
+                    });
+                    (address, thread)
+                }
+                Transport::Tcp => {
+                    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                    listener.set_nonblocking(true).unwrap();
+                    let address = listener.local_addr().unwrap();
+                    let thread = thread::spawn(move || {
+                        thread::scope(|scope| {
+                            while !thread_stop.load(Ordering::Relaxed) {
+                                let Ok((mut stream, _)) = listener.accept() else {
+                                    thread::sleep(Duration::from_millis(5));
+                                    continue;
+                                };
+                                let (ids, stop) = (&thread_ids, &thread_stop);
+                                scope.spawn(move || {
+                                    stream.set_nonblocking(false).unwrap();
+                                    stream.set_read_timeout(Some(POLL)).unwrap();
+                                    let (mut inbox, mut filled) = (vec![0u8; 65_536], 0);
+                                    while !stop.load(Ordering::Relaxed) {
+                                        match stream.read(&mut inbox[filled..]) {
+                                            // The generator closed its connection.
+                                            Ok(0) => break,
+                                            Ok(read_bytes) => {
+                                                filled += read_bytes;
+                                                let whole = filled - filled % frame_bytes;
+                                                let _ = stream.write_all(&answer(&inbox[..whole], frame_bytes, ids));
+                                                inbox.copy_within(whole..filled, 0);
+                                                filled -= whole;
+                                            }
+                                            Err(_) => {}
+                                        }
+                                    }
+                                });
+                            }
+                        });
+                    });
+                    (address, thread)
+                }
+            };
+            Echo {
+                address,
+                ids,
+                stop,
+                thread: Some(thread),
+            }
+        }
+
+        fn ids(&self) -> HashSet<EventId> {
+            self.ids.lock().unwrap().iter().copied().collect()
+        }
+    }
+
+    impl Drop for Echo {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// Runs one second at 2 000/s with 30% copies over 4 lanes to two echo servers.
+    fn run_to_two_targets(transport: Transport) {
+        let plan_of = |targets| {
+            Plan::new(PlanInput {
+                targets,
+                rate_per_sec: 2_000,
+                duration: Duration::from_secs(1),
+                warmup: Duration::from_millis(200),
+                sockets: 4,
+                connections: 4,
+                ..input()
+            })
+            .unwrap()
+        };
+        let frame_bytes = plan_of(vec![parse_target("udp://127.0.0.1:1").unwrap()]).frame_bytes();
+        let echoes = [Echo::start(transport, frame_bytes), Echo::start(transport, frame_bytes)];
+        let targets = echoes
+            .iter()
+            .map(|echo| parse_target(&format!("{}://{}", transport.name(), echo.address)).unwrap())
+            .collect();
+        let plan = plan_of(targets);
+        let outcome = run(&plan, None).unwrap();
+        let sent = outcome.tally.sent;
+        // A generator descheduled on a busy machine may fall short of the timetable (it stops
+        // sending two slices past the end); what it sent must all be answered.
+        assert!(sent > 1_000, "sent {sent} of 2000 frames");
+        assert_eq!((outcome.lost, outcome.tally.resolved), (0, sent));
+        let [first, second] = [echoes[0].ids(), echoes[1].ids()];
+        // Lanes alternate between the targets, so each gets about half of the sends.
+        for ids in [&first, &second] {
+            assert!(
+                ids.len() as u64 > sent * 3 / 10,
+                "one target got only {} distinct ids of {sent} frames",
+                ids.len()
+            );
+        }
+        // Copies come from other lanes, often on the other target, as a client failing over.
+        let on_both = first.intersection(&second).count() as u64;
+        assert!(on_both > sent / 40, "only {on_both} ids reached both targets");
+    }
+
+    // Several UDP targets take the lanes in turn; every frame is answered, copies cross targets.
+    #[test]
+    fn udp_lanes_spread_over_targets() {
+        run_to_two_targets(Transport::Udp);
+    }
+
+    // The same over TCP, one connection per lane to its own target.
+    #[test]
+    fn tcp_lanes_spread_over_targets() {
+        run_to_two_targets(Transport::Tcp);
+    }
 }

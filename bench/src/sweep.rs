@@ -157,7 +157,7 @@ pub fn sweep(
     base: &PlanInput,
     rates: &[u64],
     pause: Duration,
-    mut redis: Option<&mut redis::Connection>,
+    mut redis: Option<&mut crate::verify::Streams>,
     plot_path: Option<&Path>,
     scrape: Option<&ScrapeConfig>,
 ) -> Result<SweepReport, SweepError> {
@@ -195,7 +195,7 @@ pub fn sweep(
         if outcome.tally.sent > 0 && outcome.tally.answers_total() == 0 {
             return Err(SweepError::NoAnswer(format!(
                 "no answer at all from {}: is shardgate listening there?",
-                plan.target
+                plan.targets_text()
             )));
         }
         if plotted.len() == PLOTTED_STEPS_MAX {
@@ -223,7 +223,10 @@ pub fn sweep(
                 latencies_us: histogram,
             })
             .collect();
-        let title = format!("{}: first-attempt latency by percentile, per rate", base.target);
+        let title = format!(
+            "{}: first-attempt latency by percentile, per rate",
+            crate::plan::targets_text(&base.targets)
+        );
         plot::write_svg(path, &title, &curves).map_err(SweepError::Connection)?;
     }
     Ok(report)

@@ -91,7 +91,8 @@ enum Link {
 
 /// Every lane's connection.
 pub struct TcpWire {
-    target: SocketAddr,
+    /// Each lane's target, where a broken connection is made again.
+    targets: Vec<SocketAddr>,
     links: Vec<Link>,
     readiness: Readiness,
     ready: Vec<u64>,
@@ -103,14 +104,20 @@ pub struct TcpWire {
 }
 
 impl TcpWire {
-    /// Takes the lanes' first connections (see [`connect`]).
-    pub fn new(target: SocketAddr, streams: Vec<TcpStream>) -> io::Result<TcpWire> {
+    /// Takes the lanes' targets and first connections (see [`connect`]), one of each per lane.
+    pub fn new(targets: Vec<SocketAddr>, streams: Vec<TcpStream>) -> io::Result<TcpWire> {
+        if targets.len() != streams.len() {
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "one target per lane connection",
+            ));
+        }
         let readiness = Readiness::new(streams.len())?;
         for (lane, stream) in streams.iter().enumerate() {
             readiness.add(stream.as_raw_fd(), lane as u64, Interest::Read)?;
         }
         Ok(TcpWire {
-            target,
+            targets,
             outbox_bytes_max: outbox_bytes_max(streams.len()),
             ready: Vec::with_capacity(streams.len()),
             dirty_lanes: Vec::with_capacity(streams.len()),
@@ -164,9 +171,10 @@ impl TcpWire {
     }
 
     fn start_connect(&self, lane: usize) -> io::Result<Socket> {
-        let socket = Socket::new(Domain::for_address(self.target), Type::STREAM, Some(Protocol::TCP))?;
+        let target = self.targets[lane];
+        let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_nonblocking(true)?;
-        match socket.connect(&SockAddr::from(self.target)) {
+        match socket.connect(&SockAddr::from(target)) {
             Ok(()) => {}
             Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(error) => return Err(error),
@@ -354,7 +362,7 @@ mod tests {
     fn writes_reads_and_reconnects() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let target = listener.local_addr().unwrap();
-        let mut wire = TcpWire::new(target, vec![connect(target).unwrap()]).unwrap();
+        let mut wire = TcpWire::new(vec![target], vec![connect(target).unwrap()]).unwrap();
         let (mut server, _) = listener.accept().unwrap();
         let counters = Counters::default();
 

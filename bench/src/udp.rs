@@ -151,11 +151,11 @@ impl UdpWire {
     /// to fit the path, and the kernel accepts it on all of them; otherwise leaves it off.
     fn segment_if_possible(&mut self) {
         let segments = (MESSAGE_BYTES_MAX / self.datagram_bytes_max).min(SEGMENTS_PER_MESSAGE_MAX);
-        let loopback = self
-            .sockets
-            .first()
-            .and_then(|socket| socket.peer_addr().ok())
-            .is_some_and(|peer| peer.ip().is_loopback());
+        let loopback = !self.sockets.is_empty()
+            && self
+                .sockets
+                .iter()
+                .all(|socket| socket.peer_addr().is_ok_and(|peer| peer.ip().is_loopback()));
         let fits_path = loopback || self.datagram_bytes_max <= REMOTE_SEGMENT_BYTES_MAX;
         let Ok(segment_bytes) = u16::try_from(self.datagram_bytes_max) else {
             return;

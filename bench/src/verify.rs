@@ -6,11 +6,17 @@
 //! again). Only entries whose `(player, seq)` this run sent count; anything else (earlier runs,
 //! other writers) is skipped.
 //!
+//! With `--redis redis-cluster://...` the streams are spread over the cluster's masters (each
+//! partition's keys share the hash tag `{p}`, so each stream is one slot): the slot map
+//! (`CLUSTER SLOTS`) says which master serves each stream's slot, and each stream is read there,
+//! so every master is read. The run's start is the earliest of the masters' clocks.
+//!
 //! The ids a run sent are exactly, per player, the seqs just above the run's `seq_base` up to
 //! that player's count (see `events.rs`), so each one has a dense index: the player's offset
 //! plus its seq's distance from the base. Bit sets over that index say, per id, whether it was
 //! seen once or twice; a few bits per event instead of a hash set of millions of ids.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::Value;
@@ -150,26 +156,50 @@ impl Checker {
     }
 }
 
-/// The userinfo (`user:password@`, or empty) of a `redis-cluster://` url given to `connect`, for
-/// the connections a `MOVED` sends verification to.
-static CLUSTER_USERINFO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// Where verification reads the streams: one standalone Redis, or every master of a Redis
+/// Cluster.
+pub enum Streams {
+    Standalone(redis::Connection),
+    Cluster(Cluster),
+}
 
-/// Opens the connection verification will use; called before the run so that a wrong URL
-/// fails fast instead of after minutes of load. A `redis-cluster://[userinfo@]SEED[,SEED...]`
-/// url (shardgate's form) connects to its first seed; verification then follows each
-/// partition's `MOVED` to the master that serves it.
-pub fn connect(url: &str) -> Result<redis::Connection, String> {
-    let seed_url;
-    let url = match url.strip_prefix("redis-cluster://") {
-        Some(rest) => {
-            let (userinfo, seeds) = rest.rfind('@').map_or(("", rest), |at| (&rest[..=at], &rest[at + 1..]));
-            let first_seed = seeds.split(',').next().unwrap_or("");
-            let _ = CLUSTER_USERINFO.set(userinfo.to_string());
-            seed_url = format!("redis://{userinfo}{first_seed}");
-            seed_url.as_str()
-        }
-        None => url,
-    };
+/// A Redis Cluster, read node by node: each partition stream from the master that serves its
+/// slot. The slot map is read again for every verification (and every clock reading), so a
+/// failover or a reshard during the run is followed.
+pub struct Cluster {
+    /// `user:password@` or empty, put before a node's `host:port`; never printed.
+    userinfo: String,
+    /// The url's seed nodes, `host:port`: where the slot map is asked for.
+    seeds: Vec<String>,
+    /// Connections opened so far, by node `host:port`.
+    nodes: HashMap<String, redis::Connection>,
+}
+
+/// One range of `CLUSTER SLOTS`: slots `first..=last` served by the master at `node`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SlotRange {
+    first: u16,
+    last: u16,
+    node: String,
+}
+
+const CLUSTER_SCHEME: &str = "redis-cluster://";
+
+/// Opens what verification will use: `redis://...` a standalone Redis, `redis-cluster://
+/// [user:password@]HOST:PORT[,HOST:PORT...]` a cluster (as the server's `--redis` takes them),
+/// where it connects to every master. Called before the run so that a wrong URL fails fast
+/// instead of after minutes of load.
+pub fn connect(url: &str) -> Result<Streams, String> {
+    if url.starts_with(CLUSTER_SCHEME) {
+        let mut cluster = Cluster::new(url)?;
+        cluster.masters()?;
+        return Ok(Streams::Cluster(cluster));
+    }
+    connect_standalone(url).map(Streams::Standalone)
+}
+
+/// One connection to a standalone Redis (`redis://`), answering PING.
+pub fn connect_standalone(url: &str) -> Result<redis::Connection, String> {
     let client = redis::Client::open(url).map_err(|error| format!("invalid --redis {url:?}: {error}"))?;
     let mut connection = client
         .get_connection_with_timeout(CONNECT_TIMEOUT)
@@ -184,9 +214,85 @@ pub fn connect(url: &str) -> Result<redis::Connection, String> {
     Ok(connection)
 }
 
-/// Redis's clock in milliseconds (`TIME`): taken before a run, it bounds the stream ids the
-/// run's entries can have from below.
-pub fn redis_time_ms(connection: &mut redis::Connection) -> Result<u64, String> {
+impl Cluster {
+    /// Reads the url; connects to nothing yet.
+    fn new(url: &str) -> Result<Cluster, String> {
+        let (userinfo, seeds) = parse_cluster_url(url)?;
+        Ok(Cluster {
+            userinfo,
+            seeds,
+            nodes: HashMap::new(),
+        })
+    }
+
+    /// The connection to `node` (`host:port`), opened on first use.
+    fn node(&mut self, node: &str) -> Result<&mut redis::Connection, String> {
+        if !self.nodes.contains_key(node) {
+            let connection = connect_standalone(&format!("redis://{}{node}", self.userinfo))
+                .map_err(|_| format!("cannot connect to redis cluster node {node}"))?;
+            self.nodes.insert(node.to_string(), connection);
+        }
+        Ok(self.nodes.get_mut(node).expect("inserted above"))
+    }
+
+    /// The slot map, from the first seed (or node seen before) that gives one whole: every
+    /// slot served. A map with holes means the cluster is not `ok`.
+    fn slot_map(&mut self) -> Result<Vec<SlotRange>, String> {
+        let mut asked: Vec<String> = self.seeds.clone();
+        asked.extend(self.nodes.keys().filter(|node| !self.seeds.contains(node)).cloned());
+        let mut last_error = String::from("no seed node");
+        for node in asked {
+            let reply = self.node(&node).and_then(|connection| {
+                redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query::<Value>(connection)
+                    .map_err(|error| format!("CLUSTER SLOTS on {node} failed: {error}"))
+            });
+            let host = node.rsplit_once(':').map_or("", |(host, _)| host).to_string();
+            match reply.and_then(|reply| read_slot_map(reply, &host)) {
+                Ok(map) if covers_every_slot(&map) => return Ok(map),
+                Ok(_) => last_error = format!("node {node} has slots no master serves (cluster_state not ok?)"),
+                Err(message) => last_error = message,
+            }
+        }
+        Err(format!(
+            "cannot read the slot map of the redis cluster at {}: {last_error}",
+            self.seeds.join(",")
+        ))
+    }
+
+    /// Every master's `host:port`, each connected.
+    fn masters(&mut self) -> Result<Vec<String>, String> {
+        let mut masters: Vec<String> = self.slot_map()?.into_iter().map(|range| range.node).collect();
+        masters.sort();
+        masters.dedup();
+        for master in &masters {
+            self.node(master)?;
+        }
+        Ok(masters)
+    }
+}
+
+impl Streams {
+    /// Redis's clock in milliseconds (`TIME`): taken before a run, it bounds the stream ids the
+    /// run's entries can have from below. On a cluster, the earliest of the masters' clocks:
+    /// each master stamps the entries it appends with its own.
+    pub fn time_ms(&mut self) -> Result<u64, String> {
+        match self {
+            Streams::Standalone(connection) => redis_time_ms(connection),
+            Streams::Cluster(cluster) => {
+                let mut earliest_ms = u64::MAX;
+                for master in cluster.masters()? {
+                    earliest_ms = earliest_ms.min(redis_time_ms(cluster.node(&master)?)?);
+                }
+                Ok(earliest_ms)
+            }
+        }
+    }
+}
+
+/// Redis's clock in milliseconds (`TIME`) on one node.
+fn redis_time_ms(connection: &mut redis::Connection) -> Result<u64, String> {
     let (seconds, micros): (u64, u64) = redis::cmd("TIME")
         .query(connection)
         .map_err(|error| format!("redis TIME failed: {error}"))?;
@@ -195,19 +301,21 @@ pub fn redis_time_ms(connection: &mut redis::Connection) -> Result<u64, String> 
 
 /// Reads every partition stream whole and returns the verification.
 pub fn verify(
-    connection: &mut redis::Connection,
+    streams: &mut Streams,
     prefix: &str,
     partitions: u32,
     ledger: Ledger,
     acked_ids: &[EventId],
 ) -> Result<Verification, String> {
-    verify_since(connection, prefix, partitions, ledger, acked_ids, None)
+    verify_since(streams, prefix, partitions, ledger, acked_ids, None)
 }
 
 /// Reads every partition stream from `since_ms` on Redis's clock (all of it if `None`) and
-/// returns the verification.
+/// returns the verification. On a cluster each stream is read from the master serving its
+/// slot, as the slot map says now; a stream that moved meanwhile fails the read (`MOVED`)
+/// rather than being skipped.
 pub fn verify_since(
-    connection: &mut redis::Connection,
+    streams: &mut Streams,
     prefix: &str,
     partitions: u32,
     ledger: Ledger,
@@ -219,57 +327,175 @@ pub fn verify_since(
         Some(since_ms) => format!("{}-0", since_ms.saturating_sub(START_MARGIN_MS)),
         None => "-".to_string(),
     };
-    // On a cluster, the master of each partition's slot, opened at its first MOVED.
-    let mut masters: Vec<(String, redis::Connection)> = Vec::new();
-    for partition in 0..partitions {
-        let key = format!("{prefix}:{{{partition}}}:events");
-        let mut start = first_id.clone();
-        let mut node: Option<usize> = None;
-        loop {
-            let query = |connection: &mut redis::Connection| {
-                redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(&start)
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(PAGE_ENTRIES)
-                    .query::<Value>(connection)
-            };
-            let reply = match node {
-                Some(index) => query(&mut masters[index].1),
-                None => query(connection),
-            };
-            let reply = match reply {
-                Err(error) if error.kind() == redis::ErrorKind::Moved && node.is_none() => {
-                    let (address, _slot) = error
-                        .redirect_node()
-                        .ok_or_else(|| format!("XRANGE {key}: a MOVED without a node: {error}"))?;
-                    let index = match masters.iter().position(|(known, _)| known == address) {
-                        Some(index) => index,
-                        None => {
-                            let userinfo = CLUSTER_USERINFO.get().map_or("", String::as_str);
-                            masters.push((address.to_string(), connect(&format!("redis://{userinfo}{address}"))?));
-                            masters.len() - 1
-                        }
-                    };
-                    node = Some(index);
-                    continue;
-                }
-                reply => reply.map_err(|error| format!("XRANGE {key} failed: {error}"))?,
-            };
-            let page = read_page(reply).map_err(|error| format!("XRANGE {key}: {error}"))?;
-            for (_, id) in &page {
-                checker.entry(*id);
+    let keys = (0..partitions).map(|partition| format!("{prefix}:{{{partition}}}:events"));
+    match streams {
+        Streams::Standalone(connection) => {
+            for key in keys {
+                read_stream(connection, &key, &first_id, &mut checker)?;
             }
-            match page.last() {
-                Some((last_entry, _)) if page.len() == PAGE_ENTRIES => {
-                    start = entry_id_after(last_entry).ok_or_else(|| format!("{key}: bad entry id {last_entry:?}"))?;
-                }
-                _ => break,
+        }
+        Streams::Cluster(cluster) => {
+            let map = cluster.slot_map()?;
+            for key in keys {
+                let node = owner_of(&map, key_slot(key.as_bytes()))
+                    .ok_or_else(|| format!("no master serves the slot of {key}"))?
+                    .to_string();
+                read_stream(cluster.node(&node)?, &key, &first_id, &mut checker)
+                    .map_err(|message| format!("{message} (on {node})"))?;
             }
         }
     }
     Ok(checker.finish(acked_ids))
+}
+
+/// Reads one stream from `first_id` on, in pages, into the checker.
+fn read_stream(
+    connection: &mut redis::Connection,
+    key: &str,
+    first_id: &str,
+    checker: &mut Checker,
+) -> Result<(), String> {
+    let mut start = first_id.to_string();
+    loop {
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(PAGE_ENTRIES)
+            .query(connection)
+            .map_err(|error| format!("XRANGE {key} failed: {error}"))?;
+        let page = read_page(reply).map_err(|error| format!("XRANGE {key}: {error}"))?;
+        for (_, id) in &page {
+            checker.entry(*id);
+        }
+        match page.last() {
+            Some((last_entry, _)) if page.len() == PAGE_ENTRIES => {
+                start = entry_id_after(last_entry).ok_or_else(|| format!("{key}: bad entry id {last_entry:?}"))?;
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// `redis-cluster://[user:password@]HOST:PORT[,HOST:PORT...]` as (userinfo with its `@`, or
+/// empty; the seeds). The reason for a refusal names the seeds only, never the userinfo.
+fn parse_cluster_url(url: &str) -> Result<(String, Vec<String>), String> {
+    let rest = url
+        .strip_prefix(CLUSTER_SCHEME)
+        .ok_or("a cluster --redis starts with redis-cluster://")?;
+    let (userinfo, seeds) = match rest.rfind('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let seeds: Vec<String> = seeds.split(',').map(str::to_string).collect();
+    for seed in &seeds {
+        let port = seed
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty())
+            .and_then(|(_, port)| port.parse::<u16>().ok());
+        if port.filter(|&port| port > 0).is_none() {
+            return Err(format!(
+                "invalid --redis: seed node {seed:?} must be host:port with a port in 1..=65535 \
+                 (redis-cluster://HOST:PORT[,HOST:PORT...])"
+            ));
+        }
+    }
+    Ok((userinfo.to_string(), seeds))
+}
+
+/// `CLUSTER SLOTS`' reply as ranges and their masters' `host:port`. A master listed with an
+/// empty host is on `asked_host`, the node that answered (Redis's way of saying "me").
+fn read_slot_map(reply: Value, asked_host: &str) -> Result<Vec<SlotRange>, String> {
+    let Value::Array(ranges) = reply else {
+        return Err(format!("CLUSTER SLOTS: expected an array, got {reply:?}"));
+    };
+    let mut map = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let malformed = || format!("CLUSTER SLOTS: a range is not [first, last, [host, port, ..], ..]: {range:?}");
+        let Value::Array(parts) = &range else {
+            return Err(malformed());
+        };
+        let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            return Err(malformed());
+        };
+        let host = match master.first() {
+            Some(Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+            Some(Value::SimpleString(text)) => text.clone(),
+            _ => return Err(malformed()),
+        };
+        let Some(Value::Int(port)) = master.get(1) else {
+            return Err(malformed());
+        };
+        let host = if host.is_empty() || host == "?" {
+            asked_host.to_string()
+        } else {
+            host
+        };
+        // An IPv6 address needs brackets before its port.
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let (Ok(first), Ok(last), Ok(port)) = (u16::try_from(*first), u16::try_from(*last), u16::try_from(*port))
+        else {
+            return Err(malformed());
+        };
+        map.push(SlotRange {
+            first,
+            last,
+            node: format!("{host}:{port}"),
+        });
+    }
+    Ok(map)
+}
+
+/// Hash slots of a Redis Cluster.
+const SLOTS: u16 = 16_384;
+
+fn covers_every_slot(map: &[SlotRange]) -> bool {
+    let served: u32 = map
+        .iter()
+        .map(|range| u32::from(range.last.saturating_sub(range.first)) + 1)
+        .sum();
+    served >= u32::from(SLOTS)
+}
+
+/// The master serving `slot`, if any.
+fn owner_of(map: &[SlotRange], slot: u16) -> Option<&str> {
+    map.iter()
+        .find(|range| (range.first..=range.last).contains(&slot))
+        .map(|range| range.node.as_str())
+}
+
+/// The hash slot of `key`, as Redis computes it: CRC16 (XMODEM) of the hash tag (what is
+/// between the first `{` and the next `}`, if not empty) or of the whole key, modulo 16384.
+fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&byte| byte == b'{').and_then(|open| {
+        let after = &key[open + 1..];
+        let close = after.iter().position(|&byte| byte == b'}')?;
+        (close > 0).then(|| &after[..close])
+    });
+    crc16_xmodem(tagged.unwrap_or(key)) % SLOTS
+}
+
+/// CRC16 with polynomial 0x1021, initial value 0, no reflection: Redis Cluster's key hash.
+fn crc16_xmodem(bytes: &[u8]) -> u16 {
+    let mut crc = 0u16;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
 }
 
 /// One XRANGE reply: per entry, its stream id and the event id its fields name (if readable).
@@ -411,5 +637,231 @@ mod tests {
         assert_eq!(entry_id_after("5-0").as_deref(), Some("5-1"));
         assert_eq!(entry_id_after(&format!("5-{}", u64::MAX)).as_deref(), Some("6-0"));
         assert_eq!(entry_id_after("junk"), None);
+    }
+
+    // Redis Cluster's key hash: the CRC16 check value, keys from Redis's own documentation and
+    // tests, and hash tags (only the first `{...}`, and not an empty one).
+    #[test]
+    fn key_slots_match_redis() {
+        assert_eq!(crc16_xmodem(b"123456789"), 0x31C3);
+        assert_eq!(key_slot(b"foo"), 12_182);
+        assert_eq!(key_slot(b"bar"), 5_061);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_eq!(key_slot(b"foo{}{bar}"), crc16_xmodem(b"foo{}{bar}") % SLOTS);
+        assert_eq!(key_slot(b"foo{{bar}}zap"), crc16_xmodem(b"{bar") % SLOTS);
+        assert_eq!(key_slot(b"sg:{7}:events"), key_slot(b"sg:{7}:m:1:2"));
+    }
+
+    // The cluster url's seeds and userinfo; a seed without a port is refused without the password.
+    #[test]
+    fn cluster_urls() {
+        assert_eq!(
+            parse_cluster_url("redis-cluster://127.0.0.1:7000,h2:7001").unwrap(),
+            (String::new(), vec!["127.0.0.1:7000".to_string(), "h2:7001".to_string()])
+        );
+        assert_eq!(
+            parse_cluster_url("redis-cluster://user:secret@h1:7000").unwrap(),
+            ("user:secret@".to_string(), vec!["h1:7000".to_string()])
+        );
+        for bad in [
+            "redis-cluster://",
+            "redis-cluster://user:secret@h1",
+            "redis-cluster://h1:7000,",
+            "redis-cluster://h1:0",
+            "redis-cluster://:7000",
+        ] {
+            let error = parse_cluster_url(bad).unwrap_err();
+            assert!(!error.contains("secret"), "{error}");
+        }
+    }
+
+    // CLUSTER SLOTS ranges become nodes to read from; an empty host is the node asked; holes
+    // in the map are seen.
+    #[test]
+    fn slot_maps() {
+        let bulk = |text: &str| Value::BulkString(text.as_bytes().to_vec());
+        let range = |first: i64, last: i64, host: &str, port: i64| {
+            Value::Array(vec![
+                Value::Int(first),
+                Value::Int(last),
+                Value::Array(vec![bulk(host), Value::Int(port), bulk("id")]),
+                Value::Array(vec![bulk(host), Value::Int(port + 1), bulk("replica")]),
+            ])
+        };
+        let reply = Value::Array(vec![
+            range(0, 5460, "127.0.0.1", 7000),
+            range(5461, 10922, "", 7002),
+            range(10923, 16383, "::1", 7004),
+        ]);
+        let map = read_slot_map(reply, "10.0.0.9").unwrap();
+        assert!(covers_every_slot(&map));
+        assert_eq!(owner_of(&map, 0), Some("127.0.0.1:7000"));
+        assert_eq!(owner_of(&map, 5461), Some("10.0.0.9:7002"));
+        assert_eq!(owner_of(&map, 16383), Some("[::1]:7004"));
+        assert!(!covers_every_slot(&map[..2]));
+        assert_eq!(owner_of(&map[..2], 16383), None);
+        assert!(read_slot_map(Value::Array(vec![Value::Int(1)]), "").is_err());
+        assert!(read_slot_map(Value::Nil, "").is_err());
+    }
+
+    /// A private 3-master Redis Cluster (no replicas) on free loopback ports, in a temp dir;
+    /// every node is killed on drop.
+    struct TestCluster {
+        nodes: Vec<(std::process::Child, u16)>,
+        dir: tempfile::TempDir,
+    }
+
+    impl TestCluster {
+        fn start() -> TestCluster {
+            use std::process::{Command, Stdio};
+            let mut cluster = TestCluster {
+                nodes: Vec::new(),
+                dir: tempfile::tempdir().expect("a temp dir"),
+            };
+            for index in 0..3 {
+                let port = free_port_pair();
+                let node_dir = cluster.dir.path().join(format!("node{index}"));
+                std::fs::create_dir(&node_dir).expect("a node dir");
+                let child = Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .arg("--dir")
+                    .arg(&node_dir)
+                    .args(["--cluster-enabled", "yes", "--save", "", "--appendonly", "no"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn redis-server (apt-get install redis-server)");
+                cluster.nodes.push((child, port));
+            }
+            for &(_, port) in &cluster.nodes {
+                wait_until(|| connect_standalone(&format!("redis://127.0.0.1:{port}")).is_ok());
+            }
+            let output = Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(cluster.nodes.iter().map(|(_, port)| format!("127.0.0.1:{port}")))
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .stdin(Stdio::null())
+                .output()
+                .expect("run redis-cli --cluster create");
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+            wait_until(|| {
+                cluster.nodes.iter().all(|&(_, port)| {
+                    connect_standalone(&format!("redis://127.0.0.1:{port}"))
+                        .and_then(|mut connection| {
+                            redis::cmd("CLUSTER")
+                                .arg("INFO")
+                                .query::<String>(&mut connection)
+                                .map_err(|error| error.to_string())
+                        })
+                        .is_ok_and(|info| info.contains("cluster_state:ok"))
+                })
+            });
+            cluster
+        }
+
+        fn connection(&self, node: usize) -> redis::Connection {
+            connect_standalone(&format!("redis://127.0.0.1:{}", self.nodes[node].1)).expect("a node")
+        }
+    }
+
+    impl Drop for TestCluster {
+        fn drop(&mut self) {
+            for (child, _) in &mut self.nodes {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// A loopback port whose cluster bus port (port + 10000) is free too, below the ephemeral
+    /// range so that no client socket takes either meanwhile.
+    fn free_port_pair() -> u16 {
+        use rand::Rng;
+        let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let mut rng = rand::thread_rng();
+        (0..1_000)
+            .map(|_| rng.gen_range(12_000..22_000u16))
+            .find(|&port| free(port) && free(port + 10_000))
+            .expect("a free port pair in 12000..22000")
+    }
+
+    /// Polls `ready` every 50 ms for up to 30 s.
+    fn wait_until(mut ready: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !ready() {
+            assert!(std::time::Instant::now() < deadline, "not ready after 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // On a cluster every partition stream is read from the master serving it: entries written
+    // to each stream's own master (found by MOVED alone, not by the slot map) are all counted,
+    // the copy stored twice and the acked id never stored are seen, and our slots are Redis's.
+    #[test]
+    fn reads_every_master_of_a_cluster() {
+        let cluster = TestCluster::start();
+        let url = format!(
+            "redis-cluster://127.0.0.1:{},127.0.0.1:{}",
+            cluster.nodes[0].1, cluster.nodes[1].1
+        );
+        let mut streams = connect(&url).unwrap();
+        let since_ms = streams.time_ms().unwrap();
+        let partitions = 16u32;
+        // Player p (1..=16) sends 3 events, to partition p - 1; player 5's second is stored
+        // twice, player 9's third never.
+        let mut masters_written = std::collections::HashSet::new();
+        for player in 1..=u64::from(partitions) {
+            let key = format!("sgv:{{{}}}:events", player - 1);
+            let mut entries = vec![1, 2, 3];
+            if player == 5 {
+                entries.push(2);
+            }
+            if player == 9 {
+                entries.pop();
+            }
+            for seq in entries {
+                let written = (0..cluster.nodes.len()).find(|&node| {
+                    redis::cmd("XADD")
+                        .arg(&key)
+                        .arg("*")
+                        .arg("player")
+                        .arg(player)
+                        .arg("seq")
+                        .arg(seq)
+                        .query::<String>(&mut cluster.connection(node))
+                        .is_ok()
+                });
+                masters_written.insert(written.unwrap_or_else(|| panic!("no master took {key}")));
+            }
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(&key)
+                .query(&mut cluster.connection(0))
+                .unwrap();
+            assert_eq!(key_slot(key.as_bytes()), slot, "{key}");
+        }
+        assert_eq!(masters_written.len(), 3, "16 partitions land on every master");
+        let acked: Vec<EventId> = vec![id(9, 3), id(1, 1), id(5, 2)];
+        let verification = verify_since(
+            &mut streams,
+            "sgv",
+            partitions,
+            Ledger::new(0, &[3; 16]),
+            &acked,
+            Some(since_ms),
+        )
+        .unwrap();
+        assert_eq!(
+            verification,
+            Verification {
+                stored: 48,
+                stored_twice: 1,
+                acked_missing: 1,
+                events: 48,
+                events_not_stored: 1,
+                foreign_entries: 0,
+            }
+        );
     }
 }
