@@ -110,25 +110,24 @@ start_cluster() {
   done
   redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$work/cluster-create.txt" 2>&1 ||
     { cat "$work/cluster-create.txt" >&2; exit 1; }
-  for _ in $(seq 300); do
-    ok=0
-    for port in "${ports[@]}"; do
-      redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && ok=$((ok + 1))
+  # Waits up to 30 s until COUNT nodes print a line matching PATTERN for `redis-cli INFO-COMMAND`.
+  nodes_report() { # COUNT PATTERN WHAT COMMAND...
+    local want=$1 pattern=$2 what=$3 ok port
+    shift 3
+    for _ in $(seq 300); do
+      ok=0
+      for port in "${ports[@]}"; do
+        redis-cli -p "$port" "$@" 2>/dev/null | grep -q "$pattern" && ok=$((ok + 1))
+      done
+      [ "$ok" = "$want" ] && return 0
+      sleep 0.1
     done
-    [ "$ok" = 6 ] && break
-    sleep 0.1
-  done
-  [ "$ok" = 6 ] || { echo "the cluster did not reach cluster_state:ok in 30 s" >&2; exit 1; }
+    echo "$what in 30 s" >&2
+    exit 1
+  }
+  nodes_report 6 '^cluster_state:ok' "the cluster did not reach cluster_state:ok" cluster info
   # A replica's first sync forks its master for a snapshot: let that pass before the load.
-  for _ in $(seq 300); do
-    ok=0
-    for port in "${ports[@]}"; do
-      redis-cli -p "$port" info replication 2>/dev/null | grep -q '^master_link_status:up' && ok=$((ok + 1))
-    done
-    [ "$ok" = 3 ] && break
-    sleep 0.1
-  done
-  [ "$ok" = 3 ] || { echo "the 3 replicas did not sync with their masters in 30 s" >&2; exit 1; }
+  nodes_report 3 '^master_link_status:up' "the 3 replicas did not sync with their masters" info replication
   seeds=("127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" "127.0.0.1:${ports[2]}")
   redis_url="redis-cluster://$(IFS=,; echo "${seeds[*]}")"
   cluster_port="${ports[0]}"
