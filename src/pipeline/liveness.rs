@@ -14,7 +14,7 @@ use crate::limits::{CLUSTER_MASTERS_CHECK_MS, CLUSTER_MASTERS_WATCH_MS, SHUTDOWN
 use crate::pipeline::answer::AckSink;
 use crate::pipeline::batch::Batch;
 use crate::pipeline::shard::{Shard, EVENT_FAILURE_LOG_PERIOD};
-use crate::redis::store::{Partitions, StoreError};
+use crate::redis::store::{eviction_refusal, Partitions, StoreError};
 use crate::telemetry::metrics::{RedisErrorKind, RetryCause};
 
 /// Whether the shard may send to Redis, and what it has logged about it.
@@ -205,7 +205,14 @@ impl Shard {
         let shard = Rc::clone(self);
         glommio::spawn_local(async move {
             match shard.store.check_partitions().await {
-                Ok(Partitions::Agree) => shard.liveness.partitions_agreed.set(true),
+                Ok(Partitions::Agree) => match shard.check_eviction().await {
+                    Ok(()) => shard.liveness.partitions_agreed.set(true),
+                    Err(message) => {
+                        tracing::error!(shard = shard.index, "{message}");
+                        eprintln!("shardgate: {message}");
+                        std::process::exit(2);
+                    }
+                },
                 Ok(Partitions::Differ { recorded }) => {
                     let message =
                         partitions_differ_message(&shard.settings.prefix, recorded, shard.settings.partitions);
@@ -249,6 +256,7 @@ impl Shard {
         }
         match self.store.check_partitions().await {
             Ok(Partitions::Agree) => {
+                self.check_eviction().await?;
                 self.liveness.partitions_agreed.set(true);
                 self.note_redis_nodes();
                 Ok(())
@@ -259,6 +267,26 @@ impl Shard {
                 self.settings.partitions,
             )),
             Err(_) => Ok(()),
+        }
+    }
+
+    /// Refuses a Redis that may evict markers (`store::eviction_refusal`). A Redis that does
+    /// not say, or a check that fails, is let through with a warning: `CONFIG` may be renamed
+    /// or forbidden on a managed Redis, and the operator's runbook asks for `noeviction`.
+    async fn check_eviction(&self) -> Result<(), String> {
+        match self.store.eviction_policy().await {
+            Ok(Some(policy)) => eviction_refusal(&policy).map_or(Ok(()), Err),
+            Ok(None) => {
+                tracing::warn!(
+                    shard = self.index,
+                    "redis did not say its maxmemory-policy; it must be noeviction"
+                );
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(shard = self.index, %error, "cannot read redis's maxmemory-policy; it must be noeviction");
+                Ok(())
+            }
         }
     }
 

@@ -909,6 +909,17 @@ impl Store {
         })
     }
 
+    /// Redis's `maxmemory-policy`, read with `CONFIG GET`. `None` when Redis does not say:
+    /// a managed Redis may rename or forbid `CONFIG`. On a cluster, the node fred asks.
+    pub(crate) async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
+        let command = CustomCommand::new_static("CONFIG", ClusterHash::Random, false);
+        let call = self
+            .client
+            .custom::<Value, Value>(command, vec![Value::from("GET"), Value::from("maxmemory-policy")]);
+        let reply = self.within_deadline(call).await?;
+        Ok(policy_of(&reply))
+    }
+
     /// `EVALSHA`, loading the script and calling once more if Redis has forgotten it (a
     /// restart, `SCRIPT FLUSH`). Keys and arguments are built again for that second call.
     async fn evalsha(
@@ -1166,6 +1177,31 @@ fn redact_url(url: &str) -> String {
     }
 }
 
+/// The policy in a `CONFIG GET maxmemory-policy` reply: a map under RESP3, a name-value array
+/// under RESP2; `None` for anything else.
+fn policy_of(reply: &Value) -> Option<String> {
+    match reply {
+        Value::Map(map) => map.values().next().and_then(Value::as_string),
+        Value::Array(items) if items.len() == 2 => items[1].as_string(),
+        _ => None,
+    }
+}
+
+/// Why a Redis with this `maxmemory-policy` must not hold markers, or `None` if it may. Any
+/// policy but `noeviction` may delete a marker before its window ends (the `volatile-*` ones
+/// pick keys with a TTL, which is every marker), and a late copy of that event would then be
+/// stored a second time; `allkeys-*` may also delete a stream.
+pub(crate) fn eviction_refusal(policy: &str) -> Option<String> {
+    if policy.eq_ignore_ascii_case("noeviction") {
+        return None;
+    }
+    Some(format!(
+        "redis has maxmemory-policy {policy}: at maxmemory it deletes keys, a dedup marker among them, and a \
+         late copy of that event would be stored twice; set maxmemory-policy noeviction (CONFIG SET \
+         maxmemory-policy noeviction, and in redis.conf)"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1288,5 +1324,42 @@ mod tests {
         );
         let unlisted = Value::Bytes(Bytes::from_static(b"3 AE"));
         assert!(decode_reply(&unlisted, b"3", slots(&mut outcomes, 2), &mut failures).is_err());
+    }
+
+    /// Only noeviction may hold markers; the refusal names the policy and the fix.
+    #[test]
+    fn only_noeviction_keeps_every_marker() {
+        assert_eq!(eviction_refusal("noeviction"), None);
+        assert_eq!(eviction_refusal("NoEviction"), None);
+        for policy in [
+            "volatile-lru",
+            "volatile-ttl",
+            "allkeys-lru",
+            "allkeys-random",
+            "volatile-lfu",
+        ] {
+            let message = eviction_refusal(policy).expect("an evicting policy is refused");
+            assert!(
+                message.contains(policy) && message.contains("maxmemory-policy noeviction"),
+                "{message}"
+            );
+            assert_eq!(
+                message,
+                message.to_lowercase().replace("config set", "CONFIG SET"),
+                "lowercase: {message}"
+            );
+        }
+    }
+
+    /// The policy is read from both reply shapes, and nothing else is taken for one.
+    #[test]
+    fn the_policy_is_read_from_either_reply_shape() {
+        let array = Value::Array(vec![Value::from("maxmemory-policy"), Value::from("allkeys-lru")]);
+        assert_eq!(policy_of(&array).as_deref(), Some("allkeys-lru"));
+        let mut map = fred::types::Map::new();
+        map.insert("maxmemory-policy".into(), Value::from("noeviction"));
+        assert_eq!(policy_of(&Value::Map(map)).as_deref(), Some("noeviction"));
+        assert_eq!(policy_of(&Value::Array(vec![])), None);
+        assert_eq!(policy_of(&Value::Null), None);
     }
 }

@@ -474,3 +474,41 @@ fn a_drain_ends_while_every_batch_is_held() {
         assert_eq!(got, vec![St::Retry], "event {:?}: one RETRY", event.key());
     }
 }
+
+// A Redis that may evict keys (any maxmemory-policy but noeviction) is refused at start, exit 2, naming the policy and the fix, since an evicted marker lets a late copy be stored twice; with noeviction the same server starts and stores.
+#[test]
+fn a_redis_that_may_evict_markers_is_refused_at_start() {
+    let _turn = take_turn(module_path!());
+    let redis = RedisServer::start();
+    let mut conn = redis.connection();
+    for policy in ["volatile-ttl", "allkeys-lru"] {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg(policy)
+            .query::<()>(&mut conn)
+            .expect("CONFIG SET");
+        let (_builder, args) = serve_args(&redis.url(), PARTITIONS as u32, "sg");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = run_cli(&args, Duration::from_secs(20));
+        assert_eq!(run.code(), Some(2), "refused under {policy}: {run:?}");
+        assert!(!run.stderr.contains("shardgate: serving"), "{}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("maxmemory-policy {policy}"))
+                && run.stderr.contains("maxmemory-policy noeviction"),
+            "names the policy and the fix: {}",
+            run.stderr
+        );
+    }
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query::<()>(&mut conn)
+        .expect("CONFIG SET");
+    let mut server = Server::builder(&redis.url()).start();
+    let report = deliver_resolved(&server, &[Event::new(5, 1, b"kept")], 4, Duration::from_secs(15));
+    assert_eq!(report.counts.accepted, 1, "{}", report.summary());
+    server.terminate();
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+}
