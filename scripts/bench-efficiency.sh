@@ -329,6 +329,18 @@ cpu_snapshot
 cpu_headline=("$snap_busy" "$snap_own" "$(elapsed)")
 
 # ---- headline, three times -----------------------------------------------------------------
+# One open-loop run at the headline's rate against the started target: NAME WARMUP_S TIMED_S.
+# Writes $work/NAME.json and NAME.txt, then reads the server's RETRY counts into redis_retries
+# (cause redis_down or redis_error) and all_retries.
+headline_load() {
+  timeout $(( $2 + $3 + 60 )) "$bench" run --target "udp://$target_udp" \
+    --rate "$headline_rate" --duration "$(( $2 + $3 ))s" --warmup "$2s" \
+    --frames-per-datagram 1 --redis "$redis_url" --prefix sge --json "$work/$1.json" --stall-probe \
+    >"$work/$1.txt" 2>&1 || true
+  scrape
+  redis_retries=$(metric_sum '^shardgate_retries_total.*cause="redis_(down|error)"')
+  all_retries=$(metric_sum '^shardgate_retries_total')
+}
 : >"$work/headline.tsv"
 for run in $(seq "$headline_runs"); do
   redis-cli -p "$redis_port" flushall >/dev/null
@@ -339,13 +351,7 @@ for run in $(seq "$headline_runs"); do
     printf '%s\t-\n' "$run" >>"$work/headline.tsv"
     continue
   fi
-  timeout $(( headline_warmup_s + headline_timed_s + 60 )) "$bench" run --target "udp://$target_udp" \
-    --rate "$headline_rate" --duration "$(( headline_warmup_s + headline_timed_s ))s" --warmup "${headline_warmup_s}s" \
-    --frames-per-datagram 1 --redis "$redis_url" --prefix sge --json "$work/headline-$run.json" --stall-probe \
-    >"$work/headline-$run.txt" 2>&1 || true
-  scrape
-  redis_retries=$(metric_sum '^shardgate_retries_total.*cause="redis_(down|error)"')
-  all_retries=$(metric_sum '^shardgate_retries_total')
+  headline_load "headline-$run" "$headline_warmup_s" "$headline_timed_s"
   stop "$target_pid"
   printf '%s\t%s\t%s\t%s\n' "$run" "$work/headline-$run.json" "$redis_retries" "$all_retries" >>"$work/headline.tsv"
   log "headline $run: $(jq -r '"p99.9 \(.latency_first_us.p999) µs, lost \(.lost), stored twice \(.stored_twice)"' "$work/headline-$run.json" 2>/dev/null || echo "no result"), RETRY (Redis) $redis_retries"
@@ -360,13 +366,9 @@ if [ "$steady_timed_s" -gt 0 ]; then
   if start_target steady steady; then
     expired0=$(redis_stat expired_keys); expire_ms0=$(redis_stat expire_cycle_cpu_milliseconds)
     steady_json="$work/steady.json"
-    timeout $(( steady_warmup_s + steady_timed_s + 60 )) "$bench" run --target "udp://$target_udp" \
-      --rate "$headline_rate" --duration "$(( steady_warmup_s + steady_timed_s ))s" --warmup "${steady_warmup_s}s" \
-      --frames-per-datagram 1 --redis "$redis_url" --prefix sge --json "$steady_json" --stall-probe \
-      >"$work/steady.txt" 2>&1 || true
-    scrape
-    steady_redis_retries=$(metric_sum '^shardgate_retries_total.*cause="redis_(down|error)"')
-    steady_all_retries=$(metric_sum '^shardgate_retries_total')
+    headline_load steady "$steady_warmup_s" "$steady_timed_s"
+    steady_redis_retries=$redis_retries
+    steady_all_retries=$all_retries
     steady_expired=$(( $(redis_stat expired_keys) - expired0 ))
     steady_expire_ms=$(( $(redis_stat expire_cycle_cpu_milliseconds) - expire_ms0 ))
     stop "$target_pid"

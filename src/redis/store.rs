@@ -909,15 +909,35 @@ impl Store {
         })
     }
 
-    /// Redis's `maxmemory-policy`, read with `CONFIG GET`. `None` when Redis does not say:
-    /// a managed Redis may rename or forbid `CONFIG`. On a cluster, the node fred asks.
+    /// Redis's `maxmemory-policy`, read with `CONFIG GET`: on a cluster each master's (every
+    /// master holds markers), the first that is not `noeviction`, else the last read. `None`
+    /// when Redis does not say: a managed Redis may rename or forbid `CONFIG`.
     pub(crate) async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
-        let command = CustomCommand::new_static("CONFIG", ClusterHash::Random, false);
-        let call = self
+        let arguments = || vec![Value::from("GET"), Value::from("maxmemory-policy")];
+        let command = || CustomCommand::new_static("CONFIG", ClusterHash::Random, false);
+        if !self.is_cluster() {
+            let reply = self
+                .within_deadline(self.client.custom::<Value, Value>(command(), arguments()))
+                .await?;
+            return Ok(policy_of(&reply));
+        }
+        let masters = self
             .client
-            .custom::<Value, Value>(command, vec![Value::from("GET"), Value::from("maxmemory-policy")]);
-        let reply = self.within_deadline(call).await?;
-        Ok(policy_of(&reply))
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes())
+            .unwrap_or_default();
+        let mut policy = None;
+        for master in masters {
+            let node = self.client.with_cluster_node(&master);
+            let call = node.custom::<Value, Value>(command(), arguments());
+            policy = policy_of(&self.within_deadline(call).await?);
+            if let Some(name) = &policy {
+                if eviction_refusal(name).is_some() {
+                    return Ok(Some(format!("{name} (on {master})")));
+                }
+            }
+        }
+        Ok(policy)
     }
 
     /// `EVALSHA`, loading the script and calling once more if Redis has forgotten it (a

@@ -354,3 +354,46 @@ fn a_cluster_url_to_a_standalone_redis_answers_retry_and_says_why() {
         "the line says what to check: {lines:?}"
     );
 }
+
+// On a cluster every master holds markers, so one master whose maxmemory-policy may evict (here the last) refuses the start with exit 2, naming it; set back to noeviction, the server starts.
+#[test]
+fn one_evicting_master_is_refused_at_start() {
+    let _turn = take_turn(module_path!());
+    let cluster = RedisCluster::start();
+    let masters = cluster.masters();
+    let evicting = *masters.last().expect("the cluster has masters");
+    let set_policy = |policy: &str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg(policy)
+            .query::<()>(&mut cluster.node(evicting).connection())
+            .expect("CONFIG SET");
+    };
+    set_policy("volatile-lru");
+    let url = cluster.url();
+    let args = [
+        "serve",
+        "--cores",
+        "0",
+        "--udp",
+        "127.0.0.1:0",
+        "--tcp",
+        "127.0.0.1:0",
+        "--redis",
+        &url,
+    ];
+    let run = run_cli(&args, Duration::from_secs(20));
+    assert_eq!(run.code(), Some(2), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("maxmemory-policy volatile-lru") && run.stderr.contains(&format!(":{evicting}")),
+        "names the policy and the master: {}",
+        run.stderr
+    );
+    set_policy("noeviction");
+    let mut server = Server::builder(&url).start();
+    let report = deliver_resolved(&server, &[Event::new(9, 1, b"kept")], 5, Duration::from_secs(15));
+    assert_eq!(report.counts.accepted, 1, "{}", report.summary());
+    server.terminate();
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+}
