@@ -372,17 +372,8 @@ fn one_evicting_master_is_refused_at_start() {
     };
     set_policy("volatile-lru");
     let url = cluster.url();
-    let args = [
-        "serve",
-        "--cores",
-        "0",
-        "--udp",
-        "127.0.0.1:0",
-        "--tcp",
-        "127.0.0.1:0",
-        "--redis",
-        &url,
-    ];
+    let args = Server::builder(&url).args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let run = run_cli(&args, Duration::from_secs(20));
     assert_eq!(run.code(), Some(2), "{}", run.stderr);
     assert!(
